@@ -1,0 +1,9 @@
+//! vmq's sans-IO core: every forwarding decision, with no threads, no syscalls and an injected
+//! clock, so that all of it is unit-testable without a kernel.
+#![forbid(unsafe_code)]
+
+pub mod port;
+pub mod stats;
+
+pub use port::{OffloadCaps, PortId, PortKind, PortSpec, VlanMode};
+pub use stats::{DropReason, PortStats};

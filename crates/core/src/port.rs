@@ -1,0 +1,95 @@
+//! What the core knows about a port: identity, addressing, VLAN mode, MTU and offload abilities.
+
+use vmq_wire::MacAddr;
+
+/// Dense port index, stable for the life of the port. Index into per-port tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortId(pub u16);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PortKind {
+    VhostUser,
+    Tap,
+    Uplink,
+    /// In-process virtio-net device (tests and `vmq bench`).
+    Mem,
+}
+
+impl PortKind {
+    /// A VM-facing port: subject to the MAC spoof guard and a VMQ consumer.
+    pub fn is_vm(self) -> bool {
+        matches!(self, PortKind::VhostUser | PortKind::Mem)
+    }
+}
+
+/// 802.1Q handling of a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VlanMode {
+    /// Untagged on the port, member of one VLAN: tags are added on ingress, stripped on egress.
+    /// VLAN 0 means "no VLAN" (the untagged domain).
+    Access(u16),
+    /// Tagged on the port; only the listed VLANs pass. Untagged frames belong to `native`, if any.
+    Trunk { allowed: Vec<u16>, native: Option<u16> },
+}
+
+impl Default for VlanMode {
+    fn default() -> Self {
+        VlanMode::Access(0)
+    }
+}
+
+/// What a port's receiver can take in the virtio-net header (what the guest/TAP negotiated).
+/// Decides how the core resolves a frame's offload state at egress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OffloadCaps {
+    /// Accepts frames with a partial checksum (`NEEDS_CSUM`) (virtio GUEST_CSUM).
+    pub csum: bool,
+    /// Accepts TCPv4 GSO frames (GUEST_TSO4).
+    pub tso4: bool,
+    /// Accepts TCPv6 GSO frames (GUEST_TSO6).
+    pub tso6: bool,
+    /// Accepts GSO frames with the ECN bit (GUEST_ECN).
+    pub ecn: bool,
+}
+
+impl OffloadCaps {
+    pub const NONE: OffloadCaps = OffloadCaps { csum: false, tso4: false, tso6: false, ecn: false };
+    pub const ALL: OffloadCaps = OffloadCaps { csum: true, tso4: true, tso6: true, ecn: true };
+
+    /// Can the receiver take TCP GSO frames at all (and so coalesced ones)?
+    pub fn accepts_gso(&self) -> bool {
+        self.csum && (self.tso4 || self.tso6)
+    }
+}
+
+/// Largest MTU vmq supports (jumbo frames). Ethernet frame = MTU + 14 (+ 4 with a VLAN tag).
+pub const MAX_MTU: u16 = 9000;
+pub const MIN_MTU: u16 = 68;
+pub const ETH_HLEN: usize = 14;
+pub const VLAN_HLEN: usize = 4;
+
+/// Configured properties of a port, as the core sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSpec {
+    pub name: String,
+    pub kind: PortKind,
+    /// The port's own MAC (VM ports: the guest's MAC; enforced by the spoof guard).
+    pub mac: Option<MacAddr>,
+    pub mtu: u16,
+    pub vlan: VlanMode,
+    pub allow_mac_spoofing: bool,
+    /// Offloads the port may use, before negotiation narrows them.
+    pub offloads: OffloadCaps,
+}
+
+impl PortSpec {
+    /// Largest Ethernet frame (without virtio-net header) this port accepts or sends, as seen
+    /// on the port itself: MTU + Ethernet header, + a VLAN tag on trunk ports.
+    pub fn max_frame_len(&self) -> usize {
+        let tag = match self.vlan {
+            VlanMode::Trunk { .. } => VLAN_HLEN,
+            VlanMode::Access(_) => 0,
+        };
+        self.mtu as usize + ETH_HLEN + tag
+    }
+}

@@ -1,0 +1,197 @@
+//! Counters. Per-port values are `AtomicU64`s updated with relaxed ordering (written by the
+//! data-path worker, read by the control thread at scrape time): no locks on the frame path.
+//! Workers batch their increments, so the atomic cost is per batch rather than per frame.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a frame was dropped. Every frame a port receives is either forwarded or counted under
+/// exactly one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Longer than the port's MTU allows (ingress or egress); never truncated.
+    Oversize,
+    /// Source MAC is not the VM port's MAC (spoof guard).
+    Spoofed,
+    /// VLAN not allowed on the port, or a tag where none is allowed.
+    Vlan,
+    /// Frame too short, bad header, or an invalid virtio-net header.
+    Malformed,
+    /// QinQ or another tag protocol vmq does not handle.
+    Unsupported,
+    /// The receiver had no buffer (RX ring full) or a cross-worker ring was full.
+    NoBuffer,
+    /// A guest descriptor chain was invalid (out of guest memory, looping, too long).
+    BadDescriptor,
+    /// The destination port is down (VM not connected, TAP gone).
+    PortDown,
+    /// The destination is the port the frame came from (hairpin), or a frame with no receiver.
+    NoDestination,
+    /// Offload processing failed (a GSO frame that cannot be segmented as described).
+    Offload,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Oversize,
+        DropReason::Spoofed,
+        DropReason::Vlan,
+        DropReason::Malformed,
+        DropReason::Unsupported,
+        DropReason::NoBuffer,
+        DropReason::BadDescriptor,
+        DropReason::PortDown,
+        DropReason::NoDestination,
+        DropReason::Offload,
+    ];
+
+    /// Stable lowercase name, used in metrics labels and `vmq ctl stats`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Oversize => "oversize",
+            DropReason::Spoofed => "spoofed",
+            DropReason::Vlan => "vlan",
+            DropReason::Malformed => "malformed",
+            DropReason::Unsupported => "unsupported",
+            DropReason::NoBuffer => "no_buffer",
+            DropReason::BadDescriptor => "bad_descriptor",
+            DropReason::PortDown => "port_down",
+            DropReason::NoDestination => "no_destination",
+            DropReason::Offload => "offload",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters of one port (or one queue). Shared between workers and the control thread.
+#[derive(Debug, Default)]
+pub struct PortStats {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+    /// Segments made by software segmentation toward this port.
+    pub offload_segments: AtomicU64,
+    /// Partial checksums finished in software toward this port.
+    pub offload_csum_finished: AtomicU64,
+    /// Frames merged by receive coalescing toward this port (segments absorbed).
+    pub offload_coalesced: AtomicU64,
+    /// GSO frames delivered as is (no segmentation needed).
+    pub offload_gso_passed: AtomicU64,
+    /// FDB learning refused because the table was full (frame still forwarded).
+    pub fdb_full: AtomicU64,
+}
+
+/// A snapshot of [`PortStats`], plain numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortStatsSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: [u64; DropReason::ALL.len()],
+    pub offload_segments: u64,
+    pub offload_csum_finished: u64,
+    pub offload_coalesced: u64,
+    pub offload_gso_passed: u64,
+    pub fdb_full: u64,
+}
+
+impl PortStatsSnapshot {
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+impl PortStats {
+    pub fn add_rx(&self, packets: u64, bytes: u64) {
+        if packets != 0 {
+            self.rx_packets.fetch_add(packets, Relaxed);
+            self.rx_bytes.fetch_add(bytes, Relaxed);
+        }
+    }
+
+    pub fn add_tx(&self, packets: u64, bytes: u64) {
+        if packets != 0 {
+            self.tx_packets.fetch_add(packets, Relaxed);
+            self.tx_bytes.fetch_add(bytes, Relaxed);
+        }
+    }
+
+    pub fn add_drop(&self, reason: DropReason, count: u64) {
+        if count != 0 {
+            self.drops[reason.index()].fetch_add(count, Relaxed);
+        }
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()].load(Relaxed)
+    }
+
+    pub fn snapshot(&self) -> PortStatsSnapshot {
+        let mut drops = [0u64; DropReason::ALL.len()];
+        for (d, a) in drops.iter_mut().zip(&self.drops) {
+            *d = a.load(Relaxed);
+        }
+        PortStatsSnapshot {
+            rx_packets: self.rx_packets.load(Relaxed),
+            rx_bytes: self.rx_bytes.load(Relaxed),
+            tx_packets: self.tx_packets.load(Relaxed),
+            tx_bytes: self.tx_bytes.load(Relaxed),
+            drops,
+            offload_segments: self.offload_segments.load(Relaxed),
+            offload_csum_finished: self.offload_csum_finished.load(Relaxed),
+            offload_coalesced: self.offload_coalesced.load(Relaxed),
+            offload_gso_passed: self.offload_gso_passed.load(Relaxed),
+            fdb_full: self.fdb_full.load(Relaxed),
+        }
+    }
+}
+
+/// Frame-local counter batch: a worker accumulates here and flushes once per batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CounterBatch {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl CounterBatch {
+    pub fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_names_unique_and_indexed() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::ALL.len());
+    }
+
+    #[test]
+    fn counters_accumulate() {
+        let s = PortStats::default();
+        s.add_rx(2, 128);
+        s.add_drop(DropReason::Oversize, 1);
+        let snap = s.snapshot();
+        assert_eq!((snap.rx_packets, snap.rx_bytes), (2, 128));
+        assert_eq!(snap.drops(DropReason::Oversize), 1);
+        assert_eq!(snap.total_drops(), 1);
+    }
+}
