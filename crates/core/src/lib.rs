@@ -5,5 +5,5 @@
 pub mod port;
 pub mod stats;
 
-pub use port::{OffloadCaps, PortId, PortKind, PortSpec, VlanMode};
+pub use port::{Mode, OffloadCaps, PortBackend, PortConfig, PortId, PortKind, PortSpec, VlanMode};
 pub use stats::{DropReason, PortStats};

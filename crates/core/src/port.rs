@@ -93,3 +93,43 @@ impl PortSpec {
         self.mtu as usize + ETH_HLEN + tag
     }
 }
+
+/// How a port is attached; what the data path needs besides [`PortSpec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortBackend {
+    /// vhost-user-net server socket (the VM connects to it).
+    VhostUser { socket: std::path::PathBuf },
+    /// A TAP interface vmq creates, optionally moved into a network namespace.
+    Tap { ifname: String, netns: Option<String> },
+    /// A host interface used through AF_PACKET.
+    Uplink { ifname: String },
+    /// In-process virtio-net device (tests, bench).
+    Mem,
+}
+
+/// A port as configured: the core's view plus the attachment. `uplink` names the uplink port
+/// a VM port's VMQ filter lives on (None: the first uplink).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortConfig {
+    pub spec: PortSpec,
+    pub backend: PortBackend,
+    pub uplink: Option<String>,
+}
+
+/// Data-path mode: `Vmq` (per-VM queues bypass the switch) or `Switch` (the baseline: every
+/// frame through the default queue and the software switch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    #[default]
+    Vmq,
+    Switch,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Vmq => "vmq",
+            Mode::Switch => "switch",
+        }
+    }
+}
