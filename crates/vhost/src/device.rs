@@ -1,0 +1,126 @@
+//! State one vhost-user-net device shares between the control thread (which speaks the
+//! vhost-user protocol) and the data-path worker that serves its rings.
+//!
+//! The worker takes a ring's mutex once per batch, never per frame; the control thread takes it
+//! only for protocol messages (ring setup, GET_VRING_BASE), so the lock is uncontended on the
+//! frame path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use std::fs::File;
+use std::io::Write;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Guest memory as vmq maps it: no dirty-page bitmap (vmq does not offer live-migration logging).
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// Index of the receive queue (device -> guest) and the transmit queue (guest -> device).
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const NUM_QUEUES: usize = 2;
+/// Largest ring vmq accepts; QEMU's default is 256, up to 1024 with rx/tx_queue_size.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// One virtqueue and its notifiers.
+#[derive(Debug)]
+pub struct Vring {
+    pub queue: Queue,
+    /// The guest kicks this when it adds buffers; workers wait on it.
+    pub kick: Option<File>,
+    /// vmq signals this to interrupt the guest.
+    pub call: Option<File>,
+    /// SET_VRING_ENABLE state (rings start disabled when protocol features are negotiated).
+    pub enabled: bool,
+    /// The ring is configured and may be processed.
+    pub started: bool,
+}
+
+impl Vring {
+    fn new() -> Vring {
+        Vring {
+            queue: Queue::new(MAX_QUEUE_SIZE).expect("MAX_QUEUE_SIZE is a valid power of two"),
+            kick: None,
+            call: None,
+            enabled: false,
+            started: false,
+        }
+    }
+
+    /// The ring may be served by a worker now.
+    pub fn is_live(&self) -> bool {
+        self.started && self.enabled && self.queue.ready()
+    }
+
+    /// Interrupt the guest; a failed write only means the guest is going away.
+    pub fn signal_guest(&self) {
+        if let Some(mut call) = self.call.as_ref() {
+            let _ = call.write(&1u64.to_ne_bytes());
+        }
+    }
+}
+
+/// The device as the data path sees it.
+#[derive(Debug)]
+pub struct NetDevice {
+    pub mem: GuestMemoryAtomic<GuestMem>,
+    vrings: [Mutex<Vring>; NUM_QUEUES],
+    /// Virtio features the guest acknowledged.
+    acked_features: AtomicU64,
+    /// Bumped every time the device (re)starts or stops, so a worker notices a reconnect and
+    /// re-reads its setup instead of serving stale rings.
+    generation: AtomicU64,
+}
+
+impl NetDevice {
+    pub fn new() -> Arc<NetDevice> {
+        Arc::new(NetDevice {
+            mem: GuestMemoryAtomic::new(GuestMem::default()),
+            vrings: [Mutex::new(Vring::new()), Mutex::new(Vring::new())],
+            acked_features: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// Locks a ring. A poisoned lock (a worker panicked) is recovered: the ring state is plain
+    /// data and stays consistent at every await-free point.
+    pub fn vring(&self, index: usize) -> MutexGuard<'_, Vring> {
+        let ring = &self.vrings[index.min(NUM_QUEUES - 1)];
+        ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Both rings are live: the device can move frames.
+    pub fn is_running(&self) -> bool {
+        (0..NUM_QUEUES).all(|i| self.vring(i).is_live())
+    }
+
+    /// Forget everything about the previous connection.
+    pub(crate) fn reset(&self) {
+        for i in 0..NUM_QUEUES {
+            *self.vring(i) = Vring::new();
+        }
+        self.mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(GuestMem::default());
+        self.acked_features.store(0, Ordering::Release);
+        self.bump_generation();
+    }
+}

@@ -1,0 +1,156 @@
+//! `vmq bench`: the in-process data-path benchmark, printed as a table or one JSON object.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use serde::Serialize;
+use vmq_core::Mode;
+use vmq_datapath::bench::{BenchOptions, BenchPath, BenchResult, memcpy_gbps, run_bench};
+
+use crate::cli::exit;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Seconds each measurement runs.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
+    seconds: f64,
+    /// Number of VM ports (in-process virtio-net devices).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=256))]
+    vms: u16,
+    /// Number of data-path worker threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
+    /// Ethernet frame lengths to measure (repeatable).
+    #[arg(long = "frame-len", value_parser = clap::value_parser!(u16).range(60..=9018))]
+    frame_lens: Vec<u16>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() && (0.01..=3600.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("seconds must be from 0.01 to 3600".to_string())
+    }
+}
+
+#[derive(Serialize)]
+struct JsonReport {
+    memcpy_gbps: f64,
+    workers: usize,
+    vms: usize,
+    results: Vec<JsonResult>,
+}
+
+#[derive(Serialize)]
+struct JsonResult {
+    mode: &'static str,
+    path: &'static str,
+    frame_len: usize,
+    mpps: f64,
+    gbps: f64,
+    delivered: u64,
+    drops: u64,
+    segments: u64,
+}
+
+fn path_name(path: BenchPath) -> &'static str {
+    match path {
+        BenchPath::UplinkToVm => "uplink-to-vm",
+        BenchPath::VmToVm => "vm-to-vm",
+    }
+}
+
+pub fn bench(args: &BenchArgs) -> ExitCode {
+    let frame_lens = if args.frame_lens.is_empty() {
+        vec![64, 1518, 9018]
+    } else {
+        args.frame_lens.iter().map(|&l| l as usize).collect()
+    };
+    let opts = BenchOptions {
+        seconds: args.seconds,
+        vms: args.vms as usize,
+        workers: args.workers as usize,
+        frame_lens,
+        modes: vec![Mode::Vmq, Mode::Switch],
+        paths: vec![BenchPath::UplinkToVm, BenchPath::VmToVm],
+    };
+    if !args.json {
+        eprintln!(
+            "vmq bench: {} VMs, {} workers, {:.2} s per run (in-process virtio-net devices, no root needed)",
+            opts.vms, opts.workers, opts.seconds
+        );
+    }
+    let memcpy = memcpy_gbps(opts.seconds.min(1.0));
+    let results = match run_bench(&opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmq bench: {e}");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    if args.json {
+        let report = JsonReport {
+            memcpy_gbps: memcpy,
+            workers: opts.workers,
+            vms: opts.vms,
+            results: results.iter().map(json_result).collect(),
+        };
+        match serde_json::to_string(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("vmq bench: {e}");
+                return ExitCode::from(exit::RUNTIME);
+            }
+        }
+    } else {
+        print_table(memcpy, &results);
+    }
+    ExitCode::SUCCESS
+}
+
+fn json_result(r: &BenchResult) -> JsonResult {
+    JsonResult {
+        mode: r.mode.name(),
+        path: path_name(r.path),
+        frame_len: r.frame_len,
+        mpps: r.mpps,
+        gbps: r.gbps,
+        delivered: r.delivered,
+        drops: r.drops,
+        segments: r.segments,
+    }
+}
+
+fn print_table(memcpy: f64, results: &[BenchResult]) {
+    println!("memcpy (1 thread, 9018 B blocks): {memcpy:.1} Gbit/s");
+    println!(
+        "{:<7} {:<13} {:>9} {:>9} {:>9} {:>12} {:>9} {:>9} {:>10}",
+        "mode", "path", "frame_len", "Mpps", "Gbit/s", "delivered", "drops", "segments", "vmq/switch"
+    );
+    for r in results {
+        let ratio = match r.mode {
+            Mode::Vmq => results
+                .iter()
+                .find(|s| s.mode == Mode::Switch && s.path == r.path && s.frame_len == r.frame_len && s.mpps > 0.0)
+                .map(|s| format!("{:.2}x", r.mpps / s.mpps))
+                .unwrap_or_default(),
+            Mode::Switch => String::new(),
+        };
+        println!(
+            "{:<7} {:<13} {:>9} {:>9.2} {:>9.2} {:>12} {:>9} {:>9} {:>10}",
+            r.mode.name(),
+            path_name(r.path),
+            r.frame_len,
+            r.mpps,
+            r.gbps,
+            r.delivered,
+            r.drops,
+            r.segments,
+            ratio
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! Command line: parsing with clap and dispatch to the subcommands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::{bench, config, run};
+
+/// Exit codes that mean something to scripts.
+pub mod exit {
+    /// Bad usage or invalid configuration.
+    pub const CONFIG: u8 = 2;
+    /// A runtime failure (a port could not be created, the data path failed).
+    pub const RUNTIME: u8 = 1;
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "vmq", version, about = "A userspace virtual switch for VM hosts: VM queues, jumbo frames, TCP offloads")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the switch with a configuration file until SIGINT/SIGTERM.
+    Run {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and report the first error with its line and column.
+    CheckConfig {
+        /// TOML configuration file.
+        file: PathBuf,
+    },
+    /// Print the embedded default configuration (the topology `vmq demo` builds).
+    DefaultConfig,
+    /// Measure the in-process data path (no root needed): vmq mode against switch mode.
+    Bench(bench::BenchArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run::run(&config),
+        Command::CheckConfig { file } => match config::load(&file) {
+            Ok(c) => {
+                println!("{}: ok ({} ports, mode {})", file.display(), c.ports.len(), c.mode.name());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmq: {e}");
+                ExitCode::from(exit::CONFIG)
+            }
+        },
+        Command::DefaultConfig => {
+            print!("{}", config::EMBEDDED_DEFAULT);
+            ExitCode::SUCCESS
+        }
+        Command::Bench(args) => bench::bench(&args),
+    }
+}
