@@ -64,14 +64,16 @@ impl NetDeviceConfig {
     }
 }
 
-/// Protocol features vmq offers. NET_MTU is not among them: the `vhost` crate (0.18) does not
-/// parse VHOST_USER_NET_SET_MTU and would drop the connection on it; without the feature QEMU
-/// skips that message and still advertises `host_mtu` to the guest through VIRTIO_NET_F_MTU,
-/// which is what matters. The port MTU is enforced by vmq either way.
+/// Protocol features vmq offers: REPLY_ACK only.
+/// - NET_MTU is not offered: the `vhost` crate (0.18) does not parse VHOST_USER_NET_SET_MTU and
+///   would drop the connection on it; without the feature QEMU skips that message and still
+///   advertises `host_mtu` to the guest through VIRTIO_NET_F_MTU, which is what matters. The
+///   port MTU is enforced by vmq either way.
+/// - MQ is not offered while vmq serves one queue pair: with MQ, QEMU 7.2 sends
+///   SET_VRING_ENABLE before SET_FEATURES, which the `vhost` crate rejects.
+/// - CONFIG is not offered: QEMU's vhost-user-net does not use it (and warns when offered).
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG
+    VhostUserProtocolFeatures::REPLY_ACK
 }
 
 /// Maps frontend (VMM) virtual addresses, which vring addresses are given in, to guest
@@ -161,8 +163,17 @@ impl NetBackend {
         }
     }
 
+    /// VHOST_USER_F_PROTOCOL_FEATURES counts as negotiated once the backend offers it (it is a
+    /// vhost-user feature, not a virtio one, and is never acked by SET_FEATURES): vmq always
+    /// offers it, so rings start disabled until SET_VRING_ENABLE.
     fn protocol_features_negotiated(&self) -> bool {
-        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+        self.config.offered_features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Was REPLY_ACK negotiated (so a request flagged NEED_REPLY gets an ack)?
+    pub fn reply_ack(&self) -> bool {
+        self.acked_protocol
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
     }
 
     /// Start rings that are now complete, and tell the data path when the device runs or stops.
@@ -195,6 +206,14 @@ impl NetBackend {
                 DeviceEvent::Stopped
             });
         }
+    }
+
+    /// SET_VRING_ENABLE (see `server::Connection::set_vring_enable` for why it is routed here).
+    pub fn enable_vring(&mut self, index: u32, enable: bool) -> ProtoResult<()> {
+        let i = Self::check_index(index)?;
+        self.device.vring(i).enabled = enable;
+        self.update_running();
+        Ok(())
     }
 
     fn config_space(&self) -> [u8; 12] {
@@ -396,13 +415,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> ProtoResult<()> {
-        let i = Self::check_index(index)?;
-        if !self.protocol_features_negotiated() {
-            return Err(invalid("SET_VRING_ENABLE without protocol features"));
-        }
-        self.device.vring(i).enabled = enable;
-        self.update_running();
-        Ok(())
+        self.enable_vring(index, enable)
     }
 
     fn get_config(

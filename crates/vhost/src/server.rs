@@ -70,27 +70,80 @@ struct Connection {
     peek: UnixStream,
 }
 
+/// What is waiting on a connection.
+enum Pending {
+    Closed,
+    Partial,
+    /// A whole message: its request code and flags.
+    Message {
+        request: u32,
+        flags: u32,
+    },
+}
+
+/// VHOST_USER_SET_VRING_ENABLE.
+const SET_VRING_ENABLE: u32 = 18;
+const FLAG_VERSION_1: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 impl Connection {
-    /// Is a complete message (header and body) waiting? `None`: the peer closed.
-    fn message_ready(&self) -> Option<bool> {
+    /// Is a complete message (header and body) waiting?
+    fn pending(&self) -> Pending {
+        use nix::sys::socket::{MsgFlags, recv};
         let mut buf = [0u8; HEADER_LEN + MAX_BODY_LEN];
-        match nix::sys::socket::recv(
-            self.peek.as_raw_fd(),
-            &mut buf,
-            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)
-        {
-            Ok(0) => None,
-            Ok(n) if n < HEADER_LEN => Some(false),
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        match recv(self.peek.as_raw_fd(), &mut buf, flags) {
+            Ok(0) => Pending::Closed,
+            Ok(n) if n < HEADER_LEN => Pending::Partial,
             Ok(n) => {
-                let body = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+                let body = le32(&buf, 8) as usize;
                 // An oversized body is rejected by the header check before it is read.
-                Some(body > MAX_BODY_LEN || n >= HEADER_LEN + body)
+                if body > MAX_BODY_LEN || n >= HEADER_LEN + body {
+                    Pending::Message {
+                        request: le32(&buf, 0),
+                        flags: le32(&buf, 4),
+                    }
+                } else {
+                    Pending::Partial
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(false),
-            Err(_) => None,
+            Err(nix::errno::Errno::EAGAIN) => Pending::Partial,
+            Err(_) => Pending::Closed,
         }
+    }
+
+    /// Handles SET_VRING_ENABLE here instead of in the `vhost` crate, which refuses it until
+    /// SET_FEATURES has acked VHOST_USER_F_PROTOCOL_FEATURES. QEMU 7.2 sends it earlier
+    /// (virtio-net's peer_attach, right after GET_FEATURES), as the vhost-user spec allows,
+    /// and then fails to start the device. Body: `struct vhost_vring_state { u32 index; u32 num; }`.
+    fn set_vring_enable(&mut self, backend: &Mutex<NetBackend>, flags: u32) -> Result<(), String> {
+        use std::io::{Read, Write};
+        let mut msg = [0u8; HEADER_LEN + 8];
+        (&self.peek)
+            .read_exact(&mut msg)
+            .map_err(|e| format!("reading SET_VRING_ENABLE: {e}"))?;
+        if le32(&msg, 8) != 8 {
+            return Err("SET_VRING_ENABLE with a body that is not 8 bytes".to_string());
+        }
+        let (index, num) = (le32(&msg, 12), le32(&msg, 16));
+        let mut backend = backend.lock().unwrap_or_else(|p| p.into_inner());
+        let result = backend.enable_vring(index, num != 0);
+        if flags & FLAG_NEED_REPLY != 0 && backend.reply_ack() {
+            let mut reply = [0u8; HEADER_LEN + 8];
+            reply[..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+            reply[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+            reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+            reply[12..].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
+            (&self.peek)
+                .write_all(&reply)
+                .map_err(|e| format!("replying to SET_VRING_ENABLE: {e}"))?;
+        }
+        result.map_err(|e| format!("SET_VRING_ENABLE: {e}"))
     }
 }
 
@@ -300,14 +353,24 @@ impl VhostUserServer {
             let Some(conn) = port.connection.as_mut() else {
                 return;
             };
-            match conn.message_ready() {
-                None => return self.disconnect(index, "frontend disconnected"),
+            match conn.pending() {
+                Pending::Closed => return self.disconnect(index, "frontend disconnected"),
                 // The peer closed with half a message: it will never be completed.
-                Some(false) if peer_closed => {
+                Pending::Partial if peer_closed => {
                     return self.disconnect(index, "frontend hung up mid-message");
                 }
-                Some(false) => return,
-                Some(true) => {}
+                Pending::Partial => return,
+                Pending::Message {
+                    request: SET_VRING_ENABLE,
+                    flags,
+                } => {
+                    let backend = port.backend.clone();
+                    if let Err(reason) = conn.set_vring_enable(&backend, flags) {
+                        return self.disconnect(index, &reason);
+                    }
+                    continue;
+                }
+                Pending::Message { .. } => {}
             }
             match conn.handler.handle_request() {
                 Ok(()) => {}
