@@ -2,8 +2,11 @@
 //! clock, so that all of it is unit-testable without a kernel.
 #![forbid(unsafe_code)]
 
+pub mod fdb;
 pub mod port;
 pub mod stats;
+pub mod switch;
+pub mod vmq;
 
 pub use port::{Mode, OffloadCaps, PortBackend, PortConfig, PortId, PortKind, PortSpec, VlanMode};
 pub use stats::{DropReason, PortStats};

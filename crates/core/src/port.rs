@@ -29,7 +29,10 @@ pub enum VlanMode {
     /// VLAN 0 means "no VLAN" (the untagged domain).
     Access(u16),
     /// Tagged on the port; only the listed VLANs pass. Untagged frames belong to `native`, if any.
-    Trunk { allowed: Vec<u16>, native: Option<u16> },
+    Trunk {
+        allowed: Vec<u16>,
+        native: Option<u16>,
+    },
 }
 
 impl Default for VlanMode {
@@ -38,29 +41,7 @@ impl Default for VlanMode {
     }
 }
 
-/// What a port's receiver can take in the virtio-net header (what the guest/TAP negotiated).
-/// Decides how the core resolves a frame's offload state at egress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct OffloadCaps {
-    /// Accepts frames with a partial checksum (`NEEDS_CSUM`) (virtio GUEST_CSUM).
-    pub csum: bool,
-    /// Accepts TCPv4 GSO frames (GUEST_TSO4).
-    pub tso4: bool,
-    /// Accepts TCPv6 GSO frames (GUEST_TSO6).
-    pub tso6: bool,
-    /// Accepts GSO frames with the ECN bit (GUEST_ECN).
-    pub ecn: bool,
-}
-
-impl OffloadCaps {
-    pub const NONE: OffloadCaps = OffloadCaps { csum: false, tso4: false, tso6: false, ecn: false };
-    pub const ALL: OffloadCaps = OffloadCaps { csum: true, tso4: true, tso6: true, ecn: true };
-
-    /// Can the receiver take TCP GSO frames at all (and so coalesced ones)?
-    pub fn accepts_gso(&self) -> bool {
-        self.csum && (self.tso4 || self.tso6)
-    }
-}
+pub use vmq_offload::OffloadCaps;
 
 /// Largest MTU vmq supports (jumbo frames). Ethernet frame = MTU + 14 (+ 4 with a VLAN tag).
 pub const MAX_MTU: u16 = 9000;
@@ -100,7 +81,10 @@ pub enum PortBackend {
     /// vhost-user-net server socket (the VM connects to it).
     VhostUser { socket: std::path::PathBuf },
     /// A TAP interface vmq creates, optionally moved into a network namespace.
-    Tap { ifname: String, netns: Option<String> },
+    Tap {
+        ifname: String,
+        netns: Option<String>,
+    },
     /// A host interface used through AF_PACKET.
     Uplink { ifname: String },
     /// In-process virtio-net device (tests, bench).

@@ -3,6 +3,8 @@
 use core::fmt;
 use core::str::FromStr;
 
+use crate::WireError;
+
 /// A 48-bit Ethernet MAC address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct MacAddr(pub [u8; 6]);
@@ -13,7 +15,9 @@ impl MacAddr {
 
     /// Reads a MAC address from the first six bytes of `bytes`, if there are six.
     pub fn from_bytes(bytes: &[u8]) -> Option<MacAddr> {
-        bytes.get(..6).map(|b| MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
+        bytes
+            .get(..6)
+            .map(|b| MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
     }
 
     pub fn is_broadcast(&self) -> bool {
@@ -43,7 +47,11 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -75,5 +83,176 @@ impl FromStr for MacAddr {
             return Err(err());
         }
         Ok(MacAddr(out))
+    }
+}
+
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub const ETHERTYPE_VLAN: u16 = 0x8100;
+/// 802.1ad service tag (QinQ) and the legacy pre-standard QinQ TPIDs: not handled by vmq.
+pub const ETHERTYPE_QINQ: [u16; 3] = [0x88a8, 0x9100, 0x9200];
+pub const HEADER_LEN: usize = 14;
+pub const TAGGED_HEADER_LEN: usize = 18;
+
+/// What the switch needs from an Ethernet header, read at fixed offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L2Info {
+    pub dst: MacAddr,
+    pub src: MacAddr,
+    /// VID of a single 802.1Q tag (0 for a priority tag).
+    pub vlan: Option<u16>,
+    pub pcp: u8,
+    /// EtherType after the tag, if any.
+    pub ethertype: u16,
+    /// 14, or 18 with a tag.
+    pub header_len: usize,
+}
+
+#[inline]
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Parses the Ethernet header (and one 802.1Q tag). Hand-written, fixed offsets, no allocation:
+/// it runs for every frame. Stacked tags and service tags are `Unsupported`.
+#[inline]
+pub fn parse_l2(frame: &[u8]) -> Result<L2Info, WireError> {
+    if frame.len() < HEADER_LEN {
+        return Err(WireError::Truncated);
+    }
+    let mut dst = [0u8; 6];
+    let mut src = [0u8; 6];
+    dst.copy_from_slice(&frame[..6]);
+    src.copy_from_slice(&frame[6..12]);
+    let outer = be16(frame, 12);
+    if ETHERTYPE_QINQ.contains(&outer) {
+        return Err(WireError::Unsupported);
+    }
+    if outer != ETHERTYPE_VLAN {
+        return Ok(L2Info {
+            dst: MacAddr(dst),
+            src: MacAddr(src),
+            vlan: None,
+            pcp: 0,
+            ethertype: outer,
+            header_len: HEADER_LEN,
+        });
+    }
+    if frame.len() < TAGGED_HEADER_LEN {
+        return Err(WireError::Truncated);
+    }
+    let tci = be16(frame, 14);
+    let inner = be16(frame, 16);
+    if inner == ETHERTYPE_VLAN || ETHERTYPE_QINQ.contains(&inner) {
+        return Err(WireError::Unsupported);
+    }
+    Ok(L2Info {
+        dst: MacAddr(dst),
+        src: MacAddr(src),
+        vlan: Some(tci & 0x0fff),
+        pcp: (tci >> 13) as u8,
+        ethertype: inner,
+        header_len: TAGGED_HEADER_LEN,
+    })
+}
+
+/// A checked view over an Ethernet II frame.
+#[derive(Debug, Clone)]
+pub struct EthernetFrame<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> EthernetFrame<T> {
+    pub fn new_checked(buffer: T) -> Result<Self, WireError> {
+        if buffer.as_ref().len() < HEADER_LEN {
+            return Err(WireError::Truncated);
+        }
+        Ok(EthernetFrame { buffer })
+    }
+
+    pub fn dst(&self) -> MacAddr {
+        MacAddr::from_bytes(self.buffer.as_ref()).unwrap_or_default()
+    }
+
+    pub fn src(&self) -> MacAddr {
+        MacAddr::from_bytes(&self.buffer.as_ref()[6..]).unwrap_or_default()
+    }
+
+    pub fn ethertype(&self) -> u16 {
+        be16(self.buffer.as_ref(), 12)
+    }
+
+    pub fn into_inner(self) -> T {
+        self.buffer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tpids: &[(u16, u16)], ethertype: u16) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        for (tpid, tci) in tpids {
+            f.extend_from_slice(&tpid.to_be_bytes());
+            f.extend_from_slice(&tci.to_be_bytes());
+        }
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.resize(f.len() + 46, 0);
+        f
+    }
+
+    #[test]
+    fn parses_untagged_and_tagged_like_etherparse() {
+        let f = frame(&[], ETHERTYPE_IPV4);
+        let l2 = parse_l2(&f).unwrap();
+        assert_eq!(
+            (l2.vlan, l2.ethertype, l2.header_len),
+            (None, ETHERTYPE_IPV4, 14)
+        );
+        let f = frame(&[(ETHERTYPE_VLAN, (5 << 13) | 42)], ETHERTYPE_IPV6);
+        let l2 = parse_l2(&f).unwrap();
+        assert_eq!(
+            (l2.vlan, l2.pcp, l2.ethertype, l2.header_len),
+            (Some(42), 5, ETHERTYPE_IPV6, 18)
+        );
+        let (eth, rest) = etherparse::Ethernet2Header::from_slice(&f).unwrap();
+        assert_eq!(eth.destination, l2.dst.0);
+        assert_eq!(eth.source, l2.src.0);
+        let (vlan, _) = etherparse::SingleVlanHeader::from_slice(rest).unwrap();
+        assert_eq!(u16::from(vlan.vlan_id), 42);
+        assert_eq!(u16::from(vlan.ether_type), l2.ethertype);
+    }
+
+    #[test]
+    fn rejects_qinq_and_truncation() {
+        assert_eq!(
+            parse_l2(&frame(&[(0x88a8, 1), (ETHERTYPE_VLAN, 2)], ETHERTYPE_IPV4)),
+            Err(WireError::Unsupported)
+        );
+        assert_eq!(
+            parse_l2(&frame(
+                &[(ETHERTYPE_VLAN, 1), (ETHERTYPE_VLAN, 2)],
+                ETHERTYPE_IPV4
+            )),
+            Err(WireError::Unsupported)
+        );
+        assert_eq!(
+            parse_l2(&frame(&[(0x9100, 1)], ETHERTYPE_IPV4)),
+            Err(WireError::Unsupported)
+        );
+        assert_eq!(parse_l2(&[0u8; 13]), Err(WireError::Truncated));
+        assert_eq!(
+            parse_l2(&frame(&[(ETHERTYPE_VLAN, 1)], 0)[..16]),
+            Err(WireError::Truncated)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_l2_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = parse_l2(&bytes);
+            let _ = EthernetFrame::new_checked(&bytes[..]).map(|f| (f.dst(), f.src(), f.ethertype()));
+        }
     }
 }

@@ -3,10 +3,13 @@
 //! plus plain `Repr` values for building headers. Pure: no I/O, no allocation on the hot path.
 #![forbid(unsafe_code)]
 
+pub mod checksum;
 pub mod ethernet;
+pub mod ip;
+pub mod vlan;
 pub mod vnet;
 
-pub use ethernet::MacAddr;
+pub use ethernet::{L2Info, MacAddr, parse_l2};
 pub use vnet::{GsoType, VnetHdr, VnetHdrError};
 
 /// Errors from parsing outside input. Every parse failure maps to one of these; none panics.
