@@ -129,13 +129,26 @@ fn print_table(memcpy: f64, results: &[BenchResult]) {
     println!("memcpy (1 thread, 9018 B blocks): {memcpy:.1} Gbit/s");
     println!(
         "{:<7} {:<13} {:>9} {:>9} {:>9} {:>12} {:>9} {:>9} {:>10}",
-        "mode", "path", "frame_len", "Mpps", "Gbit/s", "delivered", "drops", "segments", "vmq/switch"
+        "mode",
+        "path",
+        "frame_len",
+        "Mpps",
+        "Gbit/s",
+        "delivered",
+        "drops",
+        "segments",
+        "vmq/switch"
     );
     for r in results {
         let ratio = match r.mode {
             Mode::Vmq => results
                 .iter()
-                .find(|s| s.mode == Mode::Switch && s.path == r.path && s.frame_len == r.frame_len && s.mpps > 0.0)
+                .find(|s| {
+                    s.mode == Mode::Switch
+                        && s.path == r.path
+                        && s.frame_len == r.frame_len
+                        && s.mpps > 0.0
+                })
                 .map(|s| format!("{:.2}x", r.mpps / s.mpps))
                 .unwrap_or_default(),
             Mode::Switch => String::new(),

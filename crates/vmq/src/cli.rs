@@ -16,7 +16,11 @@ pub mod exit {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "vmq", version, about = "A userspace virtual switch for VM hosts: VM queues, jumbo frames, TCP offloads")]
+#[command(
+    name = "vmq",
+    version,
+    about = "A userspace virtual switch for VM hosts: VM queues, jumbo frames, TCP offloads"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,7 +51,12 @@ pub fn main() -> ExitCode {
         Command::Run { config } => run::run(&config),
         Command::CheckConfig { file } => match config::load(&file) {
             Ok(c) => {
-                println!("{}: ok ({} ports, mode {})", file.display(), c.ports.len(), c.mode.name());
+                println!(
+                    "{}: ok ({} ports, mode {})",
+                    file.display(),
+                    c.ports.len(),
+                    c.mode.name()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

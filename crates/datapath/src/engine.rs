@@ -1,0 +1,447 @@
+//! Workers and the forwarding pipeline. Each worker owns a set of tasks (NIC VM queues, the
+//! NIC default queue, ports' own TX) and runs them in batches of [`BATCH`]; it spins briefly when
+//! idle and then sleeps on its wake-up eventfd with a bounded timeout.
+//!
+//! Fast path (`vmq` mode): a NIC VM queue's frames go straight to their VM — no switch, no FDB;
+//! a VM's unicast frames go straight to the local VM they address or to its uplink. Everything
+//! else (the default queue; every frame in `switch` mode) goes through the software switch.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use std::os::fd::AsRawFd;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmq_core::fdb::MixMap;
+use vmq_core::stats::PortStats;
+use vmq_core::switch::{
+    Dest, LearnRequest, Switch, TagEdit, Verdict, admit_vlan, egress_tag, fits_mtu, source_allowed,
+};
+use vmq_core::vmq::QueueId;
+use vmq_core::{DropReason, Mode, PortId, PortSpec};
+use vmq_wire::VnetHdr;
+use vmq_wire::ethernet::parse_l2;
+
+use crate::egress::{EgressScratch, OutPort, apply_edit, deliver, is_tcp_candidate};
+use crate::port::{BATCH, FrameSink, FrameSource, RecvError, Scratch};
+use vmq_offload::Coalescer;
+
+/// Idle polls before a worker sleeps.
+const SPIN_POLLS: u32 = 200;
+/// Longest sleep: bounds how late a worker notices work that came without a wake-up.
+const MAX_SLEEP: Duration = Duration::from_millis(5);
+/// Event token of a worker's wake-up eventfd.
+const WAKE_TOKEN: u64 = 0;
+
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) struct PortEntry {
+    pub spec: PortSpec,
+    pub stats: Arc<PortStats>,
+    pub sink: Mutex<Box<dyn FrameSink>>,
+    /// The uplink this port's traffic leaves by in `vmq` mode.
+    pub uplink: Option<PortId>,
+}
+
+/// What a worker runs.
+pub(crate) enum TaskKind {
+    /// A NIC VM queue: frames for `port`'s filter, sorted by the NIC.
+    VmQueue {
+        uplink: PortId,
+        port: PortId,
+        queue: QueueId,
+    },
+    /// A NIC default queue: everything without a VM queue, through the switch.
+    DefaultQueue { uplink: PortId },
+    /// A port's own transmissions.
+    PortTx { port: PortId },
+}
+
+pub(crate) struct Task {
+    pub kind: TaskKind,
+    pub source: Mutex<Box<dyn FrameSource>>,
+    /// Frames this task took in (for load-based placement).
+    pub frames: AtomicU64,
+}
+
+pub(crate) struct Shared {
+    pub mode: Mode,
+    pub ports: Vec<Arc<PortEntry>>,
+    pub switch: RwLock<Switch>,
+    /// Local VM/TAP addresses (MAC, VLAN) → port: the `vmq` mode fast path for VM TX.
+    pub local: MixMap<u64, PortId>,
+    pub stop: AtomicBool,
+    pub epoch: Instant,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn port(&self, id: PortId) -> Option<&Arc<PortEntry>> {
+        self.ports.get(id.0 as usize)
+    }
+}
+
+pub(crate) fn local_key(mac: vmq_wire::MacAddr, vlan: u16) -> u64 {
+    mac.to_u64() | (u64::from(vlan) << 48)
+}
+
+#[derive(Clone, Copy)]
+struct Delivery {
+    port: PortId,
+    frame: u8,
+    edit: TagEdit,
+}
+
+/// The per-frame decision step, borrowing only what it writes.
+struct Decisions<'a> {
+    shared: &'a Shared,
+    deliveries: &'a mut Vec<Delivery>,
+    learn: &'a mut Vec<LearnRequest>,
+    flood: &'a mut Vec<PortId>,
+}
+
+impl Decisions<'_> {
+    /// A frame from a NIC VM queue: the NIC matched its filter; only the tag changes.
+    fn vm_queue_frame(&mut self, port: PortId, frame: &[u8], i: usize) -> Result<(), DropReason> {
+        let l2 = parse_l2(frame).map_err(|_| DropReason::Malformed)?;
+        let entry = self.shared.port(port).ok_or(DropReason::PortDown)?;
+        let vlan = l2.vlan.unwrap_or(0);
+        let edit = egress_tag(&entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
+        self.deliveries.push(Delivery {
+            port,
+            frame: i as u8,
+            edit,
+        });
+        Ok(())
+    }
+
+    /// A VM's (or TAP's) frame in `vmq` mode: policy, then straight to a local port or the
+    /// uplink; group traffic goes through the switch.
+    fn fast_tx_frame(
+        &mut self,
+        in_entry: &PortEntry,
+        in_port: PortId,
+        frame: &[u8],
+        segment_len: Option<usize>,
+        now: u64,
+        i: usize,
+    ) -> Result<(), DropReason> {
+        let l2 = parse_l2(frame).map_err(|e| match e {
+            vmq_wire::WireError::Unsupported => DropReason::Unsupported,
+            _ => DropReason::Malformed,
+        })?;
+        if l2.dst.is_multicast() {
+            return self.switch_frame(in_port, frame, segment_len, now, i);
+        }
+        let spec = &in_entry.spec;
+        let vlan = admit_vlan(&spec.vlan, l2.vlan)?;
+        if l2.src.is_multicast() {
+            return Err(DropReason::Malformed);
+        }
+        if !source_allowed(spec, l2.src) {
+            return Err(DropReason::Spoofed);
+        }
+        if !fits_mtu(frame.len(), l2.header_len, segment_len, spec.mtu) {
+            return Err(DropReason::Oversize);
+        }
+        let out = match self.shared.local.get(&local_key(l2.dst, vlan)) {
+            Some(&p) if p == in_port => return Err(DropReason::NoDestination),
+            Some(&p) => p,
+            None => match in_entry.uplink {
+                Some(u) => u,
+                None => return self.switch_frame(in_port, frame, segment_len, now, i),
+            },
+        };
+        let out_entry = self.shared.port(out).ok_or(DropReason::PortDown)?;
+        let edit =
+            egress_tag(&out_entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
+        self.deliveries.push(Delivery {
+            port: out,
+            frame: i as u8,
+            edit,
+        });
+        Ok(())
+    }
+
+    /// The software switch path.
+    fn switch_frame(
+        &mut self,
+        in_port: PortId,
+        frame: &[u8],
+        segment_len: Option<usize>,
+        now: u64,
+        i: usize,
+    ) -> Result<(), DropReason> {
+        let sw = self.shared.switch.read().unwrap_or_else(|e| e.into_inner());
+        match sw.classify(in_port, frame, segment_len, now) {
+            Verdict::Drop(r) => Err(r),
+            Verdict::Forward { vlan, dst, learn } => {
+                if let Some(req) = learn {
+                    self.learn.push(req);
+                }
+                let tagged = frame.len() >= 14 && frame[12..14] == [0x81, 0x00];
+                match dst {
+                    Dest::Port(p) => {
+                        let Some(edit) = sw.egress(p, vlan, tagged) else {
+                            return Err(if sw.is_up(p) {
+                                DropReason::Vlan
+                            } else {
+                                DropReason::PortDown
+                            });
+                        };
+                        self.deliveries.push(Delivery {
+                            port: p,
+                            frame: i as u8,
+                            edit,
+                        });
+                    }
+                    Dest::Flood => {
+                        self.flood.clear();
+                        self.flood.extend(sw.flood_ports(vlan, in_port));
+                        if self.flood.is_empty() {
+                            return Err(DropReason::NoDestination);
+                        }
+                        for &p in self.flood.iter() {
+                            if let Some(edit) = sw.egress(p, vlan, tagged) {
+                                self.deliveries.push(Delivery {
+                                    port: p,
+                                    frame: i as u8,
+                                    edit,
+                                });
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A worker: its tasks, and the buffers it reuses for every batch.
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    tasks: Vec<Arc<Task>>,
+    wake: Arc<EventFd>,
+    /// Sleeps on the wake-up eventfd (shutdown, reconfiguration, kicks).
+    epoll: Epoll,
+    scratch: Scratch,
+    egress: EgressScratch,
+    errors: Vec<RecvError>,
+    deliveries: Vec<Delivery>,
+    learn: Vec<LearnRequest>,
+    flood: Vec<PortId>,
+    hdrs: Vec<VnetHdr>,
+    coalescer: Coalescer,
+    rsc_buf: Vec<u8>,
+}
+
+pub(crate) fn new_wake() -> std::io::Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK)
+}
+
+impl Worker {
+    pub fn new(
+        shared: Arc<Shared>,
+        tasks: Vec<Arc<Task>>,
+        wake: Arc<EventFd>,
+    ) -> std::io::Result<Worker> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
+        Ok(Worker {
+            shared,
+            tasks,
+            wake,
+            epoll,
+            scratch: Scratch::new(),
+            egress: EgressScratch::default(),
+            errors: Vec::new(),
+            deliveries: Vec::with_capacity(BATCH * 4),
+            learn: Vec::new(),
+            flood: Vec::new(),
+            hdrs: Vec::with_capacity(BATCH),
+            coalescer: Coalescer::new(),
+            rsc_buf: Vec::new(),
+        })
+    }
+
+    pub fn run(mut self) {
+        let mut idle = 0u32;
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let mut work = 0;
+            for i in 0..self.tasks.len() {
+                let task = self.tasks[i].clone();
+                work += self.run_task(&task);
+            }
+            if work > 0 {
+                idle = 0;
+            } else if idle < SPIN_POLLS {
+                idle += 1;
+                std::hint::spin_loop();
+            } else {
+                self.sleep();
+                idle = 0;
+            }
+        }
+    }
+
+    fn sleep(&self) {
+        let mut events = [EpollEvent::default(); 4];
+        let _ = self.epoll.wait(MAX_SLEEP.as_millis() as i32, &mut events);
+        let _ = self.wake.read();
+    }
+
+    /// Runs one batch of `task`; returns frames taken.
+    pub fn run_task(&mut self, task: &Task) -> usize {
+        self.scratch.clear();
+        self.errors.clear();
+        let n = lock(&task.source).recv(&mut self.scratch, BATCH, &mut self.errors);
+        let in_port = match task.kind {
+            TaskKind::VmQueue { uplink, .. } | TaskKind::DefaultQueue { uplink } => uplink,
+            TaskKind::PortTx { port } => port,
+        };
+        let Some(in_entry) = self.shared.port(in_port).cloned() else {
+            return n;
+        };
+        for e in self.errors.drain(..) {
+            let RecvError::Drop(r) = e;
+            in_entry.stats.add_rx(1, 0);
+            in_entry.stats.add_drop(r, 1);
+        }
+        if n == 0 {
+            return 0;
+        }
+        task.frames.fetch_add(n as u64, Ordering::Relaxed);
+        let now = self.shared.now_ns();
+        self.deliveries.clear();
+        self.hdrs.clear();
+        let mut rx_bytes = 0u64;
+        for i in 0..n {
+            let raw = self.scratch.get(i);
+            rx_bytes += raw.len().saturating_sub(VnetHdr::LEN) as u64;
+            let hdr = match VnetHdr::parse(raw) {
+                Ok(h) if h.validate(raw.len() - VnetHdr::LEN).is_ok() => h,
+                _ => {
+                    in_entry.stats.add_drop(DropReason::Malformed, 1);
+                    self.hdrs.push(VnetHdr::default());
+                    continue;
+                }
+            };
+            self.hdrs.push(hdr);
+            let frame = &raw[VnetHdr::LEN..];
+            let segment_len = hdr
+                .is_gso()
+                .then(|| hdr.hdr_len as usize + hdr.gso_size as usize);
+            let mut d = Decisions {
+                shared: &self.shared,
+                deliveries: &mut self.deliveries,
+                learn: &mut self.learn,
+                flood: &mut self.flood,
+            };
+            let result = match task.kind {
+                TaskKind::VmQueue { port, .. } => d.vm_queue_frame(port, frame, i),
+                TaskKind::PortTx { port } if self.shared.mode == Mode::Vmq => {
+                    d.fast_tx_frame(&in_entry, port, frame, segment_len, now, i)
+                }
+                _ => d.switch_frame(in_port, frame, segment_len, now, i),
+            };
+            if let Err(r) = result {
+                in_entry.stats.add_drop(r, 1);
+            }
+        }
+        in_entry.stats.add_rx(n as u64, rx_bytes);
+        self.apply_learning(now, &in_entry);
+        self.flush_deliveries();
+        n
+    }
+
+    fn apply_learning(&mut self, now: u64, in_entry: &PortEntry) {
+        if self.learn.is_empty() {
+            return;
+        }
+        let mut sw = self
+            .shared
+            .switch
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        for req in self.learn.drain(..) {
+            if sw.learn(req, now) == vmq_core::fdb::LearnOutcome::Full {
+                in_entry.stats.fdb_full.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends every decided delivery, one sink lock per destination per batch.
+    fn flush_deliveries(&mut self) {
+        // Stable: frames of one flow keep their order.
+        self.deliveries.sort_by_key(|d| d.port);
+        let mut i = 0;
+        while i < self.deliveries.len() {
+            let port = self.deliveries[i].port;
+            let mut j = i;
+            while j < self.deliveries.len() && self.deliveries[j].port == port {
+                j += 1;
+            }
+            if let Some(entry) = self.shared.port(port).cloned() {
+                let mut sink = lock(&entry.sink);
+                let caps = sink.caps();
+                // RSC/LRO toward receivers that take GSO frames (like GRO, on by default).
+                let coalesce = caps.accepts_gso();
+                let merged_before = self.coalescer.merged_segments();
+                let Worker {
+                    scratch,
+                    hdrs,
+                    egress,
+                    coalescer,
+                    rsc_buf,
+                    deliveries,
+                    ..
+                } = self;
+                let out = OutPort {
+                    caps,
+                    spec: &entry.spec,
+                    stats: &entry.stats,
+                };
+                let mut send = |h: &VnetHdr, f: &[u8], edit: TagEdit| {
+                    if let Err(r) = deliver(&mut **sink, &out, h, f, edit, egress) {
+                        entry.stats.add_drop(r, 1);
+                    }
+                };
+                for d in &deliveries[i..j] {
+                    let raw = scratch.get(d.frame as usize);
+                    let hdr = &hdrs[d.frame as usize];
+                    let frame = &raw[VnetHdr::LEN..];
+                    if coalesce && is_tcp_candidate(frame, hdr) {
+                        apply_edit(frame, d.edit, rsc_buf);
+                        coalescer.offer(hdr, rsc_buf, &mut |h, f| send(h, f, TagEdit::Keep));
+                    } else {
+                        coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
+                        send(hdr, frame, d.edit);
+                    }
+                }
+                coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
+                let merged = coalescer.merged_segments() - merged_before;
+                if merged != 0 {
+                    entry
+                        .stats
+                        .offload_coalesced
+                        .fetch_add(merged, Ordering::Relaxed);
+                }
+                sink.flush();
+            }
+            i = j;
+        }
+        self.deliveries.clear();
+    }
+}

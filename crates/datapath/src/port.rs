@@ -1,0 +1,117 @@
+//! The port abstraction every attachment plugs into. A port has two independent halves:
+//! a [`FrameSource`] (frames the port sends into vmq: guest TX, TAP read, NIC RX queue), polled
+//! by exactly one worker, and a [`FrameSink`] (frames vmq delivers: guest RX, TAP write, NIC TX),
+//! which any worker may feed under the sink's lock, taken once per batch and destination.
+//!
+//! Frames travel as a 12-byte virtio-net header followed by the Ethernet frame, the layout
+//! vhost-user, TAP (IFF_VNET_HDR) and AF_PACKET (PACKET_VNET_HDR) all share.
+
+use std::sync::Arc;
+
+use vmq_core::{DropReason, OffloadCaps};
+use vmq_wire::VnetHdr;
+
+/// Largest frame handled: a 64 KiB GSO frame plus header and a VLAN tag.
+pub const MAX_FRAME: usize = 65_536 + 64;
+/// Frames per batch.
+pub const BATCH: usize = 32;
+
+/// A source-side problem with one frame, to be counted against the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvError {
+    Drop(DropReason),
+}
+
+pub trait FrameSource: Send {
+    /// Moves up to `max` frames (header + frame each) into `scratch`; returns how many.
+    /// Frames that could not be taken are reported in `errors`.
+    fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize;
+}
+
+pub trait FrameSink: Send {
+    /// Delivers one frame: `hdr` then the concatenation of `parts` (an Ethernet frame).
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason>;
+    /// End of a batch toward this sink: notify the receiver, recycle buffers.
+    fn flush(&mut self);
+    /// What the receiver accepts in the virtio-net header (negotiated).
+    fn caps(&self) -> OffloadCaps;
+}
+
+enum Slot {
+    Owned { buf: usize, len: usize },
+    Shared(Arc<[u8]>),
+}
+
+/// A worker's batch of received frames. Owned buffers are allocated once per worker; NIC
+/// stand-in queues hand over shared buffers instead, so that no copy happens before the one
+/// into the VM (as with a NIC that DMAs into host memory).
+pub struct Scratch {
+    bufs: Vec<Box<[u8]>>,
+    slots: Vec<Slot>,
+    next_owned: usize,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::new()
+    }
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            bufs: (0..BATCH)
+                .map(|_| vec![0u8; MAX_FRAME].into_boxed_slice())
+                .collect(),
+            slots: Vec::with_capacity(BATCH),
+            next_owned: 0,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.next_owned = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The next free owned buffer to receive into; None when the batch is full.
+    pub fn next_buf(&mut self) -> Option<&mut [u8]> {
+        if self.slots.len() >= BATCH {
+            return None;
+        }
+        self.bufs.get_mut(self.next_owned).map(|b| &mut b[..])
+    }
+
+    /// Records `len` bytes received into the buffer [`Scratch::next_buf`] returned.
+    pub fn commit(&mut self, len: usize) {
+        self.slots.push(Slot::Owned {
+            buf: self.next_owned,
+            len: len.min(MAX_FRAME),
+        });
+        self.next_owned += 1;
+    }
+
+    /// Adds a frame held elsewhere (NIC stand-in buffers). False when the batch is full.
+    pub fn push_shared(&mut self, frame: Arc<[u8]>) -> bool {
+        if self.slots.len() >= BATCH {
+            return false;
+        }
+        self.slots.push(Slot::Shared(frame));
+        true
+    }
+
+    /// Frame `i` (virtio-net header + Ethernet frame).
+    pub fn get(&self, i: usize) -> &[u8] {
+        match &self.slots[i] {
+            Slot::Owned { buf, len } => &self.bufs[*buf][..*len],
+            Slot::Shared(f) => f,
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! The data path end to end, in process: real virtio rings in guest memory on the VM side,
+//! the NIC stand-in on the uplink side, real worker threads in between.
+
+use std::time::{Duration, Instant};
+
+use vmq_core::switch::SwitchConfig;
+use vmq_core::vmq::{QueuePolicy, VmqConfig};
+use vmq_core::{
+    DropReason, Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode,
+};
+use vmq_datapath::bench::udp_frame;
+use vmq_datapath::mem::{GuestFrame, MemGuest, mem_port};
+use vmq_datapath::nic::{KeptFrames, OnceQueue, WireSink};
+use vmq_datapath::{Datapath, DatapathBuilder, DatapathConfig, NicQueueTarget};
+use vmq_wire::checksum::fold;
+use vmq_wire::ip::locate;
+use vmq_wire::vnet::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GsoType};
+use vmq_wire::{MacAddr, VnetHdr};
+
+const EXT: MacAddr = MacAddr([0x02, 0, 0, 0, 0xee, 1]);
+
+fn mac(i: u8) -> MacAddr {
+    MacAddr([0x52, 0x54, 0, 0, 0, i])
+}
+
+struct VmDef {
+    vlan: u16,
+    mtu: u16,
+    caps: OffloadCaps,
+}
+
+fn vm(vlan: u16, mtu: u16, caps: OffloadCaps) -> VmDef {
+    VmDef { vlan, mtu, caps }
+}
+
+struct Rig {
+    dp: Datapath,
+    guests: Vec<MemGuest>,
+    wire: KeptFrames,
+}
+
+/// uplink "up0" (trunk 10, 20) + VMs "vm1".. with MACs mac(1)..; `uplink_frames` arrive on
+/// the NIC (sorted per VM queue in `vmq` mode, all on the default queue in `switch` mode).
+fn rig(mode: Mode, vms: &[VmDef], queues: u16, uplink_frames: Vec<Vec<u8>>) -> Rig {
+    let mut ports = vec![PortConfig {
+        spec: PortSpec {
+            name: "up0".into(),
+            kind: PortKind::Uplink,
+            mac: None,
+            mtu: 9000,
+            vlan: VlanMode::Trunk {
+                allowed: vec![10, 20],
+                native: None,
+            },
+            allow_mac_spoofing: false,
+            offloads: OffloadCaps::NONE,
+        },
+        backend: PortBackend::Mem,
+        uplink: None,
+    }];
+    for (i, v) in vms.iter().enumerate() {
+        ports.push(PortConfig {
+            spec: PortSpec {
+                name: format!("vm{}", i + 1),
+                kind: PortKind::Mem,
+                mac: Some(mac(i as u8 + 1)),
+                mtu: v.mtu,
+                vlan: VlanMode::Access(v.vlan),
+                allow_mac_spoofing: false,
+                offloads: v.caps,
+            },
+            backend: PortBackend::Mem,
+            uplink: None,
+        });
+    }
+    let cfg = DatapathConfig {
+        mode,
+        workers: 2,
+        vmq: VmqConfig {
+            queues,
+            policy: QueuePolicy::Static,
+            workers: 2,
+            hysteresis: 1.5,
+        },
+        switch: SwitchConfig::default(),
+        ports,
+    };
+    let mut b = DatapathBuilder::new(cfg).unwrap();
+    let (wire, kept) = WireSink::keeping(OffloadCaps::NONE);
+    b.attach("up0", Box::new(wire), None).unwrap();
+    let mut guests = Vec::new();
+    for (i, v) in vms.iter().enumerate() {
+        let (g, source, sink) = mem_port(v.caps, true);
+        b.attach(
+            &format!("vm{}", i + 1),
+            Box::new(sink),
+            Some(Box::new(source)),
+        )
+        .unwrap();
+        guests.push(g);
+    }
+    // The NIC stand-in sorts by (dst MAC, VLAN) like VMQ filters would.
+    let with_hdr = |f: &Vec<u8>| [VnetHdr::default().to_bytes().to_vec(), f.clone()].concat();
+    let mut default = Vec::new();
+    let mut per_vm: Vec<Vec<Vec<u8>>> = vec![Vec::new(); vms.len()];
+    for f in &uplink_frames {
+        let l2 = vmq_wire::parse_l2(f).ok();
+        let target = l2.and_then(|l2| {
+            (0..vms.len()).find(|&i| l2.dst == mac(i as u8 + 1) && l2.vlan == Some(vms[i].vlan))
+        });
+        match target {
+            Some(i)
+                if mode == Mode::Vmq
+                    && b.vm_queue(b.port_id(&format!("vm{}", i + 1)).unwrap())
+                        .is_some() =>
+            {
+                per_vm[i].push(with_hdr(f))
+            }
+            _ => default.push(with_hdr(f)),
+        }
+    }
+    for (i, frames) in per_vm.into_iter().enumerate() {
+        if !frames.is_empty() {
+            let id = b.port_id(&format!("vm{}", i + 1)).unwrap();
+            b.attach_nic_queue(
+                "up0",
+                NicQueueTarget::Vm(id),
+                Box::new(OnceQueue::new(frames)),
+            )
+            .unwrap();
+        }
+    }
+    b.attach_nic_queue(
+        "up0",
+        NicQueueTarget::Default,
+        Box::new(OnceQueue::new(default)),
+    )
+    .unwrap();
+    Rig {
+        dp: b.start().unwrap(),
+        guests,
+        wire: kept,
+    }
+}
+
+/// Polls until `done` holds or 10 s pass (workers are asynchronous; this bounds the wait).
+fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    done()
+}
+
+fn collect(g: &MemGuest, n: usize) -> Vec<GuestFrame> {
+    let mut got = Vec::new();
+    wait_until(|| {
+        got.extend(g.take_received());
+        got.len() >= n
+    });
+    got
+}
+
+/// Sum of per-port counters: every frame taken in is delivered or dropped for one reason.
+fn assert_accounted(dp: &Datapath, expected_rx: u64) {
+    assert_accounted_with_floods(dp, expected_rx, 0);
+}
+
+/// As above; `flood_copies` = extra deliveries made by flooding (one frame, several receivers).
+fn assert_accounted_with_floods(dp: &Datapath, expected_rx: u64, flood_copies: u64) {
+    let stats = dp.port_stats();
+    let rx: u64 = stats.iter().map(|(_, s)| s.rx_packets).sum();
+    let tx: u64 = stats.iter().map(|(_, s)| s.tx_packets).sum();
+    let drops: u64 = stats.iter().map(|(_, s)| s.total_drops()).sum();
+    assert_eq!(rx, expected_rx, "{stats:?}");
+    assert_eq!(
+        rx + flood_copies,
+        tx + drops,
+        "every frame sent or dropped once: {stats:?}"
+    );
+}
+
+#[test]
+fn uplink_to_vms_both_modes_strip_tags_and_keep_data() {
+    for mode in [Mode::Vmq, Mode::Switch] {
+        let frames: Vec<Vec<u8>> = (0..40u16)
+            .map(|i| {
+                let (dst, vlan) = if i % 2 == 0 {
+                    (mac(1), 10)
+                } else {
+                    (mac(2), 20)
+                };
+                udp_frame(dst, EXT, Some(vlan), 100 + usize::from(i) * 50, i)
+            })
+            .collect();
+        let r = rig(
+            mode,
+            &[
+                vm(10, 9000, OffloadCaps::NONE),
+                vm(20, 9000, OffloadCaps::NONE),
+            ],
+            8,
+            frames.clone(),
+        );
+        let got1 = collect(&r.guests[0], 20);
+        let got2 = collect(&r.guests[1], 20);
+        assert_eq!(got1.len(), 20, "{mode:?}");
+        assert_eq!(got2.len(), 20, "{mode:?}");
+        // In order, tag stripped, bytes intact.
+        for (k, g) in got1.iter().enumerate() {
+            let mut expect = frames[k * 2].clone();
+            vmq_wire::vlan::pop_tag(&mut expect);
+            assert_eq!(g.frame, expect, "{mode:?} frame {k}");
+            assert!(g.hdr.num_buffers >= 1);
+        }
+        assert_accounted(&r.dp, 40);
+        let q = r.dp.queue_stats();
+        let vm_queue_frames: u64 = q
+            .iter()
+            .filter(|s| s.queue.is_some())
+            .map(|s| s.rx_packets)
+            .sum();
+        match mode {
+            Mode::Vmq => assert_eq!(
+                vm_queue_frames, 40,
+                "VMQ: no frame through the default queue: {q:?}"
+            ),
+            Mode::Switch => assert_eq!(vm_queue_frames, 0),
+        }
+    }
+}
+
+#[test]
+fn queue_budget_overflow_uses_the_default_queue() {
+    let frames: Vec<Vec<u8>> = (0..30u16)
+        .map(|i| udp_frame(mac((i % 3) as u8 + 1), EXT, Some(10), 200, i))
+        .collect();
+    let vms = [
+        vm(10, 9000, OffloadCaps::NONE),
+        vm(10, 9000, OffloadCaps::NONE),
+        vm(10, 9000, OffloadCaps::NONE),
+    ];
+    let r = rig(Mode::Vmq, &vms, 2, frames);
+    for g in &r.guests {
+        assert_eq!(collect(g, 10).len(), 10);
+    }
+    let q = r.dp.queue_stats();
+    let default: u64 = q
+        .iter()
+        .filter(|s| s.queue.is_none())
+        .map(|s| s.rx_packets)
+        .sum();
+    assert_eq!(
+        default, 10,
+        "the VM beyond the 2-queue budget is served by the switch: {q:?}"
+    );
+    let assigned = r.dp.queue_assignments();
+    assert_eq!(assigned.iter().filter(|(_, q)| q.is_some()).count(), 2);
+}
+
+#[test]
+fn vm_policy_spoof_vlan_mtu_and_uplink_tagging() {
+    for mode in [Mode::Vmq, Mode::Switch] {
+        let r = rig(
+            mode,
+            &[
+                vm(10, 9000, OffloadCaps::NONE),
+                vm(10, 1500, OffloadCaps::NONE),
+                vm(20, 9000, OffloadCaps::NONE),
+            ],
+            8,
+            vec![],
+        );
+        let h = VnetHdr::default();
+        // vm1 -> vm2 (same VLAN): delivered untagged.
+        assert!(r.guests[0].send(&h, &udp_frame(mac(2), mac(1), None, 200, 1)));
+        // vm1 -> vm3 (VLAN 20): isolated. Unknown unicast in VLAN 10 goes to the uplink, tagged.
+        assert!(r.guests[0].send(&h, &udp_frame(mac(3), mac(1), None, 200, 2)));
+        // vm1 spoofing vm2's MAC: dropped.
+        assert!(r.guests[0].send(&h, &udp_frame(mac(9), mac(2), None, 200, 3)));
+        // vm1 -> vm2 jumbo: vm2 has MTU 1500, dropped as oversize, never truncated.
+        assert!(r.guests[0].send(&h, &udp_frame(mac(2), mac(1), None, 9014, 4)));
+        // vm1 sends a tagged frame on an access port: VLAN violation.
+        assert!(r.guests[0].send(&h, &udp_frame(mac(2), mac(1), Some(10), 200, 5)));
+        // Bogus virtio-net header (GSO with gso_size 0): malformed.
+        let bogus = VnetHdr {
+            gso_type: GsoType::TcpV4.to_raw(),
+            gso_size: 0,
+            ..h
+        };
+        assert!(r.guests[0].send(&bogus, &udp_frame(mac(2), mac(1), None, 200, 6)));
+        // The switch floods unknown unicast within VLAN 10 (vm2 and the uplink); the VMQ fast
+        // path sends it straight to the uplink.
+        let floods = if mode == Mode::Switch { 1 } else { 0 };
+        let got = collect(&r.guests[1], 1 + floods);
+        assert_eq!(got.len(), 1 + floods, "{mode:?}");
+        assert_eq!(got[0].frame, udp_frame(mac(2), mac(1), None, 200, 1));
+        assert!(wait_until(|| r.dp.stats("vm1").unwrap().rx_packets == 6));
+        assert!(wait_until(|| r.wire.lock().unwrap().len() == 1));
+        let wire = r.wire.lock().unwrap().clone();
+        assert_eq!(
+            vmq_wire::parse_l2(&wire[0].1).unwrap().vlan,
+            Some(10),
+            "{mode:?}: tagged toward the trunk"
+        );
+        assert!(r.guests[2].take_received().is_empty(), "VLAN isolation");
+        let s1 = r.dp.stats("vm1").unwrap();
+        assert_eq!(s1.drops(DropReason::Spoofed), 1, "{mode:?} {s1:?}");
+        assert_eq!(s1.drops(DropReason::Vlan), 1);
+        assert_eq!(s1.drops(DropReason::Malformed), 1);
+        assert_eq!(
+            r.dp.stats("vm2").unwrap().drops(DropReason::Oversize),
+            1,
+            "oversize counted at egress"
+        );
+        assert_accounted_with_floods(&r.dp, 6, floods as u64);
+    }
+}
+
+/// A guest's TCP GSO frame (partial checksum), as Linux virtio-net sends it.
+fn gso_tcp(dst: MacAddr, src: MacAddr, payload_len: usize, mss: u16) -> (VnetHdr, Vec<u8>) {
+    let b = etherparse::PacketBuilder::ethernet2(src.0, dst.0)
+        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+        .tcp(40000, 5201, 1, 64000)
+        .ack(1);
+    let payload: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+    let mut f = Vec::new();
+    b.write(&mut f, &payload).unwrap();
+    let l = locate(&f).unwrap();
+    let pseudo = fold(l.pseudo_header(&f, f.len() - l.l4));
+    f[l.l4 + 16..l.l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+    let h = VnetHdr {
+        flags: FLAG_NEEDS_CSUM,
+        gso_type: GsoType::TcpV4.to_raw(),
+        hdr_len: l.payload as u16,
+        gso_size: mss,
+        csum_start: l.l4 as u16,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
+    (h, f)
+}
+
+#[test]
+fn gso_passes_to_capable_vm_and_is_segmented_for_others() {
+    for mode in [Mode::Vmq, Mode::Switch] {
+        let r = rig(
+            mode,
+            &[
+                vm(10, 9000, OffloadCaps::ALL),
+                vm(10, 1500, OffloadCaps::ALL),
+                vm(10, 1500, OffloadCaps::NONE),
+            ],
+            8,
+            vec![],
+        );
+        let (h, f) = gso_tcp(mac(2), mac(1), 30000, 1448);
+        assert!(r.guests[0].send(&h, &f));
+        let (h3, f3) = gso_tcp(mac(3), mac(1), 30000, 1448);
+        assert!(r.guests[0].send(&h3, &f3));
+        let got = collect(&r.guests[1], 1);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].frame, f, "{mode:?}: GSO frame delivered whole");
+        assert_eq!(got[0].hdr.gso_size, 1448);
+        let segs = collect(&r.guests[2], 21);
+        assert_eq!(segs.len(), 21, "30000 / 1448 rounds up to 21 segments");
+        let mut payload = Vec::new();
+        for s in &segs {
+            assert!(s.frame.len() <= 1514, "segments fit MTU 1500");
+            assert_eq!(s.hdr.flags & FLAG_DATA_VALID, FLAG_DATA_VALID);
+            let p = etherparse::SlicedPacket::from_ethernet(&s.frame).unwrap();
+            let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
+                panic!()
+            };
+            let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+                panic!()
+            };
+            let want = t
+                .to_header()
+                .calc_checksum_ipv4(&ip.header().to_header(), t.payload())
+                .unwrap();
+            assert_eq!(t.checksum(), want, "software-finished checksums are right");
+            payload.extend_from_slice(t.payload());
+        }
+        assert_eq!(payload, (0..30000).map(|i| i as u8).collect::<Vec<u8>>());
+        assert_eq!(
+            r.dp.stats("vm2").unwrap().offload_segments,
+            0,
+            "no segmentation toward a GSO receiver"
+        );
+        assert_eq!(r.dp.stats("vm2").unwrap().offload_gso_passed, 1);
+        assert_eq!(r.dp.stats("vm3").unwrap().offload_segments, 21);
+    }
+}
+
+#[test]
+fn rsc_coalesces_uplink_tcp_toward_gso_receivers() {
+    // 10 in-order MSS segments of one flow from the wire, DATA_VALID not set: verified, merged.
+    let mut frames = Vec::new();
+    for k in 0..10u32 {
+        let b = etherparse::PacketBuilder::ethernet2(EXT.0, mac(1).0)
+            .single_vlan(10.try_into().unwrap())
+            .ipv4([10, 0, 0, 9], [10, 0, 0, 1], 64)
+            .tcp(5201, 40000, 1 + k * 1448, 64000)
+            .ack(1);
+        let mut f = Vec::new();
+        b.write(&mut f, &vec![k as u8; 1448]).unwrap();
+        frames.push(f);
+    }
+    let r = rig(Mode::Vmq, &[vm(10, 9000, OffloadCaps::ALL)], 8, frames);
+    let payload_len = |g: &GuestFrame| {
+        locate(&g.frame)
+            .map(|l| l.l4 + l.l4_len(&g.frame) - l.payload)
+            .unwrap_or(0)
+    };
+    let mut got = Vec::new();
+    wait_until(|| {
+        got.extend(r.guests[0].take_received());
+        got.iter().map(payload_len).sum::<usize>() >= 14480
+    });
+    let total: usize = got.iter().map(payload_len).sum();
+    assert_eq!(total, 14480, "all payload arrives");
+    assert!(
+        got.len() < 10,
+        "segments were coalesced: {} frames",
+        got.len()
+    );
+    assert!(
+        got.iter()
+            .any(|g| g.hdr.gso_size == 1448 && g.hdr.flags & FLAG_NEEDS_CSUM != 0)
+    );
+    assert!(r.dp.stats("vm1").unwrap().offload_coalesced >= 2);
+}
+
+#[test]
+fn hostile_tx_descriptors_are_counted_and_the_port_keeps_working() {
+    let r = rig(
+        Mode::Vmq,
+        &[
+            vm(10, 9000, OffloadCaps::NONE),
+            vm(10, 9000, OffloadCaps::NONE),
+        ],
+        8,
+        vec![],
+    );
+    let g = &r.guests[0];
+    g.with_tx_ring(|mem, ring| {
+        // Descriptor 200: outside guest memory. Descriptor 201: a loop (next = itself).
+        // Descriptor 202: device-writable in a TX queue.
+        ring.write_raw_desc(mem, 200, 1 << 40, 100, 0, 0);
+        ring.post_raw(mem, 200);
+        ring.write_raw_desc(mem, 201, 0x30_0000, 64, 1, 201);
+        ring.post_raw(mem, 201);
+        ring.write_raw_desc(mem, 202, 0x30_0000, 64, 2, 0);
+        ring.post_raw(mem, 202);
+    });
+    assert!(wait_until(|| r
+        .dp
+        .stats("vm1")
+        .unwrap()
+        .drops(DropReason::BadDescriptor)
+        >= 2));
+    // After all that, a good frame still goes through.
+    assert!(g.send(
+        &VnetHdr::default(),
+        &udp_frame(mac(2), mac(1), None, 300, 1)
+    ));
+    assert_eq!(collect(&r.guests[1], 1).len(), 1);
+    let s = r.dp.stats("vm1").unwrap();
+    assert_eq!(s.rx_packets, 4, "{s:?}");
+    assert_eq!(s.total_drops(), 3, "{s:?}");
+}
