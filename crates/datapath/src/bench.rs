@@ -11,8 +11,9 @@ use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, V
 use vmq_wire::{MacAddr, VnetHdr};
 
 use crate::mem::{MemGuest, mem_port};
-use crate::nic::{ReplayQueue, WireSink};
-use crate::{DatapathBuilder, DatapathConfig, DatapathError, NicQueueTarget};
+use crate::nic::{StandInNic, WireSink};
+use crate::{DatapathBuilder, DatapathConfig, DatapathError};
+use vmq_core::vmq::{FilterKey, QueueId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BenchPath {
@@ -45,6 +46,8 @@ pub struct BenchResult {
 }
 
 const VLAN: u16 = 10;
+/// VM queues of the stand-in NIC (a common hardware count).
+const QUEUES: u16 = 8;
 /// Distinct buffers per NIC queue (a typical NIC RX ring): the data path reads frames from as
 /// much memory as with a real NIC, not from a few cache-hot buffers.
 const NIC_RING: usize = 512;
@@ -120,6 +123,7 @@ fn config(mode: Mode, vms: usize, workers: usize) -> DatapathConfig {
         },
         switch: SwitchConfig::default(),
         ports,
+        rebalance_interval_ms: 1000,
     }
 }
 
@@ -155,43 +159,32 @@ fn run_one(
     let wire_len = frame_len.saturating_sub(4).max(64);
     match path {
         BenchPath::UplinkToVm => {
-            let mut default_frames = Vec::new();
-            let per_vm: Vec<Vec<Vec<u8>>> = (0..vms)
+            let flows: Vec<(FilterKey, Vec<Vec<u8>>)> = (0..vms)
                 .map(|i| {
-                    (0..NIC_RING)
+                    let frames = (0..NIC_RING)
                         .map(|f| udp_frame(vm_mac(i), EXTERNAL_MAC, Some(VLAN), wire_len, f as u16))
-                        .collect()
+                        .collect();
+                    (
+                        FilterKey {
+                            mac: vm_mac(i),
+                            vlan: VLAN,
+                        },
+                        frames,
+                    )
                 })
                 .collect();
-            for (i, frames) in per_vm.iter().enumerate() {
-                let id = b
-                    .port_id(&format!("vm{i}"))
-                    .ok_or_else(|| DatapathError::NoSuchPort(format!("vm{i}")))?;
-                if mode == Mode::Vmq && b.vm_queue(id).is_some() {
-                    b.attach_nic_queue(
-                        "up0",
-                        NicQueueTarget::Vm(id),
-                        Box::new(ReplayQueue::new(frames)),
-                    )?;
+            let nic = StandInNic::new(flows);
+            b.attach_nic_queue_id(
+                "up0",
+                QueueId::DEFAULT,
+                Box::new(nic.queue(QueueId::DEFAULT)),
+            )?;
+            if mode == Mode::Vmq {
+                // In `switch` mode VMQ is off: the NIC gets no filters, all on the default queue.
+                for q in 1..=QUEUES {
+                    b.attach_nic_queue_id("up0", QueueId(q), Box::new(nic.queue(QueueId(q))))?;
                 }
-            }
-            // Interleaved, as the wire delivers them, for everything without a VM queue.
-            for f in 0..NIC_RING {
-                for (i, frames) in per_vm.iter().enumerate() {
-                    let id = b
-                        .port_id(&format!("vm{i}"))
-                        .ok_or_else(|| DatapathError::NoSuchPort(format!("vm{i}")))?;
-                    if mode == Mode::Switch || b.vm_queue(id).is_none() {
-                        default_frames.push(frames[f].clone());
-                    }
-                }
-            }
-            if !default_frames.is_empty() {
-                b.attach_nic_queue(
-                    "up0",
-                    NicQueueTarget::Default,
-                    Box::new(ReplayQueue::new(&default_frames)),
-                )?;
+                b.attach_steering("up0", Box::new(nic.steering()))?;
             }
         }
         BenchPath::VmToVm => {

@@ -81,9 +81,7 @@ pub fn deliver(
         TagEdit::Keep => frame.len() >= 14 && frame[12..14] == [0x81, 0x00],
     };
     let l2_len = if tagged_out { 18 } else { 14 };
-    let segment_len = hdr
-        .is_gso()
-        .then(|| hdr.hdr_len as usize + hdr.gso_size as usize);
+    let segment_len = vmq_offload::gso_segment_len(&hdr, frame).map(|l| edit.len_after(l));
     if !fits_mtu(out_len, l2_len, segment_len, out.spec.mtu) {
         return Err(DropReason::Oversize);
     }

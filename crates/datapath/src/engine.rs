@@ -49,12 +49,9 @@ pub(crate) struct PortEntry {
 
 /// What a worker runs.
 pub(crate) enum TaskKind {
-    /// A NIC VM queue: frames for `port`'s filter, sorted by the NIC.
-    VmQueue {
-        uplink: PortId,
-        port: PortId,
-        queue: QueueId,
-    },
+    /// A NIC VM queue: frames the NIC's filter for one VM sorted into it. Which VM that is
+    /// changes with the dynamic policy, so frames are matched to their VM by address.
+    VmQueue { uplink: PortId, queue: QueueId },
     /// A NIC default queue: everything without a VM queue, through the switch.
     DefaultQueue { uplink: PortId },
     /// A port's own transmissions.
@@ -66,6 +63,20 @@ pub(crate) struct Task {
     pub source: Mutex<Box<dyn FrameSource>>,
     /// Frames this task took in (for load-based placement).
     pub frames: AtomicU64,
+}
+
+/// A worker's task list; the control thread replaces it when it moves queues between workers.
+#[derive(Default)]
+pub(crate) struct TaskList {
+    pub tasks: Mutex<Vec<Arc<Task>>>,
+    pub generation: AtomicU64,
+}
+
+impl TaskList {
+    pub fn set(&self, tasks: Vec<Arc<Task>>) {
+        *lock(&self.tasks) = tasks;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
 }
 
 pub(crate) struct Shared {
@@ -109,10 +120,22 @@ struct Decisions<'a> {
 
 impl Decisions<'_> {
     /// A frame from a NIC VM queue: the NIC matched its filter; only the tag changes.
-    fn vm_queue_frame(&mut self, port: PortId, frame: &[u8], i: usize) -> Result<(), DropReason> {
+    fn vm_queue_frame(
+        &mut self,
+        uplink: PortId,
+        frame: &[u8],
+        segment_len: Option<usize>,
+        now: u64,
+        i: usize,
+    ) -> Result<(), DropReason> {
         let l2 = parse_l2(frame).map_err(|_| DropReason::Malformed)?;
-        let entry = self.shared.port(port).ok_or(DropReason::PortDown)?;
         let vlan = l2.vlan.unwrap_or(0);
+        let Some(&port) = self.shared.local.get(&local_key(l2.dst, vlan)) else {
+            // A frame the filter did not really mean for a local VM (filter being moved):
+            // the switch decides, as for the default queue.
+            return self.switch_frame(uplink, frame, segment_len, now, i);
+        };
+        let entry = self.shared.port(port).ok_or(DropReason::PortDown)?;
         let edit = egress_tag(&entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
         self.deliveries.push(Delivery {
             port,
@@ -228,6 +251,7 @@ impl Decisions<'_> {
 /// A worker: its tasks, and the buffers it reuses for every batch.
 pub(crate) struct Worker {
     shared: Arc<Shared>,
+    list: Arc<TaskList>,
     tasks: Vec<Arc<Task>>,
     wake: Arc<EventFd>,
     /// Sleeps on the wake-up eventfd (shutdown, reconfiguration, kicks).
@@ -250,7 +274,7 @@ pub(crate) fn new_wake() -> std::io::Result<EventFd> {
 impl Worker {
     pub fn new(
         shared: Arc<Shared>,
-        tasks: Vec<Arc<Task>>,
+        list: Arc<TaskList>,
         wake: Arc<EventFd>,
     ) -> std::io::Result<Worker> {
         let epoll = Epoll::new()?;
@@ -261,7 +285,8 @@ impl Worker {
         )?;
         Ok(Worker {
             shared,
-            tasks,
+            list,
+            tasks: Vec::new(),
             wake,
             epoll,
             scratch: Scratch::new(),
@@ -278,7 +303,13 @@ impl Worker {
 
     pub fn run(mut self) {
         let mut idle = 0u32;
+        let mut seen = u64::MAX;
         while !self.shared.stop.load(Ordering::Relaxed) {
+            let generation = self.list.generation.load(Ordering::Acquire);
+            if generation != seen {
+                self.tasks = lock(&self.list.tasks).clone();
+                seen = generation;
+            }
             let mut work = 0;
             for i in 0..self.tasks.len() {
                 let task = self.tasks[i].clone();
@@ -340,9 +371,7 @@ impl Worker {
             };
             self.hdrs.push(hdr);
             let frame = &raw[VnetHdr::LEN..];
-            let segment_len = hdr
-                .is_gso()
-                .then(|| hdr.hdr_len as usize + hdr.gso_size as usize);
+            let segment_len = vmq_offload::gso_segment_len(&hdr, frame);
             let mut d = Decisions {
                 shared: &self.shared,
                 deliveries: &mut self.deliveries,
@@ -350,7 +379,9 @@ impl Worker {
                 flood: &mut self.flood,
             };
             let result = match task.kind {
-                TaskKind::VmQueue { port, .. } => d.vm_queue_frame(port, frame, i),
+                TaskKind::VmQueue { uplink, .. } => {
+                    d.vm_queue_frame(uplink, frame, segment_len, now, i)
+                }
                 TaskKind::PortTx { port } if self.shared.mode == Mode::Vmq => {
                     d.fast_tx_frame(&in_entry, port, frame, segment_len, now, i)
                 }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+mod control;
 pub mod driver;
 mod egress;
 mod engine;
@@ -24,8 +25,8 @@ use vmq_core::switch::{Switch, SwitchConfig};
 use vmq_core::vmq::{FilterKey, QueueId, Vmq, VmqConfig};
 use vmq_core::{Mode, PortBackend, PortConfig, PortId, PortKind, VlanMode};
 
-use engine::{PortEntry, Shared, Task, TaskKind, Worker, local_key};
-pub use port::{FrameSink, FrameSource};
+use engine::{PortEntry, Shared, Task, TaskKind, TaskList, Worker, local_key};
+pub use port::{FrameSink, FrameSource, NicSteering};
 
 #[derive(Debug, Clone)]
 pub struct DatapathConfig {
@@ -34,6 +35,9 @@ pub struct DatapathConfig {
     pub vmq: VmqConfig,
     pub switch: SwitchConfig,
     pub ports: Vec<PortConfig>,
+    /// How often the control thread re-measures load: moves VM queues (dynamic policy) and
+    /// re-places queues on workers.
+    pub rebalance_interval_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,8 @@ pub enum DatapathError {
     NotAttached(String),
     #[error("port {port:?} names uplink {uplink:?}, which is not an uplink port")]
     BadUplink { port: String, uplink: String },
+    #[error("port {0} has no VM queue")]
+    NoQueue(u16),
     #[error("workers must be at least 1")]
     NoWorkers,
     #[error("cannot start worker thread: {0}")]
@@ -75,7 +81,8 @@ pub struct DatapathBuilder {
     switch: Switch,
     vmq: Vmq,
     attached: HashMap<PortId, Attached>,
-    nic_queues: Vec<(PortId, NicQueueTarget, Box<dyn FrameSource>)>,
+    nic_queues: Vec<(PortId, QueueId, Box<dyn FrameSource>)>,
+    steering: HashMap<PortId, Box<dyn NicSteering>>,
     uplink_of: HashMap<PortId, PortId>,
 }
 
@@ -141,6 +148,7 @@ impl DatapathBuilder {
             vmq,
             attached: HashMap::new(),
             nic_queues: Vec::new(),
+            steering: HashMap::new(),
             uplink_of,
         })
     }
@@ -167,17 +175,47 @@ impl DatapathBuilder {
         Ok(id)
     }
 
-    /// Adds a NIC RX queue of uplink `uplink` feeding `target`.
+    /// Adds a NIC RX queue of uplink `uplink`: the queue a VM port was given, or the default.
     pub fn attach_nic_queue(
         &mut self,
         uplink: &str,
         target: NicQueueTarget,
         source: Box<dyn FrameSource>,
     ) -> Result<(), DatapathError> {
+        let queue = match target {
+            NicQueueTarget::Vm(port) => self
+                .vmq
+                .queue_of(port)
+                .ok_or(DatapathError::NoQueue(port.0))?,
+            NicQueueTarget::Default => QueueId::DEFAULT,
+        };
+        self.attach_nic_queue_id(uplink, queue, source)
+    }
+
+    /// Adds NIC RX queue `queue` of uplink `uplink` (whatever filter it gets over time).
+    pub fn attach_nic_queue_id(
+        &mut self,
+        uplink: &str,
+        queue: QueueId,
+        source: Box<dyn FrameSource>,
+    ) -> Result<(), DatapathError> {
         let id = self
             .port_id(uplink)
             .ok_or_else(|| DatapathError::NoSuchPort(uplink.to_string()))?;
-        self.nic_queues.push((id, target, source));
+        self.nic_queues.push((id, queue, source));
+        Ok(())
+    }
+
+    /// Gives the data path control of an uplink's VMQ filters.
+    pub fn attach_steering(
+        &mut self,
+        uplink: &str,
+        steering: Box<dyn NicSteering>,
+    ) -> Result<(), DatapathError> {
+        let id = self
+            .port_id(uplink)
+            .ok_or_else(|| DatapathError::NoSuchPort(uplink.to_string()))?;
+        self.steering.insert(id, steering);
         Ok(())
     }
 
@@ -219,70 +257,83 @@ impl DatapathBuilder {
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
         });
-        // Placement: each VM port belongs to one worker (round robin); its VM queue and its own
-        // TX run there. Default queues go to worker 0 — one core, as without VMQ.
+        // Initial placement: ports' own TX and the NIC queues round robin over the workers;
+        // the control thread re-places them by measured load.
         let workers = self.cfg.workers;
-        let mut per_worker: Vec<Vec<Arc<Task>>> = (0..workers).map(|_| Vec::new()).collect();
-        let mut owner = HashMap::new();
-        for (i, (id, _)) in sources.iter().enumerate() {
-            owner.insert(*id, i % workers);
-        }
-        let mut next_vm_worker = 0usize;
-        let mut worker_for = |port: PortId, owner: &mut HashMap<PortId, usize>| {
-            *owner.entry(port).or_insert_with(|| {
-                next_vm_worker += 1;
-                (next_vm_worker - 1) % workers
-            })
-        };
+        let mut tasks: Vec<Arc<Task>> = Vec::new();
         for (id, source) in sources {
-            let w = worker_for(id, &mut owner);
-            per_worker[w].push(Arc::new(Task {
+            tasks.push(Arc::new(Task {
                 kind: TaskKind::PortTx { port: id },
                 source: Mutex::new(source),
                 frames: AtomicU64::new(0),
             }));
         }
-        for (uplink, target, source) in self.nic_queues {
-            let (kind, w) = match target {
-                NicQueueTarget::Vm(port) => {
-                    let queue = self.vmq.queue_of(port).unwrap_or(QueueId::DEFAULT);
-                    (
-                        TaskKind::VmQueue {
-                            uplink,
-                            port,
-                            queue,
-                        },
-                        worker_for(port, &mut owner),
-                    )
-                }
-                NicQueueTarget::Default => (TaskKind::DefaultQueue { uplink }, 0),
+        for (uplink, queue, source) in self.nic_queues {
+            let kind = if queue == QueueId::DEFAULT {
+                TaskKind::DefaultQueue { uplink }
+            } else {
+                TaskKind::VmQueue { uplink, queue }
             };
-            per_worker[w].push(Arc::new(Task {
+            tasks.push(Arc::new(Task {
                 kind,
                 source: Mutex::new(source),
                 frames: AtomicU64::new(0),
             }));
         }
+        let lists: Vec<Arc<TaskList>> = (0..workers)
+            .map(|_| Arc::new(TaskList::default()))
+            .collect();
+        let mut initial: Vec<Vec<Arc<Task>>> = vec![Vec::new(); workers];
+        for (i, t) in tasks.iter().enumerate() {
+            initial[i % workers].push(t.clone());
+        }
+        for (list, ts) in lists.iter().zip(initial) {
+            list.set(ts);
+        }
+        // The NICs start with the filters of the initial queue assignment.
+        for (port, queue) in self.vmq.assignments() {
+            if let (Some(q), Some(uplink)) = (queue, self.uplink_of.get(&port))
+                && let Some(st) = self.steering.get_mut(uplink)
+            {
+                st.set_filter(q, self.vmq.filter_of(port));
+            }
+        }
         let mut threads = Vec::new();
         let mut wakes = Vec::new();
-        let all_tasks: Vec<Arc<Task>> = per_worker.iter().flatten().cloned().collect();
-        for (i, tasks) in per_worker.into_iter().enumerate() {
+        for (i, list) in lists.iter().enumerate() {
             let wake = Arc::new(engine::new_wake().map_err(DatapathError::Thread)?);
             wakes.push(wake.clone());
-            let worker = Worker::new(shared.clone(), tasks, wake).map_err(DatapathError::Thread)?;
+            let worker =
+                Worker::new(shared.clone(), list.clone(), wake).map_err(DatapathError::Thread)?;
             let t = std::thread::Builder::new()
                 .name(format!("vmq-worker-{i}"))
                 .spawn(move || worker.run())
                 .map_err(DatapathError::Thread)?;
             threads.push(t);
         }
+        let vmq = Arc::new(Mutex::new(self.vmq));
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let control = control::Control {
+            shared: shared.clone(),
+            vmq: vmq.clone(),
+            steering: self.steering,
+            uplink_of: self.uplink_of,
+            tasks: tasks.clone(),
+            lists,
+            interval: std::time::Duration::from_millis(self.cfg.rebalance_interval_ms.max(10)),
+        };
+        let control_thread = std::thread::Builder::new()
+            .name("vmq-control".into())
+            .spawn(move || control.run(stop_rx))
+            .map_err(DatapathError::Thread)?;
         Ok(Datapath {
             shared,
             names,
             threads,
             wakes,
-            vmq: self.vmq,
-            tasks: all_tasks,
+            vmq,
+            tasks,
+            control: Some((stop_tx, control_thread)),
         })
     }
 }
@@ -293,8 +344,9 @@ pub struct Datapath {
     names: Vec<String>,
     threads: Vec<JoinHandle<()>>,
     wakes: Vec<Arc<vmm_sys_util::eventfd::EventFd>>,
-    vmq: Vmq,
+    vmq: Arc<Mutex<Vmq>>,
     tasks: Vec<Arc<Task>>,
+    control: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 /// Frames taken from one NIC queue.
@@ -366,7 +418,7 @@ impl Datapath {
 
     /// VM queue assignments: (port name, queue; None = default queue).
     pub fn queue_assignments(&self) -> Vec<(String, Option<QueueId>)> {
-        self.vmq
+        engine::lock(&self.vmq)
             .assignments()
             .map(|(p, q)| (self.names[p.0 as usize].clone(), q))
             .collect()
@@ -375,19 +427,19 @@ impl Datapath {
     /// Per NIC queue counters.
     pub fn queue_stats(&self) -> Vec<QueueStats> {
         let name = |p: PortId| self.names[p.0 as usize].clone();
+        let vmq = engine::lock(&self.vmq);
         self.tasks
             .iter()
             .filter_map(|t| {
                 let rx_packets = t.frames.load(Ordering::Relaxed);
                 match t.kind {
-                    TaskKind::VmQueue {
-                        uplink,
-                        port,
-                        queue,
-                    } => Some(QueueStats {
+                    TaskKind::VmQueue { uplink, queue } => Some(QueueStats {
                         uplink: name(uplink),
                         queue: Some(queue),
-                        port: Some(name(port)),
+                        port: vmq
+                            .assignments()
+                            .find(|(_, q)| *q == Some(queue))
+                            .map(|(p, _)| name(p)),
                         rx_packets,
                     }),
                     TaskKind::DefaultQueue { uplink } => Some(QueueStats {
@@ -412,6 +464,10 @@ impl Datapath {
     }
 
     fn stop(&mut self) {
+        if let Some((tx, t)) = self.control.take() {
+            let _ = tx.send(());
+            let _ = t.join();
+        }
         self.shared.stop.store(true, Ordering::Relaxed);
         for w in &self.wakes {
             let _ = w.write(1);

@@ -4,38 +4,135 @@
 //! filters would sort them, and in `switch` mode everything comes on the default queue. Its TX
 //! side discards (the wire), after vmq has counted the frames.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use vmq_core::vmq::{FilterKey, QueueId};
 use vmq_core::{DropReason, OffloadCaps};
 use vmq_wire::VnetHdr;
 
-use crate::port::{FrameSink, FrameSource, RecvError, Scratch};
+use crate::port::{FrameSink, FrameSource, NicSteering, RecvError, Scratch};
 
-/// An RX queue that replays a fixed set of frames forever.
-pub struct ReplayQueue {
+fn with_zero_hdr(f: &[u8]) -> Arc<[u8]> {
+    let mut v = Vec::with_capacity(VnetHdr::LEN + f.len());
+    v.extend_from_slice(&VnetHdr::default().to_bytes());
+    v.extend_from_slice(f);
+    Arc::from(v.into_boxed_slice())
+}
+
+/// A NIC whose RX queues replay the traffic of a set of flows, sorted by VMQ filters it is
+/// given at run time ([`NicSteering`]): frames whose (dst MAC, VLAN) matches a queue's filter
+/// arrive on that queue, the rest on the default queue, interleaved as on the wire.
+#[derive(Clone)]
+pub struct StandInNic {
+    shared: Arc<NicShared>,
+}
+
+struct NicShared {
+    flows: Vec<(FilterKey, Vec<Arc<[u8]>>)>,
+    filters: Mutex<HashMap<QueueId, FilterKey>>,
+    generation: AtomicU64,
+}
+
+impl StandInNic {
+    /// `flows`: for each destination (MAC, VLAN), the Ethernet frames addressed to it.
+    pub fn new(flows: Vec<(FilterKey, Vec<Vec<u8>>)>) -> StandInNic {
+        let flows = flows
+            .into_iter()
+            .map(|(k, fs)| (k, fs.iter().map(|f| with_zero_hdr(f)).collect()))
+            .collect();
+        StandInNic {
+            shared: Arc::new(NicShared {
+                flows,
+                filters: Mutex::new(HashMap::new()),
+                generation: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// RX queue `queue` (`QueueId::DEFAULT` for the default queue).
+    pub fn queue(&self, queue: QueueId) -> StandInQueue {
+        StandInQueue {
+            shared: self.shared.clone(),
+            queue,
+            seen: 0,
+            frames: Vec::new(),
+            next: 0,
+        }
+    }
+
+    pub fn steering(&self) -> StandInNic {
+        self.clone()
+    }
+}
+
+impl NicSteering for StandInNic {
+    fn set_filter(&mut self, queue: QueueId, filter: Option<FilterKey>) {
+        let mut filters = self
+            .shared
+            .filters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match filter {
+            Some(f) => filters.insert(queue, f),
+            None => filters.remove(&queue),
+        };
+        self.shared.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// One RX queue of a [`StandInNic`].
+pub struct StandInQueue {
+    shared: Arc<NicShared>,
+    queue: QueueId,
+    seen: u64,
     frames: Vec<Arc<[u8]>>,
     next: usize,
 }
 
-impl ReplayQueue {
-    /// `frames` are Ethernet frames; each gets an all-zero virtio-net header (a NIC that
-    /// validated nothing and coalesced nothing).
-    pub fn new(frames: &[Vec<u8>]) -> ReplayQueue {
-        let frames = frames
-            .iter()
-            .map(|f| {
-                let mut v = Vec::with_capacity(VnetHdr::LEN + f.len());
-                v.extend_from_slice(&VnetHdr::default().to_bytes());
-                v.extend_from_slice(f);
-                Arc::from(v.into_boxed_slice())
-            })
-            .collect();
-        ReplayQueue { frames, next: 0 }
+impl StandInQueue {
+    /// Re-reads the filters: which frames this queue now receives.
+    fn refresh(&mut self) {
+        let filters = self
+            .shared
+            .filters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.frames.clear();
+        self.next = 0;
+        if self.queue == QueueId::DEFAULT {
+            let unfiltered: Vec<&Vec<Arc<[u8]>>> = self
+                .shared
+                .flows
+                .iter()
+                .filter(|(k, _)| !filters.values().any(|f| f == k))
+                .map(|(_, fs)| fs)
+                .collect();
+            let longest = unfiltered.iter().map(|fs| fs.len()).max().unwrap_or(0);
+            for i in 0..longest {
+                for fs in &unfiltered {
+                    if let Some(f) = fs.get(i) {
+                        self.frames.push(f.clone());
+                    }
+                }
+            }
+        } else if let Some(key) = filters.get(&self.queue)
+            && let Some((_, fs)) = self.shared.flows.iter().find(|(k, _)| k == key)
+        {
+            self.frames.extend(fs.iter().cloned());
+        }
     }
 }
 
-impl FrameSource for ReplayQueue {
+impl FrameSource for StandInQueue {
     fn recv(&mut self, scratch: &mut Scratch, max: usize, _errors: &mut Vec<RecvError>) -> usize {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation != self.seen {
+            self.seen = generation;
+            self.refresh();
+        }
         if self.frames.is_empty() {
             return 0;
         }

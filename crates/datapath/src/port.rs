@@ -115,3 +115,15 @@ impl Scratch {
         }
     }
 }
+
+/// The filter side of a NIC with VM queues (VMQ): which (MAC, VLAN) each VM queue receives.
+/// Everything unfiltered lands on the default queue. Implemented by the NIC stand-in here and
+/// by the AF_PACKET uplink (fanout program) in the OS glue.
+pub trait NicSteering: Send {
+    /// Points `queue` at `filter`, or clears it (its traffic goes to the default queue).
+    fn set_filter(
+        &mut self,
+        queue: vmq_core::vmq::QueueId,
+        filter: Option<vmq_core::vmq::FilterKey>,
+    );
+}

@@ -84,6 +84,7 @@ fn rig(mode: Mode, vms: &[VmDef], queues: u16, uplink_frames: Vec<Vec<u8>>) -> R
         },
         switch: SwitchConfig::default(),
         ports,
+        rebalance_interval_ms: 1000,
     };
     let mut b = DatapathBuilder::new(cfg).unwrap();
     let (wire, kept) = WireSink::keeping(OffloadCaps::NONE);
@@ -472,4 +473,132 @@ fn hostile_tx_descriptors_are_counted_and_the_port_keeps_working() {
     let s = r.dp.stats("vm1").unwrap();
     assert_eq!(s.rx_packets, 4, "{s:?}");
     assert_eq!(s.total_drops(), 3, "{s:?}");
+}
+
+#[test]
+fn dynamic_policy_moves_the_queue_to_the_busy_vm_and_reprograms_the_nic() {
+    use vmq_core::vmq::{FilterKey, QueueId};
+    use vmq_datapath::nic::StandInNic;
+    let mut ports = vec![PortConfig {
+        spec: PortSpec {
+            name: "up0".into(),
+            kind: PortKind::Uplink,
+            mac: None,
+            mtu: 9000,
+            vlan: VlanMode::Trunk {
+                allowed: vec![10],
+                native: None,
+            },
+            allow_mac_spoofing: false,
+            offloads: OffloadCaps::NONE,
+        },
+        backend: PortBackend::Mem,
+        uplink: None,
+    }];
+    for i in 1..=2u8 {
+        ports.push(PortConfig {
+            spec: PortSpec {
+                name: format!("vm{i}"),
+                kind: PortKind::Mem,
+                mac: Some(mac(i)),
+                mtu: 9000,
+                vlan: VlanMode::Access(10),
+                allow_mac_spoofing: false,
+                offloads: OffloadCaps::NONE,
+            },
+            backend: PortBackend::Mem,
+            uplink: None,
+        });
+    }
+    let cfg = DatapathConfig {
+        mode: Mode::Vmq,
+        workers: 2,
+        vmq: VmqConfig {
+            queues: 1,
+            policy: QueuePolicy::Dynamic,
+            workers: 2,
+            hysteresis: 1.5,
+        },
+        switch: SwitchConfig::default(),
+        ports,
+        rebalance_interval_ms: 50,
+    };
+    let mut b = DatapathBuilder::new(cfg).unwrap();
+    b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None)
+        .unwrap();
+    let mut guests = Vec::new();
+    for i in 1..=2 {
+        let (g, source, sink) = mem_port(OffloadCaps::NONE, false);
+        b.attach(&format!("vm{i}"), Box::new(sink), Some(Box::new(source)))
+            .unwrap();
+        guests.push(g);
+    }
+    assert_eq!(
+        b.vm_queue(b.port_id("vm1").unwrap()),
+        Some(QueueId(1)),
+        "first come"
+    );
+    // Only vm2 has traffic: an endless stream from the wire.
+    let frames = (0..64u16)
+        .map(|f| udp_frame(mac(2), EXT, Some(10), 300, f))
+        .collect();
+    let nic = StandInNic::new(vec![
+        (
+            FilterKey {
+                mac: mac(2),
+                vlan: 10,
+            },
+            frames,
+        ),
+        (
+            FilterKey {
+                mac: mac(1),
+                vlan: 10,
+            },
+            vec![],
+        ),
+    ]);
+    b.attach_nic_queue_id(
+        "up0",
+        QueueId::DEFAULT,
+        Box::new(nic.queue(QueueId::DEFAULT)),
+    )
+    .unwrap();
+    b.attach_nic_queue_id("up0", QueueId(1), Box::new(nic.queue(QueueId(1))))
+        .unwrap();
+    b.attach_steering("up0", Box::new(nic.steering())).unwrap();
+    let dp = b.start().unwrap();
+    let vm2_has_queue = || {
+        dp.queue_assignments()
+            .iter()
+            .any(|(n, q)| n == "vm2" && *q == Some(QueueId(1)))
+    };
+    assert!(wait_until(vm2_has_queue), "{:?}", dp.queue_assignments());
+    // The NIC now sorts vm2's frames into queue 1: that queue's count grows.
+    let on_queue = |dp: &Datapath| {
+        dp.queue_stats()
+            .iter()
+            .filter(|q| q.queue == Some(QueueId(1)))
+            .map(|q| q.rx_packets)
+            .sum::<u64>()
+    };
+    let before = on_queue(&dp);
+    assert!(
+        wait_until(|| on_queue(&dp) > before + 1000),
+        "{:?}",
+        dp.queue_stats()
+    );
+    assert!(
+        dp.queue_stats()
+            .iter()
+            .any(|q| q.queue == Some(QueueId(1)) && q.port.as_deref() == Some("vm2"))
+    );
+    assert!(guests[1].received().0 > 0);
+    assert_eq!(guests[0].received().0, 0);
+    let drops: u64 = dp.port_stats().iter().map(|(_, s)| s.total_drops()).sum();
+    let vm2_no_buffer = dp.stats("vm2").unwrap().drops(DropReason::NoBuffer);
+    assert_eq!(
+        drops, vm2_no_buffer,
+        "only RX-ring-full drops under overload"
+    );
 }

@@ -127,3 +127,17 @@ pub(crate) fn transport_csum_ok(frame: &[u8], layers: &vmq_wire::ip::Layers) -> 
     let s = sum(l4, layers.pseudo_header(frame, l4.len()));
     fold(s) == 0xffff
 }
+
+/// For a GSO frame, the length of its largest segment on the wire (real headers + gso_size),
+/// which is what an MTU limits; None for other frames. Computed from the headers themselves:
+/// `hdr_len` from a guest is only a hint (drivers get it wrong). A GSO frame whose headers
+/// cannot be parsed counts at its full length.
+pub fn gso_segment_len(hdr: &VnetHdr, frame: &[u8]) -> Option<usize> {
+    if !hdr.is_gso() {
+        return None;
+    }
+    Some(match vmq_wire::ip::locate(frame) {
+        Ok(l) => (l.payload + usize::from(hdr.gso_size)).min(frame.len()),
+        Err(_) => frame.len(),
+    })
+}

@@ -32,6 +32,7 @@ pub fn datapath_config(c: &Config) -> DatapathConfig {
             fdb_aging_ns: c.fdb_aging_secs * 1_000_000_000,
         },
         ports: c.ports.clone(),
+        rebalance_interval_ms: c.rebalance_interval_ms,
     }
 }
 
