@@ -91,11 +91,7 @@ pub struct Fdb {
 
 impl Fdb {
     pub fn new(capacity: usize, aging_ns: u64) -> Fdb {
-        Fdb {
-            entries: MixMap::default(),
-            capacity,
-            aging_ns,
-        }
+        Fdb { entries: MixMap::default(), capacity, aging_ns }
     }
 
     pub fn len(&self) -> usize {
@@ -113,11 +109,7 @@ impl Fdb {
     /// The port for `(mac, vlan)` if known and not expired.
     pub fn lookup(&self, mac: MacAddr, vlan: u16, now_ns: u64) -> Option<PortId> {
         let e = self.entries.get(&key(mac, vlan))?;
-        if e.is_static || !self.expired(e, now_ns) {
-            Some(e.port)
-        } else {
-            None
-        }
+        if e.is_static || !self.expired(e, now_ns) { Some(e.port) } else { None }
     }
 
     fn expired(&self, e: &Entry, now_ns: u64) -> bool {
@@ -150,11 +142,7 @@ impl Fdb {
             if e.is_static {
                 return LearnOutcome::Static;
             }
-            let outcome = if e.port == port {
-                LearnOutcome::Refreshed
-            } else {
-                LearnOutcome::Moved
-            };
+            let outcome = if e.port == port { LearnOutcome::Refreshed } else { LearnOutcome::Moved };
             e.port = port;
             *e.last_seen_ns.get_mut() = now_ns;
             return outcome;
@@ -165,27 +153,13 @@ impl Fdb {
                 return LearnOutcome::Full;
             }
         }
-        self.entries.insert(
-            k,
-            Entry {
-                port,
-                last_seen_ns: AtomicU64::new(now_ns),
-                is_static: false,
-            },
-        );
+        self.entries.insert(k, Entry { port, last_seen_ns: AtomicU64::new(now_ns), is_static: false });
         LearnOutcome::New
     }
 
     /// A configured entry: never ages, never overridden by learning, not limited by capacity.
     pub fn add_static(&mut self, mac: MacAddr, vlan: u16, port: PortId) {
-        self.entries.insert(
-            key(mac, vlan),
-            Entry {
-                port,
-                last_seen_ns: AtomicU64::new(0),
-                is_static: true,
-            },
-        );
+        self.entries.insert(key(mac, vlan), Entry { port, last_seen_ns: AtomicU64::new(0), is_static: true });
     }
 
     /// Forget every entry (learned and static) pointing at `port` (port removed or down).
@@ -199,9 +173,7 @@ impl Fdb {
     pub fn age(&mut self, now_ns: u64) -> usize {
         let before = self.entries.len();
         let aging = self.aging_ns;
-        self.entries.retain(|_, e| {
-            e.is_static || now_ns.saturating_sub(*e.last_seen_ns.get_mut()) <= aging
-        });
+        self.entries.retain(|_, e| e.is_static || now_ns.saturating_sub(*e.last_seen_ns.get_mut()) <= aging);
         before - self.entries.len()
     }
 
@@ -213,11 +185,7 @@ impl Fdb {
                 vlan: (k >> 48) as u16,
                 port: e.port,
                 is_static: e.is_static,
-                age_ns: if e.is_static {
-                    0
-                } else {
-                    now_ns.saturating_sub(e.last_seen_ns.load(Relaxed))
-                },
+                age_ns: if e.is_static { 0 } else { now_ns.saturating_sub(e.last_seen_ns.load(Relaxed)) },
             }
         })
     }
@@ -248,10 +216,7 @@ mod tests {
         f.learn(mac(1), 0, PortId(1), 0);
         f.learn(mac(2), 0, PortId(1), 0);
         assert!(f.refresh(mac(1), 0, PortId(1), 900_000_000));
-        assert!(
-            !f.refresh(mac(1), 0, PortId(3), 900_000_000),
-            "other port needs learn"
-        );
+        assert!(!f.refresh(mac(1), 0, PortId(3), 900_000_000), "other port needs learn");
         assert_eq!(f.lookup(mac(2), 0, 1_500_000_000), None, "expired");
         assert_eq!(f.lookup(mac(1), 0, 1_500_000_000), Some(PortId(1)));
         assert_eq!(f.age(1_500_000_000), 1);
@@ -269,29 +234,19 @@ mod tests {
         assert_eq!(f.learn(mac(3), 0, PortId(1), 5000), LearnOutcome::New);
         f.add_static(mac(9), 0, PortId(4));
         assert_eq!(f.learn(mac(9), 0, PortId(1), 6000), LearnOutcome::Static);
-        assert_eq!(
-            f.lookup(mac(9), 0, u64::MAX),
-            Some(PortId(4)),
-            "static never ages"
-        );
+        assert_eq!(f.lookup(mac(9), 0, u64::MAX), Some(PortId(4)), "static never ages");
     }
 
     #[test]
     fn never_learns_group_addresses_and_remove_port() {
         let mut f = Fdb::new(8, 1000);
-        assert_eq!(
-            f.learn(MacAddr::BROADCAST, 0, PortId(1), 0),
-            LearnOutcome::Static
-        );
+        assert_eq!(f.learn(MacAddr::BROADCAST, 0, PortId(1), 0), LearnOutcome::Static);
         assert!(f.is_empty());
         f.learn(mac(1), 0, PortId(1), 0);
         f.learn(mac(2), 0, PortId(2), 0);
         assert_eq!(f.remove_port(PortId(1)), 1);
         let e: Vec<_> = f.entries(10).collect();
         assert_eq!(e.len(), 1);
-        assert_eq!(
-            (e[0].mac, e[0].vlan, e[0].port, e[0].age_ns),
-            (mac(2), 0, PortId(2), 10)
-        );
+        assert_eq!((e[0].mac, e[0].vlan, e[0].port, e[0].age_ns), (mac(2), 0, PortId(2), 10));
     }
 }

@@ -29,10 +29,7 @@ pub enum VlanMode {
     /// VLAN 0 means "no VLAN" (the untagged domain).
     Access(u16),
     /// Tagged on the port; only the listed VLANs pass. Untagged frames belong to `native`, if any.
-    Trunk {
-        allowed: Vec<u16>,
-        native: Option<u16>,
-    },
+    Trunk { allowed: Vec<u16>, native: Option<u16> },
 }
 
 impl Default for VlanMode {
@@ -81,10 +78,7 @@ pub enum PortBackend {
     /// vhost-user-net server socket (the VM connects to it).
     VhostUser { socket: std::path::PathBuf },
     /// A TAP interface vmq creates, optionally moved into a network namespace.
-    Tap {
-        ifname: String,
-        netns: Option<String>,
-    },
+    Tap { ifname: String, netns: Option<String> },
     /// A host interface used through AF_PACKET.
     Uplink { ifname: String },
     /// In-process virtio-net device (tests, bench).

@@ -20,10 +20,7 @@ pub struct SwitchConfig {
 
 impl Default for SwitchConfig {
     fn default() -> Self {
-        SwitchConfig {
-            fdb_capacity: DEFAULT_CAPACITY,
-            fdb_aging_ns: DEFAULT_AGING_NS,
-        }
+        SwitchConfig { fdb_capacity: DEFAULT_CAPACITY, fdb_aging_ns: DEFAULT_AGING_NS }
     }
 }
 
@@ -44,11 +41,7 @@ pub struct LearnRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Drop(DropReason),
-    Forward {
-        vlan: u16,
-        dst: Dest,
-        learn: Option<LearnRequest>,
-    },
+    Forward { vlan: u16, dst: Dest, learn: Option<LearnRequest> },
 }
 
 /// How a frame's 802.1Q tag must change on its way out of a port.
@@ -84,12 +77,7 @@ pub struct Switch {
 
 /// Checks that a frame's L3 payload (frame minus L2 header) fits `mtu`. For a GSO frame the
 /// size that goes on the wire is one segment: `segment_len` = headers + gso_size.
-pub fn fits_mtu(
-    frame_len: usize,
-    l2_header_len: usize,
-    segment_len: Option<usize>,
-    mtu: u16,
-) -> bool {
+pub fn fits_mtu(frame_len: usize, l2_header_len: usize, segment_len: Option<usize>, mtu: u16) -> bool {
     let on_wire = segment_len.map_or(frame_len, |s| s.min(frame_len));
     on_wire.saturating_sub(l2_header_len) <= mtu as usize
 }
@@ -148,10 +136,7 @@ pub fn source_allowed(spec: &PortSpec, src: MacAddr) -> bool {
 
 impl Switch {
     pub fn new(cfg: SwitchConfig) -> Switch {
-        Switch {
-            ports: Vec::new(),
-            fdb: Fdb::new(cfg.fdb_capacity, cfg.fdb_aging_ns),
-        }
+        Switch { ports: Vec::new(), fdb: Fdb::new(cfg.fdb_capacity, cfg.fdb_aging_ns) }
     }
 
     /// Adds a port (down until [`Switch::set_port_up`]); ids are dense and reused.
@@ -196,13 +181,7 @@ impl Switch {
 
     /// Ingress pipeline for a frame from `in_port`. `segment_len`: for GSO frames, the length of
     /// one segment on the wire (headers + gso_size), which is what the MTU limits.
-    pub fn classify(
-        &self,
-        in_port: PortId,
-        frame: &[u8],
-        segment_len: Option<usize>,
-        now_ns: u64,
-    ) -> Verdict {
+    pub fn classify(&self, in_port: PortId, frame: &[u8], segment_len: Option<usize>, now_ns: u64) -> Verdict {
         let Some(state) = self.state(in_port) else {
             return Verdict::Drop(DropReason::PortDown);
         };
@@ -239,11 +218,7 @@ impl Switch {
         let learn = if self.fdb.refresh(l2.src, vlan, in_port, now_ns) {
             None
         } else {
-            Some(LearnRequest {
-                mac: l2.src,
-                vlan,
-                port: in_port,
-            })
+            Some(LearnRequest { mac: l2.src, vlan, port: in_port })
         };
         let dst = if l2.dst.is_multicast() {
             Dest::Flood
@@ -272,13 +247,7 @@ impl Switch {
     }
 
     /// Does a frame of `frame_len` (after the tag edit) fit the out port's MTU?
-    pub fn egress_fits(
-        &self,
-        out: PortId,
-        frame_len: usize,
-        tagged: bool,
-        segment_len: Option<usize>,
-    ) -> bool {
+    pub fn egress_fits(&self, out: PortId, frame_len: usize, tagged: bool, segment_len: Option<usize>) -> bool {
         self.state(out).is_some_and(|s| {
             let hdr = if tagged { ETH_HLEN + 4 } else { ETH_HLEN };
             fits_mtu(frame_len, hdr, segment_len, s.spec.mtu)
@@ -344,33 +313,12 @@ mod tests {
             "up0",
             PortKind::Uplink,
             None,
-            VlanMode::Trunk {
-                allowed: vec![10, 20],
-                native: None,
-            },
+            VlanMode::Trunk { allowed: vec![10, 20], native: None },
             9000,
         ));
-        let a = sw.add_port(spec(
-            "vm1",
-            PortKind::Mem,
-            Some(1),
-            VlanMode::Access(10),
-            9000,
-        ));
-        let b = sw.add_port(spec(
-            "vm2",
-            PortKind::Mem,
-            Some(2),
-            VlanMode::Access(10),
-            1500,
-        ));
-        let c = sw.add_port(spec(
-            "vm3",
-            PortKind::Mem,
-            Some(3),
-            VlanMode::Access(20),
-            9000,
-        ));
+        let a = sw.add_port(spec("vm1", PortKind::Mem, Some(1), VlanMode::Access(10), 9000));
+        let b = sw.add_port(spec("vm2", PortKind::Mem, Some(2), VlanMode::Access(10), 1500));
+        let c = sw.add_port(spec("vm3", PortKind::Mem, Some(3), VlanMode::Access(20), 9000));
         for p in [up, a, b, c] {
             sw.set_port_up(p, true);
         }
@@ -379,10 +327,7 @@ mod tests {
 
     fn forward(sw: &mut Switch, port: PortId, f: &[u8], now: u64) -> Verdict {
         let v = sw.classify(port, f, None, now);
-        if let Verdict::Forward {
-            learn: Some(req), ..
-        } = v
-        {
+        if let Verdict::Forward { learn: Some(req), .. } = v {
             sw.learn(req, now);
         }
         v
@@ -392,122 +337,49 @@ mod tests {
     fn floods_unknown_then_forwards_learned_within_vlan() {
         let (mut sw, [up, a, b, c]) = topology();
         let v = forward(&mut sw, a, &frame(m(2), m(1), None, 46), 0);
-        assert!(matches!(
-            v,
-            Verdict::Forward {
-                vlan: 10,
-                dst: Dest::Flood,
-                learn: Some(_)
-            }
-        ));
+        assert!(matches!(v, Verdict::Forward { vlan: 10, dst: Dest::Flood, learn: Some(_) }));
         let flood: Vec<_> = sw.flood_ports(10, a).collect();
-        assert_eq!(
-            flood,
-            vec![up, b],
-            "vm3 is in VLAN 20 and must not see VLAN 10 floods"
-        );
+        assert_eq!(flood, vec![up, b], "vm3 is in VLAN 20 and must not see VLAN 10 floods");
         let v = forward(&mut sw, b, &frame(m(1), m(2), None, 46), 1);
         assert!(matches!(v, Verdict::Forward { vlan: 10, dst: Dest::Port(p), .. } if p == a));
         // Same MAC in VLAN 20 is a different domain: unknown, flooded.
         let v = forward(&mut sw, up, &frame(m(1), m(7), Some(20), 46), 2);
-        assert!(matches!(
-            v,
-            Verdict::Forward {
-                vlan: 20,
-                dst: Dest::Flood,
-                ..
-            }
-        ));
+        assert!(matches!(v, Verdict::Forward { vlan: 20, dst: Dest::Flood, .. }));
         assert_eq!(sw.flood_ports(20, up).collect::<Vec<_>>(), vec![c]);
     }
 
     #[test]
     fn vlan_admission_and_tag_edits() {
         let (sw, [up, a, _, _]) = topology();
-        assert_eq!(
-            sw.classify(a, &frame(m(2), m(1), Some(10), 46), None, 0),
-            Verdict::Drop(DropReason::Vlan)
-        );
-        assert_eq!(
-            sw.classify(up, &frame(m(2), m(9), Some(30), 46), None, 0),
-            Verdict::Drop(DropReason::Vlan)
-        );
-        assert_eq!(
-            sw.classify(up, &frame(m(2), m(9), None, 46), None, 0),
-            Verdict::Drop(DropReason::Vlan)
-        );
+        assert_eq!(sw.classify(a, &frame(m(2), m(1), Some(10), 46), None, 0), Verdict::Drop(DropReason::Vlan));
+        assert_eq!(sw.classify(up, &frame(m(2), m(9), Some(30), 46), None, 0), Verdict::Drop(DropReason::Vlan));
+        assert_eq!(sw.classify(up, &frame(m(2), m(9), None, 46), None, 0), Verdict::Drop(DropReason::Vlan));
         assert_eq!(sw.egress(up, 10, false), Some(TagEdit::Push(10)));
         assert_eq!(sw.egress(a, 10, true), Some(TagEdit::Strip));
         assert_eq!(sw.egress(a, 20, true), None);
-        assert_eq!(
-            egress_tag(
-                &VlanMode::Trunk {
-                    allowed: vec![5],
-                    native: Some(7)
-                },
-                7,
-                true
-            ),
-            Some(TagEdit::Strip)
-        );
-        assert_eq!(
-            admit_vlan(
-                &VlanMode::Trunk {
-                    allowed: vec![5],
-                    native: Some(7)
-                },
-                None
-            ),
-            Ok(7)
-        );
+        assert_eq!(egress_tag(&VlanMode::Trunk { allowed: vec![5], native: Some(7) }, 7, true), Some(TagEdit::Strip));
+        assert_eq!(admit_vlan(&VlanMode::Trunk { allowed: vec![5], native: Some(7) }, None), Ok(7));
     }
 
     #[test]
     fn spoof_mtu_malformed_hairpin() {
         let (mut sw, [up, a, b, _]) = topology();
-        assert_eq!(
-            sw.classify(a, &frame(m(2), m(9), None, 46), None, 0),
-            Verdict::Drop(DropReason::Spoofed)
-        );
+        assert_eq!(sw.classify(a, &frame(m(2), m(9), None, 46), None, 0), Verdict::Drop(DropReason::Spoofed));
         // Uplinks carry many sources.
-        assert!(matches!(
-            sw.classify(up, &frame(m(2), m(9), Some(10), 46), None, 0),
-            Verdict::Forward { .. }
-        ));
+        assert!(matches!(sw.classify(up, &frame(m(2), m(9), Some(10), 46), None, 0), Verdict::Forward { .. }));
         // vm2 has MTU 1500: 1500 bytes of payload pass, 1501 do not; a GSO frame is judged by segment.
-        assert!(matches!(
-            sw.classify(b, &frame(m(1), m(2), None, 1500), None, 0),
-            Verdict::Forward { .. }
-        ));
-        assert_eq!(
-            sw.classify(b, &frame(m(1), m(2), None, 1501), None, 0),
-            Verdict::Drop(DropReason::Oversize)
-        );
-        assert!(matches!(
-            sw.classify(b, &frame(m(1), m(2), None, 60000), Some(1514), 0),
-            Verdict::Forward { .. }
-        ));
-        assert_eq!(
-            sw.classify(a, &[0u8; 13], None, 0),
-            Verdict::Drop(DropReason::Malformed)
-        );
+        assert!(matches!(sw.classify(b, &frame(m(1), m(2), None, 1500), None, 0), Verdict::Forward { .. }));
+        assert_eq!(sw.classify(b, &frame(m(1), m(2), None, 1501), None, 0), Verdict::Drop(DropReason::Oversize));
+        assert!(matches!(sw.classify(b, &frame(m(1), m(2), None, 60000), Some(1514), 0), Verdict::Forward { .. }));
+        assert_eq!(sw.classify(a, &[0u8; 13], None, 0), Verdict::Drop(DropReason::Malformed));
         let mut qinq = frame(m(2), m(1), Some(10), 46);
         qinq[12..14].copy_from_slice(&[0x88, 0xa8]);
-        assert_eq!(
-            sw.classify(up, &qinq, None, 0),
-            Verdict::Drop(DropReason::Unsupported)
-        );
+        assert_eq!(sw.classify(up, &qinq, None, 0), Verdict::Drop(DropReason::Unsupported));
         forward(&mut sw, a, &frame(m(2), m(1), None, 46), 0);
-        assert_eq!(
-            sw.classify(a, &frame(m(1), m(1), None, 46), None, 0),
-            Verdict::Drop(DropReason::NoDestination)
-        );
+        assert_eq!(sw.classify(a, &frame(m(1), m(1), None, 46), None, 0), Verdict::Drop(DropReason::NoDestination));
         let mut group_src = frame(m(2), m(1), None, 46);
         group_src[6] |= 1;
-        assert_eq!(
-            sw.classify(up, &group_src, None, 0),
-            Verdict::Drop(DropReason::Malformed)
-        );
+        assert_eq!(sw.classify(up, &group_src, None, 0), Verdict::Drop(DropReason::Malformed));
     }
 
     #[test]
@@ -519,23 +391,11 @@ mod tests {
         assert!(!sw.flood_ports(10, a).any(|p| p == b));
         assert!(matches!(
             sw.classify(a, &frame(m(2), m(1), None, 46), None, 0),
-            Verdict::Forward {
-                dst: Dest::Flood,
-                ..
-            }
+            Verdict::Forward { dst: Dest::Flood, .. }
         ));
         sw.remove_port(a);
-        assert_eq!(
-            sw.classify(a, &frame(m(2), m(1), None, 46), None, 0),
-            Verdict::Drop(DropReason::PortDown)
-        );
-        let again = sw.add_port(spec(
-            "vm9",
-            PortKind::Tap,
-            Some(9),
-            VlanMode::Access(10),
-            1500,
-        ));
+        assert_eq!(sw.classify(a, &frame(m(2), m(1), None, 46), None, 0), Verdict::Drop(DropReason::PortDown));
+        let again = sw.add_port(spec("vm9", PortKind::Tap, Some(9), VlanMode::Access(10), 1500));
         assert_eq!(again, a, "ids are reused");
         assert!(sw.port(up).is_some());
     }

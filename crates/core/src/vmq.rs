@@ -39,12 +39,7 @@ pub struct VmqConfig {
 
 impl Default for VmqConfig {
     fn default() -> Self {
-        VmqConfig {
-            queues: 8,
-            policy: QueuePolicy::Dynamic,
-            workers: 2,
-            hysteresis: 1.5,
-        }
+        VmqConfig { queues: 8, policy: QueuePolicy::Dynamic, workers: 2, hysteresis: 1.5 }
     }
 }
 
@@ -87,13 +82,7 @@ impl Vmq {
     pub fn new(cfg: VmqConfig) -> Vmq {
         // Pop from the end: hand out queue 1 first.
         let free = (1..=cfg.queues).rev().map(QueueId).collect();
-        Vmq {
-            cfg,
-            ports: BTreeMap::new(),
-            filters: MixMap::default(),
-            free,
-            next_seq: 0,
-        }
+        Vmq { cfg, ports: BTreeMap::new(), filters: MixMap::default(), free, next_seq: 0 }
     }
 
     pub fn config(&self) -> &VmqConfig {
@@ -104,14 +93,7 @@ impl Vmq {
     pub fn add_port(&mut self, port: PortId, key: FilterKey) -> Option<QueueId> {
         self.remove_port(port);
         self.next_seq += 1;
-        self.ports.insert(
-            port,
-            VmPort {
-                key,
-                queue: None,
-                seq: self.next_seq,
-            },
-        );
+        self.ports.insert(port, VmPort { key, queue: None, seq: self.next_seq });
         let queue = self.free.pop()?;
         self.assign(port, queue);
         Some(queue)
@@ -126,12 +108,8 @@ impl Vmq {
         if let Some(q) = vp.queue {
             self.filters.remove(&vp.key.as_u64());
             changes.push(QueueChange::Revoked { port, queue: q });
-            let waiter = self
-                .ports
-                .iter()
-                .filter(|(_, p)| p.queue.is_none())
-                .min_by_key(|(_, p)| p.seq)
-                .map(|(id, _)| *id);
+            let waiter =
+                self.ports.iter().filter(|(_, p)| p.queue.is_none()).min_by_key(|(_, p)| p.seq).map(|(id, _)| *id);
             match waiter {
                 Some(w) => {
                     self.assign(w, q);
@@ -189,26 +167,16 @@ impl Vmq {
             .filter(|(_, r)| *r > 0)
             .collect();
         // Busiest first; ties to the longest waiting (lower seq) for determinism.
-        waiters.sort_by(|a, b| {
-            b.1.cmp(&a.1)
-                .then(self.ports[&a.0].seq.cmp(&self.ports[&b.0].seq))
-        });
-        let mut holders: Vec<(PortId, u64)> = self
-            .ports
-            .iter()
-            .filter(|(_, p)| p.queue.is_some())
-            .map(|(id, _)| (*id, rate_of(*id)))
-            .collect();
+        waiters.sort_by(|a, b| b.1.cmp(&a.1).then(self.ports[&a.0].seq.cmp(&self.ports[&b.0].seq)));
+        let mut holders: Vec<(PortId, u64)> =
+            self.ports.iter().filter(|(_, p)| p.queue.is_some()).map(|(id, _)| (*id, rate_of(*id))).collect();
         // Least busy first.
         holders.sort_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
         let mut holders = holders.into_iter();
         for (waiter, rate) in waiters {
             if let Some(q) = self.free.pop() {
                 self.assign(waiter, q);
-                changes.push(QueueChange::Assigned {
-                    port: waiter,
-                    queue: q,
-                });
+                changes.push(QueueChange::Assigned { port: waiter, queue: q });
                 continue;
             }
             let Some((holder, holder_rate)) = holders.next() else {
@@ -218,15 +186,9 @@ impl Vmq {
                 break; // holders are sorted ascending: no later one is weaker
             }
             if let Some(q) = self.revoke(holder) {
-                changes.push(QueueChange::Revoked {
-                    port: holder,
-                    queue: q,
-                });
+                changes.push(QueueChange::Revoked { port: holder, queue: q });
                 self.assign(waiter, q);
-                changes.push(QueueChange::Assigned {
-                    port: waiter,
-                    queue: q,
-                });
+                changes.push(QueueChange::Assigned { port: waiter, queue: q });
             }
         }
         changes
@@ -250,12 +212,7 @@ impl Vmq {
 /// LPT placement of weighted items on `workers` bins. Returns (item, worker) in input order.
 pub fn place_by_load<T: Copy + Ord>(loads: &[(T, u64)], workers: u16) -> Vec<(T, u16)> {
     let mut order: Vec<usize> = (0..loads.len()).collect();
-    order.sort_by(|&a, &b| {
-        loads[b]
-            .1
-            .cmp(&loads[a].1)
-            .then(loads[a].0.cmp(&loads[b].0))
-    });
+    order.sort_by(|&a, &b| loads[b].1.cmp(&loads[a].1).then(loads[a].0.cmp(&loads[b].0)));
     let bins_len = workers.max(1) as usize;
     let mut bins = vec![0u64; bins_len];
     let mut worker_of = vec![0u16; loads.len()];
@@ -265,11 +222,7 @@ pub fn place_by_load<T: Copy + Ord>(loads: &[(T, u64)], workers: u16) -> Vec<(T,
         bins[w] += loads[i].1.max(1);
         worker_of[i] = w as u16;
     }
-    loads
-        .iter()
-        .zip(worker_of)
-        .map(|((item, _), w)| (*item, w))
-        .collect()
+    loads.iter().zip(worker_of).map(|((item, _), w)| (*item, w)).collect()
 }
 
 #[cfg(test)]
@@ -277,19 +230,11 @@ mod tests {
     use super::*;
 
     fn key(n: u8) -> FilterKey {
-        FilterKey {
-            mac: MacAddr([0x52, 0x54, 0, 0, 0, n]),
-            vlan: 10,
-        }
+        FilterKey { mac: MacAddr([0x52, 0x54, 0, 0, 0, n]), vlan: 10 }
     }
 
     fn cfg(queues: u16, policy: QueuePolicy) -> VmqConfig {
-        VmqConfig {
-            queues,
-            policy,
-            workers: 2,
-            hysteresis: 1.5,
-        }
+        VmqConfig { queues, policy, workers: 2, hysteresis: 1.5 }
     }
 
     #[test]
@@ -297,31 +242,18 @@ mod tests {
         let mut v = Vmq::new(cfg(2, QueuePolicy::Static));
         assert_eq!(v.add_port(PortId(1), key(1)), Some(QueueId(1)));
         assert_eq!(v.add_port(PortId(2), key(2)), Some(QueueId(2)));
-        assert_eq!(
-            v.add_port(PortId(3), key(3)),
-            None,
-            "budget exhausted: default queue"
-        );
+        assert_eq!(v.add_port(PortId(3), key(3)), None, "budget exhausted: default queue");
         assert_eq!(v.add_port(PortId(4), key(4)), None);
         assert_eq!(v.lookup(key(1).mac, 10), Some((QueueId(1), PortId(1))));
         assert_eq!(v.lookup(key(1).mac, 20), None, "filters match MAC and VLAN");
         assert_eq!(v.lookup(key(3).mac, 10), None);
-        assert!(
-            v.rebalance(&[(PortId(3), 1_000_000)]).is_empty(),
-            "static never moves queues"
-        );
+        assert!(v.rebalance(&[(PortId(3), 1_000_000)]).is_empty(), "static never moves queues");
         let changes = v.remove_port(PortId(1));
         assert_eq!(
             changes,
             vec![
-                QueueChange::Revoked {
-                    port: PortId(1),
-                    queue: QueueId(1)
-                },
-                QueueChange::Assigned {
-                    port: PortId(3),
-                    queue: QueueId(1)
-                }
+                QueueChange::Revoked { port: PortId(1), queue: QueueId(1) },
+                QueueChange::Assigned { port: PortId(3), queue: QueueId(1) }
             ]
         );
         assert_eq!(v.lookup(key(3).mac, 10), Some((QueueId(1), PortId(3))));
@@ -335,35 +267,15 @@ mod tests {
             v.add_port(PortId(n), key(n as u8));
         }
         // Port 3 is 1.4x port 1: below the hysteresis, no change.
-        assert!(
-            v.rebalance(&[(PortId(1), 100), (PortId(2), 500), (PortId(3), 140)])
-                .is_empty()
-        );
+        assert!(v.rebalance(&[(PortId(1), 100), (PortId(2), 500), (PortId(3), 140)]).is_empty());
         // Port 4 is busiest and port 3 beats port 2 by 2x: both take queues.
-        let ch = v.rebalance(&[
-            (PortId(1), 100),
-            (PortId(2), 150),
-            (PortId(3), 300),
-            (PortId(4), 1000),
-        ]);
+        let ch = v.rebalance(&[(PortId(1), 100), (PortId(2), 150), (PortId(3), 300), (PortId(4), 1000)]);
         assert_eq!(ch.len(), 4, "{ch:?}");
-        let holders: Vec<_> = v
-            .assignments()
-            .filter(|(_, q)| q.is_some())
-            .map(|(p, _)| p)
-            .collect();
+        let holders: Vec<_> = v.assignments().filter(|(_, q)| q.is_some()).map(|(p, _)| p).collect();
         assert_eq!(holders, vec![PortId(3), PortId(4)]);
         // Stable under equal load: no flapping.
         for _ in 0..10 {
-            assert!(
-                v.rebalance(&[
-                    (PortId(1), 200),
-                    (PortId(2), 200),
-                    (PortId(3), 200),
-                    (PortId(4), 200)
-                ])
-                .is_empty()
-            );
+            assert!(v.rebalance(&[(PortId(1), 200), (PortId(2), 200), (PortId(3), 200), (PortId(4), 200)]).is_empty());
         }
         // Filters always match assignments.
         for (p, q) in v.assignments() {
@@ -388,13 +300,7 @@ mod tests {
 
     #[test]
     fn placement_balances_load() {
-        let loads = [
-            (QueueId(1), 100),
-            (QueueId(2), 90),
-            (QueueId(3), 60),
-            (QueueId(4), 40),
-            (QueueId(0), 10),
-        ];
+        let loads = [(QueueId(1), 100), (QueueId(2), 90), (QueueId(3), 60), (QueueId(4), 40), (QueueId(0), 10)];
         let p = place_by_load(&loads, 2);
         let mut bins = [0u64; 2];
         for ((_, w), (_, l)) in p.iter().zip(&loads) {
@@ -402,10 +308,7 @@ mod tests {
         }
         assert_eq!(bins.iter().sum::<u64>(), 300);
         assert!(bins[0].abs_diff(bins[1]) <= 20, "{bins:?}");
-        assert_eq!(
-            p.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
-            loads.iter().map(|(q, _)| *q).collect::<Vec<_>>()
-        );
+        assert_eq!(p.iter().map(|(q, _)| *q).collect::<Vec<_>>(), loads.iter().map(|(q, _)| *q).collect::<Vec<_>>());
         assert!(place_by_load::<QueueId>(&[], 2).is_empty());
     }
 }

@@ -68,8 +68,7 @@ pub fn udp_frame(dst: MacAddr, src: MacAddr, tag: Option<u16>, len: usize, flow:
     }
     let l3 = f.len();
     let ip_len = len.saturating_sub(l3).max(28);
-    let b =
-        etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(1000 + flow, 5201);
+    let b = etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(1000 + flow, 5201);
     let payload = vec![0x5a; ip_len - 28];
     f.extend_from_slice(&0x0800u16.to_be_bytes());
     let mut ip = Vec::new();
@@ -87,10 +86,7 @@ fn config(mode: Mode, vms: usize, workers: usize) -> DatapathConfig {
             kind: PortKind::Uplink,
             mac: None,
             mtu: 9000,
-            vlan: VlanMode::Trunk {
-                allowed: vec![VLAN],
-                native: None,
-            },
+            vlan: VlanMode::Trunk { allowed: vec![VLAN], native: None },
             allow_mac_spoofing: false,
             offloads: OffloadCaps::NONE,
         },
@@ -115,12 +111,7 @@ fn config(mode: Mode, vms: usize, workers: usize) -> DatapathConfig {
     DatapathConfig {
         mode,
         workers,
-        vmq: VmqConfig {
-            queues: 8,
-            policy: QueuePolicy::Static,
-            workers: workers as u16,
-            hysteresis: 1.5,
-        },
+        vmq: VmqConfig { queues: 8, policy: QueuePolicy::Static, workers: workers as u16, hysteresis: 1.5 },
         switch: SwitchConfig::default(),
         ports,
         rebalance_interval_ms: 1000,
@@ -140,12 +131,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<BenchResult>, DatapathError>
     Ok(out)
 }
 
-fn run_one(
-    mode: Mode,
-    path: BenchPath,
-    frame_len: usize,
-    opts: &BenchOptions,
-) -> Result<BenchResult, DatapathError> {
+fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -> Result<BenchResult, DatapathError> {
     let vms = opts.vms.max(2);
     let mut b = DatapathBuilder::new(config(mode, vms, opts.workers.max(1)))?;
     b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None)?;
@@ -164,21 +150,11 @@ fn run_one(
                     let frames = (0..NIC_RING)
                         .map(|f| udp_frame(vm_mac(i), EXTERNAL_MAC, Some(VLAN), wire_len, f as u16))
                         .collect();
-                    (
-                        FilterKey {
-                            mac: vm_mac(i),
-                            vlan: VLAN,
-                        },
-                        frames,
-                    )
+                    (FilterKey { mac: vm_mac(i), vlan: VLAN }, frames)
                 })
                 .collect();
             let nic = StandInNic::new(flows);
-            b.attach_nic_queue_id(
-                "up0",
-                QueueId::DEFAULT,
-                Box::new(nic.queue(QueueId::DEFAULT)),
-            )?;
+            b.attach_nic_queue_id("up0", QueueId::DEFAULT, Box::new(nic.queue(QueueId::DEFAULT)))?;
             if mode == Mode::Vmq {
                 // In `switch` mode VMQ is off: the NIC gets no filters, all on the default queue.
                 for q in 1..=QUEUES {
@@ -192,12 +168,7 @@ fn run_one(
             for (i, g) in guests.iter().enumerate() {
                 let dst = vm_mac((i + 1) % vms);
                 let frames: Vec<(VnetHdr, Vec<u8>)> = (0..crate::mem::QUEUE_SIZE)
-                    .map(|f| {
-                        (
-                            VnetHdr::default(),
-                            udp_frame(dst, vm_mac(i), None, vm_len, f),
-                        )
-                    })
+                    .map(|f| (VnetHdr::default(), udp_frame(dst, vm_mac(i), None, vm_len, f)))
                     .collect();
                 g.start_replay(&frames);
             }
@@ -206,11 +177,7 @@ fn run_one(
     let dp = b.start()?;
     let received = |gs: &[MemGuest]| gs.iter().map(|g| g.received().0).sum::<u64>();
     let totals = |dp: &crate::Datapath| {
-        dp.port_stats()
-            .iter()
-            .fold((0u64, 0u64), |(d, s), (_, st)| {
-                (d + st.total_drops(), s + st.offload_segments)
-            })
+        dp.port_stats().iter().fold((0u64, 0u64), |(d, s), (_, st)| (d + st.total_drops(), s + st.offload_segments))
     };
     // Warm up (page faults, caches), then measure.
     std::thread::sleep(Duration::from_secs_f64((opts.seconds * 0.1).min(0.2)));
@@ -261,4 +228,129 @@ pub fn memcpy_gbps(seconds: f64) -> f64 {
         }
     }
     copied as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9
+}
+
+/// One TCP offload case of [`run_tcp_bench`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpCase {
+    /// Sender TSO + receiver GSO: 64 KiB frames pass as is.
+    OffloadsOn,
+    /// Sender TSO, receiver without GSO: vmq segments in software.
+    SegmentInVmq,
+    /// No offloads anywhere: MSS-sized frames with complete checksums.
+    OffloadsOff,
+    /// MSS-sized frames toward a GSO receiver: vmq coalesces (RSC).
+    Coalesce,
+}
+
+impl TcpCase {
+    pub const ALL: [TcpCase; 4] = [TcpCase::OffloadsOn, TcpCase::SegmentInVmq, TcpCase::OffloadsOff, TcpCase::Coalesce];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpCase::OffloadsOn => "offloads-on",
+            TcpCase::SegmentInVmq => "segment-in-vmq",
+            TcpCase::OffloadsOff => "offloads-off",
+            TcpCase::Coalesce => "rsc",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TcpBenchResult {
+    pub case: TcpCase,
+    /// TCP payload delivered to the receiving guest, Gbit/s.
+    pub payload_gbps: f64,
+    /// Worker CPU time per KiB of TCP payload delivered (one saturated worker).
+    pub cpu_ns_per_kib: f64,
+    pub frames_delivered: u64,
+    pub segments: u64,
+    pub coalesced: u64,
+}
+
+const MSS: usize = 1448;
+
+/// TCPv4 segment(s) of one flow as a guest's stack hands them to virtio-net: with `gso`, one
+/// frame carrying `payload` bytes with a partial checksum; without, a complete MSS-sized segment.
+pub fn tcp_frame(src: MacAddr, dst: MacAddr, seq: u32, payload: usize, gso: bool) -> (VnetHdr, Vec<u8>) {
+    let b = etherparse::PacketBuilder::ethernet2(src.0, dst.0)
+        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+        .tcp(40000, 5201, seq, 64000)
+        .ack(1);
+    let data = vec![0x42u8; payload];
+    let mut f = Vec::with_capacity(payload + 64);
+    if b.write(&mut f, &data).is_err() {
+        return (VnetHdr::default(), f);
+    }
+    if !gso {
+        return (VnetHdr::default(), f);
+    }
+    let Ok(l) = vmq_wire::ip::locate(&f) else {
+        return (VnetHdr::default(), f);
+    };
+    let pseudo = vmq_wire::checksum::fold(l.pseudo_header(&f, f.len() - l.l4));
+    f[l.l4 + 16..l.l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+    let hdr = VnetHdr {
+        flags: vmq_wire::vnet::FLAG_NEEDS_CSUM,
+        gso_type: vmq_wire::GsoType::TcpV4.to_raw(),
+        hdr_len: l.payload as u16,
+        gso_size: MSS as u16,
+        csum_start: l.l4 as u16,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
+    (hdr, f)
+}
+
+/// VM-to-VM TCP with and without offloads, one worker, the sender saturating it: what the
+/// offloads save in vmq's CPU per byte.
+pub fn run_tcp_bench(seconds: f64) -> Result<Vec<TcpBenchResult>, DatapathError> {
+    TcpCase::ALL.iter().map(|&c| run_tcp_case(c, seconds)).collect()
+}
+
+fn run_tcp_case(case: TcpCase, seconds: f64) -> Result<TcpBenchResult, DatapathError> {
+    let (sender_gso, receiver_caps) = match case {
+        TcpCase::OffloadsOn => (true, OffloadCaps::ALL),
+        TcpCase::SegmentInVmq => (true, OffloadCaps::NONE),
+        TcpCase::OffloadsOff => (false, OffloadCaps::NONE),
+        TcpCase::Coalesce => (false, OffloadCaps::ALL),
+    };
+    let mut cfg = config(Mode::Vmq, 2, 1);
+    cfg.ports[1].spec.offloads = OffloadCaps::ALL;
+    cfg.ports[2].spec.offloads = receiver_caps;
+    let mut b = DatapathBuilder::new(cfg)?;
+    b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None)?;
+    let (sender, source0, sink0) = mem_port(OffloadCaps::ALL, false);
+    b.attach("vm0", Box::new(sink0), Some(Box::new(source0)))?;
+    let (receiver, source1, sink1) = mem_port(receiver_caps, false);
+    b.attach("vm1", Box::new(sink1), Some(Box::new(source1)))?;
+    // 64000-byte GSO frames (a typical TSO size), or MSS segments with consecutive sequence
+    // numbers so that coalescing can merge them.
+    let (per_frame, count) = if sender_gso { (64_000usize, 128usize) } else { (MSS, crate::mem::QUEUE_SIZE as usize) };
+    let frames: Vec<(VnetHdr, Vec<u8>)> = (0..count)
+        .map(|i| tcp_frame(vm_mac(0), vm_mac(1), 1 + (i * per_frame) as u32, per_frame, sender_gso))
+        .collect();
+    sender.start_replay(&frames);
+    let dp = b.start()?;
+    std::thread::sleep(Duration::from_secs_f64((seconds * 0.1).min(0.2)));
+    let snap = |dp: &crate::Datapath| dp.stats("vm1").unwrap_or_default();
+    let (f0, b0) = receiver.received();
+    let s0 = snap(&dp);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (f1, b1) = receiver.received();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let s1 = snap(&dp);
+    dp.shutdown();
+    let frames_delivered = f1 - f0;
+    // Payload = delivered bytes minus per-frame virtio-net + Ethernet/IPv4/TCP headers.
+    let payload = (b1 - b0).saturating_sub(frames_delivered * (VnetHdr::LEN as u64 + 54));
+    Ok(TcpBenchResult {
+        case,
+        payload_gbps: payload as f64 * 8.0 / elapsed / 1e9,
+        cpu_ns_per_kib: if payload == 0 { f64::INFINITY } else { elapsed * 1e9 / (payload as f64 / 1024.0) },
+        frames_delivered,
+        segments: s1.offload_segments - s0.offload_segments,
+        coalesced: s1.offload_coalesced - s0.offload_coalesced,
+    })
 }

@@ -50,11 +50,7 @@ impl Control {
             last_port_rx = port_rx;
             self.rebalance_queues(&rates);
             let frames = self.task_frames();
-            let loads: Vec<u64> = frames
-                .iter()
-                .zip(&last_task_frames)
-                .map(|(a, b)| a - b)
-                .collect();
+            let loads: Vec<u64> = frames.iter().zip(&last_task_frames).map(|(a, b)| a - b).collect();
             last_task_frames = frames;
             self.replace_tasks(&loads);
         }
@@ -62,35 +58,21 @@ impl Control {
 
     /// What each VM port received (frames vmq delivered to it), by port index.
     fn port_rx(&self) -> Vec<u64> {
-        self.shared
-            .ports
-            .iter()
-            .map(|p| p.stats.tx_packets.load(Ordering::Relaxed))
-            .collect()
+        self.shared.ports.iter().map(|p| p.stats.tx_packets.load(Ordering::Relaxed)).collect()
     }
 
     fn task_frames(&self) -> Vec<u64> {
-        self.tasks
-            .iter()
-            .map(|t| t.frames.load(Ordering::Relaxed))
-            .collect()
+        self.tasks.iter().map(|t| t.frames.load(Ordering::Relaxed)).collect()
     }
 
     fn rebalance_queues(&mut self, rates: &[(PortId, u64)]) {
         let mut vmq = lock(&self.vmq);
         let changes = vmq.rebalance(rates);
         // Revocations first, so that a queue is never filtered for two VMs at once.
-        for change in changes
-            .iter()
-            .filter(|c| matches!(c, QueueChange::Revoked { .. }))
-        {
+        for change in changes.iter().filter(|c| matches!(c, QueueChange::Revoked { .. })) {
             if let QueueChange::Revoked { port, queue } = *change {
                 tracing::info!(port = port.0, queue = queue.0, "VM queue revoked");
-                if let Some(st) = self
-                    .uplink_of
-                    .get(&port)
-                    .and_then(|u| self.steering.get_mut(u))
-                {
+                if let Some(st) = self.uplink_of.get(&port).and_then(|u| self.steering.get_mut(u)) {
                     st.set_filter(queue, None);
                 }
             }
@@ -98,11 +80,7 @@ impl Control {
         for change in &changes {
             if let QueueChange::Assigned { port, queue } = *change {
                 tracing::info!(port = port.0, queue = queue.0, "VM queue assigned");
-                if let Some(st) = self
-                    .uplink_of
-                    .get(&port)
-                    .and_then(|u| self.steering.get_mut(u))
-                {
+                if let Some(st) = self.uplink_of.get(&port).and_then(|u| self.steering.get_mut(u)) {
                     st.set_filter(queue, vmq.filter_of(port));
                 }
             }
@@ -120,12 +98,7 @@ impl Control {
             .map(|l| {
                 lock(&l.tasks)
                     .iter()
-                    .filter_map(|t| {
-                        self.tasks
-                            .iter()
-                            .position(|x| Arc::ptr_eq(x, t))
-                            .map(|i| loads[i])
-                    })
+                    .filter_map(|t| self.tasks.iter().position(|x| Arc::ptr_eq(x, t)).map(|i| loads[i]))
                     .sum()
             })
             .collect();
@@ -140,11 +113,7 @@ impl Control {
         if current_max == 0 || (new_max as f64) > current_max as f64 * REPLACE_GAIN {
             return;
         }
-        tracing::info!(
-            before = current_max,
-            after = new_max,
-            "re-placing queues on workers"
-        );
+        tracing::info!(before = current_max, after = new_max, "re-placing queues on workers");
         let mut per_worker: Vec<Vec<Arc<Task>>> = vec![Vec::new(); workers];
         for (i, w) in placed {
             per_worker[w as usize].push(self.tasks[i].clone());

@@ -41,10 +41,7 @@ pub struct SplitRingDriver {
 impl SplitRingDriver {
     /// Lays the rings out at `base`; returns the driver and the first address after them.
     pub fn new(size: u16, base: GuestAddress) -> (SplitRingDriver, GuestAddress) {
-        assert!(
-            size.is_power_of_two() && size > 0,
-            "queue size must be a power of two"
-        );
+        assert!(size.is_power_of_two() && size > 0, "queue size must be a power of two");
         let n = u64::from(size);
         let desc_table = base;
         let avail_ring = GuestAddress(desc_table.0 + 16 * n);
@@ -76,18 +73,9 @@ impl SplitRingDriver {
     /// behalf: SET_VRING_NUM/ADDR in vhost-user terms).
     pub fn configure(&self, queue: &mut Queue) {
         queue.set_size(self.size);
-        queue.set_desc_table_address(
-            Some(self.desc_table.0 as u32),
-            Some((self.desc_table.0 >> 32) as u32),
-        );
-        queue.set_avail_ring_address(
-            Some(self.avail_ring.0 as u32),
-            Some((self.avail_ring.0 >> 32) as u32),
-        );
-        queue.set_used_ring_address(
-            Some(self.used_ring.0 as u32),
-            Some((self.used_ring.0 >> 32) as u32),
-        );
+        queue.set_desc_table_address(Some(self.desc_table.0 as u32), Some((self.desc_table.0 >> 32) as u32));
+        queue.set_avail_ring_address(Some(self.avail_ring.0 as u32), Some((self.avail_ring.0 >> 32) as u32));
+        queue.set_used_ring_address(Some(self.used_ring.0 as u32), Some((self.used_ring.0 >> 32) as u32));
         queue.set_ready(true);
     }
 
@@ -130,36 +118,25 @@ impl SplitRingDriver {
         let addr = GuestAddress(self.desc_table.0 + 16 * u64::from(id));
         // The ring lives in memory this driver allocated; a failure is a programming error
         // caught by tests, not outside input.
-        mem.write_obj(d, addr)
-            .expect("descriptor table in guest memory");
+        mem.write_obj(d, addr).expect("descriptor table in guest memory");
     }
 
     fn push_avail<M: GuestMemory>(&mut self, mem: &M, head: u16) {
         let slot = u64::from(self.next_avail % self.size);
-        mem.store(
-            head,
-            GuestAddress(self.avail_ring.0 + 4 + 2 * slot),
-            Ordering::Relaxed,
-        )
-        .expect("avail ring in guest memory");
+        mem.store(head, GuestAddress(self.avail_ring.0 + 4 + 2 * slot), Ordering::Relaxed)
+            .expect("avail ring in guest memory");
         self.next_avail = self.next_avail.wrapping_add(1);
     }
 
     /// Makes every chain added so far visible to the device (release store of avail.idx).
     pub fn publish<M: GuestMemory>(&self, mem: &M) {
-        mem.store(
-            self.next_avail,
-            GuestAddress(self.avail_ring.0 + 2),
-            Ordering::Release,
-        )
-        .expect("avail ring in guest memory");
+        mem.store(self.next_avail, GuestAddress(self.avail_ring.0 + 2), Ordering::Release)
+            .expect("avail ring in guest memory");
     }
 
     /// Next chain the device has finished with: (head, bytes written).
     pub fn pop_used<M: GuestMemory>(&mut self, mem: &M) -> Option<(u16, u32)> {
-        let used_idx: u16 = mem
-            .load(GuestAddress(self.used_ring.0 + 2), Ordering::Acquire)
-            .ok()?;
+        let used_idx: u16 = mem.load(GuestAddress(self.used_ring.0 + 2), Ordering::Acquire).ok()?;
         if used_idx == self.last_used {
             return None;
         }
@@ -184,15 +161,7 @@ impl SplitRingDriver {
     }
 
     /// Writes a raw descriptor, for tests that build hostile chains.
-    pub fn write_raw_desc<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        id: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
+    pub fn write_raw_desc<M: GuestMemory>(&mut self, mem: &M, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
         self.write_desc(mem, id, Descriptor::new(addr, len, flags, next));
     }
 

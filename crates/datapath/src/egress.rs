@@ -90,9 +90,7 @@ pub fn deliver(
         EgressPlan::AsIs => {
             sink.send(&hdr, &parts[..n])?;
             if hdr.is_gso() {
-                stats
-                    .offload_gso_passed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats.offload_gso_passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             stats.add_tx(1, out_len as u64);
             Ok(())
@@ -102,9 +100,7 @@ pub fn deliver(
             assemble(&mut scratch.work, &parts[..n]);
             finish_csum(&mut h, &mut scratch.work).map_err(|_| DropReason::Offload)?;
             sink.send(&h, &[&scratch.work])?;
-            stats
-                .offload_csum_finished
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.offload_csum_finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             stats.add_tx(1, out_len as u64);
             Ok(())
         }
@@ -117,12 +113,8 @@ pub fn deliver(
             let mut first_err = None;
             let mut sent = 0u64;
             let mut bytes = 0u64;
-            let made = segment(
-                &h,
-                &scratch.work,
-                caps.csum,
-                &mut scratch.seg,
-                &mut |sh, seg| match sink.send(sh, &[seg]) {
+            let made =
+                segment(&h, &scratch.work, caps.csum, &mut scratch.seg, &mut |sh, seg| match sink.send(sh, &[seg]) {
                     Ok(()) => {
                         sent += 1;
                         bytes += seg.len() as u64;
@@ -130,12 +122,9 @@ pub fn deliver(
                     Err(e) => {
                         first_err.get_or_insert(e);
                     }
-                },
-            )
-            .map_err(|_| DropReason::Offload)?;
-            stats
-                .offload_segments
-                .fetch_add(made as u64, std::sync::atomic::Ordering::Relaxed);
+                })
+                .map_err(|_| DropReason::Offload)?;
+            stats.offload_segments.fetch_add(made as u64, std::sync::atomic::Ordering::Relaxed);
             stats.add_tx(sent, bytes);
             match first_err {
                 // Some segments were lost: the whole frame counts as one drop.

@@ -137,11 +137,7 @@ impl Decisions<'_> {
         };
         let entry = self.shared.port(port).ok_or(DropReason::PortDown)?;
         let edit = egress_tag(&entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
-        self.deliveries.push(Delivery {
-            port,
-            frame: i as u8,
-            edit,
-        });
+        self.deliveries.push(Delivery { port, frame: i as u8, edit });
         Ok(())
     }
 
@@ -183,13 +179,8 @@ impl Decisions<'_> {
             },
         };
         let out_entry = self.shared.port(out).ok_or(DropReason::PortDown)?;
-        let edit =
-            egress_tag(&out_entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
-        self.deliveries.push(Delivery {
-            port: out,
-            frame: i as u8,
-            edit,
-        });
+        let edit = egress_tag(&out_entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
+        self.deliveries.push(Delivery { port: out, frame: i as u8, edit });
         Ok(())
     }
 
@@ -213,17 +204,9 @@ impl Decisions<'_> {
                 match dst {
                     Dest::Port(p) => {
                         let Some(edit) = sw.egress(p, vlan, tagged) else {
-                            return Err(if sw.is_up(p) {
-                                DropReason::Vlan
-                            } else {
-                                DropReason::PortDown
-                            });
+                            return Err(if sw.is_up(p) { DropReason::Vlan } else { DropReason::PortDown });
                         };
-                        self.deliveries.push(Delivery {
-                            port: p,
-                            frame: i as u8,
-                            edit,
-                        });
+                        self.deliveries.push(Delivery { port: p, frame: i as u8, edit });
                     }
                     Dest::Flood => {
                         self.flood.clear();
@@ -233,11 +216,7 @@ impl Decisions<'_> {
                         }
                         for &p in self.flood.iter() {
                             if let Some(edit) = sw.egress(p, vlan, tagged) {
-                                self.deliveries.push(Delivery {
-                                    port: p,
-                                    frame: i as u8,
-                                    edit,
-                                });
+                                self.deliveries.push(Delivery { port: p, frame: i as u8, edit });
                             }
                         }
                     }
@@ -272,17 +251,9 @@ pub(crate) fn new_wake() -> std::io::Result<EventFd> {
 }
 
 impl Worker {
-    pub fn new(
-        shared: Arc<Shared>,
-        list: Arc<TaskList>,
-        wake: Arc<EventFd>,
-    ) -> std::io::Result<Worker> {
+    pub fn new(shared: Arc<Shared>, list: Arc<TaskList>, wake: Arc<EventFd>) -> std::io::Result<Worker> {
         let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            wake.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
-        )?;
+        epoll.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE_TOKEN))?;
         Ok(Worker {
             shared,
             list,
@@ -379,9 +350,7 @@ impl Worker {
                 flood: &mut self.flood,
             };
             let result = match task.kind {
-                TaskKind::VmQueue { uplink, .. } => {
-                    d.vm_queue_frame(uplink, frame, segment_len, now, i)
-                }
+                TaskKind::VmQueue { uplink, .. } => d.vm_queue_frame(uplink, frame, segment_len, now, i),
                 TaskKind::PortTx { port } if self.shared.mode == Mode::Vmq => {
                     d.fast_tx_frame(&in_entry, port, frame, segment_len, now, i)
                 }
@@ -401,11 +370,7 @@ impl Worker {
         if self.learn.is_empty() {
             return;
         }
-        let mut sw = self
-            .shared
-            .switch
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut sw = self.shared.switch.write().unwrap_or_else(|e| e.into_inner());
         for req in self.learn.drain(..) {
             if sw.learn(req, now) == vmq_core::fdb::LearnOutcome::Full {
                 in_entry.stats.fdb_full.fetch_add(1, Ordering::Relaxed);
@@ -430,20 +395,8 @@ impl Worker {
                 // RSC/LRO toward receivers that take GSO frames (like GRO, on by default).
                 let coalesce = caps.accepts_gso();
                 let merged_before = self.coalescer.merged_segments();
-                let Worker {
-                    scratch,
-                    hdrs,
-                    egress,
-                    coalescer,
-                    rsc_buf,
-                    deliveries,
-                    ..
-                } = self;
-                let out = OutPort {
-                    caps,
-                    spec: &entry.spec,
-                    stats: &entry.stats,
-                };
+                let Worker { scratch, hdrs, egress, coalescer, rsc_buf, deliveries, .. } = self;
+                let out = OutPort { caps, spec: &entry.spec, stats: &entry.stats };
                 let mut send = |h: &VnetHdr, f: &[u8], edit: TagEdit| {
                     if let Err(r) = deliver(&mut **sink, &out, h, f, edit, egress) {
                         entry.stats.add_drop(r, 1);
@@ -464,10 +417,7 @@ impl Worker {
                 coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
                 let merged = coalescer.merged_segments() - merged_before;
                 if merged != 0 {
-                    entry
-                        .stats
-                        .offload_coalesced
-                        .fetch_add(merged, Ordering::Relaxed);
+                    entry.stats.offload_coalesced.fetch_add(merged, Ordering::Relaxed);
                 }
                 sink.flush();
             }

@@ -102,11 +102,7 @@ impl DatapathBuilder {
             switch.set_port_up(id, true);
             ids.insert(p.spec.name.clone(), id);
         }
-        let first_uplink = cfg
-            .ports
-            .iter()
-            .find(|p| p.spec.kind == PortKind::Uplink)
-            .map(|p| ids[&p.spec.name]);
+        let first_uplink = cfg.ports.iter().find(|p| p.spec.kind == PortKind::Uplink).map(|p| ids[&p.spec.name]);
         let mut uplink_of = HashMap::new();
         for p in &cfg.ports {
             let id = ids[&p.spec.name];
@@ -115,14 +111,9 @@ impl DatapathBuilder {
             }
             let uplink = match &p.uplink {
                 Some(name) => {
-                    let u = ids
-                        .get(name)
-                        .copied()
-                        .filter(|u| switch.port(*u).is_some_and(|s| s.kind == PortKind::Uplink));
-                    Some(u.ok_or_else(|| DatapathError::BadUplink {
-                        port: p.spec.name.clone(),
-                        uplink: name.clone(),
-                    })?)
+                    let u =
+                        ids.get(name).copied().filter(|u| switch.port(*u).is_some_and(|s| s.kind == PortKind::Uplink));
+                    Some(u.ok_or_else(|| DatapathError::BadUplink { port: p.spec.name.clone(), uplink: name.clone() })?)
                 }
                 None => first_uplink,
             };
@@ -168,9 +159,7 @@ impl DatapathBuilder {
         sink: Box<dyn FrameSink>,
         source: Option<Box<dyn FrameSource>>,
     ) -> Result<PortId, DatapathError> {
-        let id = self
-            .port_id(name)
-            .ok_or_else(|| DatapathError::NoSuchPort(name.to_string()))?;
+        let id = self.port_id(name).ok_or_else(|| DatapathError::NoSuchPort(name.to_string()))?;
         self.attached.insert(id, Attached { sink, source });
         Ok(id)
     }
@@ -183,10 +172,7 @@ impl DatapathBuilder {
         source: Box<dyn FrameSource>,
     ) -> Result<(), DatapathError> {
         let queue = match target {
-            NicQueueTarget::Vm(port) => self
-                .vmq
-                .queue_of(port)
-                .ok_or(DatapathError::NoQueue(port.0))?,
+            NicQueueTarget::Vm(port) => self.vmq.queue_of(port).ok_or(DatapathError::NoQueue(port.0))?,
             NicQueueTarget::Default => QueueId::DEFAULT,
         };
         self.attach_nic_queue_id(uplink, queue, source)
@@ -199,22 +185,14 @@ impl DatapathBuilder {
         queue: QueueId,
         source: Box<dyn FrameSource>,
     ) -> Result<(), DatapathError> {
-        let id = self
-            .port_id(uplink)
-            .ok_or_else(|| DatapathError::NoSuchPort(uplink.to_string()))?;
+        let id = self.port_id(uplink).ok_or_else(|| DatapathError::NoSuchPort(uplink.to_string()))?;
         self.nic_queues.push((id, queue, source));
         Ok(())
     }
 
     /// Gives the data path control of an uplink's VMQ filters.
-    pub fn attach_steering(
-        &mut self,
-        uplink: &str,
-        steering: Box<dyn NicSteering>,
-    ) -> Result<(), DatapathError> {
-        let id = self
-            .port_id(uplink)
-            .ok_or_else(|| DatapathError::NoSuchPort(uplink.to_string()))?;
+    pub fn attach_steering(&mut self, uplink: &str, steering: Box<dyn NicSteering>) -> Result<(), DatapathError> {
+        let id = self.port_id(uplink).ok_or_else(|| DatapathError::NoSuchPort(uplink.to_string()))?;
         self.steering.insert(id, steering);
         Ok(())
     }
@@ -227,14 +205,10 @@ impl DatapathBuilder {
         let mut local = MixMap::default();
         for p in &self.cfg.ports {
             let id = self.ids[&p.spec.name];
-            let att = self
-                .attached
-                .remove(&id)
-                .ok_or_else(|| DatapathError::NotAttached(p.spec.name.clone()))?;
+            let att = self.attached.remove(&id).ok_or_else(|| DatapathError::NotAttached(p.spec.name.clone()))?;
             // Ports are dense and added in order: index == id.
             debug_assert_eq!(ports.len(), id.0 as usize);
-            if let (Some(mac), false, VlanMode::Access(v)) =
-                (p.spec.mac, p.spec.kind == PortKind::Uplink, &p.spec.vlan)
+            if let (Some(mac), false, VlanMode::Access(v)) = (p.spec.mac, p.spec.kind == PortKind::Uplink, &p.spec.vlan)
             {
                 local.insert(local_key(mac, *v), id);
             }
@@ -274,15 +248,9 @@ impl DatapathBuilder {
             } else {
                 TaskKind::VmQueue { uplink, queue }
             };
-            tasks.push(Arc::new(Task {
-                kind,
-                source: Mutex::new(source),
-                frames: AtomicU64::new(0),
-            }));
+            tasks.push(Arc::new(Task { kind, source: Mutex::new(source), frames: AtomicU64::new(0) }));
         }
-        let lists: Vec<Arc<TaskList>> = (0..workers)
-            .map(|_| Arc::new(TaskList::default()))
-            .collect();
+        let lists: Vec<Arc<TaskList>> = (0..workers).map(|_| Arc::new(TaskList::default())).collect();
         let mut initial: Vec<Vec<Arc<Task>>> = vec![Vec::new(); workers];
         for (i, t) in tasks.iter().enumerate() {
             initial[i % workers].push(t.clone());
@@ -303,8 +271,7 @@ impl DatapathBuilder {
         for (i, list) in lists.iter().enumerate() {
             let wake = Arc::new(engine::new_wake().map_err(DatapathError::Thread)?);
             wakes.push(wake.clone());
-            let worker =
-                Worker::new(shared.clone(), list.clone(), wake).map_err(DatapathError::Thread)?;
+            let worker = Worker::new(shared.clone(), list.clone(), wake).map_err(DatapathError::Thread)?;
             let t = std::thread::Builder::new()
                 .name(format!("vmq-worker-{i}"))
                 .spawn(move || worker.run())
@@ -326,15 +293,7 @@ impl DatapathBuilder {
             .name("vmq-control".into())
             .spawn(move || control.run(stop_rx))
             .map_err(DatapathError::Thread)?;
-        Ok(Datapath {
-            shared,
-            names,
-            threads,
-            wakes,
-            vmq,
-            tasks,
-            control: Some((stop_tx, control_thread)),
-        })
+        Ok(Datapath { shared, names, threads, wakes, vmq, tasks, control: Some((stop_tx, control_thread)) })
     }
 }
 
@@ -373,22 +332,13 @@ impl Datapath {
                     b.attach(&p.spec.name, Box::new(sink), Some(Box::new(source)))?;
                 }
                 PortBackend::VhostUser { .. } => {
-                    return Err(DatapathError::Unsupported {
-                        port: p.spec.name.clone(),
-                        kind: "vhost-user",
-                    });
+                    return Err(DatapathError::Unsupported { port: p.spec.name.clone(), kind: "vhost-user" });
                 }
                 PortBackend::Tap { .. } => {
-                    return Err(DatapathError::Unsupported {
-                        port: p.spec.name.clone(),
-                        kind: "tap",
-                    });
+                    return Err(DatapathError::Unsupported { port: p.spec.name.clone(), kind: "tap" });
                 }
                 PortBackend::Uplink { .. } => {
-                    return Err(DatapathError::Unsupported {
-                        port: p.spec.name.clone(),
-                        kind: "uplink",
-                    });
+                    return Err(DatapathError::Unsupported { port: p.spec.name.clone(), kind: "uplink" });
                 }
             }
         }
@@ -396,19 +346,12 @@ impl Datapath {
     }
 
     pub fn port_id(&self, name: &str) -> Option<PortId> {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .map(|i| PortId(i as u16))
+        self.names.iter().position(|n| n == name).map(|i| PortId(i as u16))
     }
 
     /// Counters of every port, by name, in configuration order.
     pub fn port_stats(&self) -> Vec<(String, PortStatsSnapshot)> {
-        self.names
-            .iter()
-            .zip(&self.shared.ports)
-            .map(|(n, p)| (n.clone(), p.stats.snapshot()))
-            .collect()
+        self.names.iter().zip(&self.shared.ports).map(|(n, p)| (n.clone(), p.stats.snapshot())).collect()
     }
 
     pub fn stats(&self, name: &str) -> Option<PortStatsSnapshot> {
@@ -418,10 +361,7 @@ impl Datapath {
 
     /// VM queue assignments: (port name, queue; None = default queue).
     pub fn queue_assignments(&self) -> Vec<(String, Option<QueueId>)> {
-        engine::lock(&self.vmq)
-            .assignments()
-            .map(|(p, q)| (self.names[p.0 as usize].clone(), q))
-            .collect()
+        engine::lock(&self.vmq).assignments().map(|(p, q)| (self.names[p.0 as usize].clone(), q)).collect()
     }
 
     /// Per NIC queue counters.
@@ -436,18 +376,12 @@ impl Datapath {
                     TaskKind::VmQueue { uplink, queue } => Some(QueueStats {
                         uplink: name(uplink),
                         queue: Some(queue),
-                        port: vmq
-                            .assignments()
-                            .find(|(_, q)| *q == Some(queue))
-                            .map(|(p, _)| name(p)),
+                        port: vmq.assignments().find(|(_, q)| *q == Some(queue)).map(|(p, _)| name(p)),
                         rx_packets,
                     }),
-                    TaskKind::DefaultQueue { uplink } => Some(QueueStats {
-                        uplink: name(uplink),
-                        queue: None,
-                        port: None,
-                        rx_packets,
-                    }),
+                    TaskKind::DefaultQueue { uplink } => {
+                        Some(QueueStats { uplink: name(uplink), queue: None, port: None, rx_packets })
+                    }
                     TaskKind::PortTx { .. } => None,
                 }
             })

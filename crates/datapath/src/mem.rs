@@ -81,8 +81,8 @@ pub struct MemGuest {
 /// Builds a mem port: the guest handle plus the device-side source (guest TX) and sink
 /// (guest RX) for the data path.
 pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, MemRxSink) {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-        .expect("anonymous mapping for a mem port");
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("anonymous mapping for a mem port");
     let (mut rx_ring, _) = SplitRingDriver::new(QUEUE_SIZE, GuestAddress(RX_RING_BASE));
     let (mut tx_ring, _) = SplitRingDriver::new(QUEUE_SIZE, GuestAddress(TX_RING_BASE));
     rx_ring.init(&mem).expect("rings inside guest memory");
@@ -119,18 +119,9 @@ pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, Mem
         }),
         caps,
     });
-    let guest = MemGuest {
-        shared: shared.clone(),
-    };
-    let source = MemTxSource {
-        queue: tx_queue,
-        shared: shared.clone(),
-    };
-    let sink = MemRxSink {
-        queue: rx_queue,
-        writer: RxWriter::new(true),
-        shared,
-    };
+    let guest = MemGuest { shared: shared.clone() };
+    let source = MemTxSource { queue: tx_queue, shared: shared.clone() };
+    let sink = MemRxSink { queue: rx_queue, writer: RxWriter::new(true), shared };
     (guest, source, sink)
 }
 
@@ -153,13 +144,7 @@ impl MemGuest {
         tx.reclaim(mem);
         tx.replay = true;
         let mut i = 0;
-        while !frames.is_empty()
-            && tx.post(
-                mem,
-                &frames[i % frames.len()].0,
-                &frames[i % frames.len()].1,
-            )
-        {
+        while !frames.is_empty() && tx.post(mem, &frames[i % frames.len()].0, &frames[i % frames.len()].1) {
             i += 1;
         }
         tx.ring.publish(mem);
@@ -170,10 +155,7 @@ impl MemGuest {
         let mut rx = lock(&self.shared.rx);
         let mem = &self.shared.mem;
         rx.reclaim(mem);
-        rx.capture
-            .as_mut()
-            .map(|c| c.drain(..).collect())
-            .unwrap_or_default()
+        rx.capture.as_mut().map(|c| c.drain(..).collect()).unwrap_or_default()
     }
 
     /// (frames, bytes incl. virtio-net header) the guest has received.
@@ -189,18 +171,12 @@ impl MemGuest {
     }
 
     /// Direct ring access for hostile-descriptor tests: (guest memory, TX ring driver).
-    pub fn with_tx_ring<R>(
-        &self,
-        f: impl FnOnce(&GuestMemoryMmap, &mut SplitRingDriver) -> R,
-    ) -> R {
+    pub fn with_tx_ring<R>(&self, f: impl FnOnce(&GuestMemoryMmap, &mut SplitRingDriver) -> R) -> R {
         let mut tx = lock(&self.shared.tx);
         f(&self.shared.mem, &mut tx.ring)
     }
 
-    pub fn with_rx_ring<R>(
-        &self,
-        f: impl FnOnce(&GuestMemoryMmap, &mut SplitRingDriver) -> R,
-    ) -> R {
+    pub fn with_rx_ring<R>(&self, f: impl FnOnce(&GuestMemoryMmap, &mut SplitRingDriver) -> R) -> R {
         let mut rx = lock(&self.shared.rx);
         f(&self.shared.mem, &mut rx.ring)
     }
@@ -216,22 +192,13 @@ impl TxGuest {
         };
         let addr = GuestAddress(TX_BUFS_BASE + u64::from(slot) * u64::from(TX_SLOT_LEN));
         if mem.write_slice(&hdr.to_bytes(), addr).is_err()
-            || mem
-                .write_slice(frame, GuestAddress(addr.0 + VnetHdr::LEN as u64))
-                .is_err()
+            || mem.write_slice(frame, GuestAddress(addr.0 + VnetHdr::LEN as u64)).is_err()
         {
             self.free_slots.push(slot);
             return false;
         }
         let len = (VnetHdr::LEN + frame.len()) as u32;
-        match self.ring.add_chain(
-            mem,
-            &[BufferSpec {
-                addr,
-                len,
-                device_writes: false,
-            }],
-        ) {
+        match self.ring.add_chain(mem, &[BufferSpec { addr, len, device_writes: false }]) {
             Some(head) => {
                 self.slot_of_head[head as usize] = slot;
                 true
@@ -278,27 +245,19 @@ impl RxGuest {
                 }
             } else if self.pending_bufs == 0 {
                 self.pending.resize(VnetHdr::LEN, 0);
-                if mem
-                    .read_slice(&mut self.pending[..VnetHdr::LEN], addr)
-                    .is_err()
-                {
+                if mem.read_slice(&mut self.pending[..VnetHdr::LEN], addr).is_err() {
                     self.malformed += 1;
                 }
             }
             self.received_bytes += u64::from(len);
             self.pending_bufs += 1;
             self.ring.repost(mem, head);
-            let wanted = VnetHdr::parse(&self.pending)
-                .map(|h| h.num_buffers.max(1))
-                .unwrap_or(1);
+            let wanted = VnetHdr::parse(&self.pending).map(|h| h.num_buffers.max(1)).unwrap_or(1);
             if self.pending_bufs >= wanted {
                 self.received_frames += 1;
                 if let Some(capture) = self.capture.as_mut() {
                     match VnetHdr::parse(&self.pending) {
-                        Ok(hdr) => capture.push_back(GuestFrame {
-                            hdr,
-                            frame: self.pending[VnetHdr::LEN..].to_vec(),
-                        }),
+                        Ok(hdr) => capture.push_back(GuestFrame { hdr, frame: self.pending[VnetHdr::LEN..].to_vec() }),
                         Err(_) => self.malformed += 1,
                     }
                 }
@@ -350,13 +309,19 @@ pub struct MemRxSink {
 
 impl FrameSink for MemRxSink {
     fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
-        self.writer
-            .push(&mut self.queue, &self.shared.mem, hdr, parts)
-            .map_err(|e| match e {
-                VirtioError::NoBuffer => DropReason::NoBuffer,
-                VirtioError::TooLong => DropReason::Oversize,
-                _ => DropReason::BadDescriptor,
-            })
+        let mem = &self.shared.mem;
+        let mut result = self.writer.push(&mut self.queue, mem, hdr, parts);
+        if result == Err(VirtioError::NoBuffer) {
+            // The in-process guest only recycles when asked; a real guest drains its ring on
+            // its own vCPU while vmq fills it. Let it catch up once before calling it full.
+            lock(&self.shared.rx).reclaim(mem);
+            result = self.writer.push(&mut self.queue, mem, hdr, parts);
+        }
+        result.map_err(|e| match e {
+            VirtioError::NoBuffer => DropReason::NoBuffer,
+            VirtioError::TooLong => DropReason::Oversize,
+            _ => DropReason::BadDescriptor,
+        })
     }
 
     fn flush(&mut self) {

@@ -38,28 +38,15 @@ struct NicShared {
 impl StandInNic {
     /// `flows`: for each destination (MAC, VLAN), the Ethernet frames addressed to it.
     pub fn new(flows: Vec<(FilterKey, Vec<Vec<u8>>)>) -> StandInNic {
-        let flows = flows
-            .into_iter()
-            .map(|(k, fs)| (k, fs.iter().map(|f| with_zero_hdr(f)).collect()))
-            .collect();
+        let flows = flows.into_iter().map(|(k, fs)| (k, fs.iter().map(|f| with_zero_hdr(f)).collect())).collect();
         StandInNic {
-            shared: Arc::new(NicShared {
-                flows,
-                filters: Mutex::new(HashMap::new()),
-                generation: AtomicU64::new(1),
-            }),
+            shared: Arc::new(NicShared { flows, filters: Mutex::new(HashMap::new()), generation: AtomicU64::new(1) }),
         }
     }
 
     /// RX queue `queue` (`QueueId::DEFAULT` for the default queue).
     pub fn queue(&self, queue: QueueId) -> StandInQueue {
-        StandInQueue {
-            shared: self.shared.clone(),
-            queue,
-            seen: 0,
-            frames: Vec::new(),
-            next: 0,
-        }
+        StandInQueue { shared: self.shared.clone(), queue, seen: 0, frames: Vec::new(), next: 0 }
     }
 
     pub fn steering(&self) -> StandInNic {
@@ -69,11 +56,7 @@ impl StandInNic {
 
 impl NicSteering for StandInNic {
     fn set_filter(&mut self, queue: QueueId, filter: Option<FilterKey>) {
-        let mut filters = self
-            .shared
-            .filters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut filters = self.shared.filters.lock().unwrap_or_else(|e| e.into_inner());
         match filter {
             Some(f) => filters.insert(queue, f),
             None => filters.remove(&queue),
@@ -94,22 +77,12 @@ pub struct StandInQueue {
 impl StandInQueue {
     /// Re-reads the filters: which frames this queue now receives.
     fn refresh(&mut self) {
-        let filters = self
-            .shared
-            .filters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let filters = self.shared.filters.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.frames.clear();
         self.next = 0;
         if self.queue == QueueId::DEFAULT {
-            let unfiltered: Vec<&Vec<Arc<[u8]>>> = self
-                .shared
-                .flows
-                .iter()
-                .filter(|(k, _)| !filters.values().any(|f| f == k))
-                .map(|(_, fs)| fs)
-                .collect();
+            let unfiltered: Vec<&Vec<Arc<[u8]>>> =
+                self.shared.flows.iter().filter(|(k, _)| !filters.values().any(|f| f == k)).map(|(_, fs)| fs).collect();
             let longest = unfiltered.iter().map(|fs| fs.len()).max().unwrap_or(0);
             for i in 0..longest {
                 for fs in &unfiltered {
@@ -153,12 +126,7 @@ pub struct OnceQueue {
 impl OnceQueue {
     /// `frames`: virtio-net header + Ethernet frame each.
     pub fn new(frames: Vec<Vec<u8>>) -> OnceQueue {
-        OnceQueue {
-            frames: frames
-                .into_iter()
-                .map(|f| Arc::from(f.into_boxed_slice()))
-                .collect(),
-        }
+        OnceQueue { frames: frames.into_iter().map(|f| Arc::from(f.into_boxed_slice())).collect() }
     }
 }
 
@@ -195,13 +163,7 @@ impl WireSink {
 
     pub fn keeping(caps: OffloadCaps) -> (WireSink, KeptFrames) {
         let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
-        (
-            WireSink {
-                caps,
-                kept: Some(kept.clone()),
-            },
-            kept,
-        )
+        (WireSink { caps, kept: Some(kept.clone()) }, kept)
     }
 }
 
@@ -209,9 +171,7 @@ impl FrameSink for WireSink {
     fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
         if let Some(kept) = &self.kept {
             let frame = parts.concat();
-            kept.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((*hdr, frame));
+            kept.lock().unwrap_or_else(|e| e.into_inner()).push((*hdr, frame));
         }
         Ok(())
     }

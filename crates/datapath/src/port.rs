@@ -60,9 +60,7 @@ impl Default for Scratch {
 impl Scratch {
     pub fn new() -> Scratch {
         Scratch {
-            bufs: (0..BATCH)
-                .map(|_| vec![0u8; MAX_FRAME].into_boxed_slice())
-                .collect(),
+            bufs: (0..BATCH).map(|_| vec![0u8; MAX_FRAME].into_boxed_slice()).collect(),
             slots: Vec::with_capacity(BATCH),
             next_owned: 0,
         }
@@ -91,10 +89,7 @@ impl Scratch {
 
     /// Records `len` bytes received into the buffer [`Scratch::next_buf`] returned.
     pub fn commit(&mut self, len: usize) {
-        self.slots.push(Slot::Owned {
-            buf: self.next_owned,
-            len: len.min(MAX_FRAME),
-        });
+        self.slots.push(Slot::Owned { buf: self.next_owned, len: len.min(MAX_FRAME) });
         self.next_owned += 1;
     }
 
@@ -121,9 +116,5 @@ impl Scratch {
 /// by the AF_PACKET uplink (fanout program) in the OS glue.
 pub trait NicSteering: Send {
     /// Points `queue` at `filter`, or clears it (its traffic goes to the default queue).
-    fn set_filter(
-        &mut self,
-        queue: vmq_core::vmq::QueueId,
-        filter: Option<vmq_core::vmq::FilterKey>,
-    );
+    fn set_filter(&mut self, queue: vmq_core::vmq::QueueId, filter: Option<vmq_core::vmq::FilterKey>);
 }

@@ -33,11 +33,7 @@ pub struct TxFrame {
 /// Pops the next TX chain, copies its readable descriptors into `buf` and returns it to the
 /// guest (used length 0). `Ok(None)`: nothing available. A bad chain is returned to the guest
 /// too (so the ring keeps moving) and reported as an error for the caller to count.
-pub fn pop_tx<M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &M,
-    buf: &mut [u8],
-) -> Result<Option<TxFrame>, VirtioError> {
+pub fn pop_tx<M: GuestMemory>(queue: &mut Queue, mem: &M, buf: &mut [u8]) -> Result<Option<TxFrame>, VirtioError> {
     let Some(chain) = queue.pop_descriptor_chain(mem) else {
         return Ok(None);
     };
@@ -88,11 +84,7 @@ pub struct RxWriter {
 
 impl RxWriter {
     pub fn new(mrg_rxbuf: bool) -> RxWriter {
-        RxWriter {
-            mrg_rxbuf,
-            regions: Vec::with_capacity(8),
-            heads: Vec::with_capacity(8),
-        }
+        RxWriter { mrg_rxbuf, regions: Vec::with_capacity(8), heads: Vec::with_capacity(8) }
     }
 
     /// Writes `hdr` (num_buffers filled in here) followed by the concatenation of `parts` into
@@ -124,10 +116,7 @@ impl RxWriter {
                     bad = true;
                     break;
                 }
-                self.regions.push(Region {
-                    addr: desc.addr(),
-                    len: desc.len(),
-                });
+                self.regions.push(Region { addr: desc.addr(), len: desc.len() });
                 chain_room = chain_room.saturating_add(desc.len());
             }
             if bad || chain_room == 0 {
@@ -151,11 +140,7 @@ impl RxWriter {
         let mut header = *hdr;
         header.num_buffers = self.heads.len() as u16;
         let header_bytes = header.to_bytes();
-        let mut cursor = RegionCursor {
-            regions: &self.regions,
-            index: 0,
-            offset: 0,
-        };
+        let mut cursor = RegionCursor { regions: &self.regions, index: 0, offset: 0 };
         let mut ok = cursor.write(mem, &header_bytes);
         for part in parts {
             ok &= cursor.write(mem, part);

@@ -5,9 +5,7 @@ use std::time::{Duration, Instant};
 
 use vmq_core::switch::SwitchConfig;
 use vmq_core::vmq::{QueuePolicy, VmqConfig};
-use vmq_core::{
-    DropReason, Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode,
-};
+use vmq_core::{DropReason, Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode};
 use vmq_datapath::bench::udp_frame;
 use vmq_datapath::mem::{GuestFrame, MemGuest, mem_port};
 use vmq_datapath::nic::{KeptFrames, OnceQueue, WireSink};
@@ -48,10 +46,7 @@ fn rig(mode: Mode, vms: &[VmDef], queues: u16, uplink_frames: Vec<Vec<u8>>) -> R
             kind: PortKind::Uplink,
             mac: None,
             mtu: 9000,
-            vlan: VlanMode::Trunk {
-                allowed: vec![10, 20],
-                native: None,
-            },
+            vlan: VlanMode::Trunk { allowed: vec![10, 20], native: None },
             allow_mac_spoofing: false,
             offloads: OffloadCaps::NONE,
         },
@@ -76,12 +71,7 @@ fn rig(mode: Mode, vms: &[VmDef], queues: u16, uplink_frames: Vec<Vec<u8>>) -> R
     let cfg = DatapathConfig {
         mode,
         workers: 2,
-        vmq: VmqConfig {
-            queues,
-            policy: QueuePolicy::Static,
-            workers: 2,
-            hysteresis: 1.5,
-        },
+        vmq: VmqConfig { queues, policy: QueuePolicy::Static, workers: 2, hysteresis: 1.5 },
         switch: SwitchConfig::default(),
         ports,
         rebalance_interval_ms: 1000,
@@ -92,12 +82,7 @@ fn rig(mode: Mode, vms: &[VmDef], queues: u16, uplink_frames: Vec<Vec<u8>>) -> R
     let mut guests = Vec::new();
     for (i, v) in vms.iter().enumerate() {
         let (g, source, sink) = mem_port(v.caps, true);
-        b.attach(
-            &format!("vm{}", i + 1),
-            Box::new(sink),
-            Some(Box::new(source)),
-        )
-        .unwrap();
+        b.attach(&format!("vm{}", i + 1), Box::new(sink), Some(Box::new(source))).unwrap();
         guests.push(g);
     }
     // The NIC stand-in sorts by (dst MAC, VLAN) like VMQ filters would.
@@ -106,15 +91,10 @@ fn rig(mode: Mode, vms: &[VmDef], queues: u16, uplink_frames: Vec<Vec<u8>>) -> R
     let mut per_vm: Vec<Vec<Vec<u8>>> = vec![Vec::new(); vms.len()];
     for f in &uplink_frames {
         let l2 = vmq_wire::parse_l2(f).ok();
-        let target = l2.and_then(|l2| {
-            (0..vms.len()).find(|&i| l2.dst == mac(i as u8 + 1) && l2.vlan == Some(vms[i].vlan))
-        });
+        let target =
+            l2.and_then(|l2| (0..vms.len()).find(|&i| l2.dst == mac(i as u8 + 1) && l2.vlan == Some(vms[i].vlan)));
         match target {
-            Some(i)
-                if mode == Mode::Vmq
-                    && b.vm_queue(b.port_id(&format!("vm{}", i + 1)).unwrap())
-                        .is_some() =>
-            {
+            Some(i) if mode == Mode::Vmq && b.vm_queue(b.port_id(&format!("vm{}", i + 1)).unwrap()).is_some() => {
                 per_vm[i].push(with_hdr(f))
             }
             _ => default.push(with_hdr(f)),
@@ -123,25 +103,11 @@ fn rig(mode: Mode, vms: &[VmDef], queues: u16, uplink_frames: Vec<Vec<u8>>) -> R
     for (i, frames) in per_vm.into_iter().enumerate() {
         if !frames.is_empty() {
             let id = b.port_id(&format!("vm{}", i + 1)).unwrap();
-            b.attach_nic_queue(
-                "up0",
-                NicQueueTarget::Vm(id),
-                Box::new(OnceQueue::new(frames)),
-            )
-            .unwrap();
+            b.attach_nic_queue("up0", NicQueueTarget::Vm(id), Box::new(OnceQueue::new(frames))).unwrap();
         }
     }
-    b.attach_nic_queue(
-        "up0",
-        NicQueueTarget::Default,
-        Box::new(OnceQueue::new(default)),
-    )
-    .unwrap();
-    Rig {
-        dp: b.start().unwrap(),
-        guests,
-        wire: kept,
-    }
+    b.attach_nic_queue("up0", NicQueueTarget::Default, Box::new(OnceQueue::new(default))).unwrap();
+    Rig { dp: b.start().unwrap(), guests, wire: kept }
 }
 
 /// Polls until `done` holds or 10 s pass (workers are asynchronous; this bounds the wait).
@@ -177,11 +143,7 @@ fn assert_accounted_with_floods(dp: &Datapath, expected_rx: u64, flood_copies: u
     let tx: u64 = stats.iter().map(|(_, s)| s.tx_packets).sum();
     let drops: u64 = stats.iter().map(|(_, s)| s.total_drops()).sum();
     assert_eq!(rx, expected_rx, "{stats:?}");
-    assert_eq!(
-        rx + flood_copies,
-        tx + drops,
-        "every frame sent or dropped once: {stats:?}"
-    );
+    assert_eq!(rx + flood_copies, tx + drops, "every frame sent or dropped once: {stats:?}");
 }
 
 #[test]
@@ -189,23 +151,11 @@ fn uplink_to_vms_both_modes_strip_tags_and_keep_data() {
     for mode in [Mode::Vmq, Mode::Switch] {
         let frames: Vec<Vec<u8>> = (0..40u16)
             .map(|i| {
-                let (dst, vlan) = if i % 2 == 0 {
-                    (mac(1), 10)
-                } else {
-                    (mac(2), 20)
-                };
+                let (dst, vlan) = if i % 2 == 0 { (mac(1), 10) } else { (mac(2), 20) };
                 udp_frame(dst, EXT, Some(vlan), 100 + usize::from(i) * 50, i)
             })
             .collect();
-        let r = rig(
-            mode,
-            &[
-                vm(10, 9000, OffloadCaps::NONE),
-                vm(20, 9000, OffloadCaps::NONE),
-            ],
-            8,
-            frames.clone(),
-        );
+        let r = rig(mode, &[vm(10, 9000, OffloadCaps::NONE), vm(20, 9000, OffloadCaps::NONE)], 8, frames.clone());
         let got1 = collect(&r.guests[0], 20);
         let got2 = collect(&r.guests[1], 20);
         assert_eq!(got1.len(), 20, "{mode:?}");
@@ -219,16 +169,9 @@ fn uplink_to_vms_both_modes_strip_tags_and_keep_data() {
         }
         assert_accounted(&r.dp, 40);
         let q = r.dp.queue_stats();
-        let vm_queue_frames: u64 = q
-            .iter()
-            .filter(|s| s.queue.is_some())
-            .map(|s| s.rx_packets)
-            .sum();
+        let vm_queue_frames: u64 = q.iter().filter(|s| s.queue.is_some()).map(|s| s.rx_packets).sum();
         match mode {
-            Mode::Vmq => assert_eq!(
-                vm_queue_frames, 40,
-                "VMQ: no frame through the default queue: {q:?}"
-            ),
+            Mode::Vmq => assert_eq!(vm_queue_frames, 40, "VMQ: no frame through the default queue: {q:?}"),
             Mode::Switch => assert_eq!(vm_queue_frames, 0),
         }
     }
@@ -236,28 +179,15 @@ fn uplink_to_vms_both_modes_strip_tags_and_keep_data() {
 
 #[test]
 fn queue_budget_overflow_uses_the_default_queue() {
-    let frames: Vec<Vec<u8>> = (0..30u16)
-        .map(|i| udp_frame(mac((i % 3) as u8 + 1), EXT, Some(10), 200, i))
-        .collect();
-    let vms = [
-        vm(10, 9000, OffloadCaps::NONE),
-        vm(10, 9000, OffloadCaps::NONE),
-        vm(10, 9000, OffloadCaps::NONE),
-    ];
+    let frames: Vec<Vec<u8>> = (0..30u16).map(|i| udp_frame(mac((i % 3) as u8 + 1), EXT, Some(10), 200, i)).collect();
+    let vms = [vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE)];
     let r = rig(Mode::Vmq, &vms, 2, frames);
     for g in &r.guests {
         assert_eq!(collect(g, 10).len(), 10);
     }
     let q = r.dp.queue_stats();
-    let default: u64 = q
-        .iter()
-        .filter(|s| s.queue.is_none())
-        .map(|s| s.rx_packets)
-        .sum();
-    assert_eq!(
-        default, 10,
-        "the VM beyond the 2-queue budget is served by the switch: {q:?}"
-    );
+    let default: u64 = q.iter().filter(|s| s.queue.is_none()).map(|s| s.rx_packets).sum();
+    assert_eq!(default, 10, "the VM beyond the 2-queue budget is served by the switch: {q:?}");
     let assigned = r.dp.queue_assignments();
     assert_eq!(assigned.iter().filter(|(_, q)| q.is_some()).count(), 2);
 }
@@ -267,11 +197,7 @@ fn vm_policy_spoof_vlan_mtu_and_uplink_tagging() {
     for mode in [Mode::Vmq, Mode::Switch] {
         let r = rig(
             mode,
-            &[
-                vm(10, 9000, OffloadCaps::NONE),
-                vm(10, 1500, OffloadCaps::NONE),
-                vm(20, 9000, OffloadCaps::NONE),
-            ],
+            &[vm(10, 9000, OffloadCaps::NONE), vm(10, 1500, OffloadCaps::NONE), vm(20, 9000, OffloadCaps::NONE)],
             8,
             vec![],
         );
@@ -287,11 +213,7 @@ fn vm_policy_spoof_vlan_mtu_and_uplink_tagging() {
         // vm1 sends a tagged frame on an access port: VLAN violation.
         assert!(r.guests[0].send(&h, &udp_frame(mac(2), mac(1), Some(10), 200, 5)));
         // Bogus virtio-net header (GSO with gso_size 0): malformed.
-        let bogus = VnetHdr {
-            gso_type: GsoType::TcpV4.to_raw(),
-            gso_size: 0,
-            ..h
-        };
+        let bogus = VnetHdr { gso_type: GsoType::TcpV4.to_raw(), gso_size: 0, ..h };
         assert!(r.guests[0].send(&bogus, &udp_frame(mac(2), mac(1), None, 200, 6)));
         // The switch floods unknown unicast within VLAN 10 (vm2 and the uplink); the VMQ fast
         // path sends it straight to the uplink.
@@ -302,21 +224,13 @@ fn vm_policy_spoof_vlan_mtu_and_uplink_tagging() {
         assert!(wait_until(|| r.dp.stats("vm1").unwrap().rx_packets == 6));
         assert!(wait_until(|| r.wire.lock().unwrap().len() == 1));
         let wire = r.wire.lock().unwrap().clone();
-        assert_eq!(
-            vmq_wire::parse_l2(&wire[0].1).unwrap().vlan,
-            Some(10),
-            "{mode:?}: tagged toward the trunk"
-        );
+        assert_eq!(vmq_wire::parse_l2(&wire[0].1).unwrap().vlan, Some(10), "{mode:?}: tagged toward the trunk");
         assert!(r.guests[2].take_received().is_empty(), "VLAN isolation");
         let s1 = r.dp.stats("vm1").unwrap();
         assert_eq!(s1.drops(DropReason::Spoofed), 1, "{mode:?} {s1:?}");
         assert_eq!(s1.drops(DropReason::Vlan), 1);
         assert_eq!(s1.drops(DropReason::Malformed), 1);
-        assert_eq!(
-            r.dp.stats("vm2").unwrap().drops(DropReason::Oversize),
-            1,
-            "oversize counted at egress"
-        );
+        assert_eq!(r.dp.stats("vm2").unwrap().drops(DropReason::Oversize), 1, "oversize counted at egress");
         assert_accounted_with_floods(&r.dp, 6, floods as u64);
     }
 }
@@ -350,11 +264,7 @@ fn gso_passes_to_capable_vm_and_is_segmented_for_others() {
     for mode in [Mode::Vmq, Mode::Switch] {
         let r = rig(
             mode,
-            &[
-                vm(10, 9000, OffloadCaps::ALL),
-                vm(10, 1500, OffloadCaps::ALL),
-                vm(10, 1500, OffloadCaps::NONE),
-            ],
+            &[vm(10, 9000, OffloadCaps::ALL), vm(10, 1500, OffloadCaps::ALL), vm(10, 1500, OffloadCaps::NONE)],
             8,
             vec![],
         );
@@ -373,25 +283,14 @@ fn gso_passes_to_capable_vm_and_is_segmented_for_others() {
             assert!(s.frame.len() <= 1514, "segments fit MTU 1500");
             assert_eq!(s.hdr.flags & FLAG_DATA_VALID, FLAG_DATA_VALID);
             let p = etherparse::SlicedPacket::from_ethernet(&s.frame).unwrap();
-            let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
-                panic!()
-            };
-            let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
-                panic!()
-            };
-            let want = t
-                .to_header()
-                .calc_checksum_ipv4(&ip.header().to_header(), t.payload())
-                .unwrap();
+            let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else { panic!() };
+            let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!() };
+            let want = t.to_header().calc_checksum_ipv4(&ip.header().to_header(), t.payload()).unwrap();
             assert_eq!(t.checksum(), want, "software-finished checksums are right");
             payload.extend_from_slice(t.payload());
         }
         assert_eq!(payload, (0..30000).map(|i| i as u8).collect::<Vec<u8>>());
-        assert_eq!(
-            r.dp.stats("vm2").unwrap().offload_segments,
-            0,
-            "no segmentation toward a GSO receiver"
-        );
+        assert_eq!(r.dp.stats("vm2").unwrap().offload_segments, 0, "no segmentation toward a GSO receiver");
         assert_eq!(r.dp.stats("vm2").unwrap().offload_gso_passed, 1);
         assert_eq!(r.dp.stats("vm3").unwrap().offload_segments, 21);
     }
@@ -412,11 +311,7 @@ fn rsc_coalesces_uplink_tcp_toward_gso_receivers() {
         frames.push(f);
     }
     let r = rig(Mode::Vmq, &[vm(10, 9000, OffloadCaps::ALL)], 8, frames);
-    let payload_len = |g: &GuestFrame| {
-        locate(&g.frame)
-            .map(|l| l.l4 + l.l4_len(&g.frame) - l.payload)
-            .unwrap_or(0)
-    };
+    let payload_len = |g: &GuestFrame| locate(&g.frame).map(|l| l.l4 + l.l4_len(&g.frame) - l.payload).unwrap_or(0);
     let mut got = Vec::new();
     wait_until(|| {
         got.extend(r.guests[0].take_received());
@@ -424,29 +319,14 @@ fn rsc_coalesces_uplink_tcp_toward_gso_receivers() {
     });
     let total: usize = got.iter().map(payload_len).sum();
     assert_eq!(total, 14480, "all payload arrives");
-    assert!(
-        got.len() < 10,
-        "segments were coalesced: {} frames",
-        got.len()
-    );
-    assert!(
-        got.iter()
-            .any(|g| g.hdr.gso_size == 1448 && g.hdr.flags & FLAG_NEEDS_CSUM != 0)
-    );
+    assert!(got.len() < 10, "segments were coalesced: {} frames", got.len());
+    assert!(got.iter().any(|g| g.hdr.gso_size == 1448 && g.hdr.flags & FLAG_NEEDS_CSUM != 0));
     assert!(r.dp.stats("vm1").unwrap().offload_coalesced >= 2);
 }
 
 #[test]
 fn hostile_tx_descriptors_are_counted_and_the_port_keeps_working() {
-    let r = rig(
-        Mode::Vmq,
-        &[
-            vm(10, 9000, OffloadCaps::NONE),
-            vm(10, 9000, OffloadCaps::NONE),
-        ],
-        8,
-        vec![],
-    );
+    let r = rig(Mode::Vmq, &[vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE)], 8, vec![]);
     let g = &r.guests[0];
     g.with_tx_ring(|mem, ring| {
         // Descriptor 200: outside guest memory. Descriptor 201: a loop (next = itself).
@@ -458,17 +338,9 @@ fn hostile_tx_descriptors_are_counted_and_the_port_keeps_working() {
         ring.write_raw_desc(mem, 202, 0x30_0000, 64, 2, 0);
         ring.post_raw(mem, 202);
     });
-    assert!(wait_until(|| r
-        .dp
-        .stats("vm1")
-        .unwrap()
-        .drops(DropReason::BadDescriptor)
-        >= 2));
+    assert!(wait_until(|| r.dp.stats("vm1").unwrap().drops(DropReason::BadDescriptor) >= 2));
     // After all that, a good frame still goes through.
-    assert!(g.send(
-        &VnetHdr::default(),
-        &udp_frame(mac(2), mac(1), None, 300, 1)
-    ));
+    assert!(g.send(&VnetHdr::default(), &udp_frame(mac(2), mac(1), None, 300, 1)));
     assert_eq!(collect(&r.guests[1], 1).len(), 1);
     let s = r.dp.stats("vm1").unwrap();
     assert_eq!(s.rx_packets, 4, "{s:?}");
@@ -485,10 +357,7 @@ fn dynamic_policy_moves_the_queue_to_the_busy_vm_and_reprograms_the_nic() {
             kind: PortKind::Uplink,
             mac: None,
             mtu: 9000,
-            vlan: VlanMode::Trunk {
-                allowed: vec![10],
-                native: None,
-            },
+            vlan: VlanMode::Trunk { allowed: vec![10], native: None },
             allow_mac_spoofing: false,
             offloads: OffloadCaps::NONE,
         },
@@ -513,92 +382,42 @@ fn dynamic_policy_moves_the_queue_to_the_busy_vm_and_reprograms_the_nic() {
     let cfg = DatapathConfig {
         mode: Mode::Vmq,
         workers: 2,
-        vmq: VmqConfig {
-            queues: 1,
-            policy: QueuePolicy::Dynamic,
-            workers: 2,
-            hysteresis: 1.5,
-        },
+        vmq: VmqConfig { queues: 1, policy: QueuePolicy::Dynamic, workers: 2, hysteresis: 1.5 },
         switch: SwitchConfig::default(),
         ports,
         rebalance_interval_ms: 50,
     };
     let mut b = DatapathBuilder::new(cfg).unwrap();
-    b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None)
-        .unwrap();
+    b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None).unwrap();
     let mut guests = Vec::new();
     for i in 1..=2 {
         let (g, source, sink) = mem_port(OffloadCaps::NONE, false);
-        b.attach(&format!("vm{i}"), Box::new(sink), Some(Box::new(source)))
-            .unwrap();
+        b.attach(&format!("vm{i}"), Box::new(sink), Some(Box::new(source))).unwrap();
         guests.push(g);
     }
-    assert_eq!(
-        b.vm_queue(b.port_id("vm1").unwrap()),
-        Some(QueueId(1)),
-        "first come"
-    );
+    assert_eq!(b.vm_queue(b.port_id("vm1").unwrap()), Some(QueueId(1)), "first come");
     // Only vm2 has traffic: an endless stream from the wire.
-    let frames = (0..64u16)
-        .map(|f| udp_frame(mac(2), EXT, Some(10), 300, f))
-        .collect();
+    let frames = (0..64u16).map(|f| udp_frame(mac(2), EXT, Some(10), 300, f)).collect();
     let nic = StandInNic::new(vec![
-        (
-            FilterKey {
-                mac: mac(2),
-                vlan: 10,
-            },
-            frames,
-        ),
-        (
-            FilterKey {
-                mac: mac(1),
-                vlan: 10,
-            },
-            vec![],
-        ),
+        (FilterKey { mac: mac(2), vlan: 10 }, frames),
+        (FilterKey { mac: mac(1), vlan: 10 }, vec![]),
     ]);
-    b.attach_nic_queue_id(
-        "up0",
-        QueueId::DEFAULT,
-        Box::new(nic.queue(QueueId::DEFAULT)),
-    )
-    .unwrap();
-    b.attach_nic_queue_id("up0", QueueId(1), Box::new(nic.queue(QueueId(1))))
-        .unwrap();
+    b.attach_nic_queue_id("up0", QueueId::DEFAULT, Box::new(nic.queue(QueueId::DEFAULT))).unwrap();
+    b.attach_nic_queue_id("up0", QueueId(1), Box::new(nic.queue(QueueId(1)))).unwrap();
     b.attach_steering("up0", Box::new(nic.steering())).unwrap();
     let dp = b.start().unwrap();
-    let vm2_has_queue = || {
-        dp.queue_assignments()
-            .iter()
-            .any(|(n, q)| n == "vm2" && *q == Some(QueueId(1)))
-    };
+    let vm2_has_queue = || dp.queue_assignments().iter().any(|(n, q)| n == "vm2" && *q == Some(QueueId(1)));
     assert!(wait_until(vm2_has_queue), "{:?}", dp.queue_assignments());
     // The NIC now sorts vm2's frames into queue 1: that queue's count grows.
     let on_queue = |dp: &Datapath| {
-        dp.queue_stats()
-            .iter()
-            .filter(|q| q.queue == Some(QueueId(1)))
-            .map(|q| q.rx_packets)
-            .sum::<u64>()
+        dp.queue_stats().iter().filter(|q| q.queue == Some(QueueId(1))).map(|q| q.rx_packets).sum::<u64>()
     };
     let before = on_queue(&dp);
-    assert!(
-        wait_until(|| on_queue(&dp) > before + 1000),
-        "{:?}",
-        dp.queue_stats()
-    );
-    assert!(
-        dp.queue_stats()
-            .iter()
-            .any(|q| q.queue == Some(QueueId(1)) && q.port.as_deref() == Some("vm2"))
-    );
+    assert!(wait_until(|| on_queue(&dp) > before + 1000), "{:?}", dp.queue_stats());
+    assert!(dp.queue_stats().iter().any(|q| q.queue == Some(QueueId(1)) && q.port.as_deref() == Some("vm2")));
     assert!(guests[1].received().0 > 0);
     assert_eq!(guests[0].received().0, 0);
     let drops: u64 = dp.port_stats().iter().map(|(_, s)| s.total_drops()).sum();
     let vm2_no_buffer = dp.stats("vm2").unwrap().drops(DropReason::NoBuffer);
-    assert_eq!(
-        drops, vm2_no_buffer,
-        "only RX-ring-full drops under overload"
-    );
+    assert_eq!(drops, vm2_no_buffer, "only RX-ring-full drops under overload");
 }

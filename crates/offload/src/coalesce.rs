@@ -75,12 +75,7 @@ impl Coalescer {
         flow_key(frame, &layers, &mut self.spare_key);
         if let Some(p) = self.pending.as_mut() {
             let fits = p.buf.len() - p.layers.l3 + payload.len() <= MAX_IP_LEN;
-            if !p.closed
-                && p.key == self.spare_key
-                && seq == p.next_seq
-                && payload.len() <= p.mss
-                && fits
-            {
+            if !p.closed && p.key == self.spare_key && seq == p.next_seq && payload.len() <= p.mss && fits {
                 p.buf.extend_from_slice(payload);
                 p.next_seq = seq.wrapping_add(payload.len() as u32);
                 p.segments += 1;
@@ -156,11 +151,7 @@ impl Coalescer {
             let pseudo = fold(p.layers.pseudo_header(&p.buf, l4_len));
             let at = p.layers.l4 + 16;
             p.buf[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
-            let gso = if p.layers.ipv6 {
-                GsoType::TcpV6
-            } else {
-                GsoType::TcpV4
-            };
+            let gso = if p.layers.ipv6 { GsoType::TcpV6 } else { GsoType::TcpV4 };
             let hdr = VnetHdr {
                 flags: FLAG_NEEDS_CSUM,
                 gso_type: gso.to_raw(),

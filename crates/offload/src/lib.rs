@@ -19,18 +19,8 @@ pub struct OffloadCaps {
 }
 
 impl OffloadCaps {
-    pub const NONE: OffloadCaps = OffloadCaps {
-        csum: false,
-        tso4: false,
-        tso6: false,
-        ecn: false,
-    };
-    pub const ALL: OffloadCaps = OffloadCaps {
-        csum: true,
-        tso4: true,
-        tso6: true,
-        ecn: true,
-    };
+    pub const NONE: OffloadCaps = OffloadCaps { csum: false, tso4: false, tso6: false, ecn: false };
+    pub const ALL: OffloadCaps = OffloadCaps { csum: true, tso4: true, tso6: true, ecn: true };
 
     /// Can the receiver take TCP GSO frames at all (and so coalesced ones)?
     pub fn accepts_gso(&self) -> bool {
@@ -52,9 +42,7 @@ use vmq_wire::vnet::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GSO_ECN, GsoType};
 pub enum OffloadError {
     #[error("GSO type is not TCP")]
     NotTcp,
-    #[error(
-        "headers vmq does not segment (IP fragments, IPv6 extension headers it cannot skip, UDP GSO)"
-    )]
+    #[error("headers vmq does not segment (IP fragments, IPv6 extension headers it cannot skip, UDP GSO)")]
     Unsupported,
     #[error("headers do not match the virtio-net header or the frame length")]
     Malformed,
@@ -82,11 +70,7 @@ pub fn plan_egress(hdr: &VnetHdr, caps: OffloadCaps) -> EgressPlan {
             Some(GsoType::TcpV6) => caps.tso6,
             _ => false,
         };
-        if takes && caps.csum && ecn_ok {
-            EgressPlan::AsIs
-        } else {
-            EgressPlan::Segment
-        }
+        if takes && caps.csum && ecn_ok { EgressPlan::AsIs } else { EgressPlan::Segment }
     } else if hdr.needs_csum() && !caps.csum {
         EgressPlan::FinishCsum
     } else {

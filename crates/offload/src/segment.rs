@@ -50,17 +50,11 @@ pub fn segment(
         return Err(OffloadError::TooManySegments);
     }
     let seq0 = layers.tcp_seq(frame);
-    let id0 = if layers.ipv6 {
-        0
-    } else {
-        layers.ipv4_id(frame)
-    };
+    let id0 = if layers.ipv6 { 0 } else { layers.ipv4_id(frame) };
     let flags0 = layers.tcp_flags(frame);
     let tcp_hdr_len = layers.payload - layers.l4;
     for i in 0..count {
-        let chunk = payload
-            .get(i * mss..((i + 1) * mss).min(payload.len()))
-            .unwrap_or(&[]);
+        let chunk = payload.get(i * mss..((i + 1) * mss).min(payload.len())).unwrap_or(&[]);
         scratch.clear();
         scratch.extend_from_slice(headers);
         scratch.extend_from_slice(chunk);

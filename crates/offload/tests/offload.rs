@@ -2,9 +2,7 @@
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use proptest::prelude::*;
-use vmq_offload::{
-    Coalescer, EgressPlan, OffloadCaps, OffloadError, finish_csum, plan_egress, segment,
-};
+use vmq_offload::{Coalescer, EgressPlan, OffloadCaps, OffloadError, finish_csum, plan_egress, segment};
 use vmq_wire::VnetHdr;
 use vmq_wire::checksum::fold;
 use vmq_wire::ip::locate;
@@ -12,11 +10,7 @@ use vmq_wire::vnet::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GSO_ECN, GsoType};
 
 fn tcp_frame(v6: bool, seq: u32, payload: &[u8], psh: bool, fin: bool, cwr: bool) -> Vec<u8> {
     let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
-    let b = if v6 {
-        b.ipv6([0xfd; 16], [0xfe; 16], 64)
-    } else {
-        b.ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
-    };
+    let b = if v6 { b.ipv6([0xfd; 16], [0xfe; 16], 64) } else { b.ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64) };
     let mut b = b.tcp(40000, 5201, seq, 65000).ack(12345);
     if psh {
         b = b.psh();
@@ -64,35 +58,19 @@ fn check_complete(frame: &[u8]) -> (u32, u8, Vec<u8>, Option<u16>) {
     let (id, tcp_sum) = match p.net.as_ref().unwrap() {
         NetSlice::Ipv4(ip) => {
             let h = ip.header().to_header();
-            assert_eq!(
-                h.header_checksum,
-                h.calc_header_checksum(),
-                "IPv4 header checksum"
-            );
-            let Some(TransportSlice::Tcp(t)) = &p.transport else {
-                panic!("tcp")
-            };
+            assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+            let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!("tcp") };
             let hdr = t.to_header();
-            (
-                Some(h.identification),
-                hdr.calc_checksum_ipv4(&h, t.payload()).unwrap(),
-            )
+            (Some(h.identification), hdr.calc_checksum_ipv4(&h, t.payload()).unwrap())
         }
         NetSlice::Ipv6(ip) => {
             let h = ip.header().to_header();
-            let Some(TransportSlice::Tcp(t)) = &p.transport else {
-                panic!("tcp")
-            };
-            (
-                None,
-                t.to_header().calc_checksum_ipv6(&h, t.payload()).unwrap(),
-            )
+            let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!("tcp") };
+            (None, t.to_header().calc_checksum_ipv6(&h, t.payload()).unwrap())
         }
         _ => panic!("ip"),
     };
-    let Some(TransportSlice::Tcp(t)) = p.transport else {
-        panic!("tcp")
-    };
+    let Some(TransportSlice::Tcp(t)) = p.transport else { panic!("tcp") };
     assert_eq!(t.checksum(), tcp_sum, "TCP checksum");
     let flags = frame[locate(frame).unwrap().l4 + 13];
     (t.sequence_number(), flags, t.payload().to_vec(), id)
@@ -103,44 +81,13 @@ fn plan_follows_caps() {
     let (h, _) = gso_frame(false, &[0; 3000], 1448, false);
     assert_eq!(plan_egress(&h, OffloadCaps::ALL), EgressPlan::AsIs);
     assert_eq!(plan_egress(&h, OffloadCaps::NONE), EgressPlan::Segment);
-    assert_eq!(
-        plan_egress(
-            &h,
-            OffloadCaps {
-                tso4: false,
-                ..OffloadCaps::ALL
-            }
-        ),
-        EgressPlan::Segment
-    );
-    let ecn = VnetHdr {
-        gso_type: h.gso_type | GSO_ECN,
-        ..h
-    };
-    assert_eq!(
-        plan_egress(
-            &ecn,
-            OffloadCaps {
-                ecn: false,
-                ..OffloadCaps::ALL
-            }
-        ),
-        EgressPlan::Segment
-    );
-    let csum_only = VnetHdr {
-        gso_type: 0,
-        gso_size: 0,
-        ..h
-    };
-    assert_eq!(
-        plan_egress(&csum_only, OffloadCaps::NONE),
-        EgressPlan::FinishCsum
-    );
+    assert_eq!(plan_egress(&h, OffloadCaps { tso4: false, ..OffloadCaps::ALL }), EgressPlan::Segment);
+    let ecn = VnetHdr { gso_type: h.gso_type | GSO_ECN, ..h };
+    assert_eq!(plan_egress(&ecn, OffloadCaps { ecn: false, ..OffloadCaps::ALL }), EgressPlan::Segment);
+    let csum_only = VnetHdr { gso_type: 0, gso_size: 0, ..h };
+    assert_eq!(plan_egress(&csum_only, OffloadCaps::NONE), EgressPlan::FinishCsum);
     assert_eq!(plan_egress(&csum_only, OffloadCaps::ALL), EgressPlan::AsIs);
-    assert_eq!(
-        plan_egress(&VnetHdr::default(), OffloadCaps::NONE),
-        EgressPlan::AsIs
-    );
+    assert_eq!(plan_egress(&VnetHdr::default(), OffloadCaps::NONE), EgressPlan::AsIs);
 }
 
 #[test]
@@ -149,21 +96,10 @@ fn finish_csum_makes_a_valid_frame() {
     h.gso_type = 0;
     h.gso_size = 0;
     finish_csum(&mut h, &mut f).unwrap();
-    assert_eq!(
-        h.flags & (FLAG_NEEDS_CSUM | FLAG_DATA_VALID),
-        FLAG_DATA_VALID
-    );
+    assert_eq!(h.flags & (FLAG_NEEDS_CSUM | FLAG_DATA_VALID), FLAG_DATA_VALID);
     check_complete(&f);
-    let mut bad = VnetHdr {
-        flags: FLAG_NEEDS_CSUM,
-        csum_start: 60,
-        csum_offset: 16,
-        ..Default::default()
-    };
-    assert_eq!(
-        finish_csum(&mut bad, &mut [0u8; 70]),
-        Err(OffloadError::Malformed)
-    );
+    let mut bad = VnetHdr { flags: FLAG_NEEDS_CSUM, csum_start: 60, csum_offset: 16, ..Default::default() };
+    assert_eq!(finish_csum(&mut bad, &mut [0u8; 70]), Err(OffloadError::Malformed));
 }
 
 #[test]
@@ -171,57 +107,24 @@ fn bogus_gso_frames_are_errors_not_panics() {
     let (h, f) = gso_frame(false, &[1; 3000], 1448, false);
     let mut s = Vec::new();
     let mut sink = |_: &VnetHdr, _: &[u8]| {};
+    assert_eq!(segment(&VnetHdr { gso_size: 0, ..h }, &f, false, &mut s, &mut sink), Err(OffloadError::Malformed));
     assert_eq!(
-        segment(&VnetHdr { gso_size: 0, ..h }, &f, false, &mut s, &mut sink),
+        segment(&VnetHdr { gso_type: GsoType::TcpV6.to_raw(), ..h }, &f, false, &mut s, &mut sink),
         Err(OffloadError::Malformed)
     );
     assert_eq!(
-        segment(
-            &VnetHdr {
-                gso_type: GsoType::TcpV6.to_raw(),
-                ..h
-            },
-            &f,
-            false,
-            &mut s,
-            &mut sink
-        ),
-        Err(OffloadError::Malformed)
-    );
-    assert_eq!(
-        segment(
-            &VnetHdr {
-                gso_type: GsoType::Udp.to_raw(),
-                ..h
-            },
-            &f,
-            false,
-            &mut s,
-            &mut sink
-        ),
+        segment(&VnetHdr { gso_type: GsoType::Udp.to_raw(), ..h }, &f, false, &mut s, &mut sink),
         Err(OffloadError::NotTcp)
     );
     let (hb, fb) = gso_frame(false, &[1; 5000], 1448, false);
     assert_eq!(
-        segment(
-            &VnetHdr { gso_size: 1, ..hb },
-            &fb,
-            false,
-            &mut s,
-            &mut sink
-        ),
+        segment(&VnetHdr { gso_size: 1, ..hb }, &fb, false, &mut s, &mut sink),
         Err(OffloadError::TooManySegments)
     );
-    assert_eq!(
-        segment(&h, &f[..40], false, &mut s, &mut sink),
-        Err(OffloadError::Malformed)
-    );
+    assert_eq!(segment(&h, &f[..40], false, &mut s, &mut sink), Err(OffloadError::Malformed));
     let mut lying = f.clone();
     lying[16..18].copy_from_slice(&60000u16.to_be_bytes()); // IPv4 total length past the end
-    assert_eq!(
-        segment(&h, &lying, false, &mut s, &mut sink),
-        Err(OffloadError::Malformed)
-    );
+    assert_eq!(segment(&h, &lying, false, &mut s, &mut sink), Err(OffloadError::Malformed));
 }
 
 proptest! {
@@ -296,13 +199,7 @@ proptest! {
 fn coalescer_keeps_flows_and_gaps_apart() {
     let seg = |seq: u32, v6: bool| {
         let f = tcp_frame(v6, seq, &[1; 100], false, false, false);
-        (
-            VnetHdr {
-                flags: FLAG_DATA_VALID,
-                ..Default::default()
-            },
-            f,
-        )
+        (VnetHdr { flags: FLAG_DATA_VALID, ..Default::default() }, f)
     };
     let mut c = Coalescer::new();
     let mut out = Vec::new();
@@ -326,9 +223,7 @@ fn coalescer_keeps_flows_and_gaps_apart() {
     bad[l.payload] ^= 0xff;
     let mut out = Vec::new();
     let mut c = Coalescer::new();
-    c.offer(&VnetHdr::default(), &bad, &mut |h2, f2| {
-        out.push((*h2, f2.to_vec()))
-    });
+    c.offer(&VnetHdr::default(), &bad, &mut |h2, f2| out.push((*h2, f2.to_vec())));
     c.flush(&mut |h2, f2| out.push((*h2, f2.to_vec())));
     assert_eq!(out, vec![(VnetHdr::default(), bad)]);
 }

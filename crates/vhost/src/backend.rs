@@ -10,10 +10,9 @@ use std::sync::Arc;
 
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
-    VhostUserVringAddrFlags, VhostUserVringState,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{
     Backend, Error as ProtoError, GpuBackend, Result as ProtoResult, VhostUserBackendReqHandlerMut,
@@ -112,11 +111,7 @@ fn invalid(reason: &'static str) -> ProtoError {
 }
 
 impl NetBackend {
-    pub fn new(
-        config: NetDeviceConfig,
-        device: Arc<NetDevice>,
-        on_event: Box<dyn FnMut(DeviceEvent) + Send>,
-    ) -> Self {
+    pub fn new(config: NetDeviceConfig, device: Arc<NetDevice>, on_event: Box<dyn FnMut(DeviceEvent) + Send>) -> Self {
         NetBackend {
             config,
             device,
@@ -156,11 +151,7 @@ impl NetBackend {
 
     fn check_index(index: u32) -> ProtoResult<usize> {
         let i = index as usize;
-        if i < NUM_QUEUES {
-            Ok(i)
-        } else {
-            Err(invalid("queue index beyond the single queue pair"))
-        }
+        if i < NUM_QUEUES { Ok(i) } else { Err(invalid("queue index beyond the single queue pair")) }
     }
 
     /// VHOST_USER_F_PROTOCOL_FEATURES counts as negotiated once the backend offers it (it is a
@@ -172,8 +163,7 @@ impl NetBackend {
 
     /// Was REPLY_ACK negotiated (so a request flagged NEED_REPLY gets an ack)?
     pub fn reply_ack(&self) -> bool {
-        self.acked_protocol
-            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+        self.acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
     }
 
     /// Start rings that are now complete, and tell the data path when the device runs or stops.
@@ -188,10 +178,7 @@ impl NetBackend {
                 ring.started = ring.queue.is_valid(&*mem);
                 if !ring.started {
                     ring.queue.set_ready(false);
-                    tracing::warn!(
-                        queue = i,
-                        "ring addresses invalid for guest memory; ring not started"
-                    );
+                    tracing::warn!(queue = i, "ring addresses invalid for guest memory; ring not started");
                 }
             }
         }
@@ -200,11 +187,7 @@ impl NetBackend {
         if running != self.was_running {
             self.was_running = running;
             self.device.bump_generation();
-            (self.on_event)(if running {
-                DeviceEvent::Started
-            } else {
-                DeviceEvent::Stopped
-            });
+            (self.on_event)(if running { DeviceEvent::Started } else { DeviceEvent::Stopped });
         }
     }
 
@@ -283,9 +266,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             return Err(invalid("postcopy is not supported"));
         }
         if ctx.is_empty() || ctx.len() > MAX_MEM_REGIONS || files.len() != ctx.len() {
-            return Err(invalid(
-                "memory table with no regions, too many, or fds missing",
-            ));
+            return Err(invalid("memory table with no regions, too many, or fds missing"));
         }
         let mut regions = Vec::with_capacity(ctx.len());
         let mut mappings = Vec::with_capacity(ctx.len());
@@ -303,13 +284,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
                 gpa_base: region.guest_phys_addr,
             });
         }
-        let mem = GuestMemoryMmap::from_regions(regions)
-            .map_err(|_| invalid("overlapping memory regions"))?;
-        self.device
-            .mem
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(mem);
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|_| invalid("overlapping memory regions"))?;
+        self.device.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(mem);
         self.mappings = mappings;
         Ok(None)
     }
@@ -374,8 +350,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> ProtoResult<()> {
         let i = Self::check_index(index as u32)?;
         // Polling mode (no kick fd) is not offered: vmq's workers sleep on kicks.
-        let fd =
-            fd.ok_or_else(|| invalid("ring without a kick fd (polling mode) is not supported"))?;
+        let fd = fd.ok_or_else(|| invalid("ring without a kick fd (polling mode) is not supported"))?;
         {
             let mut ring = self.device.vring(i);
             ring.kick = Some(fd);
@@ -400,8 +375,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_protocol_features(&mut self, features: u64) -> ProtoResult<()> {
-        let features = VhostUserProtocolFeatures::from_bits(features)
-            .ok_or_else(|| invalid("unknown protocol feature bits"))?;
+        let features =
+            VhostUserProtocolFeatures::from_bits(features).ok_or_else(|| invalid("unknown protocol feature bits"))?;
         if !offered_protocol_features().contains(features) {
             return Err(invalid("protocol features vmq did not offer"));
         }
@@ -418,17 +393,10 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         self.enable_vring(index, enable)
     }
 
-    fn get_config(
-        &mut self,
-        offset: u32,
-        size: u32,
-        _flags: VhostUserConfigFlags,
-    ) -> ProtoResult<Vec<u8>> {
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> ProtoResult<Vec<u8>> {
         let space = self.config_space();
         let start = offset as usize;
-        let end = start
-            .checked_add(size as usize)
-            .ok_or_else(|| invalid("config range overflows"))?;
+        let end = start.checked_add(size as usize).ok_or_else(|| invalid("config range overflows"))?;
         // Reads past our config space return zeros (fields of features we do not offer).
         let mut out = vec![0u8; size as usize];
         if start < space.len() {
@@ -438,12 +406,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         Ok(out)
     }
 
-    fn set_config(
-        &mut self,
-        _offset: u32,
-        _buf: &[u8],
-        _flags: VhostUserConfigFlags,
-    ) -> ProtoResult<()> {
+    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> ProtoResult<()> {
         // virtio-net config space is read-only for the driver (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
         Err(invalid("config space is read-only"))
     }
@@ -458,10 +421,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         Err(invalid("shared objects are not supported"))
     }
 
-    fn get_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-    ) -> ProtoResult<(VhostUserInflight, File)> {
+    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> ProtoResult<(VhostUserInflight, File)> {
         Err(invalid("inflight tracking is not supported"))
     }
 

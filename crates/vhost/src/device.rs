@@ -116,10 +116,7 @@ impl NetDevice {
         for i in 0..NUM_QUEUES {
             *self.vring(i) = Vring::new();
         }
-        self.mem
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(GuestMem::default());
+        self.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(GuestMem::default());
         self.acked_features.store(0, Ordering::Release);
         self.bump_generation();
     }

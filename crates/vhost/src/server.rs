@@ -47,11 +47,7 @@ impl Token {
 
     fn decode(raw: u64) -> Token {
         let index = (raw >> 1) as usize;
-        if raw & 1 == 0 {
-            Token::Listener(index)
-        } else {
-            Token::Connection(index)
-        }
+        if raw & 1 == 0 { Token::Listener(index) } else { Token::Connection(index) }
     }
 }
 
@@ -104,10 +100,7 @@ impl Connection {
                 let body = le32(&buf, 8) as usize;
                 // An oversized body is rejected by the header check before it is read.
                 if body > MAX_BODY_LEN || n >= HEADER_LEN + body {
-                    Pending::Message {
-                        request: le32(&buf, 0),
-                        flags: le32(&buf, 4),
-                    }
+                    Pending::Message { request: le32(&buf, 0), flags: le32(&buf, 4) }
                 } else {
                     Pending::Partial
                 }
@@ -124,9 +117,7 @@ impl Connection {
     fn set_vring_enable(&mut self, backend: &Mutex<NetBackend>, flags: u32) -> Result<(), String> {
         use std::io::{Read, Write};
         let mut msg = [0u8; HEADER_LEN + 8];
-        (&self.peek)
-            .read_exact(&mut msg)
-            .map_err(|e| format!("reading SET_VRING_ENABLE: {e}"))?;
+        (&self.peek).read_exact(&mut msg).map_err(|e| format!("reading SET_VRING_ENABLE: {e}"))?;
         if le32(&msg, 8) != 8 {
             return Err("SET_VRING_ENABLE with a body that is not 8 bytes".to_string());
         }
@@ -139,9 +130,7 @@ impl Connection {
             reply[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
             reply[8..12].copy_from_slice(&8u32.to_le_bytes());
             reply[12..].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
-            (&self.peek)
-                .write_all(&reply)
-                .map_err(|e| format!("replying to SET_VRING_ENABLE: {e}"))?;
+            (&self.peek).write_all(&reply).map_err(|e| format!("replying to SET_VRING_ENABLE: {e}"))?;
         }
         result.map_err(|e| format!("SET_VRING_ENABLE: {e}"))
     }
@@ -170,15 +159,10 @@ pub struct VhostUserServer {
 }
 
 fn bind(path: &Path) -> Result<UnixListener, ServerError> {
-    let socket_err = |source| ServerError::Socket {
-        path: path.to_path_buf(),
-        source,
-    };
+    let socket_err = |source| ServerError::Socket { path: path.to_path_buf(), source };
     // A socket file left by an earlier run is replaced; anything else is not ours to delete.
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(socket_err)?
-        }
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(socket_err)?,
         Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(socket_err(e)),
@@ -193,10 +177,7 @@ fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 
 impl VhostUserServer {
     pub fn new() -> Result<Self, ServerError> {
-        Ok(VhostUserServer {
-            epoll: Epoll::new().map_err(ServerError::Epoll)?,
-            ports: Vec::new(),
-        })
+        Ok(VhostUserServer { epoll: Epoll::new().map_err(ServerError::Epoll)?, ports: Vec::new() })
     }
 
     /// Listens on `path` for the VM of port `name`. `on_event` runs on this thread when the
@@ -239,11 +220,7 @@ impl VhostUserServer {
             .ok_or_else(|| ServerError::UnknownPort(name.to_string()))?;
         self.disconnect(index, "port removed");
         if let Some(port) = self.ports[index].take() {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                port.listener.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.epoll.ctl(ControlOperation::Delete, port.listener.as_raw_fd(), EpollEvent::default());
             let _ = std::fs::remove_file(&port.path);
         }
         Ok(())
@@ -310,10 +287,7 @@ impl VhostUserServer {
             }
             // The peek handle is non-blocking (the flag is shared with the handler's socket,
             // which only reads once a whole message is known to be there).
-            let peek = match stream
-                .set_nonblocking(true)
-                .and_then(|()| stream.try_clone())
-            {
+            let peek = match stream.set_nonblocking(true).and_then(|()| stream.try_clone()) {
                 Ok(peek) => peek,
                 Err(e) => {
                     tracing::warn!(port = %port.name, error = %e, "vhost-user connection setup failed");
@@ -327,10 +301,7 @@ impl VhostUserServer {
                 ControlOperation::Add,
                 handler.as_raw_fd(),
                 EpollEvent::new(
-                    EventSet::IN
-                        | EventSet::HANG_UP
-                        | EventSet::READ_HANG_UP
-                        | EventSet::EDGE_TRIGGERED,
+                    EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
                     token,
                 ),
             ) {
@@ -343,8 +314,7 @@ impl VhostUserServer {
     }
 
     fn serve(&mut self, index: usize, events: EventSet) {
-        let peer_closed =
-            events.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR);
+        let peer_closed = events.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR);
         // Edge-triggered: handle every complete message that is there now.
         loop {
             let Some(port) = self.ports.get_mut(index).and_then(Option::as_mut) else {
@@ -360,10 +330,7 @@ impl VhostUserServer {
                     return self.disconnect(index, "frontend hung up mid-message");
                 }
                 Pending::Partial => return,
-                Pending::Message {
-                    request: SET_VRING_ENABLE,
-                    flags,
-                } => {
+                Pending::Message { request: SET_VRING_ENABLE, flags } => {
                     let backend = port.backend.clone();
                     if let Err(reason) = conn.set_vring_enable(&backend, flags) {
                         return self.disconnect(index, &reason);
@@ -390,11 +357,7 @@ impl VhostUserServer {
             return;
         };
         if let Some(conn) = port.connection.take() {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                conn.handler.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.epoll.ctl(ControlOperation::Delete, conn.handler.as_raw_fd(), EpollEvent::default());
             tracing::info!(port = %port.name, reason, "vhost-user frontend disconnected; port down");
         }
         lock(&port.backend).disconnected();

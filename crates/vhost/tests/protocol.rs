@@ -38,12 +38,8 @@ struct Harness {
 
 impl Harness {
     fn new(name: &str) -> Harness {
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_env_filter("debug")
-            .try_init();
-        let dir =
-            std::env::temp_dir().join(format!("vmq-vhost-test-{name}-{}", std::process::id()));
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("debug").try_init();
+        let dir = std::env::temp_dir().join(format!("vmq-vhost-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("vm.sock");
@@ -54,17 +50,12 @@ impl Harness {
         let polls = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (ready_tx, ready_rx) = channel();
         let thread = {
-            let (socket, device, status, stop) =
-                (socket.clone(), device.clone(), status.clone(), stop.clone());
+            let (socket, device, status, stop) = (socket.clone(), device.clone(), status.clone(), stop.clone());
             let polls = polls.clone();
             std::thread::spawn(move || {
                 let mut server = VhostUserServer::new().unwrap();
                 let tx = Mutex::new(tx);
-                let config = NetDeviceConfig {
-                    mac: "52:54:00:00:00:01".parse().unwrap(),
-                    mtu: 9000,
-                    offloads: true,
-                };
+                let config = NetDeviceConfig { mac: "52:54:00:00:00:01".parse().unwrap(), mtu: 9000, offloads: true };
                 server
                     .add_port(
                         "vm1",
@@ -85,16 +76,7 @@ impl Harness {
             })
         };
         ready_rx.recv_timeout(TIMEOUT).expect("server started");
-        Harness {
-            dir,
-            socket,
-            events,
-            status,
-            stop,
-            polls,
-            thread: Some(thread),
-            device,
-        }
+        Harness { dir, socket, events, status, stop, polls, thread: Some(thread), device }
     }
 
     fn wait_status(&self, what: &str, pred: impl Fn(&PortStatus) -> bool) {
@@ -121,13 +103,7 @@ impl Drop for Harness {
 
 fn guest_memory_file(dir: &Path) -> std::fs::File {
     let path = dir.join("guest-mem");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     f.set_len(MEM_SIZE).unwrap();
     f
 }
@@ -138,10 +114,7 @@ fn bring_up(h: &Harness) -> (Frontend, std::fs::File, Vec<EventFd>) {
     fe.set_owner().unwrap();
     let features = fe.get_features().unwrap();
     fe.set_features(features).unwrap();
-    assert_ne!(
-        features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-        0
-    );
+    assert_ne!(features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
     let proto = fe.get_protocol_features().unwrap();
     assert!(proto.contains(VhostUserProtocolFeatures::REPLY_ACK));
     fe.set_protocol_features(proto).unwrap();
@@ -186,10 +159,7 @@ fn bring_up(h: &Harness) -> (Frontend, std::fs::File, Vec<EventFd>) {
 fn frontend_brings_device_up_and_reconnects() {
     let h = Harness::new("up");
     let (fe, _mem, _fds) = bring_up(&h);
-    assert_eq!(
-        h.events.recv_timeout(TIMEOUT).unwrap(),
-        DeviceEvent::Started
-    );
+    assert_eq!(h.events.recv_timeout(TIMEOUT).unwrap(), DeviceEvent::Started);
     assert!(h.device.is_running());
     // Ring addresses were translated from VMM addresses to guest-physical ones.
     assert_eq!(h.device.vring(1).queue.desc_table(), 0x10000);
@@ -197,19 +167,13 @@ fn frontend_brings_device_up_and_reconnects() {
 
     // The VM goes away (kill -9): the port goes down and forgets the rings.
     drop(fe);
-    assert_eq!(
-        h.events.recv_timeout(TIMEOUT).unwrap(),
-        DeviceEvent::Stopped
-    );
+    assert_eq!(h.events.recv_timeout(TIMEOUT).unwrap(), DeviceEvent::Stopped);
     h.wait_status("disconnected", |s| !s.connected && !s.running);
     assert!(h.device.generation() > gen_running);
 
     // The next connection on the same socket works.
     let (_fe, _mem, _fds) = bring_up(&h);
-    assert_eq!(
-        h.events.recv_timeout(TIMEOUT).unwrap(),
-        DeviceEvent::Started
-    );
+    assert_eq!(h.events.recv_timeout(TIMEOUT).unwrap(), DeviceEvent::Started);
     h.wait_status("running again", |s| s.connected && s.running);
 }
 
@@ -217,15 +181,9 @@ fn frontend_brings_device_up_and_reconnects() {
 fn get_vring_base_stops_the_device() {
     let h = Harness::new("stop");
     let (fe, _mem, _fds) = bring_up(&h);
-    assert_eq!(
-        h.events.recv_timeout(TIMEOUT).unwrap(),
-        DeviceEvent::Started
-    );
+    assert_eq!(h.events.recv_timeout(TIMEOUT).unwrap(), DeviceEvent::Started);
     assert_eq!(fe.get_vring_base(0).unwrap(), 0);
-    assert_eq!(
-        h.events.recv_timeout(TIMEOUT).unwrap(),
-        DeviceEvent::Stopped
-    );
+    assert_eq!(h.events.recv_timeout(TIMEOUT).unwrap(), DeviceEvent::Stopped);
     assert!(!h.device.is_running());
 }
 
@@ -261,10 +219,7 @@ fn hostile_clients_are_disconnected_and_the_port_survives() {
         let before = h.polls.load(Ordering::Relaxed);
         let deadline = Instant::now() + TIMEOUT;
         while h.polls.load(Ordering::Relaxed) < before + 3 {
-            assert!(
-                Instant::now() < deadline,
-                "a partial message stalled the server"
-            );
+            assert!(Instant::now() < deadline, "a partial message stalled the server");
             std::thread::yield_now();
         }
     }
@@ -285,10 +240,7 @@ fn hostile_clients_are_disconnected_and_the_port_survives() {
     h.wait_status("idle after hostile clients", |s| !s.connected);
     // A well-behaved frontend still gets a working device.
     let (_fe, _mem, _fds) = bring_up(&h);
-    assert_eq!(
-        h.events.recv_timeout(TIMEOUT).unwrap(),
-        DeviceEvent::Started
-    );
+    assert_eq!(h.events.recv_timeout(TIMEOUT).unwrap(), DeviceEvent::Started);
 }
 
 #[test]
@@ -302,10 +254,7 @@ fn bad_ring_setup_is_refused() {
     // Ring size not a power of two: refused, and the frontend is disconnected.
     let _ = fe.set_vring_num(0, 300);
     h.wait_status("disconnected after a bad ring size", |s| !s.connected);
-    assert!(
-        fe.set_vring_num(0, 256).is_err(),
-        "the connection must be closed"
-    );
+    assert!(fe.set_vring_num(0, 256).is_err(), "the connection must be closed");
 
     let fe = Frontend::connect(&h.socket, 2).unwrap();
     fe.set_owner().unwrap();

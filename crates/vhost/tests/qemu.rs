@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
-};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF};
 use vmq_vhost::server::VhostUserServer;
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig};
 
@@ -21,9 +19,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn guest_dir() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::env::var_os("VMQ_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/guest"))
+    std::env::var_os("VMQ_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target/guest"))
 }
 
 /// Kills and reaps the QEMU process on every exit path.
@@ -39,24 +35,8 @@ impl Drop for Qemu {
 fn start_qemu(socket: &Path, mac: &str) -> Qemu {
     let guest = guest_dir();
     let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-smp",
-            "1",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-nodefaults",
-        ])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=256M,share=on",
-            "-machine",
-            "q35,memory-backend=mem",
-        ])
+        .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-display", "none", "-no-reboot", "-nodefaults"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "q35,memory-backend=mem"])
         .arg("-kernel")
         .arg(guest.join("vmlinuz"))
         .arg("-initrd")
@@ -68,10 +48,7 @@ fn start_qemu(socket: &Path, mac: &str) -> Qemu {
         .arg("-device")
         .arg(format!("virtio-net-pci,netdev=n0,mac={mac},vectors=0"))
         .arg("-serial")
-        .arg(format!(
-            "file:{}",
-            socket.with_extension("serial").display()
-        ))
+        .arg(format!("file:{}", socket.with_extension("serial").display()))
         .args(["-monitor", "none"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -104,11 +81,7 @@ fn start_server(socket: PathBuf, device: Arc<NetDevice>) -> (Server, Receiver<De
         std::thread::spawn(move || {
             let mut server = VhostUserServer::new().unwrap();
             let tx = Mutex::new(tx);
-            let config = NetDeviceConfig {
-                mac: "52:54:00:00:00:11".parse().unwrap(),
-                mtu: 9000,
-                offloads: true,
-            };
+            let config = NetDeviceConfig { mac: "52:54:00:00:00:11".parse().unwrap(), mtu: 9000, offloads: true };
             server
                 .add_port(
                     "vm",
@@ -127,36 +100,21 @@ fn start_server(socket: PathBuf, device: Arc<NetDevice>) -> (Server, Receiver<De
         })
     };
     ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    (
-        Server {
-            stop,
-            thread: Some(thread),
-        },
-        rx,
-    )
+    (Server { stop, thread: Some(thread) }, rx)
 }
 
 #[test]
 fn qemu_guest_attaches_and_reattaches() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("info")
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
     let guest = guest_dir();
-    if !guest.join("vmlinuz").exists()
-        || Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_err()
-    {
+    if !guest.join("vmlinuz").exists() || Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
         eprintln!(
             "SKIPPED: needs qemu-system-x86_64 and a guest image in {} (tests/guest/build-guest.sh)",
             guest.display()
         );
         return;
     }
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("vmq-qemu-test-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vmq-qemu-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vm.sock");
     let device = NetDevice::new();
@@ -165,9 +123,7 @@ fn qemu_guest_attaches_and_reattaches() {
     for round in 0..2 {
         let qemu = start_qemu(&socket, "52:54:00:00:00:11");
         // The guest's virtio-net driver probes the device and brings the rings up.
-        let event = events
-            .recv_timeout(BOOT_TIMEOUT)
-            .unwrap_or_else(|_| panic!("round {round}: device never started"));
+        let event = events.recv_timeout(BOOT_TIMEOUT).unwrap_or_else(|_| panic!("round {round}: device never started"));
         assert_eq!(event, DeviceEvent::Started);
         let features = device.acked_features();
         for (bit, name) in [
@@ -175,16 +131,11 @@ fn qemu_guest_attaches_and_reattaches() {
             (VIRTIO_NET_F_GUEST_CSUM, "GUEST_CSUM"),
             (VIRTIO_NET_F_GUEST_TSO4, "GUEST_TSO4"),
         ] {
-            assert!(
-                features & (1 << bit) != 0,
-                "guest did not negotiate {name}: {features:#x}"
-            );
+            assert!(features & (1 << bit) != 0, "guest did not negotiate {name}: {features:#x}");
         }
         // kill -9 the VM: the port goes down and forgets the guest.
         drop(qemu);
-        let event = events
-            .recv_timeout(Duration::from_secs(30))
-            .expect("device never stopped");
+        let event = events.recv_timeout(Duration::from_secs(30)).expect("device never stopped");
         assert_eq!(event, DeviceEvent::Stopped);
         assert!(!device.is_running());
     }

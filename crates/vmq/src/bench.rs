@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use clap::Args;
 use serde::Serialize;
 use vmq_core::Mode;
-use vmq_datapath::bench::{BenchOptions, BenchPath, BenchResult, memcpy_gbps, run_bench};
+use vmq_datapath::bench::{
+    BenchOptions, BenchPath, BenchResult, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench,
+};
 
 use crate::cli::exit;
 
@@ -43,6 +45,29 @@ struct JsonReport {
     workers: usize,
     vms: usize,
     results: Vec<JsonResult>,
+    /// VM-to-VM TCP with and without offloads (one worker): vmq's CPU per byte.
+    tcp: Vec<JsonTcp>,
+}
+
+#[derive(Serialize)]
+struct JsonTcp {
+    case: &'static str,
+    payload_gbps: f64,
+    cpu_ns_per_kib: f64,
+    frames: u64,
+    segments: u64,
+    coalesced: u64,
+}
+
+fn json_tcp(r: &TcpBenchResult) -> JsonTcp {
+    JsonTcp {
+        case: r.case.name(),
+        payload_gbps: r.payload_gbps,
+        cpu_ns_per_kib: r.cpu_ns_per_kib,
+        frames: r.frames_delivered,
+        segments: r.segments,
+        coalesced: r.coalesced,
+    }
 }
 
 #[derive(Serialize)]
@@ -92,12 +117,20 @@ pub fn bench(args: &BenchArgs) -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
+    let tcp = match run_tcp_bench(opts.seconds) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmq bench: {e}");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
     if args.json {
         let report = JsonReport {
             memcpy_gbps: memcpy,
             workers: opts.workers,
             vms: opts.vms,
             results: results.iter().map(json_result).collect(),
+            tcp: tcp.iter().map(json_tcp).collect(),
         };
         match serde_json::to_string(&report) {
             Ok(s) => println!("{s}"),
@@ -108,6 +141,7 @@ pub fn bench(args: &BenchArgs) -> ExitCode {
         }
     } else {
         print_table(memcpy, &results);
+        print_tcp_table(&tcp);
     }
     ExitCode::SUCCESS
 }
@@ -129,26 +163,13 @@ fn print_table(memcpy: f64, results: &[BenchResult]) {
     println!("memcpy (1 thread, 9018 B blocks): {memcpy:.1} Gbit/s");
     println!(
         "{:<7} {:<13} {:>9} {:>9} {:>9} {:>12} {:>9} {:>9} {:>10}",
-        "mode",
-        "path",
-        "frame_len",
-        "Mpps",
-        "Gbit/s",
-        "delivered",
-        "drops",
-        "segments",
-        "vmq/switch"
+        "mode", "path", "frame_len", "Mpps", "Gbit/s", "delivered", "drops", "segments", "vmq/switch"
     );
     for r in results {
         let ratio = match r.mode {
             Mode::Vmq => results
                 .iter()
-                .find(|s| {
-                    s.mode == Mode::Switch
-                        && s.path == r.path
-                        && s.frame_len == r.frame_len
-                        && s.mpps > 0.0
-                })
+                .find(|s| s.mode == Mode::Switch && s.path == r.path && s.frame_len == r.frame_len && s.mpps > 0.0)
                 .map(|s| format!("{:.2}x", r.mpps / s.mpps))
                 .unwrap_or_default(),
             Mode::Switch => String::new(),
@@ -164,6 +185,32 @@ fn print_table(memcpy: f64, results: &[BenchResult]) {
             r.drops,
             r.segments,
             ratio
+        );
+    }
+}
+
+fn print_tcp_table(results: &[TcpBenchResult]) {
+    println!();
+    println!("VM-to-VM TCP, 1 worker saturated (CPU cost per KiB of payload delivered):");
+    println!(
+        "{:<15} {:>13} {:>12} {:>10} {:>10} {:>10} {:>14}",
+        "case", "payload Gb/s", "ns/KiB", "frames", "segments", "coalesced", "CPU vs no-offl"
+    );
+    let off = results.iter().find(|r| r.case == vmq_datapath::bench::TcpCase::OffloadsOff).map(|r| r.cpu_ns_per_kib);
+    for r in results {
+        let rel = off
+            .filter(|o| o.is_finite() && *o > 0.0)
+            .map(|o| format!("{:.0}%", 100.0 * r.cpu_ns_per_kib / o))
+            .unwrap_or_default();
+        println!(
+            "{:<15} {:>13.2} {:>12.1} {:>10} {:>10} {:>10} {:>14}",
+            r.case.name(),
+            r.payload_gbps,
+            r.cpu_ns_per_kib,
+            r.frames_delivered,
+            r.segments,
+            r.coalesced,
+            rel
         );
     }
 }

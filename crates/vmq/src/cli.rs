@@ -51,12 +51,7 @@ pub fn main() -> ExitCode {
         Command::Run { config } => run::run(&config),
         Command::CheckConfig { file } => match config::load(&file) {
             Ok(c) => {
-                println!(
-                    "{}: ok ({} ports, mode {})",
-                    file.display(),
-                    c.ports.len(),
-                    c.mode.name()
-                );
+                println!("{}: ok ({} ports, mode {})", file.display(), c.ports.len(), c.mode.name());
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -17,17 +17,9 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../default.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{file}:{line}:{column}: {message}")]
-    Invalid {
-        file: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    Invalid { file: String, line: usize, column: usize, message: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,12 +114,7 @@ impl Locator<'_> {
             Some(span) => line_col(self.text, span.start),
             None => (1, 1),
         };
-        ConfigError::Invalid {
-            file: self.file.to_string(),
-            line,
-            column,
-            message: message.into(),
-        }
+        ConfigError::Invalid { file: self.file.to_string(), line, column, message: message.into() }
     }
 
     fn at<T>(&self, value: &Spanned<T>, message: impl Into<String>) -> ConfigError {
@@ -138,17 +125,13 @@ impl Locator<'_> {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.chars().count(), |nl| {
-        before[nl + 1..].chars().count()
-    }) + 1;
+    let column = before.rfind('\n').map_or(before.chars().count(), |nl| before[nl + 1..].chars().count()) + 1;
     (line, column)
 }
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     parse(&text, &path.display().to_string())
 }
 
@@ -166,38 +149,14 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             "vmq" => Mode::Vmq,
             "switch" => Mode::Switch,
             other => {
-                return Err(loc.at(
-                    m,
-                    format!("mode must be \"vmq\" or \"switch\", not {other:?}"),
-                ));
+                return Err(loc.at(m, format!("mode must be \"vmq\" or \"switch\", not {other:?}")));
             }
         },
     };
     let default_workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
-    let workers = int_in(
-        &loc,
-        raw.switch.workers.as_ref(),
-        default_workers,
-        1,
-        MAX_WORKERS,
-        "workers",
-    )?;
-    let fdb_capacity = int_in(
-        &loc,
-        raw.switch.fdb_capacity.as_ref(),
-        65_536,
-        1,
-        1 << 24,
-        "fdb_capacity",
-    )?;
-    let fdb_aging_secs = int_in(
-        &loc,
-        raw.switch.fdb_aging_secs.as_ref(),
-        300,
-        1,
-        86_400 * 7,
-        "fdb_aging_secs",
-    )?;
+    let workers = int_in(&loc, raw.switch.workers.as_ref(), default_workers, 1, MAX_WORKERS, "workers")?;
+    let fdb_capacity = int_in(&loc, raw.switch.fdb_capacity.as_ref(), 65_536, 1, 1 << 24, "fdb_capacity")?;
+    let fdb_aging_secs = int_in(&loc, raw.switch.fdb_aging_secs.as_ref(), 300, 1, 86_400 * 7, "fdb_aging_secs")?;
     let vmq_queues = int_in(&loc, raw.vmq.queues.as_ref(), 8, 0, MAX_QUEUES, "queues")?;
     let vmq_dynamic = match raw.vmq.policy.as_ref() {
         None => true,
@@ -205,42 +164,25 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             "dynamic" => true,
             "static" => false,
             other => {
-                return Err(loc.at(
-                    p,
-                    format!("policy must be \"dynamic\" or \"static\", not {other:?}"),
-                ));
+                return Err(loc.at(p, format!("policy must be \"dynamic\" or \"static\", not {other:?}")));
             }
         },
     };
-    let rebalance_interval_ms = int_in(
-        &loc,
-        raw.vmq.rebalance_interval_ms.as_ref(),
-        1000,
-        10,
-        3_600_000,
-        "rebalance_interval_ms",
-    )?;
+    let rebalance_interval_ms =
+        int_in(&loc, raw.vmq.rebalance_interval_ms.as_ref(), 1000, 10, 3_600_000, "rebalance_interval_ms")?;
     let hysteresis = match raw.vmq.hysteresis.as_ref() {
         None => 1.5,
         Some(h) if h.get_ref().is_finite() && (1.0..=100.0).contains(h.get_ref()) => *h.get_ref(),
         Some(h) => return Err(loc.at(h, "hysteresis must be a number from 1.0 to 100.0")),
     };
     let metrics = match raw.control.metrics.as_ref() {
-        None => Some(
-            DEFAULT_METRICS
-                .parse()
-                .expect("default metrics address parses"),
-        ),
+        None => Some(DEFAULT_METRICS.parse().expect("default metrics address parses")),
         Some(m) if m.get_ref() == "off" => None,
-        Some(m) => Some(m.get_ref().parse().map_err(|_| {
-            loc.at(
-                m,
-                format!(
-                    "metrics must be \"off\" or ADDR:PORT, not {:?}",
-                    m.get_ref()
-                ),
-            )
-        })?),
+        Some(m) => Some(
+            m.get_ref()
+                .parse()
+                .map_err(|_| loc.at(m, format!("metrics must be \"off\" or ADDR:PORT, not {:?}", m.get_ref())))?,
+        ),
     };
 
     let mut names = HashSet::new();
@@ -248,16 +190,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     for port in &raw.port {
         let p = port.get_ref();
         let name = p.name.get_ref();
-        if name.is_empty()
-            || name.len() > 32
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(loc.at(
-                &p.name,
-                "port name must be 1 to 32 characters of A-Z a-z 0-9 - _ .",
-            ));
+        if name.is_empty() || name.len() > 32 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(loc.at(&p.name, "port name must be 1 to 32 characters of A-Z a-z 0-9 - _ ."));
         }
         if !names.insert(name.clone()) {
             return Err(loc.at(&p.name, format!("duplicate port name {name:?}")));
@@ -267,14 +201,11 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     // Uplink references resolve to uplink ports.
     for (port, raw_port) in ports.iter().zip(&raw.port) {
         if let (Some(uplink), Some(raw_uplink)) = (&port.uplink, &raw_port.get_ref().uplink) {
-            let ok = ports
-                .iter()
-                .any(|p| &p.spec.name == uplink && p.spec.kind == PortKind::Uplink);
+            let ok = ports.iter().any(|p| &p.spec.name == uplink && p.spec.kind == PortKind::Uplink);
             if !ok {
-                return Err(loc.at(
-                    raw_uplink,
-                    format!("uplink {uplink:?} is not the name of a port of kind \"uplink\""),
-                ));
+                return Err(
+                    loc.at(raw_uplink, format!("uplink {uplink:?} is not the name of a port of kind \"uplink\""))
+                );
             }
         }
     }
@@ -288,10 +219,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         vmq_dynamic,
         rebalance_interval_ms: rebalance_interval_ms as u64,
         hysteresis,
-        control_socket: raw
-            .control
-            .socket
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        control_socket: raw.control.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
         metrics,
         ports,
     })
@@ -308,10 +236,7 @@ fn int_in(
     match value {
         None => Ok(default),
         Some(v) if (min..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
-        Some(v) => Err(loc.at(
-            v,
-            format!("{what} must be from {min} to {max}, not {}", v.get_ref()),
-        )),
+        Some(v) => Err(loc.at(v, format!("{what} must be from {min} to {max}, not {}", v.get_ref()))),
     }
 }
 
@@ -324,42 +249,20 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
         "uplink" => PortKind::Uplink,
         "mem" => PortKind::Mem,
         other => {
-            return Err(loc.at(
-                &p.kind,
-                format!(
-                    "kind must be \"vhost-user\", \"tap\", \"uplink\" or \"mem\", not {other:?}"
-                ),
-            ));
+            return Err(
+                loc.at(&p.kind, format!("kind must be \"vhost-user\", \"tap\", \"uplink\" or \"mem\", not {other:?}"))
+            );
         }
     };
-    let needs = |what: &str| {
-        loc.at(
-            port,
-            format!(
-                "port {name:?} of kind {:?} needs `{what}`",
-                p.kind.get_ref()
-            ),
-        )
-    };
-    let refuses = |what: &str| {
-        loc.at(
-            port,
-            format!(
-                "port {name:?} of kind {:?} takes no `{what}`",
-                p.kind.get_ref()
-            ),
-        )
-    };
+    let needs = |what: &str| loc.at(port, format!("port {name:?} of kind {:?} needs `{what}`", p.kind.get_ref()));
+    let refuses = |what: &str| loc.at(port, format!("port {name:?} of kind {:?} takes no `{what}`", p.kind.get_ref()));
 
     let ifname = |v: &Spanned<String>| -> Result<String, ConfigError> {
         let s = v.get_ref();
-        if s.is_empty()
-            || s.len() > MAX_IFNAME
-            || s.contains(['/', ' ', ':'])
-            || s == "."
-            || s == ".."
-        {
-            return Err(loc.at(v, format!("interface name {s:?} must be 1 to {MAX_IFNAME} bytes without '/', ':' or spaces")));
+        if s.is_empty() || s.len() > MAX_IFNAME || s.contains(['/', ' ', ':']) || s == "." || s == ".." {
+            return Err(
+                loc.at(v, format!("interface name {s:?} must be 1 to {MAX_IFNAME} bytes without '/', ':' or spaces"))
+            );
         }
         Ok(s.clone())
     };
@@ -381,11 +284,7 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
                 return Err(refuses("socket"));
             }
             let netns = match &p.netns {
-                Some(v)
-                    if v.get_ref().is_empty()
-                        || v.get_ref().contains('/')
-                        || v.get_ref().len() > 64 =>
-                {
+                Some(v) if v.get_ref().is_empty() || v.get_ref().contains('/') || v.get_ref().len() > 64 => {
                     return Err(loc.at(v, "netns must be a namespace name (1 to 64 bytes, no '/')"));
                 }
                 Some(v) => Some(v.get_ref().clone()),
@@ -420,24 +319,14 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
         None if kind.is_vm() => return Err(needs("mac")),
         None => None,
     };
-    let mtu = int_in(
-        loc,
-        p.mtu.as_ref(),
-        1500,
-        MIN_MTU as i64,
-        MAX_MTU as i64,
-        "mtu",
-    )? as u16;
+    let mtu = int_in(loc, p.mtu.as_ref(), 1500, MIN_MTU as i64, MAX_MTU as i64, "mtu")? as u16;
 
     let vlan_id = |v: &Spanned<i64>, allow_zero: bool| -> Result<u16, ConfigError> {
         let lo = if allow_zero { 0 } else { 1 };
         if (lo..=4094).contains(v.get_ref()) {
             Ok(*v.get_ref() as u16)
         } else {
-            Err(loc.at(
-                v,
-                format!("VLAN id must be from {lo} to 4094, not {}", v.get_ref()),
-            ))
+            Err(loc.at(v, format!("VLAN id must be from {lo} to 4094, not {}", v.get_ref())))
         }
     };
     let vlan = match (&p.vlan, &p.trunk) {
@@ -463,11 +352,7 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
                 return Err(loc.at(t, "trunk needs at least one VLAN"));
             }
             allowed.sort_unstable();
-            let native = p
-                .native_vlan
-                .as_ref()
-                .map(|n| vlan_id(n, false))
-                .transpose()?;
+            let native = p.native_vlan.as_ref().map(|n| vlan_id(n, false)).transpose()?;
             VlanMode::Trunk { allowed, native }
         }
         (None, None) => {
@@ -486,11 +371,7 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
             mtu,
             vlan,
             allow_mac_spoofing: p.allow_mac_spoofing.unwrap_or(false),
-            offloads: if p.offloads.unwrap_or(true) {
-                OffloadCaps::ALL
-            } else {
-                OffloadCaps::NONE
-            },
+            offloads: if p.offloads.unwrap_or(true) { OffloadCaps::ALL } else { OffloadCaps::NONE },
         },
         backend,
         uplink: p.uplink.as_ref().map(|u| u.get_ref().clone()),
@@ -503,12 +384,7 @@ mod tests {
 
     fn err(text: &str) -> (usize, usize, String) {
         match parse(text, "t.toml") {
-            Err(ConfigError::Invalid {
-                line,
-                column,
-                message,
-                ..
-            }) => (line, column, message),
+            Err(ConfigError::Invalid { line, column, message, .. }) => (line, column, message),
             other => panic!("expected an error, got {other:?}"),
         }
     }
@@ -550,19 +426,8 @@ trunk = [20, 10, 10]
         assert_eq!(c.vmq_queues, 8);
         assert_eq!(c.ports[0].spec.mtu, 9000);
         assert_eq!(c.ports[0].spec.vlan, VlanMode::Access(10));
-        assert_eq!(
-            c.ports[0].backend,
-            PortBackend::VhostUser {
-                socket: "/run/vmq/vm1.sock".into()
-            }
-        );
-        assert_eq!(
-            c.ports[1].spec.vlan,
-            VlanMode::Trunk {
-                allowed: vec![10, 20],
-                native: None
-            }
-        );
+        assert_eq!(c.ports[0].backend, PortBackend::VhostUser { socket: "/run/vmq/vm1.sock".into() });
+        assert_eq!(c.ports[1].spec.vlan, VlanMode::Trunk { allowed: vec![10, 20], native: None });
         assert_eq!(c.ports[1].spec.mtu, 1500);
     }
 
@@ -585,8 +450,7 @@ trunk = [20, 10, 10]
         let (line, _, message) = err(&format!("{port}vlan = 4095\n"));
         assert_eq!(line, 5);
         assert!(message.contains("VLAN"));
-        let (_, _, message) =
-            err("[[port]]\nname = \"a\"\nkind = \"mem\"\nmac = \"01:00:5e:00:00:01\"\n");
+        let (_, _, message) = err("[[port]]\nname = \"a\"\nkind = \"mem\"\nmac = \"01:00:5e:00:00:01\"\n");
         assert!(message.contains("unicast"));
         let (_, _, message) = err("[[port]]\nname = \"a\"\nkind = \"mem\"\nmac = \"zz\"\n");
         assert!(message.contains("invalid MAC"));
@@ -594,23 +458,18 @@ trunk = [20, 10, 10]
 
     #[test]
     fn semantic_errors() {
-        let (_, _, m) =
-            err("[[port]]\nname = \"v\"\nkind = \"vhost-user\"\nmac = \"52:54:00:00:00:01\"\n");
+        let (_, _, m) = err("[[port]]\nname = \"v\"\nkind = \"vhost-user\"\nmac = \"52:54:00:00:00:01\"\n");
         assert!(m.contains("needs `socket`"), "{m}");
-        let (_, _, m) =
-            err("[[port]]\nname = \"u\"\nkind = \"uplink\"\nifname = \"a-name-longer-than-15\"\n");
+        let (_, _, m) = err("[[port]]\nname = \"u\"\nkind = \"uplink\"\nifname = \"a-name-longer-than-15\"\n");
         assert!(m.contains("interface name"), "{m}");
         let (_, _, m) = err(
             "[[port]]\nname = \"a\"\nkind = \"uplink\"\nifname = \"x\"\n[[port]]\nname = \"a\"\nkind = \"uplink\"\nifname = \"y\"\n",
         );
         assert!(m.contains("duplicate"), "{m}");
-        let (_, _, m) = err(
-            "[[port]]\nname = \"v\"\nkind = \"mem\"\nmac = \"52:54:00:00:00:01\"\nuplink = \"nope\"\n",
-        );
+        let (_, _, m) = err("[[port]]\nname = \"v\"\nkind = \"mem\"\nmac = \"52:54:00:00:00:01\"\nuplink = \"nope\"\n");
         assert!(m.contains("not the name of a port"), "{m}");
-        let (_, _, m) = err(
-            "[[port]]\nname = \"v\"\nkind = \"mem\"\nmac = \"52:54:00:00:00:01\"\nvlan = 1\ntrunk = [2]\n",
-        );
+        let (_, _, m) =
+            err("[[port]]\nname = \"v\"\nkind = \"mem\"\nmac = \"52:54:00:00:00:01\"\nvlan = 1\ntrunk = [2]\n");
         assert!(m.contains("not both"), "{m}");
         let (_, _, m) = err("[switch]\nworkers = 0\n");
         assert!(m.contains("workers"), "{m}");

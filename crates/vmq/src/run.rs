@@ -19,18 +19,11 @@ pub fn datapath_config(c: &Config) -> DatapathConfig {
         workers: c.workers,
         vmq: VmqConfig {
             queues: c.vmq_queues,
-            policy: if c.vmq_dynamic {
-                QueuePolicy::Dynamic
-            } else {
-                QueuePolicy::Static
-            },
+            policy: if c.vmq_dynamic { QueuePolicy::Dynamic } else { QueuePolicy::Static },
             workers: c.workers as u16,
             hysteresis: c.hysteresis,
         },
-        switch: SwitchConfig {
-            fdb_capacity: c.fdb_capacity,
-            fdb_aging_ns: c.fdb_aging_secs * 1_000_000_000,
-        },
+        switch: SwitchConfig { fdb_capacity: c.fdb_capacity, fdb_aging_ns: c.fdb_aging_secs * 1_000_000_000 },
         ports: c.ports.clone(),
         rebalance_interval_ms: c.rebalance_interval_ms,
     }
@@ -60,12 +53,7 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
-    tracing::info!(
-        mode = config.mode.name(),
-        workers = config.workers,
-        ports = config.ports.len(),
-        "vmq running"
-    );
+    tracing::info!(mode = config.mode.name(), workers = config.workers, ports = config.ports.len(), "vmq running");
     for port in &config.ports {
         tracing::info!(port = %port.spec.name, kind = ?port.spec.kind, mtu = port.spec.mtu, vlan = ?port.spec.vlan, "port up");
     }
@@ -82,8 +70,5 @@ pub fn run(path: &Path) -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

@@ -64,9 +64,7 @@ pub fn incremental_update32(old_csum: u16, old: u32, new: u32) -> u16 {
 
 /// Partial sum of the IPv4 pseudo-header.
 pub fn pseudo_header_v4(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
-    let w = |b: [u8; 4]| {
-        u32::from(u16::from_be_bytes([b[0], b[1]])) + u32::from(u16::from_be_bytes([b[2], b[3]]))
-    };
+    let w = |b: [u8; 4]| u32::from(u16::from_be_bytes([b[0], b[1]])) + u32::from(u16::from_be_bytes([b[2], b[3]]));
     w(src) + w(dst) + u32::from(proto) + u32::from(len)
 }
 
@@ -85,11 +83,7 @@ mod tests {
     fn naive(data: &[u8]) -> u16 {
         let mut s: u32 = 0;
         for c in data.chunks(2) {
-            let w = if c.len() == 2 {
-                u16::from_be_bytes([c[0], c[1]])
-            } else {
-                u16::from(c[0]) << 8
-            };
+            let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from(c[0]) << 8 };
             s += u32::from(w);
         }
         !fold(s)
@@ -104,14 +98,7 @@ mod tests {
 
     #[test]
     fn ipv4_header_checksum_matches_etherparse() {
-        let h = etherparse::Ipv4Header::new(
-            100,
-            64,
-            etherparse::IpNumber::TCP,
-            [10, 0, 0, 1],
-            [10, 0, 0, 2],
-        )
-        .unwrap();
+        let h = etherparse::Ipv4Header::new(100, 64, etherparse::IpNumber::TCP, [10, 0, 0, 1], [10, 0, 0, 2]).unwrap();
         let mut bytes = h.to_bytes().to_vec();
         let expected = h.calc_header_checksum();
         bytes[10] = 0;

@@ -15,9 +15,7 @@ impl MacAddr {
 
     /// Reads a MAC address from the first six bytes of `bytes`, if there are six.
     pub fn from_bytes(bytes: &[u8]) -> Option<MacAddr> {
-        bytes
-            .get(..6)
-            .map(|b| MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
+        bytes.get(..6).map(|b| MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
     }
 
     pub fn is_broadcast(&self) -> bool {
@@ -47,11 +45,7 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
     }
 }
 
@@ -206,16 +200,10 @@ mod tests {
     fn parses_untagged_and_tagged_like_etherparse() {
         let f = frame(&[], ETHERTYPE_IPV4);
         let l2 = parse_l2(&f).unwrap();
-        assert_eq!(
-            (l2.vlan, l2.ethertype, l2.header_len),
-            (None, ETHERTYPE_IPV4, 14)
-        );
+        assert_eq!((l2.vlan, l2.ethertype, l2.header_len), (None, ETHERTYPE_IPV4, 14));
         let f = frame(&[(ETHERTYPE_VLAN, (5 << 13) | 42)], ETHERTYPE_IPV6);
         let l2 = parse_l2(&f).unwrap();
-        assert_eq!(
-            (l2.vlan, l2.pcp, l2.ethertype, l2.header_len),
-            (Some(42), 5, ETHERTYPE_IPV6, 18)
-        );
+        assert_eq!((l2.vlan, l2.pcp, l2.ethertype, l2.header_len), (Some(42), 5, ETHERTYPE_IPV6, 18));
         let (eth, rest) = etherparse::Ethernet2Header::from_slice(&f).unwrap();
         assert_eq!(eth.destination, l2.dst.0);
         assert_eq!(eth.source, l2.src.0);
@@ -226,26 +214,14 @@ mod tests {
 
     #[test]
     fn rejects_qinq_and_truncation() {
+        assert_eq!(parse_l2(&frame(&[(0x88a8, 1), (ETHERTYPE_VLAN, 2)], ETHERTYPE_IPV4)), Err(WireError::Unsupported));
         assert_eq!(
-            parse_l2(&frame(&[(0x88a8, 1), (ETHERTYPE_VLAN, 2)], ETHERTYPE_IPV4)),
+            parse_l2(&frame(&[(ETHERTYPE_VLAN, 1), (ETHERTYPE_VLAN, 2)], ETHERTYPE_IPV4)),
             Err(WireError::Unsupported)
         );
-        assert_eq!(
-            parse_l2(&frame(
-                &[(ETHERTYPE_VLAN, 1), (ETHERTYPE_VLAN, 2)],
-                ETHERTYPE_IPV4
-            )),
-            Err(WireError::Unsupported)
-        );
-        assert_eq!(
-            parse_l2(&frame(&[(0x9100, 1)], ETHERTYPE_IPV4)),
-            Err(WireError::Unsupported)
-        );
+        assert_eq!(parse_l2(&frame(&[(0x9100, 1)], ETHERTYPE_IPV4)), Err(WireError::Unsupported));
         assert_eq!(parse_l2(&[0u8; 13]), Err(WireError::Truncated));
-        assert_eq!(
-            parse_l2(&frame(&[(ETHERTYPE_VLAN, 1)], 0)[..16]),
-            Err(WireError::Truncated)
-        );
+        assert_eq!(parse_l2(&frame(&[(ETHERTYPE_VLAN, 1)], 0)[..16]), Err(WireError::Truncated));
     }
 
     proptest::proptest! {

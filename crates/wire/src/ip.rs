@@ -34,9 +34,7 @@ pub struct Layers {
 }
 
 fn be16(b: &[u8], at: usize) -> Result<u16, WireError> {
-    b.get(at..at + 2)
-        .map(|s| u16::from_be_bytes([s[0], s[1]]))
-        .ok_or(WireError::Truncated)
+    b.get(at..at + 2).map(|s| u16::from_be_bytes([s[0], s[1]])).ok_or(WireError::Truncated)
 }
 
 /// Finds the IP and transport headers of an Ethernet frame. IPv6 hop-by-hop, routing and
@@ -96,21 +94,11 @@ pub fn locate(frame: &[u8]) -> Result<Layers, WireError> {
     } else {
         l4
     };
-    Ok(Layers {
-        l3,
-        ipv6,
-        l4,
-        proto,
-        payload,
-    })
+    Ok(Layers { l3, ipv6, l4, proto, payload })
 }
 
 /// Skips IPv6 extension headers vmq can step over. Returns (protocol, transport offset).
-pub fn skip_extension_headers(
-    frame: &[u8],
-    mut next: u8,
-    mut at: usize,
-) -> Result<(u8, usize), WireError> {
+pub fn skip_extension_headers(frame: &[u8], mut next: u8, mut at: usize) -> Result<(u8, usize), WireError> {
     for _ in 0..8 {
         match next {
             0 | 43 | 60 => {
@@ -194,12 +182,7 @@ impl Layers {
     }
 
     pub fn tcp_seq(&self, frame: &[u8]) -> u32 {
-        u32::from_be_bytes([
-            frame[self.l4 + 4],
-            frame[self.l4 + 5],
-            frame[self.l4 + 6],
-            frame[self.l4 + 7],
-        ])
+        u32::from_be_bytes([frame[self.l4 + 4], frame[self.l4 + 5], frame[self.l4 + 6], frame[self.l4 + 7]])
     }
 
     pub fn set_tcp_seq(&self, frame: &mut [u8], seq: u32) {
@@ -242,10 +225,7 @@ mod tests {
     fn locates_tcp4_and_fields() {
         let f = tcp4(&[1, 2, 3]);
         let l = locate(&f).unwrap();
-        assert_eq!(
-            (l.l3, l.l4, l.payload, l.proto, l.ipv6),
-            (14, 34, 54, PROTO_TCP, false)
-        );
+        assert_eq!((l.l3, l.l4, l.payload, l.proto, l.ipv6), (14, 34, 54, PROTO_TCP, false));
         assert_eq!(l.tcp_seq(&f), 77);
         assert_eq!(l.l4_len(&f), 23);
         assert_eq!(l.tcp_flags(&f) & TCP_ACK, TCP_ACK);

@@ -5,6 +5,7 @@
 
 pub mod checksum;
 pub mod ethernet;
+pub mod icmp;
 pub mod ip;
 pub mod vlan;
 pub mod vnet;

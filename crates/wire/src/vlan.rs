@@ -13,8 +13,7 @@ pub fn push_tag(frame: &mut Vec<u8>, tci: u16) {
 
 /// Removes the outer 802.1Q tag and returns its TCI; None (frame unchanged) if untagged.
 pub fn pop_tag(frame: &mut Vec<u8>) -> Option<u16> {
-    if frame.len() < HEADER_LEN + 4 || u16::from_be_bytes([frame[12], frame[13]]) != ETHERTYPE_VLAN
-    {
+    if frame.len() < HEADER_LEN + 4 || u16::from_be_bytes([frame[12], frame[13]]) != ETHERTYPE_VLAN {
         return None;
     }
     let tci = u16::from_be_bytes([frame[14], frame[15]]);
@@ -62,10 +61,7 @@ mod tests {
         let mut f = orig.clone();
         push_tag(&mut f, 0x2000 | 10);
         let l2 = parse_l2(&f).unwrap();
-        assert_eq!(
-            (l2.vlan, l2.pcp, l2.ethertype),
-            (Some(10), 1, u16::from_be_bytes([12, 13]))
-        );
+        assert_eq!((l2.vlan, l2.pcp, l2.ethertype), (Some(10), 1, u16::from_be_bytes([12, 13])));
         let mut buf = [0u8; 80];
         let n = strip_tag_into(&f, &mut buf);
         assert_eq!(&buf[..n], &orig[..]);

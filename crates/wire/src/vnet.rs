@@ -118,9 +118,7 @@ impl VnetHdr {
     /// Checks the header against the frame it describes (`frame_len` bytes, without the header).
     /// `hdr_len` is advisory in the spec (drivers often get it wrong), so it is not checked here.
     pub fn validate(&self, frame_len: usize) -> Result<GsoType, VnetHdrError> {
-        let gso = self
-            .gso()
-            .ok_or(VnetHdrError::UnknownGsoType(self.gso_type))?;
+        let gso = self.gso().ok_or(VnetHdrError::UnknownGsoType(self.gso_type))?;
         if gso != GsoType::None && self.gso_size == 0 {
             return Err(VnetHdrError::ZeroGsoSize);
         }
@@ -156,23 +154,11 @@ mod tests {
     #[test]
     fn rejects_bogus() {
         assert_eq!(VnetHdr::parse(&[0; 11]), Err(VnetHdrError::Truncated));
-        let h = VnetHdr {
-            gso_type: 1,
-            gso_size: 0,
-            ..Default::default()
-        };
+        let h = VnetHdr { gso_type: 1, gso_size: 0, ..Default::default() };
         assert_eq!(h.validate(100), Err(VnetHdrError::ZeroGsoSize));
-        let h = VnetHdr {
-            gso_type: 9,
-            ..Default::default()
-        };
+        let h = VnetHdr { gso_type: 9, ..Default::default() };
         assert_eq!(h.validate(100), Err(VnetHdrError::UnknownGsoType(9)));
-        let h = VnetHdr {
-            flags: FLAG_NEEDS_CSUM,
-            csum_start: 90,
-            csum_offset: 16,
-            ..Default::default()
-        };
+        let h = VnetHdr { flags: FLAG_NEEDS_CSUM, csum_start: 90, csum_offset: 16, ..Default::default() };
         assert_eq!(h.validate(100), Err(VnetHdrError::CsumOutOfFrame));
     }
 }
