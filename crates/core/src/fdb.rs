@@ -169,6 +169,14 @@ impl Fdb {
         before - self.entries.len()
     }
 
+    /// Forget the learned entries pointing at `port` (port down): static ones stay, so that the
+    /// port's configured address is unicast to again as soon as it comes back.
+    pub fn forget_learned(&mut self, port: PortId) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| e.is_static || e.port != port);
+        before - self.entries.len()
+    }
+
     /// Remove expired learned entries; returns how many.
     pub fn age(&mut self, now_ns: u64) -> usize {
         let before = self.entries.len();

@@ -175,7 +175,20 @@ impl Switch {
             s.up = up;
         }
         if !up {
-            self.fdb.remove_port(port);
+            self.fdb.forget_learned(port);
+        }
+    }
+
+    /// Replaces a port's configuration (MTU, VLAN, ...), keeping its id and state. Learned
+    /// addresses are forgotten: they may belong to another VLAN now.
+    pub fn update_port(&mut self, port: PortId, spec: PortSpec) -> bool {
+        match self.ports.get_mut(port.0 as usize) {
+            Some(Some(s)) => {
+                s.spec = spec;
+                self.fdb.forget_learned(port);
+                true
+            }
+            _ => false,
         }
     }
 

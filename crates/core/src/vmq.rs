@@ -200,6 +200,43 @@ impl Vmq {
         place_by_load(loads, self.cfg.workers.max(1))
     }
 
+    /// Changes the queue budget (a NIC's queue count can't be exceeded; the caller checks).
+    /// Shrinking revokes the highest-numbered queues (their ports fall back to the default
+    /// queue); growing hands the new queues to waiting ports, longest waiting first.
+    pub fn set_queues(&mut self, queues: u16) -> Vec<QueueChange> {
+        let mut changes = Vec::new();
+        let old = self.cfg.queues;
+        self.cfg.queues = queues;
+        if queues < old {
+            self.free.retain(|q| q.0 <= queues);
+            let holders: Vec<PortId> =
+                self.ports.iter().filter(|(_, p)| p.queue.is_some_and(|q| q.0 > queues)).map(|(id, _)| *id).collect();
+            for port in holders {
+                if let Some(queue) = self.revoke(port) {
+                    changes.push(QueueChange::Revoked { port, queue });
+                }
+            }
+        } else {
+            for q in (old + 1..=queues).rev() {
+                self.free.push(QueueId(q));
+            }
+            self.free.sort_by(|a, b| b.cmp(a));
+            let mut waiters: Vec<(u64, PortId)> =
+                self.ports.iter().filter(|(_, p)| p.queue.is_none()).map(|(id, p)| (p.seq, *id)).collect();
+            waiters.sort();
+            for (_, port) in waiters {
+                let Some(queue) = self.free.pop() else { break };
+                self.assign(port, queue);
+                changes.push(QueueChange::Assigned { port, queue });
+            }
+        }
+        changes
+    }
+
+    pub fn set_policy(&mut self, policy: QueuePolicy) {
+        self.cfg.policy = policy;
+    }
+
     pub fn assignments(&self) -> impl Iterator<Item = (PortId, Option<QueueId>)> + '_ {
         self.ports.iter().map(|(id, p)| (*id, p.queue))
     }
@@ -296,6 +333,39 @@ mod tests {
         assert_eq!(v.free_queues(), 1);
         v.add_port(PortId(5), key(5));
         assert_eq!(v.free_queues(), 0);
+    }
+
+    #[test]
+    fn budget_changes_revoke_and_hand_out_queues() {
+        let mut v = Vmq::new(cfg(3, QueuePolicy::Static));
+        for n in 1..=5 {
+            v.add_port(PortId(n), key(n as u8));
+        }
+        let changes = v.set_queues(1);
+        assert_eq!(
+            changes,
+            vec![
+                QueueChange::Revoked { port: PortId(2), queue: QueueId(2) },
+                QueueChange::Revoked { port: PortId(3), queue: QueueId(3) }
+            ]
+        );
+        assert_eq!(v.lookup(key(2).mac, 10), None);
+        assert_eq!(v.free_queues(), 0);
+        // Growing gives the new queues to the longest-waiting ports, lowest queue first.
+        let changes = v.set_queues(3);
+        assert_eq!(
+            changes,
+            vec![
+                QueueChange::Assigned { port: PortId(2), queue: QueueId(2) },
+                QueueChange::Assigned { port: PortId(3), queue: QueueId(3) }
+            ]
+        );
+        assert_eq!(v.set_queues(5).len(), 2);
+        assert_eq!(v.assignments().filter(|(_, q)| q.is_some()).count(), 5);
+        for (p, q) in v.assignments() {
+            let k = v.filter_of(p).unwrap();
+            assert_eq!(v.lookup(k.mac, k.vlan).map(|(q, _)| q), q);
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The control thread: every interval it measures load and (1) under the dynamic policy moves
-//! VM queues to the VMs receiving the most, reprogramming the NIC filters, and (2) re-places
+//! The rebalancer: every interval it measures load and (1) under the dynamic policy moves VM
+//! queues to the VMs receiving the most, reprogramming the NIC filters, and (2) re-places
 //! queues and ports on workers so that the busiest work is spread over cores.
 
 use std::collections::HashMap;
@@ -9,99 +9,108 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmq_core::PortId;
-use vmq_core::vmq::{QueueChange, Vmq, place_by_load};
+use vmq_core::vmq::place_by_load;
 
-use crate::engine::{Shared, Task, TaskList, lock};
-use crate::port::NicSteering;
+use crate::ControlState;
+use crate::engine::{Shared, Task, lock};
 
-pub(crate) struct Control {
-    pub shared: Arc<Shared>,
-    pub vmq: Arc<Mutex<Vmq>>,
-    pub steering: HashMap<PortId, Box<dyn NicSteering>>,
-    pub uplink_of: HashMap<PortId, PortId>,
-    pub tasks: Vec<Arc<Task>>,
-    pub lists: Vec<Arc<TaskList>>,
-    pub interval: Duration,
+pub(crate) struct Rebalancer {
+    shared: Arc<Shared>,
+    control: Arc<Mutex<ControlState>>,
+    interval: Duration,
+    /// Frames delivered to each port at the last measurement.
+    last_port_tx: HashMap<PortId, u64>,
+    /// Frames each task took in at the last measurement (by task address: tasks come and go).
+    last_task_frames: HashMap<usize, u64>,
+    last_busy_ns: Vec<u64>,
+    last: Instant,
 }
 
 /// Re-place only when it cuts the busiest worker's load by this much: moving work costs cache
 /// warmth, so small gains are not worth it.
 const REPLACE_GAIN: f64 = 0.8;
 
-impl Control {
+impl Rebalancer {
+    pub fn new(shared: Arc<Shared>, control: Arc<Mutex<ControlState>>, interval: Duration) -> Rebalancer {
+        let workers = shared.lists.len();
+        Rebalancer {
+            shared,
+            control,
+            interval,
+            last_port_tx: HashMap::new(),
+            last_task_frames: HashMap::new(),
+            last_busy_ns: vec![0; workers],
+            last: Instant::now(),
+        }
+    }
+
     pub fn run(mut self, stop: Receiver<()>) {
-        let mut last_port_rx: Vec<u64> = self.port_rx();
-        let mut last_task_frames: Vec<u64> = self.task_frames();
-        let mut last = Instant::now();
         loop {
             match stop.recv_timeout(self.interval) {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
-            let secs = last.elapsed().as_secs_f64().max(1e-3);
-            last = Instant::now();
-            let port_rx = self.port_rx();
-            let rates: Vec<(PortId, u64)> = port_rx
-                .iter()
-                .zip(&last_port_rx)
-                .enumerate()
-                .map(|(i, (now, before))| (PortId(i as u16), ((now - before) as f64 / secs) as u64))
-                .collect();
-            last_port_rx = port_rx;
-            self.rebalance_queues(&rates);
-            let frames = self.task_frames();
-            let loads: Vec<u64> = frames.iter().zip(&last_task_frames).map(|(a, b)| a - b).collect();
-            last_task_frames = frames;
-            self.replace_tasks(&loads);
+            self.round();
         }
     }
 
-    /// What each VM port received (frames vmq delivered to it), by port index.
-    fn port_rx(&self) -> Vec<u64> {
-        self.shared.ports.iter().map(|p| p.stats.tx_packets.load(Ordering::Relaxed)).collect()
-    }
-
-    fn task_frames(&self) -> Vec<u64> {
-        self.tasks.iter().map(|t| t.frames.load(Ordering::Relaxed)).collect()
-    }
-
-    fn rebalance_queues(&mut self, rates: &[(PortId, u64)]) {
-        let mut vmq = lock(&self.vmq);
-        let changes = vmq.rebalance(rates);
-        // Revocations first, so that a queue is never filtered for two VMs at once.
-        for change in changes.iter().filter(|c| matches!(c, QueueChange::Revoked { .. })) {
-            if let QueueChange::Revoked { port, queue } = *change {
-                tracing::info!(port = port.0, queue = queue.0, "VM queue revoked");
-                if let Some(st) = self.uplink_of.get(&port).and_then(|u| self.steering.get_mut(u)) {
-                    st.set_filter(queue, None);
-                }
-            }
+    fn round(&mut self) {
+        let secs = self.last.elapsed().as_secs_f64().max(1e-3);
+        self.last = Instant::now();
+        let mut st = lock(&self.control);
+        // Receive rate of each port: frames vmq delivered to it.
+        let mut rates = Vec::new();
+        let mut port_tx = HashMap::new();
+        for (i, rec) in st.ports.iter().enumerate() {
+            let Some(rec) = rec else { continue };
+            let id = PortId(i as u16);
+            let now = rec.stats.tx_packets.load(Ordering::Relaxed);
+            let before = self.last_port_tx.get(&id).copied().unwrap_or(now);
+            rates.push((id, (now.saturating_sub(before) as f64 / secs) as u64));
+            port_tx.insert(id, now);
         }
-        for change in &changes {
-            if let QueueChange::Assigned { port, queue } = *change {
-                tracing::info!(port = port.0, queue = queue.0, "VM queue assigned");
-                if let Some(st) = self.uplink_of.get(&port).and_then(|u| self.steering.get_mut(u)) {
-                    st.set_filter(queue, vmq.filter_of(port));
-                }
-            }
-        }
-    }
-
-    fn replace_tasks(&self, loads: &[u64]) {
-        let workers = self.lists.len();
-        if workers < 2 {
-            return;
-        }
-        let current: Vec<u64> = self
-            .lists
+        self.last_port_tx = port_tx;
+        st.rates = rates.iter().copied().collect();
+        let changes = st.vmq.rebalance(&rates);
+        st.apply_queue_changes(&changes);
+        // Worker busy ratios.
+        let busy: Vec<f64> = self
+            .shared
+            .worker_stats
             .iter()
-            .map(|l| {
-                lock(&l.tasks)
-                    .iter()
-                    .filter_map(|t| self.tasks.iter().position(|x| Arc::ptr_eq(x, t)).map(|i| loads[i]))
-                    .sum()
+            .zip(self.last_busy_ns.iter_mut())
+            .map(|(w, last)| {
+                let now = w.busy_ns.load(Ordering::Relaxed);
+                let ratio = now.saturating_sub(*last) as f64 / (secs * 1e9);
+                *last = now;
+                ratio.min(1.0)
             })
             .collect();
+        st.busy = busy;
+        let tasks: Vec<Arc<Task>> = st.ports.iter().flatten().flat_map(|r| r.tasks.iter().cloned()).collect();
+        drop(st);
+        self.replace_tasks(&tasks);
+    }
+
+    fn replace_tasks(&mut self, tasks: &[Arc<Task>]) {
+        let mut frames = HashMap::new();
+        let loads: Vec<u64> = tasks
+            .iter()
+            .map(|t| {
+                let key = Arc::as_ptr(t) as usize;
+                let now = t.frames.load(Ordering::Relaxed);
+                frames.insert(key, now);
+                now.saturating_sub(self.last_task_frames.get(&key).copied().unwrap_or(now))
+            })
+            .collect();
+        self.last_task_frames = frames;
+        let lists = &self.shared.lists;
+        let workers = lists.len();
+        if workers < 2 || tasks.is_empty() {
+            return;
+        }
+        let load_of = |t: &Arc<Task>| tasks.iter().position(|x| Arc::ptr_eq(x, t)).map_or(0, |i| loads[i]);
+        let current: Vec<u64> = lists.iter().map(|l| lock(&l.tasks).iter().map(load_of).sum()).collect();
         let current_max = current.iter().copied().max().unwrap_or(0);
         let items: Vec<(usize, u64)> = loads.iter().copied().enumerate().collect();
         let placed = place_by_load(&items, workers as u16);
@@ -113,13 +122,22 @@ impl Control {
         if current_max == 0 || (new_max as f64) > current_max as f64 * REPLACE_GAIN {
             return;
         }
+        // Ports added or removed since the task snapshot was taken keep their place: only the
+        // snapshot's tasks move, and only if they are still placed somewhere.
+        let control = lock(&self.control);
+        let live: Vec<Arc<Task>> = control.ports.iter().flatten().flat_map(|r| r.tasks.iter().cloned()).collect();
+        if live.len() != tasks.len() || !live.iter().zip(tasks).all(|(a, b)| Arc::ptr_eq(a, b)) {
+            return;
+        }
         tracing::info!(before = current_max, after = new_max, "re-placing queues on workers");
         let mut per_worker: Vec<Vec<Arc<Task>>> = vec![Vec::new(); workers];
         for (i, w) in placed {
-            per_worker[w as usize].push(self.tasks[i].clone());
+            per_worker[w as usize].push(tasks[i].clone());
         }
-        for (list, ts) in self.lists.iter().zip(per_worker) {
+        for (list, ts) in lists.iter().zip(per_worker) {
             list.set(ts);
         }
+        drop(control);
+        self.shared.refresh_workers();
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -30,8 +30,10 @@ use vmq_offload::Coalescer;
 
 /// Idle polls before a worker sleeps.
 const SPIN_POLLS: u32 = 200;
-/// Longest sleep: bounds how late a worker notices work that came without a wake-up.
-const MAX_SLEEP: Duration = Duration::from_millis(5);
+/// Sleep while some task has no wake fd (NIC stand-ins): bounds how late it is polled.
+const POLL_SLEEP: Duration = Duration::from_millis(1);
+/// Longest sleep otherwise: a backstop, every source that matters wakes the worker.
+const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// Event token of a worker's wake-up eventfd.
 const WAKE_TOKEN: u64 = 0;
 
@@ -42,12 +44,31 @@ pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct PortEntry {
     pub spec: PortSpec,
     pub stats: Arc<PortStats>,
-    pub sink: Mutex<Box<dyn FrameSink>>,
+    /// Shared by every version of the port table: a spec change (MTU, VLAN) makes a new entry
+    /// around the same sink and counters.
+    pub sink: Arc<Mutex<Box<dyn FrameSink>>>,
     /// The uplink this port's traffic leaves by in `vmq` mode.
     pub uplink: Option<PortId>,
 }
 
+/// The ports as the workers see them: an immutable snapshot, replaced as a whole by the
+/// control plane (copy on write) and picked up by each worker between batches.
+#[derive(Default)]
+pub(crate) struct PortTable {
+    /// Indexed by `PortId`.
+    pub ports: Vec<Option<Arc<PortEntry>>>,
+    /// Local VM/TAP addresses (MAC, VLAN) → port: the `vmq` mode fast path for VM TX.
+    pub local: MixMap<u64, PortId>,
+}
+
+impl PortTable {
+    pub fn get(&self, id: PortId) -> Option<&Arc<PortEntry>> {
+        self.ports.get(id.0 as usize).and_then(Option::as_ref)
+    }
+}
+
 /// What a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TaskKind {
     /// A NIC VM queue: frames the NIC's filter for one VM sorted into it. Which VM that is
     /// changes with the dynamic policy, so frames are matched to their VM by address.
@@ -58,6 +79,16 @@ pub(crate) enum TaskKind {
     PortTx { port: PortId },
 }
 
+impl TaskKind {
+    /// The port frames of this task enter by.
+    pub fn in_port(self) -> PortId {
+        match self {
+            TaskKind::VmQueue { uplink, .. } | TaskKind::DefaultQueue { uplink } => uplink,
+            TaskKind::PortTx { port } => port,
+        }
+    }
+}
+
 pub(crate) struct Task {
     pub kind: TaskKind,
     pub source: Mutex<Box<dyn FrameSource>>,
@@ -65,7 +96,14 @@ pub(crate) struct Task {
     pub frames: AtomicU64,
 }
 
-/// A worker's task list; the control thread replaces it when it moves queues between workers.
+impl Task {
+    pub fn new(kind: TaskKind, source: Box<dyn FrameSource>) -> Arc<Task> {
+        Arc::new(Task { kind, source: Mutex::new(source), frames: AtomicU64::new(0) })
+    }
+}
+
+/// A worker's task list; the control plane replaces it when it moves queues between workers,
+/// and bumps its generation when a source's wake fd may have changed.
 #[derive(Default)]
 pub(crate) struct TaskList {
     pub tasks: Mutex<Vec<Arc<Task>>>,
@@ -79,23 +117,86 @@ impl TaskList {
     }
 }
 
+/// Per-worker counters, read by the control plane (busy ratio, placement).
+#[derive(Default)]
+pub(crate) struct WorkerStats {
+    /// Time spent in loop rounds that moved frames.
+    pub busy_ns: AtomicU64,
+    pub frames: AtomicU64,
+}
+
 pub(crate) struct Shared {
     pub mode: Mode,
-    pub ports: Vec<Arc<PortEntry>>,
+    table: Mutex<Arc<PortTable>>,
+    table_generation: AtomicU64,
     pub switch: RwLock<Switch>,
-    /// Local VM/TAP addresses (MAC, VLAN) → port: the `vmq` mode fast path for VM TX.
-    pub local: MixMap<u64, PortId>,
+    pub lists: Vec<Arc<TaskList>>,
+    pub wakes: Vec<EventFd>,
+    pub worker_stats: Vec<WorkerStats>,
     pub stop: AtomicBool,
     pub epoch: Instant,
 }
 
 impl Shared {
-    fn now_ns(&self) -> u64 {
+    pub fn new(mode: Mode, switch: Switch, workers: usize) -> std::io::Result<Shared> {
+        Ok(Shared {
+            mode,
+            table: Mutex::new(Arc::new(PortTable::default())),
+            table_generation: AtomicU64::new(0),
+            switch: RwLock::new(switch),
+            lists: (0..workers).map(|_| Arc::new(TaskList::default())).collect(),
+            wakes: (0..workers).map(|_| new_wake()).collect::<std::io::Result<_>>()?,
+            worker_stats: (0..workers).map(|_| WorkerStats::default()).collect(),
+            stop: AtomicBool::new(false),
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    fn port(&self, id: PortId) -> Option<&Arc<PortEntry>> {
-        self.ports.get(id.0 as usize)
+    pub fn table(&self) -> Arc<PortTable> {
+        lock(&self.table).clone()
+    }
+
+    /// Installs a new port table; workers switch to it before their next batch.
+    pub fn publish(&self, table: PortTable) {
+        *lock(&self.table) = Arc::new(table);
+        self.table_generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn switch_read(&self) -> std::sync::RwLockReadGuard<'_, Switch> {
+        self.switch.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn switch_write(&self) -> std::sync::RwLockWriteGuard<'_, Switch> {
+        self.switch.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A port's attachment came up or went away (VM connected, TAP deleted): the switch stops
+    /// flooding to it, and workers re-read their sources' wake fds.
+    pub fn set_port_up(&self, port: PortId, up: bool) {
+        let changed = {
+            let mut sw = self.switch_write();
+            let was = sw.is_up(port);
+            sw.set_port_up(port, up);
+            was != up
+        };
+        if changed {
+            tracing::info!(port = port.0, up, "port state");
+        }
+        self.refresh_workers();
+    }
+
+    /// Makes every worker re-read its task list and its sources' wake fds now.
+    pub fn refresh_workers(&self) {
+        for list in &self.lists {
+            list.generation.fetch_add(1, Ordering::Release);
+        }
+        for wake in &self.wakes {
+            let _ = wake.write(1);
+        }
     }
 }
 
@@ -113,6 +214,7 @@ struct Delivery {
 /// The per-frame decision step, borrowing only what it writes.
 struct Decisions<'a> {
     shared: &'a Shared,
+    table: &'a PortTable,
     deliveries: &'a mut Vec<Delivery>,
     learn: &'a mut Vec<LearnRequest>,
     flood: &'a mut Vec<PortId>,
@@ -130,12 +232,12 @@ impl Decisions<'_> {
     ) -> Result<(), DropReason> {
         let l2 = parse_l2(frame).map_err(|_| DropReason::Malformed)?;
         let vlan = l2.vlan.unwrap_or(0);
-        let Some(&port) = self.shared.local.get(&local_key(l2.dst, vlan)) else {
+        let Some(&port) = self.table.local.get(&local_key(l2.dst, vlan)) else {
             // A frame the filter did not really mean for a local VM (filter being moved):
             // the switch decides, as for the default queue.
             return self.switch_frame(uplink, frame, segment_len, now, i);
         };
-        let entry = self.shared.port(port).ok_or(DropReason::PortDown)?;
+        let entry = self.table.get(port).ok_or(DropReason::PortDown)?;
         let edit = egress_tag(&entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
         self.deliveries.push(Delivery { port, frame: i as u8, edit });
         Ok(())
@@ -170,7 +272,7 @@ impl Decisions<'_> {
         if !fits_mtu(frame.len(), l2.header_len, segment_len, spec.mtu) {
             return Err(DropReason::Oversize);
         }
-        let out = match self.shared.local.get(&local_key(l2.dst, vlan)) {
+        let out = match self.table.local.get(&local_key(l2.dst, vlan)) {
             Some(&p) if p == in_port => return Err(DropReason::NoDestination),
             Some(&p) => p,
             None => match in_entry.uplink {
@@ -178,7 +280,7 @@ impl Decisions<'_> {
                 None => return self.switch_frame(in_port, frame, segment_len, now, i),
             },
         };
-        let out_entry = self.shared.port(out).ok_or(DropReason::PortDown)?;
+        let out_entry = self.table.get(out).ok_or(DropReason::PortDown)?;
         let edit = egress_tag(&out_entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
         self.deliveries.push(Delivery { port: out, frame: i as u8, edit });
         Ok(())
@@ -193,7 +295,7 @@ impl Decisions<'_> {
         now: u64,
         i: usize,
     ) -> Result<(), DropReason> {
-        let sw = self.shared.switch.read().unwrap_or_else(|e| e.into_inner());
+        let sw = self.shared.switch_read();
         match sw.classify(in_port, frame, segment_len, now) {
             Verdict::Drop(r) => Err(r),
             Verdict::Forward { vlan, dst, learn } => {
@@ -229,12 +331,18 @@ impl Decisions<'_> {
 
 /// A worker: its tasks, and the buffers it reuses for every batch.
 pub(crate) struct Worker {
+    index: usize,
     shared: Arc<Shared>,
     list: Arc<TaskList>,
     tasks: Vec<Arc<Task>>,
-    wake: Arc<EventFd>,
-    /// Sleeps on the wake-up eventfd (shutdown, reconfiguration, kicks).
+    table: Arc<PortTable>,
+    seen_table: u64,
+    /// Sleeps on the wake-up eventfd (shutdown, reconfiguration) and the sources' wake fds.
     epoll: Epoll,
+    /// Fds currently registered for the tasks (token = task index + 1).
+    registered: Vec<RawFd>,
+    /// Some task has no wake fd: sleep only briefly so that it is polled.
+    has_polled_task: bool,
     scratch: Scratch,
     egress: EgressScratch,
     errors: Vec<RecvError>,
@@ -251,15 +359,19 @@ pub(crate) fn new_wake() -> std::io::Result<EventFd> {
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, list: Arc<TaskList>, wake: Arc<EventFd>) -> std::io::Result<Worker> {
+    pub fn new(shared: Arc<Shared>, index: usize) -> std::io::Result<Worker> {
         let epoll = Epoll::new()?;
-        epoll.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE_TOKEN))?;
+        epoll.ctl(ControlOperation::Add, shared.wakes[index].as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE_TOKEN))?;
         Ok(Worker {
+            index,
+            list: shared.lists[index].clone(),
+            table: shared.table(),
+            seen_table: u64::MAX,
             shared,
-            list,
             tasks: Vec::new(),
-            wake,
             epoll,
+            registered: Vec::new(),
+            has_polled_task: false,
             scratch: Scratch::new(),
             egress: EgressScratch::default(),
             errors: Vec::new(),
@@ -274,19 +386,29 @@ impl Worker {
 
     pub fn run(mut self) {
         let mut idle = 0u32;
-        let mut seen = u64::MAX;
+        let mut seen_tasks = u64::MAX;
+        let stats = &self.shared.clone().worker_stats[self.index];
         while !self.shared.stop.load(Ordering::Relaxed) {
             let generation = self.list.generation.load(Ordering::Acquire);
-            if generation != seen {
+            if generation != seen_tasks {
+                seen_tasks = generation;
                 self.tasks = lock(&self.list.tasks).clone();
-                seen = generation;
+                self.register_wake_fds();
             }
+            let table_generation = self.shared.table_generation.load(Ordering::Acquire);
+            if table_generation != self.seen_table {
+                self.seen_table = table_generation;
+                self.table = self.shared.table();
+            }
+            let round = Instant::now();
             let mut work = 0;
             for i in 0..self.tasks.len() {
                 let task = self.tasks[i].clone();
                 work += self.run_task(&task);
             }
             if work > 0 {
+                stats.busy_ns.fetch_add(round.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                stats.frames.fetch_add(work as u64, Ordering::Relaxed);
                 idle = 0;
             } else if idle < SPIN_POLLS {
                 idle += 1;
@@ -298,10 +420,56 @@ impl Worker {
         }
     }
 
-    fn sleep(&self) {
-        let mut events = [EpollEvent::default(); 4];
-        let _ = self.epoll.wait(MAX_SLEEP.as_millis() as i32, &mut events);
-        let _ = self.wake.read();
+    /// Registers the wake fds of the current tasks (and forgets the previous ones).
+    fn register_wake_fds(&mut self) {
+        for fd in self.registered.drain(..) {
+            // The fd may be closed already (epoll forgot it then): nothing to undo.
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        self.has_polled_task = false;
+        for (i, task) in self.tasks.iter().enumerate() {
+            match lock(&task.source).wake_fd() {
+                Some(fd) => {
+                    let event = EpollEvent::new(EventSet::IN, i as u64 + 1);
+                    match self.epoll.ctl(ControlOperation::Add, fd, event) {
+                        Ok(()) => self.registered.push(fd),
+                        Err(e) => {
+                            tracing::warn!(worker = self.index, fd, error = %e, "cannot wait on a source; polling it");
+                            self.has_polled_task = true;
+                        }
+                    }
+                }
+                None => self.has_polled_task = true,
+            }
+        }
+    }
+
+    /// Arms notifications and sleeps until a source or the control plane wakes the worker.
+    fn sleep(&mut self) {
+        let mut pending = false;
+        for task in &self.tasks {
+            pending |= lock(&task.source).prepare_sleep();
+        }
+        if !pending {
+            let timeout = if self.has_polled_task { POLL_SLEEP } else { MAX_SLEEP };
+            let mut events = [EpollEvent::default(); 16];
+            let n = self.epoll.wait(timeout.as_millis() as i32, &mut events).unwrap_or(0);
+            for event in &events[..n] {
+                match event.data() {
+                    WAKE_TOKEN => {
+                        let _ = self.shared.wakes[self.index].read();
+                    }
+                    token => {
+                        if let Some(task) = self.tasks.get(token as usize - 1) {
+                            lock(&task.source).on_wake();
+                        }
+                    }
+                }
+            }
+        }
+        for task in &self.tasks {
+            lock(&task.source).wake_up();
+        }
     }
 
     /// Runs one batch of `task`; returns frames taken.
@@ -309,17 +477,22 @@ impl Worker {
         self.scratch.clear();
         self.errors.clear();
         let n = lock(&task.source).recv(&mut self.scratch, BATCH, &mut self.errors);
-        let in_port = match task.kind {
-            TaskKind::VmQueue { uplink, .. } | TaskKind::DefaultQueue { uplink } => uplink,
-            TaskKind::PortTx { port } => port,
-        };
-        let Some(in_entry) = self.shared.port(in_port).cloned() else {
+        let in_port = task.kind.in_port();
+        let table = self.table.clone();
+        let Some(in_entry) = table.get(in_port) else {
             return n;
         };
         for e in self.errors.drain(..) {
-            let RecvError::Drop(r) = e;
-            in_entry.stats.add_rx(1, 0);
-            in_entry.stats.add_drop(r, 1);
+            match e {
+                RecvError::Drop(r) => {
+                    in_entry.stats.add_rx(1, 0);
+                    in_entry.stats.add_drop(r, 1);
+                }
+                RecvError::Gone => {
+                    tracing::warn!(port = %in_entry.spec.name, "attachment gone; port down");
+                    self.shared.set_port_up(in_port, false);
+                }
+            }
         }
         if n == 0 {
             return 0;
@@ -345,6 +518,7 @@ impl Worker {
             let segment_len = vmq_offload::gso_segment_len(&hdr, frame);
             let mut d = Decisions {
                 shared: &self.shared,
+                table: &table,
                 deliveries: &mut self.deliveries,
                 learn: &mut self.learn,
                 flood: &mut self.flood,
@@ -352,7 +526,7 @@ impl Worker {
             let result = match task.kind {
                 TaskKind::VmQueue { uplink, .. } => d.vm_queue_frame(uplink, frame, segment_len, now, i),
                 TaskKind::PortTx { port } if self.shared.mode == Mode::Vmq => {
-                    d.fast_tx_frame(&in_entry, port, frame, segment_len, now, i)
+                    d.fast_tx_frame(in_entry, port, frame, segment_len, now, i)
                 }
                 _ => d.switch_frame(in_port, frame, segment_len, now, i),
             };
@@ -361,8 +535,8 @@ impl Worker {
             }
         }
         in_entry.stats.add_rx(n as u64, rx_bytes);
-        self.apply_learning(now, &in_entry);
-        self.flush_deliveries();
+        self.apply_learning(now, in_entry);
+        self.flush_deliveries(in_entry);
         n
     }
 
@@ -370,7 +544,7 @@ impl Worker {
         if self.learn.is_empty() {
             return;
         }
-        let mut sw = self.shared.switch.write().unwrap_or_else(|e| e.into_inner());
+        let mut sw = self.shared.switch_write();
         for req in self.learn.drain(..) {
             if sw.learn(req, now) == vmq_core::fdb::LearnOutcome::Full {
                 in_entry.stats.fdb_full.fetch_add(1, Ordering::Relaxed);
@@ -379,7 +553,7 @@ impl Worker {
     }
 
     /// Sends every decided delivery, one sink lock per destination per batch.
-    fn flush_deliveries(&mut self) {
+    fn flush_deliveries(&mut self, in_entry: &PortEntry) {
         // Stable: frames of one flow keep their order.
         self.deliveries.sort_by_key(|d| d.port);
         let mut i = 0;
@@ -389,7 +563,20 @@ impl Worker {
             while j < self.deliveries.len() && self.deliveries[j].port == port {
                 j += 1;
             }
-            if let Some(entry) = self.shared.port(port).cloned() {
+            // The switch may know a port this snapshot doesn't yet (just added): catch up.
+            let generation = self.shared.table_generation.load(Ordering::Acquire);
+            if self.table.get(port).is_none() && generation != self.seen_table {
+                self.seen_table = generation;
+                self.table = self.shared.table();
+            }
+            let table = self.table.clone();
+            let Some(entry) = table.get(port) else {
+                // Removed meanwhile: the frames are dropped, and counted where they came in.
+                in_entry.stats.add_drop(DropReason::PortDown, (j - i) as u64);
+                i = j;
+                continue;
+            };
+            {
                 let mut sink = lock(&entry.sink);
                 let caps = sink.caps();
                 // RSC/LRO toward receivers that take GSO frames (like GRO, on by default).

@@ -7,10 +7,12 @@
 //! and counting its (small, ring-only) cost against vmq keeps bench figures conservative.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmq_core::{DropReason, OffloadCaps};
 use vmq_wire::VnetHdr;
 
@@ -62,6 +64,8 @@ struct TxGuest {
 
 pub struct MemShared {
     mem: GuestMemoryMmap,
+    /// The guest's TX kick, as a virtio-net driver notifies the device.
+    kick: EventFd,
     rx: Mutex<RxGuest>,
     tx: Mutex<TxGuest>,
     pub caps: OffloadCaps,
@@ -102,6 +106,7 @@ pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, Mem
     rx_ring.publish(&mem);
     let shared = Arc::new(MemShared {
         mem,
+        kick: EventFd::new(EFD_NONBLOCK).expect("eventfd for a mem port"),
         rx: Mutex::new(RxGuest {
             ring: rx_ring,
             capture: capture.then(VecDeque::new),
@@ -133,6 +138,7 @@ impl MemGuest {
         tx.reclaim(mem);
         let ok = tx.post(mem, hdr, frame);
         tx.ring.publish(mem);
+        let _ = self.shared.kick.write(1);
         ok
     }
 
@@ -148,6 +154,7 @@ impl MemGuest {
             i += 1;
         }
         tx.ring.publish(mem);
+        let _ = self.shared.kick.write(1);
     }
 
     /// Frames received so far (capture mode), oldest first.
@@ -297,6 +304,14 @@ impl FrameSource for MemTxSource {
         // The guest recycles what was consumed (inline; see the module comment).
         lock(&self.shared.tx).reclaim(mem);
         n
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.shared.kick.as_raw_fd())
+    }
+
+    fn on_wake(&mut self) {
+        let _ = self.shared.kick.read();
     }
 }
 

@@ -6,6 +6,7 @@
 //! Frames travel as a 12-byte virtio-net header followed by the Ethernet frame, the layout
 //! vhost-user, TAP (IFF_VNET_HDR) and AF_PACKET (PACKET_VNET_HDR) all share.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use vmq_core::{DropReason, OffloadCaps};
@@ -16,16 +17,38 @@ pub const MAX_FRAME: usize = 65_536 + 64;
 /// Frames per batch.
 pub const BATCH: usize = 32;
 
-/// A source-side problem with one frame, to be counted against the port.
+/// A source-side problem, to be counted against the port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecvError {
+    /// One frame could not be taken.
     Drop(DropReason),
+    /// The attachment is gone (TAP deleted, socket error): the port goes down.
+    Gone,
 }
 
 pub trait FrameSource: Send {
     /// Moves up to `max` frames (header + frame each) into `scratch`; returns how many.
     /// Frames that could not be taken are reported in `errors`.
     fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize;
+
+    /// An fd that becomes readable when frames may be waiting (TAP fd, packet socket, virtio
+    /// kick eventfd). The worker sleeps on it; None means "poll me" (bounded sleep instead).
+    /// Asked again whenever the worker's task list or a port's state changes.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// The wake fd fired: consume the event (an eventfd must be read, or it stays readable).
+    fn on_wake(&mut self) {}
+
+    /// The worker is about to sleep: re-arm notifications (virtio: enable kicks). Returns true
+    /// if work arrived meanwhile, so the worker must not sleep.
+    fn prepare_sleep(&mut self) -> bool {
+        false
+    }
+
+    /// The worker is polling again: notifications may be suppressed (virtio: no kicks needed).
+    fn wake_up(&mut self) {}
 }
 
 pub trait FrameSink: Send {

@@ -183,7 +183,7 @@ fn queue_budget_overflow_uses_the_default_queue() {
     let vms = [vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE)];
     let r = rig(Mode::Vmq, &vms, 2, frames);
     for g in &r.guests {
-        assert_eq!(collect(g, 10).len(), 10);
+        assert_eq!(collect(g, 10).len(), 10, "{:?} {:?}", r.dp.port_stats(), r.dp.queue_stats());
     }
     let q = r.dp.queue_stats();
     let default: u64 = q.iter().filter(|s| s.queue.is_none()).map(|s| s.rx_packets).sum();
@@ -420,4 +420,105 @@ fn dynamic_policy_moves_the_queue_to_the_busy_vm_and_reprograms_the_nic() {
     let drops: u64 = dp.port_stats().iter().map(|(_, s)| s.total_drops()).sum();
     let vm2_no_buffer = dp.stats("vm2").unwrap().drops(DropReason::NoBuffer);
     assert_eq!(drops, vm2_no_buffer, "only RX-ring-full drops under overload");
+}
+
+fn mem_port_config(name: &str, n: u8, vlan: u16) -> PortConfig {
+    PortConfig {
+        spec: PortSpec {
+            name: name.into(),
+            kind: PortKind::Mem,
+            mac: Some(mac(n)),
+            mtu: 9000,
+            vlan: VlanMode::Access(vlan),
+            allow_mac_spoofing: false,
+            offloads: OffloadCaps::NONE,
+        },
+        backend: PortBackend::Mem,
+        uplink: None,
+    }
+}
+
+/// vm1 streams to vm2 while ports come and go, MTUs and VLANs of other ports change, the queue
+/// budget shrinks and grows and a rebalance is forced: vm2 gets every frame, in order.
+#[test]
+fn runtime_changes_never_drop_frames_of_other_ports() {
+    use vmq_datapath::Attachment;
+    for mode in [Mode::Vmq, Mode::Switch] {
+        let r = rig(mode, &[vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE)], 2, Vec::new());
+        const FRAMES: u16 = 3000;
+        let dp = &r.dp;
+        let sender = r.guests[0].clone();
+        let stream = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            for i in 0..FRAMES {
+                let frame = udp_frame(mac(2), mac(1), None, 200, i);
+                while !sender.send(&VnetHdr::default(), &frame) {
+                    assert!(Instant::now() < deadline, "TX ring never drained");
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let mut received = Vec::new();
+        let mut round = 0u8;
+        while received.len() < FRAMES as usize && round < 200 {
+            round += 1;
+            let name = format!("extra{round}");
+            let (_g, source, sink) = mem_port(OffloadCaps::NONE, false);
+            dp.add_port_with(
+                mem_port_config(&name, 100 + round % 50, 10),
+                Attachment::new(Box::new(sink), Some(Box::new(source))),
+            )
+            .unwrap();
+            dp.set_port_mtu(&name, 1500).unwrap();
+            dp.set_port_vlan(&name, VlanMode::Access(20)).unwrap();
+            if mode == Mode::Vmq {
+                dp.set_queue_budget(u16::from(round % 3)).unwrap();
+                dp.rebalance_now();
+            }
+            dp.remove_port(&name).unwrap();
+            received.extend(r.guests[1].take_received());
+        }
+        stream.join().unwrap();
+        wait_until(|| {
+            received.extend(r.guests[1].take_received());
+            received.len() >= FRAMES as usize
+        });
+        assert_eq!(received.len(), FRAMES as usize, "{mode:?}: {:?}", dp.port_stats());
+        for (i, g) in received.iter().enumerate() {
+            assert_eq!(g.frame, udp_frame(mac(2), mac(1), None, 200, i as u16), "{mode:?}: frame {i} out of order");
+        }
+        for name in ["vm1", "vm2"] {
+            assert_eq!(dp.stats(name).unwrap().total_drops(), 0, "{mode:?} {name}");
+        }
+        assert!(round > 3, "the changes overlapped the stream ({round} rounds)");
+        assert!(dp.stats("extra1").is_none(), "removed ports are gone");
+    }
+}
+
+#[test]
+fn runtime_change_errors_are_clear() {
+    let r = rig(Mode::Vmq, &[vm(10, 9000, OffloadCaps::NONE)], 2, Vec::new());
+    let dp = &r.dp;
+    assert!(dp.remove_port("nope").unwrap_err().to_string().contains("nope"));
+    assert!(dp.set_port_mtu("vm1", 9001).unwrap_err().to_string().contains("9001"));
+    assert!(dp.set_port_mtu("vm1", 67).is_err());
+    assert!(dp.set_port_vlan("vm1", VlanMode::Access(4095)).is_err());
+    let dup = mem_port_config("vm1", 9, 10);
+    let (_g, source, sink) = mem_port(OffloadCaps::NONE, false);
+    let err = dp.add_port_with(dup, vmq_datapath::Attachment::new(Box::new(sink), Some(Box::new(source)))).unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
+    let mut bad_uplink = mem_port_config("vm9", 9, 10);
+    bad_uplink.uplink = Some("vm1".into());
+    let (_g, source, sink) = mem_port(OffloadCaps::NONE, false);
+    let err = dp
+        .add_port_with(bad_uplink, vmq_datapath::Attachment::new(Box::new(sink), Some(Box::new(source))))
+        .unwrap_err();
+    assert!(err.to_string().contains("not an uplink"), "{err}");
+    // The stand-in uplink has no NIC queues here: the budget may not exceed the configured 2.
+    assert!(dp.set_queue_budget(3).is_err());
+    dp.set_queue_budget(1).unwrap();
+    assert_eq!(dp.queue_config().queues, 1);
+    // MTU change is enforced at once.
+    dp.set_port_mtu("vm1", 1500).unwrap();
+    assert_eq!(dp.ports().iter().find(|p| p.config.spec.name == "vm1").unwrap().config.spec.mtu, 1500);
 }
