@@ -306,7 +306,7 @@ impl FrameSource for MemTxSource {
         n
     }
 
-    fn wake_fd(&self) -> Option<RawFd> {
+    fn wake_fd(&mut self) -> Option<RawFd> {
         Some(self.shared.kick.as_raw_fd())
     }
 

@@ -34,7 +34,7 @@ pub trait FrameSource: Send {
     /// An fd that becomes readable when frames may be waiting (TAP fd, packet socket, virtio
     /// kick eventfd). The worker sleeps on it; None means "poll me" (bounded sleep instead).
     /// Asked again whenever the worker's task list or a port's state changes.
-    fn wake_fd(&self) -> Option<RawFd> {
+    fn wake_fd(&mut self) -> Option<RawFd> {
         None
     }
 

@@ -1,0 +1,294 @@
+//! vhost-user-net ports on the data path: a worker serves the guest's TX ring (a
+//! [`FrameSource`]) and any worker writes into its RX ring (a [`FrameSink`]), with the same
+//! device-side virtio code as the in-process `mem` port. The protocol side (QEMU's socket) is
+//! the `vmq-vhost` crate, served by one control-plane thread for all VMs.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_MRG_RXBUF,
+};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmq_core::{DropReason, OffloadCaps};
+use vmq_vhost::server::VhostUserServer;
+use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
+use vmq_wire::VnetHdr;
+
+use crate::port::{FrameSink, FrameSource, RecvError, Scratch};
+use crate::virtio::{RxWriter, VirtioError, needs_notification, pop_tx};
+use crate::{Attachment, DatapathError, PortHandle};
+
+fn has(features: u64, bit: u32) -> bool {
+    features & (1u64 << bit) != 0
+}
+
+/// What the guest's driver accepts in the virtio-net header, from its acknowledged features.
+pub fn guest_caps(features: u64) -> OffloadCaps {
+    OffloadCaps {
+        csum: has(features, VIRTIO_NET_F_GUEST_CSUM),
+        tso4: has(features, VIRTIO_NET_F_GUEST_TSO4),
+        tso6: has(features, VIRTIO_NET_F_GUEST_TSO6),
+        ecn: has(features, VIRTIO_NET_F_GUEST_ECN),
+    }
+}
+
+/// The guest's TX queue.
+pub struct VhostTxSource {
+    device: Arc<NetDevice>,
+    /// Our own handle on the current kick eventfd: the worker's epoll holds this fd number, and
+    /// the frontend may replace its kick fd on reconnect.
+    kick: Option<File>,
+    kick_generation: u64,
+}
+
+impl VhostTxSource {
+    pub fn new(device: Arc<NetDevice>) -> VhostTxSource {
+        VhostTxSource { device, kick: None, kick_generation: u64::MAX }
+    }
+}
+
+impl FrameSource for VhostTxSource {
+    fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize {
+        let mut ring = self.device.vring(TX_QUEUE);
+        if !ring.is_live() {
+            return 0;
+        }
+        let mem = self.device.mem.memory();
+        let mut n = 0;
+        let mut used = false;
+        while n < max {
+            let Some(buf) = scratch.next_buf() else { break };
+            match pop_tx(&mut ring.queue, &*mem, buf) {
+                Ok(Some(f)) => {
+                    scratch.commit(f.len);
+                    n += 1;
+                    used = true;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    used = true;
+                    errors.push(RecvError::Drop(match e {
+                        VirtioError::TooLong => DropReason::Oversize,
+                        VirtioError::BadHeader => DropReason::Malformed,
+                        _ => DropReason::BadDescriptor,
+                    }));
+                    if errors.len() >= max {
+                        break;
+                    }
+                }
+            }
+        }
+        // The guest frees its TX buffers when told they are used (or when it next transmits).
+        if used && needs_notification(&mut ring.queue, &*mem) {
+            ring.signal_guest();
+        }
+        n
+    }
+
+    fn wake_fd(&mut self) -> Option<RawFd> {
+        // Asked again after every state change: take a handle on the current kick fd.
+        let generation = self.device.generation();
+        if generation != self.kick_generation {
+            self.kick_generation = generation;
+            let ring = self.device.vring(TX_QUEUE);
+            self.kick = ring.kick.as_ref().and_then(|k| k.try_clone().ok());
+        }
+        self.kick.as_ref().map(|k| k.as_raw_fd())
+    }
+
+    fn on_wake(&mut self) {
+        // Epoll said readable, so this read does not block even on a blocking eventfd.
+        if let Some(kick) = self.kick.as_mut() {
+            let mut count = [0u8; 8];
+            let _ = kick.read(&mut count);
+        }
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        let mut ring = self.device.vring(TX_QUEUE);
+        if !ring.is_live() {
+            return false;
+        }
+        let mem = self.device.mem.memory();
+        // True if the guest added buffers after our last look: don't sleep then.
+        ring.queue.enable_notification(&*mem).unwrap_or(false)
+    }
+
+    fn wake_up(&mut self) {
+        let mut ring = self.device.vring(TX_QUEUE);
+        if ring.is_live() {
+            let mem = self.device.mem.memory();
+            let _ = ring.queue.disable_notification(&*mem);
+        }
+    }
+}
+
+/// The guest's RX queue.
+pub struct VhostRxSink {
+    device: Arc<NetDevice>,
+    writer: RxWriter,
+    delivered: bool,
+}
+
+impl VhostRxSink {
+    pub fn new(device: Arc<NetDevice>) -> VhostRxSink {
+        VhostRxSink { device, writer: RxWriter::new(false), delivered: false }
+    }
+}
+
+impl FrameSink for VhostRxSink {
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+        let mut ring = self.device.vring(RX_QUEUE);
+        if !ring.is_live() {
+            return Err(DropReason::PortDown);
+        }
+        self.writer.mrg_rxbuf = has(self.device.acked_features(), VIRTIO_NET_F_MRG_RXBUF);
+        let mem = self.device.mem.memory();
+        let result = self.writer.push(&mut ring.queue, &*mem, hdr, parts);
+        // A frame the guest posted no room for still used up chains it handed back: notify.
+        self.delivered |= !matches!(result, Err(VirtioError::NoBuffer));
+        result.map_err(|e| match e {
+            VirtioError::NoBuffer => DropReason::NoBuffer,
+            VirtioError::TooLong => DropReason::Oversize,
+            _ => DropReason::BadDescriptor,
+        })
+    }
+
+    fn flush(&mut self) {
+        if !std::mem::take(&mut self.delivered) {
+            return;
+        }
+        let mut ring = self.device.vring(RX_QUEUE);
+        if !ring.is_live() {
+            return;
+        }
+        let mem = self.device.mem.memory();
+        if needs_notification(&mut ring.queue, &*mem) {
+            ring.signal_guest();
+        }
+    }
+
+    fn caps(&self) -> OffloadCaps {
+        guest_caps(self.device.acked_features())
+    }
+}
+
+enum Command {
+    Add {
+        name: String,
+        socket: PathBuf,
+        config: NetDeviceConfig,
+        device: Arc<NetDevice>,
+        handle: PortHandle,
+        reply: Sender<Result<(), String>>,
+    },
+    Remove {
+        name: String,
+    },
+}
+
+/// The thread that speaks vhost-user on every VM socket (never touches frames).
+pub struct VhostService {
+    commands: Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How often the service thread looks at its command queue while no socket is busy.
+const COMMAND_POLL: Duration = Duration::from_millis(20);
+
+impl VhostService {
+    pub fn start() -> Result<VhostService, DatapathError> {
+        let mut server = VhostUserServer::new()
+            .map_err(|e| DatapathError::Backend { port: "vhost-user".into(), message: e.to_string() })?;
+        let (commands, rx): (Sender<Command>, Receiver<Command>) = channel();
+        let thread = std::thread::Builder::new()
+            .name("vmq-vhost".into())
+            .spawn(move || {
+                loop {
+                    if let Err(e) = server.poll(COMMAND_POLL.as_millis() as i32) {
+                        tracing::error!(error = %e, "vhost-user server");
+                    }
+                    loop {
+                        match rx.try_recv() {
+                            Ok(Command::Add { name, socket, config, device, handle, reply }) => {
+                                let on_event = Box::new(move |event| match event {
+                                    DeviceEvent::Started => handle.set_up(true),
+                                    DeviceEvent::Stopped => handle.set_up(false),
+                                });
+                                let result = server
+                                    .add_port(&name, &socket, config, device, on_event)
+                                    .map_err(|e| e.to_string());
+                                let _ = reply.send(result);
+                            }
+                            Ok(Command::Remove { name }) => {
+                                let _ = server.remove_port(&name);
+                            }
+                            Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                            // The data path is gone: close every socket.
+                            Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                        }
+                    }
+                }
+            })
+            .map_err(DatapathError::Thread)?;
+        Ok(VhostService { commands, thread: Some(thread) })
+    }
+
+    /// Listens on `socket` for the VM of port `name`; the port comes up when the guest's
+    /// driver has started both rings.
+    pub fn attach(
+        &self,
+        name: &str,
+        socket: PathBuf,
+        config: NetDeviceConfig,
+        handle: PortHandle,
+    ) -> Result<Attachment, DatapathError> {
+        let device = NetDevice::new();
+        let (reply, result) = channel();
+        let backend_err = |message: String| DatapathError::Backend { port: name.to_string(), message };
+        self.commands
+            .send(Command::Add { name: name.to_string(), socket, config, device: device.clone(), handle, reply })
+            .map_err(|_| backend_err("the vhost-user service thread is gone".into()))?;
+        result
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| backend_err("the vhost-user service did not answer".into()))?
+            .map_err(backend_err)?;
+        let mut att =
+            Attachment::new(Box::new(VhostRxSink::new(device.clone())), Some(Box::new(VhostTxSource::new(device))));
+        att.up = false;
+        att.keepalive = Some(Box::new(Registration { name: name.to_string(), commands: self.commands.clone() }));
+        Ok(att)
+    }
+}
+
+impl Drop for VhostService {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread (after its current poll).
+        let (dead, _) = channel();
+        self.commands = dead;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Unregisters the port's socket when the port is removed.
+struct Registration {
+    name: String,
+    commands: Sender<Command>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Remove { name: std::mem::take(&mut self.name) });
+    }
+}
