@@ -8,7 +8,7 @@ use vmq_offload::{EgressPlan, finish_csum, plan_egress, segment};
 use vmq_wire::VnetHdr;
 use vmq_wire::vnet::{FLAG_NEEDS_CSUM, GSO_ECN};
 
-use crate::port::FrameSink;
+use crate::port::FrameWriter;
 
 /// Per-worker buffers for egress work that needs a private copy (checksum finishing,
 /// segmentation).
@@ -55,7 +55,7 @@ pub struct OutPort<'a> {
 /// Delivers `frame` (Ethernet, no virtio header) with header `hdr` to `sink`. Returns the number
 /// of frames handed to the sink (segments count individually), or the drop reason.
 pub fn deliver(
-    sink: &mut dyn FrameSink,
+    sink: &mut dyn FrameWriter,
     out: &OutPort<'_>,
     hdr: &VnetHdr,
     frame: &[u8],

@@ -584,29 +584,30 @@ impl Worker {
                 let merged_before = self.coalescer.merged_segments();
                 let Worker { scratch, hdrs, egress, coalescer, rsc_buf, deliveries, .. } = self;
                 let out = OutPort { caps, spec: &entry.spec, stats: &entry.stats };
-                let mut send = |h: &VnetHdr, f: &[u8], edit: TagEdit| {
-                    if let Err(r) = deliver(&mut **sink, &out, h, f, edit, egress) {
-                        entry.stats.add_drop(r, 1);
+                sink.batch(&mut |writer| {
+                    let mut send = |h: &VnetHdr, f: &[u8], edit: TagEdit| {
+                        if let Err(r) = deliver(writer, &out, h, f, edit, egress) {
+                            entry.stats.add_drop(r, 1);
+                        }
+                    };
+                    for d in &deliveries[i..j] {
+                        let raw = scratch.get(d.frame as usize);
+                        let hdr = &hdrs[d.frame as usize];
+                        let frame = &raw[VnetHdr::LEN..];
+                        if coalesce && is_tcp_candidate(frame, hdr) {
+                            apply_edit(frame, d.edit, rsc_buf);
+                            coalescer.offer(hdr, rsc_buf, &mut |h, f| send(h, f, TagEdit::Keep));
+                        } else {
+                            coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
+                            send(hdr, frame, d.edit);
+                        }
                     }
-                };
-                for d in &deliveries[i..j] {
-                    let raw = scratch.get(d.frame as usize);
-                    let hdr = &hdrs[d.frame as usize];
-                    let frame = &raw[VnetHdr::LEN..];
-                    if coalesce && is_tcp_candidate(frame, hdr) {
-                        apply_edit(frame, d.edit, rsc_buf);
-                        coalescer.offer(hdr, rsc_buf, &mut |h, f| send(h, f, TagEdit::Keep));
-                    } else {
-                        coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
-                        send(hdr, frame, d.edit);
-                    }
-                }
-                coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
+                    coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
+                });
                 let merged = coalescer.merged_segments() - merged_before;
                 if merged != 0 {
                     entry.stats.offload_coalesced.fetch_add(merged, Ordering::Relaxed);
                 }
-                sink.flush();
             }
             i = j;
         }

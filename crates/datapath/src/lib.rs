@@ -18,6 +18,7 @@ mod engine;
 pub mod mem;
 pub mod nic;
 pub mod port;
+pub mod ring;
 pub mod vhost;
 pub mod virtio;
 

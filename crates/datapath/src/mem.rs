@@ -17,7 +17,8 @@ use vmq_core::{DropReason, OffloadCaps};
 use vmq_wire::VnetHdr;
 
 use crate::driver::{BufferSpec, SplitRingDriver};
-use crate::port::{FrameSink, FrameSource, RecvError, Scratch};
+use crate::port::{FrameSink, FrameSource, FrameWriter, RecvError, Refuse, Scratch};
+use crate::ring::{Ring, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -95,6 +96,7 @@ pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, Mem
     let mut tx_queue = Queue::new(QUEUE_SIZE).expect("valid queue size");
     rx_ring.configure(&mut rx_queue);
     tx_ring.configure(&mut tx_queue);
+    debug_assert!(rx_queue.size() == QUEUE_SIZE && tx_queue.size() == QUEUE_SIZE);
     for i in 0..QUEUE_SIZE as u64 {
         let buf = BufferSpec {
             addr: GuestAddress(RX_BUFS_BASE + i * RX_BUF_LEN as u64),
@@ -125,8 +127,8 @@ pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, Mem
         caps,
     });
     let guest = MemGuest { shared: shared.clone() };
-    let source = MemTxSource { queue: tx_queue, shared: shared.clone() };
-    let sink = MemRxSink { queue: rx_queue, writer: RxWriter::new(true), shared };
+    let source = MemTxSource { ring: RingState::from_queue(&tx_queue), segments: Vec::new(), shared: shared.clone() };
+    let sink = MemRxSink { ring: RingState::from_queue(&rx_queue), writer: RxWriter::new(true), shared };
     (guest, source, sink)
 }
 
@@ -280,17 +282,22 @@ impl RxGuest {
 
 /// Device side of the guest's TX queue.
 pub struct MemTxSource {
-    queue: Queue,
+    ring: RingState,
+    segments: Vec<Segment>,
     shared: Arc<MemShared>,
 }
 
 impl FrameSource for MemTxSource {
     fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize {
         let mem = &self.shared.mem;
+        let Ok(mut ring) = Ring::open(mem, &mut self.ring) else {
+            errors.push(RecvError::Drop(DropReason::BadDescriptor));
+            return 0;
+        };
         let mut n = 0;
         while n < max {
             let Some(buf) = scratch.next_buf() else { break };
-            match pop_tx(&mut self.queue, mem, buf) {
+            match pop_tx(&mut ring, &mut self.segments, buf) {
                 Ok(Some(f)) => {
                     scratch.commit(f.len);
                     n += 1;
@@ -301,6 +308,7 @@ impl FrameSource for MemTxSource {
                 Err(_) => errors.push(RecvError::Drop(DropReason::BadDescriptor)),
             }
         }
+        drop(ring);
         // The guest recycles what was consumed (inline; see the module comment).
         lock(&self.shared.tx).reclaim(mem);
         n
@@ -317,34 +325,62 @@ impl FrameSource for MemTxSource {
 
 /// Device side of the guest's RX queue.
 pub struct MemRxSink {
-    queue: Queue,
+    ring: RingState,
     writer: RxWriter,
     shared: Arc<MemShared>,
 }
 
-impl FrameSink for MemRxSink {
+/// The RX ring kept open for one batch.
+struct MemRxBatch<'a, 'm> {
+    ring: Ring<'a, 'm>,
+    writer: &'a mut RxWriter,
+    shared: &'m MemShared,
+}
+
+impl FrameWriter for MemRxBatch<'_, '_> {
     fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
-        let mem = &self.shared.mem;
-        let mut result = self.writer.push(&mut self.queue, mem, hdr, parts);
+        let mut result = self.writer.push(&mut self.ring, hdr, parts);
         if result == Err(VirtioError::NoBuffer) {
             // The in-process guest only recycles when asked; a real guest drains its ring on
             // its own vCPU while vmq fills it. Let it catch up once before calling it full.
-            lock(&self.shared.rx).reclaim(mem);
-            result = self.writer.push(&mut self.queue, mem, hdr, parts);
+            self.ring.publish();
+            lock(&self.shared.rx).reclaim(&self.shared.mem);
+            result = self.writer.push(&mut self.ring, hdr, parts);
         }
-        result.map_err(|e| match e {
-            VirtioError::NoBuffer => DropReason::NoBuffer,
-            VirtioError::TooLong => DropReason::Oversize,
-            _ => DropReason::BadDescriptor,
-        })
+        result.map_err(rx_drop_reason)
+    }
+}
+
+fn rx_drop_reason(e: VirtioError) -> DropReason {
+    match e {
+        VirtioError::NoBuffer => DropReason::NoBuffer,
+        VirtioError::TooLong => DropReason::Oversize,
+        _ => DropReason::BadDescriptor,
+    }
+}
+
+impl FrameSink for MemRxSink {
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+        let mut result = Err(DropReason::BadDescriptor);
+        self.batch(&mut |w| result = w.send(hdr, parts));
+        result
     }
 
-    fn flush(&mut self) {
-        let mem = &self.shared.mem;
-        // Interrupt suppression is honoured even though this guest polls.
-        let _ = crate::virtio::needs_notification(&mut self.queue, mem);
-        let mut rx = lock(&self.shared.rx);
-        rx.reclaim(mem);
+    fn flush(&mut self) {}
+
+    fn batch(&mut self, write: &mut dyn FnMut(&mut dyn FrameWriter)) {
+        let shared = &*self.shared;
+        match Ring::open(&shared.mem, &mut self.ring) {
+            Ok(ring) => {
+                let mut batch = MemRxBatch { ring, writer: &mut self.writer, shared };
+                write(&mut batch);
+                batch.ring.publish();
+                // Interrupt suppression is honoured even though this guest polls.
+                let _ = batch.ring.needs_notification();
+            }
+            Err(_) => write(&mut Refuse(DropReason::BadDescriptor)),
+        }
+        lock(&shared.rx).reclaim(&shared.mem);
     }
 
     fn caps(&self) -> OffloadCaps {

@@ -51,6 +51,12 @@ pub trait FrameSource: Send {
     fn wake_up(&mut self) {}
 }
 
+/// Writes frames during one batch toward a sink.
+pub trait FrameWriter {
+    /// Delivers one frame: `hdr` then the concatenation of `parts` (an Ethernet frame).
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason>;
+}
+
 pub trait FrameSink: Send {
     /// Delivers one frame: `hdr` then the concatenation of `parts` (an Ethernet frame).
     fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason>;
@@ -58,6 +64,32 @@ pub trait FrameSink: Send {
     fn flush(&mut self);
     /// What the receiver accepts in the virtio-net header (negotiated).
     fn caps(&self) -> OffloadCaps;
+
+    /// One batch toward this sink: `write` sends its frames through the writer it is given,
+    /// then the receiver is notified once. Sinks that can keep their ring open (and locked)
+    /// for a whole batch override this; by default every frame goes through [`FrameSink::send`].
+    fn batch(&mut self, write: &mut dyn FnMut(&mut dyn FrameWriter)) {
+        write(&mut EachFrame(self));
+        self.flush();
+    }
+}
+
+/// A writer that drops every frame for one reason (a receiver that can't take any now).
+pub struct Refuse(pub DropReason);
+
+impl FrameWriter for Refuse {
+    fn send(&mut self, _hdr: &VnetHdr, _parts: &[&[u8]]) -> Result<(), DropReason> {
+        Err(self.0)
+    }
+}
+
+/// [`FrameWriter`] over a sink's per-frame [`FrameSink::send`].
+struct EachFrame<'s, S: ?Sized>(&'s mut S);
+
+impl<S: FrameSink + ?Sized> FrameWriter for EachFrame<'_, S> {
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+        self.0.send(hdr, parts)
+    }
 }
 
 enum Slot {

@@ -16,15 +16,15 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmq_core::{DropReason, OffloadCaps};
 use vmq_vhost::server::VhostUserServer;
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
-use crate::port::{FrameSink, FrameSource, RecvError, Scratch};
-use crate::virtio::{RxWriter, VirtioError, needs_notification, pop_tx};
+use crate::port::{FrameSink, FrameSource, FrameWriter, RecvError, Refuse, Scratch};
+use crate::ring::{Ring, RingState, Segment};
+use crate::virtio::{RxWriter, VirtioError, pop_tx};
 use crate::{Attachment, DatapathError, PortHandle};
 
 fn has(features: u64, bit: u32) -> bool {
@@ -41,9 +41,51 @@ pub fn guest_caps(features: u64) -> OffloadCaps {
     }
 }
 
+/// The device's view of one of the guest's rings, rebuilt from the protocol's `Queue` whenever
+/// the device (re)starts.
+struct DeviceRing {
+    index: usize,
+    state: Option<RingState>,
+    generation: u64,
+}
+
+impl DeviceRing {
+    fn new(index: usize) -> DeviceRing {
+        DeviceRing { index, state: None, generation: u64::MAX }
+    }
+
+    /// Runs `f` on the ring if it is live, then stores the position back into the `Queue`
+    /// (GET_VRING_BASE reads it there).
+    fn with<R>(&mut self, device: &NetDevice, f: impl FnOnce(&mut Ring<'_, '_>) -> R) -> Option<R> {
+        let mut vring = device.vring(self.index);
+        if !vring.is_live() {
+            return None;
+        }
+        let generation = device.generation();
+        if generation != self.generation || self.state.is_none() {
+            self.generation = generation;
+            self.state = Some(RingState::from_queue(&vring.queue));
+        }
+        let state = self.state.as_mut()?;
+        let mem = device.mem.memory();
+        let result = match Ring::open(&mem, state) {
+            Ok(mut ring) => Some(f(&mut ring)),
+            Err(_) => None,
+        };
+        state.store_position(&mut vring.queue);
+        result
+    }
+
+    fn signal(&self, device: &NetDevice) {
+        device.vring(self.index).signal_guest();
+    }
+}
+
 /// The guest's TX queue.
 pub struct VhostTxSource {
     device: Arc<NetDevice>,
+    ring: DeviceRing,
+    segments: Vec<Segment>,
     /// Our own handle on the current kick eventfd: the worker's epoll holds this fd number, and
     /// the frontend may replace its kick fd on reconnect.
     kick: Option<File>,
@@ -52,44 +94,51 @@ pub struct VhostTxSource {
 
 impl VhostTxSource {
     pub fn new(device: Arc<NetDevice>) -> VhostTxSource {
-        VhostTxSource { device, kick: None, kick_generation: u64::MAX }
+        VhostTxSource {
+            device,
+            ring: DeviceRing::new(TX_QUEUE),
+            segments: Vec::new(),
+            kick: None,
+            kick_generation: u64::MAX,
+        }
     }
 }
 
 impl FrameSource for VhostTxSource {
     fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize {
-        let mut ring = self.device.vring(TX_QUEUE);
-        if !ring.is_live() {
-            return 0;
-        }
-        let mem = self.device.mem.memory();
-        let mut n = 0;
-        let mut used = false;
-        while n < max {
-            let Some(buf) = scratch.next_buf() else { break };
-            match pop_tx(&mut ring.queue, &*mem, buf) {
-                Ok(Some(f)) => {
-                    scratch.commit(f.len);
-                    n += 1;
-                    used = true;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    used = true;
-                    errors.push(RecvError::Drop(match e {
-                        VirtioError::TooLong => DropReason::Oversize,
-                        VirtioError::BadHeader => DropReason::Malformed,
-                        _ => DropReason::BadDescriptor,
-                    }));
-                    if errors.len() >= max {
-                        break;
+        let segments = &mut self.segments;
+        let result = self.ring.with(&self.device, |ring| {
+            let mut n = 0;
+            let mut used = false;
+            while n < max {
+                let Some(buf) = scratch.next_buf() else { break };
+                match pop_tx(ring, segments, buf) {
+                    Ok(Some(f)) => {
+                        scratch.commit(f.len);
+                        n += 1;
+                        used = true;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        used = true;
+                        errors.push(RecvError::Drop(match e {
+                            VirtioError::TooLong => DropReason::Oversize,
+                            VirtioError::BadHeader => DropReason::Malformed,
+                            _ => DropReason::BadDescriptor,
+                        }));
+                        if errors.len() >= max {
+                            break;
+                        }
                     }
                 }
             }
-        }
-        // The guest frees its TX buffers when told they are used (or when it next transmits).
-        if used && needs_notification(&mut ring.queue, &*mem) {
-            ring.signal_guest();
+            // The guest frees its TX buffers when told they are used (or when it next sends).
+            ring.publish();
+            (n, used && ring.needs_notification())
+        });
+        let Some((n, notify)) = result else { return 0 };
+        if notify {
+            self.ring.signal(&self.device);
         }
         n
     }
@@ -114,66 +163,75 @@ impl FrameSource for VhostTxSource {
     }
 
     fn prepare_sleep(&mut self) -> bool {
-        let mut ring = self.device.vring(TX_QUEUE);
-        if !ring.is_live() {
-            return false;
-        }
-        let mem = self.device.mem.memory();
         // True if the guest added buffers after our last look: don't sleep then.
-        ring.queue.enable_notification(&*mem).unwrap_or(false)
+        self.ring.with(&self.device, |ring| ring.enable_notification()).unwrap_or(false)
     }
 
     fn wake_up(&mut self) {
-        let mut ring = self.device.vring(TX_QUEUE);
-        if ring.is_live() {
-            let mem = self.device.mem.memory();
-            let _ = ring.queue.disable_notification(&*mem);
-        }
+        self.ring.with(&self.device, |ring| ring.disable_notification());
     }
 }
 
 /// The guest's RX queue.
 pub struct VhostRxSink {
     device: Arc<NetDevice>,
+    ring: DeviceRing,
     writer: RxWriter,
-    delivered: bool,
 }
 
 impl VhostRxSink {
     pub fn new(device: Arc<NetDevice>) -> VhostRxSink {
-        VhostRxSink { device, writer: RxWriter::new(false), delivered: false }
+        VhostRxSink { device, ring: DeviceRing::new(RX_QUEUE), writer: RxWriter::new(false) }
     }
 }
 
-impl FrameSink for VhostRxSink {
+struct VhostRxBatch<'a, 'r, 'm> {
+    ring: &'a mut Ring<'r, 'm>,
+    writer: &'a mut RxWriter,
+    /// Chains were used (frames written, or bad chains handed back): the guest needs to know.
+    used: bool,
+}
+
+impl FrameWriter for VhostRxBatch<'_, '_, '_> {
     fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
-        let mut ring = self.device.vring(RX_QUEUE);
-        if !ring.is_live() {
-            return Err(DropReason::PortDown);
-        }
-        self.writer.mrg_rxbuf = has(self.device.acked_features(), VIRTIO_NET_F_MRG_RXBUF);
-        let mem = self.device.mem.memory();
-        let result = self.writer.push(&mut ring.queue, &*mem, hdr, parts);
-        // A frame the guest posted no room for still used up chains it handed back: notify.
-        self.delivered |= !matches!(result, Err(VirtioError::NoBuffer));
+        let result = self.writer.push(self.ring, hdr, parts);
+        self.used |= !matches!(result, Err(VirtioError::NoBuffer));
         result.map_err(|e| match e {
             VirtioError::NoBuffer => DropReason::NoBuffer,
             VirtioError::TooLong => DropReason::Oversize,
             _ => DropReason::BadDescriptor,
         })
     }
+}
 
-    fn flush(&mut self) {
-        if !std::mem::take(&mut self.delivered) {
-            return;
+impl FrameSink for VhostRxSink {
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+        let mut result = Err(DropReason::PortDown);
+        self.batch(&mut |w| result = w.send(hdr, parts));
+        result
+    }
+
+    fn flush(&mut self) {}
+
+    /// The guest's RX ring stays open and locked for the whole batch; one interrupt at most.
+    fn batch(&mut self, write: &mut dyn FnMut(&mut dyn FrameWriter)) {
+        self.writer.mrg_rxbuf = has(self.device.acked_features(), VIRTIO_NET_F_MRG_RXBUF);
+        let writer = &mut self.writer;
+        let mut ran = false;
+        let notify = self.ring.with(&self.device, |ring| {
+            let mut batch = VhostRxBatch { ring, writer, used: false };
+            write(&mut batch);
+            ran = true;
+            let used = batch.used;
+            ring.publish();
+            used && ring.needs_notification()
+        });
+        if !ran {
+            // Not running (VM not connected or stopping): the frames are dropped and counted.
+            write(&mut Refuse(DropReason::PortDown));
         }
-        let mut ring = self.device.vring(RX_QUEUE);
-        if !ring.is_live() {
-            return;
-        }
-        let mem = self.device.mem.memory();
-        if needs_notification(&mut ring.queue, &*mem) {
-            ring.signal_guest();
+        if notify == Some(true) {
+            self.ring.signal(&self.device);
         }
     }
 

@@ -1,14 +1,15 @@
 //! Device side of a virtio-net port: pull frames the guest transmitted out of its TX virtqueue
 //! and write frames into the buffers it posted on its RX virtqueue (with mergeable RX buffers).
-//! The same code serves in-process `mem` ports and vhost-user VMs: both are a `virtio_queue::Queue`
-//! over a `GuestMemoryMmap`.
+//! The same code serves in-process `mem` ports and vhost-user VMs: both are a split ring
+//! ([`crate::ring`]) over a `GuestMemoryMmap`.
 //!
-//! Hand-written (on top of `virtio-queue`'s descriptor walking) because it is the per-frame hot
-//! path and has to count every bad guest input instead of stopping the queue.
+//! Hand-written because it is the per-frame hot path and has to count every bad guest input
+//! instead of stopping the queue.
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 use vmq_wire::VnetHdr;
+
+use crate::ring::{Memory, Ring, RingError, Segment, read_guest, write_guest};
 
 /// Why a frame could not be taken from or given to a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -33,97 +34,101 @@ pub struct TxFrame {
 /// Pops the next TX chain, copies its readable descriptors into `buf` and returns it to the
 /// guest (used length 0). `Ok(None)`: nothing available. A bad chain is returned to the guest
 /// too (so the ring keeps moving) and reported as an error for the caller to count.
-pub fn pop_tx<M: GuestMemory>(queue: &mut Queue, mem: &M, buf: &mut [u8]) -> Result<Option<TxFrame>, VirtioError> {
-    let Some(chain) = queue.pop_descriptor_chain(mem) else {
-        return Ok(None);
+pub fn pop_tx(
+    ring: &mut Ring<'_, '_>,
+    segments: &mut Vec<Segment>,
+    buf: &mut [u8],
+) -> Result<Option<TxFrame>, VirtioError> {
+    let head = match ring.pop(segments) {
+        Ok(Some(head)) => head,
+        Ok(None) => return Ok(None),
+        Err(RingError::BadChain { head }) => {
+            // Always hand the chain back: a stuck descriptor would wedge the guest's TX queue.
+            ring.add_used(head, 0);
+            return Err(VirtioError::BadDescriptor);
+        }
+        Err(_) => return Err(VirtioError::BadDescriptor),
     };
-    let head = chain.head_index();
+    ring.add_used(head, 0);
+    let mem = ring.memory();
     let mut len = 0usize;
-    let mut result = Ok(());
-    for desc in chain {
-        if desc.is_write_only() {
-            result = Err(VirtioError::BadDescriptor);
-            break;
+    for seg in segments.iter() {
+        if seg.write {
+            return Err(VirtioError::BadDescriptor);
         }
-        let dlen = desc.len() as usize;
-        let Some(dst) = buf.get_mut(len..len + dlen) else {
-            result = Err(VirtioError::TooLong);
-            break;
+        let Some(dst) = buf.get_mut(len..len + seg.len as usize) else {
+            return Err(VirtioError::TooLong);
         };
-        if mem.read_slice(dst, desc.addr()).is_err() {
-            result = Err(VirtioError::BadDescriptor);
-            break;
+        if !read_guest(mem, seg.addr, dst) {
+            return Err(VirtioError::BadDescriptor);
         }
-        len += dlen;
+        len += seg.len as usize;
     }
-    // Always hand the chain back: a stuck descriptor would wedge the guest's TX queue.
-    if queue.add_used(mem, head, 0).is_err() {
-        return Err(VirtioError::BadDescriptor);
-    }
-    result?;
     if len < VnetHdr::LEN {
         return Err(VirtioError::BadHeader);
     }
     Ok(Some(TxFrame { len }))
 }
 
-/// A writable region of a posted RX chain.
-#[derive(Debug, Clone, Copy)]
-struct Region {
-    addr: GuestAddress,
-    len: u32,
-}
-
 /// Writes frames into a guest's RX virtqueue. Keeps no state between batches except the queue
 /// position; `mrg_rxbuf` says whether one frame may span several chains (VIRTIO_NET_F_MRG_RXBUF).
 pub struct RxWriter {
     pub mrg_rxbuf: bool,
-    regions: Vec<Region>,
+    segments: Vec<Segment>,
+    regions: Vec<Segment>,
     heads: Vec<(u16, u32)>,
 }
 
 impl RxWriter {
     pub fn new(mrg_rxbuf: bool) -> RxWriter {
-        RxWriter { mrg_rxbuf, regions: Vec::with_capacity(8), heads: Vec::with_capacity(8) }
+        RxWriter {
+            mrg_rxbuf,
+            segments: Vec::with_capacity(8),
+            regions: Vec::with_capacity(8),
+            heads: Vec::with_capacity(8),
+        }
     }
 
     /// Writes `hdr` (num_buffers filled in here) followed by the concatenation of `parts` into
-    /// the guest's next RX buffers. On `NoBuffer` nothing is consumed (the queue position is
+    /// the guest's next RX buffers. On `NoBuffer` nothing is consumed (the ring position is
     /// restored), so the frame is cleanly dropped and the guest sees nothing.
-    pub fn push<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-        hdr: &VnetHdr,
-        parts: &[&[u8]],
-    ) -> Result<(), VirtioError> {
+    pub fn push(&mut self, ring: &mut Ring<'_, '_>, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), VirtioError> {
         let total = VnetHdr::LEN + parts.iter().map(|p| p.len()).sum::<usize>();
-        let start = queue.next_avail();
         self.heads.clear();
         self.regions.clear();
         // Collect enough writable buffer space: one chain, or several with MRG_RXBUF.
         let mut room = 0usize;
         while room < total {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                queue.set_next_avail(start);
-                return Err(VirtioError::NoBuffer);
+            let head = match ring.pop(&mut self.segments) {
+                Ok(Some(head)) => head,
+                Ok(None) => {
+                    ring.unpop(self.heads.len() as u16);
+                    return Err(VirtioError::NoBuffer);
+                }
+                Err(RingError::BadChain { head }) => {
+                    // Give a broken chain back empty so the guest can reuse the slot; drop the frame.
+                    ring.add_used(head, 0);
+                    for &(h, _) in &self.heads {
+                        ring.add_used(h, 0);
+                    }
+                    return Err(VirtioError::BadDescriptor);
+                }
+                Err(_) => return Err(VirtioError::BadDescriptor),
             };
-            let head = chain.head_index();
             let mut chain_room = 0u32;
             let mut bad = false;
-            for desc in chain {
-                if !desc.is_write_only() {
+            for seg in &self.segments {
+                if !seg.write {
                     bad = true;
                     break;
                 }
-                self.regions.push(Region { addr: desc.addr(), len: desc.len() });
-                chain_room = chain_room.saturating_add(desc.len());
+                self.regions.push(*seg);
+                chain_room = chain_room.saturating_add(seg.len);
             }
             if bad || chain_room == 0 {
-                // Give a broken chain back empty so the guest can reuse the slot; drop the frame.
-                let _ = queue.add_used(mem, head, 0);
-                for (h, _) in self.heads.drain(..) {
-                    let _ = queue.add_used(mem, h, 0);
+                ring.add_used(head, 0);
+                for &(h, _) in &self.heads {
+                    ring.add_used(h, 0);
                 }
                 return Err(VirtioError::BadDescriptor);
             }
@@ -133,68 +138,82 @@ impl RxWriter {
             if !self.mrg_rxbuf && room < total {
                 // Without mergeable buffers a frame must fit one chain: the guest posted buffers
                 // too small for this frame (e.g. no big-packet buffers). Hand the chain back.
-                let _ = queue.add_used(mem, head, 0);
+                ring.add_used(head, 0);
                 return Err(VirtioError::TooLong);
             }
         }
         let mut header = *hdr;
         header.num_buffers = self.heads.len() as u16;
         let header_bytes = header.to_bytes();
-        let mut cursor = RegionCursor { regions: &self.regions, index: 0, offset: 0 };
-        let mut ok = cursor.write(mem, &header_bytes);
+        let mut cursor = RegionCursor::new(&self.regions, ring.memory());
+        let mut ok = cursor.write(&header_bytes);
         for part in parts {
-            ok &= cursor.write(mem, part);
+            ok &= cursor.write(part);
         }
         if !ok {
             for &(h, _) in &self.heads {
-                let _ = queue.add_used(mem, h, 0);
+                ring.add_used(h, 0);
             }
             return Err(VirtioError::BadDescriptor);
         }
         for &(h, len) in &self.heads {
-            if queue.add_used(mem, h, len).is_err() {
-                return Err(VirtioError::BadDescriptor);
-            }
+            ring.add_used(h, len);
         }
         Ok(())
     }
 }
 
-struct RegionCursor<'a> {
-    regions: &'a [Region],
+/// Writes a byte stream across a chain's buffers, translating each buffer once.
+struct RegionCursor<'a, 'm> {
+    regions: &'a [Segment],
+    mem: &'m Memory,
     index: usize,
-    offset: u32,
+    /// The current buffer, resolved in guest memory, and how much of it is written.
+    current: Option<VolatileSlice<'m, ()>>,
+    offset: usize,
 }
 
-impl RegionCursor<'_> {
+impl<'a, 'm> RegionCursor<'a, 'm> {
+    fn new(regions: &'a [Segment], mem: &'m Memory) -> Self {
+        RegionCursor { regions, mem, index: 0, current: None, offset: 0 }
+    }
+
     /// Writes `data` across regions; false if guest memory rejected a write.
-    fn write<M: GuestMemory>(&mut self, mem: &M, mut data: &[u8]) -> bool {
+    fn write(&mut self, mut data: &[u8]) -> bool {
         while !data.is_empty() {
             let Some(r) = self.regions.get(self.index) else {
                 return false;
             };
-            let avail = (r.len - self.offset) as usize;
+            let avail = r.len as usize - self.offset;
             if avail == 0 {
                 self.index += 1;
                 self.offset = 0;
+                self.current = None;
                 continue;
             }
             let n = avail.min(data.len());
-            let Some(addr) = r.addr.0.checked_add(u64::from(self.offset)) else {
-                return false;
-            };
-            if mem.write_slice(&data[..n], GuestAddress(addr)).is_err() {
-                return false;
+            if self.current.is_none() {
+                self.current = self.mem.get_slice(r.addr, r.len as usize).ok();
             }
-            self.offset += n as u32;
+            match &self.current {
+                Some(slice) => {
+                    if slice.write_slice(&data[..n], self.offset).is_err() {
+                        return false;
+                    }
+                }
+                // The buffer straddles two memory regions (rare): the general path.
+                None => {
+                    let Some(addr) = r.addr.0.checked_add(self.offset as u64) else {
+                        return false;
+                    };
+                    if !write_guest(self.mem, GuestAddress(addr), &data[..n]) {
+                        return false;
+                    }
+                }
+            }
+            self.offset += n;
             data = &data[n..];
         }
         true
     }
-}
-
-/// After a batch: does the guest want an interrupt (EVENT_IDX / NO_INTERRUPT aware)?
-pub fn needs_notification<M: GuestMemory>(queue: &mut Queue, mem: &M) -> bool {
-    // An error means the rings are unreadable: notify, the guest will find out.
-    queue.needs_notification(mem).unwrap_or(true)
 }

@@ -25,6 +25,15 @@ pub struct BenchArgs {
     /// Ethernet frame lengths to measure (repeatable).
     #[arg(long = "frame-len", value_parser = clap::value_parser!(u16).range(60..=9018))]
     frame_lens: Vec<u16>,
+    /// Only this mode (default: both, for the vmq/switch ratio).
+    #[arg(long, value_parser = ["vmq", "switch"])]
+    mode: Option<String>,
+    /// Only this path (default: both).
+    #[arg(long, value_parser = ["uplink-to-vm", "vm-to-vm"])]
+    path: Option<String>,
+    /// Skip the VM-to-VM TCP offload measurement.
+    #[arg(long)]
+    no_tcp: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -100,8 +109,16 @@ pub fn bench(args: &BenchArgs) -> ExitCode {
         vms: args.vms as usize,
         workers: args.workers as usize,
         frame_lens,
-        modes: vec![Mode::Vmq, Mode::Switch],
-        paths: vec![BenchPath::UplinkToVm, BenchPath::VmToVm],
+        modes: match args.mode.as_deref() {
+            Some("vmq") => vec![Mode::Vmq],
+            Some(_) => vec![Mode::Switch],
+            None => vec![Mode::Vmq, Mode::Switch],
+        },
+        paths: match args.path.as_deref() {
+            Some("uplink-to-vm") => vec![BenchPath::UplinkToVm],
+            Some(_) => vec![BenchPath::VmToVm],
+            None => vec![BenchPath::UplinkToVm, BenchPath::VmToVm],
+        },
     };
     if !args.json {
         eprintln!(
@@ -117,7 +134,7 @@ pub fn bench(args: &BenchArgs) -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
-    let tcp = match run_tcp_bench(opts.seconds) {
+    let tcp = match if args.no_tcp { Ok(Vec::new()) } else { run_tcp_bench(opts.seconds) } {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vmq bench: {e}");
