@@ -603,11 +603,12 @@ impl Worker {
                         }
                     }
                     coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
+                    // Counted before the batch ends, so never later than the receiver sees it.
+                    let merged = coalescer.merged_segments() - merged_before;
+                    if merged != 0 {
+                        entry.stats.offload_coalesced.fetch_add(merged, Ordering::Relaxed);
+                    }
                 });
-                let merged = coalescer.merged_segments() - merged_before;
-                if merged != 0 {
-                    entry.stats.offload_coalesced.fetch_add(merged, Ordering::Relaxed);
-                }
             }
             i = j;
         }
