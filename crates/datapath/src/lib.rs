@@ -11,6 +11,8 @@ mod engine;
 pub mod mem;
 pub mod nic;
 pub mod port;
+pub mod tap;
+pub mod uplink;
 pub mod virtio;
 
 use std::collections::HashMap;
