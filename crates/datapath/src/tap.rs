@@ -107,6 +107,7 @@ impl FrameSink for TapPort {
                 self.mark_gone(&e);
                 Err(DropReason::PortDown)
             }
+            Err(TapIoError::Down(_)) => Err(DropReason::PortDown),
             Err(TapIoError::Invalid(_)) => Err(DropReason::Malformed),
             Err(e) => {
                 tracing::debug!("TAP {}: write: {e}", self.tap.name());

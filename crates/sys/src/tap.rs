@@ -66,6 +66,9 @@ pub enum TapIoError {
     /// The interface was deleted (or its queue detached): the port is down for good.
     #[error("TAP interface is gone: {0}")]
     Gone(io::Error),
+    /// The interface is administratively down (writes fail with EIO until it is up again).
+    #[error("TAP interface is down: {0}")]
+    Down(io::Error),
     /// The kernel refused the frame (e.g. a virtio-net header it does not accept).
     #[error("TAP refused the frame: {0}")]
     Invalid(io::Error),
@@ -79,9 +82,8 @@ impl TapIoError {
     fn from_io(e: io::Error) -> TapIoError {
         match e.raw_os_error() {
             Some(libc::EAGAIN) => TapIoError::WouldBlock,
-            Some(libc::EBADFD) | Some(libc::ENODEV) | Some(libc::ENXIO) | Some(libc::EIO) | Some(libc::EPIPE) => {
-                TapIoError::Gone(e)
-            }
+            Some(libc::EBADFD) | Some(libc::ENODEV) | Some(libc::ENXIO) | Some(libc::EPIPE) => TapIoError::Gone(e),
+            Some(libc::EIO) => TapIoError::Down(e),
             Some(libc::EINVAL) | Some(libc::EMSGSIZE) => TapIoError::Invalid(e),
             _ => TapIoError::Os(e),
         }
