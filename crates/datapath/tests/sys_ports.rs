@@ -14,7 +14,7 @@ use vmq_sys::link::LinkCtl;
 use vmq_sys::netns::Netns;
 use vmq_sys::packet::{PacketSocket, RingConfig};
 use vmq_sys::tap::{Tap, TapConfig};
-use vmq_wire::vnet::FLAG_NEEDS_CSUM;
+use vmq_wire::vnet::{FLAG_NEEDS_CSUM, GsoType};
 use vmq_wire::{MacAddr, VnetHdr};
 
 fn can_run() -> bool {
@@ -218,6 +218,47 @@ fn uplink_queues_follow_filters_carry_vlan_tags_and_transmit() {
     let seen = run(&mut queues);
     assert_eq!(seen.iter().filter(|s| **s == (1, false)).count(), 5, "{seen:?}");
     assert_eq!(seen.iter().filter(|s| **s == (2, true)).count(), 5, "{seen:?}");
+
+    // A tagged TCP GSO frame: whole, tag back in place, checksum start and header length moved.
+    let gso_frame = {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], mac12)
+            .ipv4([10, 72, 100, 1], [10, 72, 100, 12], 64)
+            .tcp(4000, 7101, 1, 65535)
+            .ack(1);
+        let mut out = Vec::new();
+        b.write(&mut out, &[0x5a; 8 * 1460]).unwrap();
+        let mut t = out[..12].to_vec();
+        t.extend_from_slice(&[0x81, 0x00, 0x00, 100]);
+        t.extend_from_slice(&out[12..]);
+        t
+    };
+    let gso_hdr = VnetHdr {
+        flags: FLAG_NEEDS_CSUM,
+        gso_type: GsoType::TcpV4.to_raw(),
+        gso_size: 1460,
+        hdr_len: 58,
+        csum_start: 38,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
+    inject.send(&gso_hdr.to_bytes(), &[&gso_frame]).unwrap();
+    let got = std::cell::RefCell::new(None);
+    collect(
+        &mut queues,
+        &fds,
+        |q, hdr, f| {
+            if f.len() > 1514 {
+                *got.borrow_mut() = Some((q, hdr, f.to_vec()));
+            }
+        },
+        || got.borrow().is_some(),
+    );
+    let (q, hdr, f) = got.into_inner().unwrap();
+    assert_eq!(q, 2);
+    assert_eq!(f, gso_frame, "the frame as sent, tag included");
+    assert_eq!((hdr.gso(), hdr.gso_size), (Some(GsoType::TcpV4), 1460));
+    assert_eq!((hdr.csum_start, hdr.csum_offset), (38, 16));
+    assert!(hdr.hdr_len == 0 || hdr.hdr_len >= 58, "hdr_len {} counts the tag", hdr.hdr_len);
 
     // Without its filter, queue 2's traffic goes to the default queue.
     steering.set_filter(QueueId(2), None);

@@ -387,27 +387,58 @@ fn tcp_from_the_stack_arrives_with_gso_headers() {
         assert_eq!(*vid, None);
     }
 
-    // A tagged frame with a partial checksum: the kernel reports the checksum offsets counted
-    // from the frame without its tag (which is what a caller re-inserting the tag must shift).
+    // Tagged frames: the kernel reports the checksum offsets counted from the frame without its
+    // tag (which is what a caller re-inserting the tag must shift). One with a partial checksum,
+    // one a TCP GSO frame (AF_PACKET transmit keeps it whole across the veth).
     let f = udp_frame([2, 0, 0, 0, 0, 1], vm_mac(12), [10, 84, 100, 1], [10, 84, 100, 12], 4000, 7000, b"partial");
     let hdr = VnetHdr { flags: FLAG_NEEDS_CSUM, csum_start: 38, csum_offset: 6, ..VnetHdr::default() };
     topo.inject.send(&hdr.to_bytes(), &[&tag(&f, 100)]).expect("inject");
-    let got = std::cell::Cell::new(None);
+    let gso_frame = {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], vm_mac(12))
+            .ipv4([10, 84, 100, 1], [10, 84, 100, 12], 64)
+            .tcp(4000, 7000, 1, 65535)
+            .ack(1);
+        let mut out = Vec::new();
+        b.write(&mut out, &[0x5a; 10 * 1460]).unwrap();
+        out
+    };
+    let gso_hdr = VnetHdr {
+        flags: FLAG_NEEDS_CSUM,
+        gso_type: GsoType::TcpV4.to_raw(),
+        gso_size: 1460,
+        hdr_len: 58,
+        csum_start: 38,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
+    topo.inject.send(&gso_hdr.to_bytes(), &[&tag(&gso_frame, 100)]).expect("inject gso");
+    let got = std::cell::RefCell::new(Vec::new());
     drain(
         &mut sockets[2..=2],
         5,
         |_, rx| {
-            if udp_dst(rx.data).is_some_and(|(_, p)| p == 7000) {
-                got.set(Some((VnetHdr::parse(&rx.vnet_hdr).unwrap(), rx.vlan, rx.data.len())));
+            let port = etherparse::SlicedPacket::from_ethernet(rx.data).ok().and_then(|p| match p.transport {
+                Some(etherparse::TransportSlice::Udp(u)) => Some(u.destination_port()),
+                Some(etherparse::TransportSlice::Tcp(t)) => Some(t.destination_port()),
+                _ => None,
+            });
+            if port == Some(7000) {
+                got.borrow_mut().push((VnetHdr::parse(&rx.vnet_hdr).unwrap(), rx.vlan, rx.data.len()));
             }
         },
-        || got.get().is_some(),
+        || got.borrow().len() >= 2,
     );
-    let (h, vlan, len) = got.get().unwrap();
+    let got = got.into_inner();
+    let (h, vlan, len) = got[0];
     assert_eq!(vlan.map(|v| (v.tpid, v.vid())), Some((0x8100, 100)));
     assert_eq!(len, f.len(), "the tag is not in the frame");
     assert!(h.needs_csum());
     assert_eq!((h.csum_start, h.csum_offset), (34, 6));
+    let (h, vlan, len) = got[1];
+    assert_eq!(vlan.map(|v| v.vid()), Some(100));
+    assert_eq!(len, gso_frame.len(), "the GSO frame arrives whole, untagged");
+    assert_eq!((h.gso(), h.gso_size), (Some(GsoType::TcpV4), 1460));
+    assert_eq!((h.csum_start, h.csum_offset), (34, 16));
 }
 
 #[test]
