@@ -547,7 +547,8 @@ impl FanoutGroup {
         // each socket's filter drops them as well, for kernels without it.
         let mut flags = libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
         for k in 0..members {
-            let s = Self::open_rx_member(&at, ifindex, netns, ring, k == 0)?;
+            // Promiscuous mode once for the group (member 0 holds it).
+            let s = PacketSocket::open_rx_at(at.clone(), ifindex, netns, ring, k == 0)?;
             let join = |type_flags: u32, id: u16| -> io::Result<()> {
                 let value: u32 = u32::from(id) | (type_flags << 16);
                 setsockopt(&s.fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &value)
@@ -579,16 +580,6 @@ impl FanoutGroup {
             s.set_filter(&steering::drop_outgoing(), "SO_ATTACH_FILTER")?;
         }
         Ok((group, sockets))
-    }
-
-    fn open_rx_member(
-        at: &IfRef,
-        ifindex: u32,
-        netns: Option<&str>,
-        ring: RingConfig,
-        promisc: bool,
-    ) -> Result<PacketSocket, PacketError> {
-        PacketSocket::open_rx_at(at.clone(), ifindex, netns, ring, promisc)
     }
 
     /// The group id the kernel assigned.

@@ -3,7 +3,12 @@
 //! `TUNSETVNETHDRSZ 12`. `TUNSETOFFLOAD` decides what the kernel may hand vmq on read: with
 //! offloads, GSO frames and partial checksums; without, only MTU-sized frames with complete
 //! checksums. The fd is non-blocking; a TAP whose interface was deleted reports
-//! [`TapIoError::Gone`] on every read and write.
+//! [`TapIoError::Gone`] on every read and write, one that is administratively down fails writes
+//! with [`TapIoError::Down`] (EIO) until it is up again.
+//!
+//! The interface lives as long as its fd. A fork elsewhere in the process (e.g. `Command`) holds
+//! a copy of the fd until its exec closes it (O_CLOEXEC), so re-creating a TAP of the same name
+//! right after dropping one can briefly fail with [`TapError::InUse`].
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
