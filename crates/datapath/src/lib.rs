@@ -19,6 +19,8 @@ pub mod mem;
 pub mod nic;
 pub mod port;
 pub mod ring;
+pub mod tap;
+pub mod uplink;
 pub mod vhost;
 pub mod virtio;
 

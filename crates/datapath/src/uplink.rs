@@ -1,0 +1,304 @@
+//! Uplink ports over AF_PACKET: the host NIC (or a veth) as vmq's "network adapter" with VM
+//! queues. One receive socket per queue in a `PACKET_FANOUT_CBPF` group — socket 0 the default
+//! queue, socket k VM queue k — steered in the kernel by the classic-BPF program
+//! [`UplinkSteering`] rebuilds whenever the VMQ filters change; one transmit socket.
+//!
+//! Receive copies each frame once, from the ring into the worker's [`Scratch`] buffer. Linux
+//! removes the 802.1Q tag of received frames into metadata; it is put back in the frame here (and
+//! the virtio-net header's `csum_start`/`hdr_len` shifted by the 4 tag bytes), since vmq carries
+//! VLANs in band.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+
+use vmq_core::vmq::{FilterKey, QueueId};
+use vmq_core::{DropReason, OffloadCaps};
+use vmq_sys::packet::{FanoutGroup, PacketError, PacketSocket, RingConfig, TxError};
+use vmq_sys::steering::SteeringRule;
+use vmq_wire::VnetHdr;
+use vmq_wire::vnet::FLAG_NEEDS_CSUM;
+
+use crate::port::{FrameSink, FrameSource, NicSteering, RecvError, Scratch};
+
+const VLAN_HLEN: usize = 4;
+
+/// Writes vmq's form of a received frame into `out`: the 12-byte header, then the frame with
+/// the removed VLAN tag (`(tpid, tci)`) put back after the MAC addresses. Returns the length, or
+/// None when the frame does not fit `out`, is too short to hold MAC addresses, or its header
+/// offsets overflow when shifted.
+pub fn write_rx_frame(out: &mut [u8], vnet_hdr: &[u8; 12], data: &[u8], vlan: Option<(u16, u16)>) -> Option<usize> {
+    let Some((tpid, tci)) = vlan else {
+        let len = VnetHdr::LEN + data.len();
+        out.get_mut(..VnetHdr::LEN)?.copy_from_slice(vnet_hdr);
+        out.get_mut(VnetHdr::LEN..len)?.copy_from_slice(data);
+        return Some(len);
+    };
+    if data.len() < 12 {
+        return None;
+    }
+    let mut hdr = VnetHdr::parse(vnet_hdr).ok()?;
+    // Offsets count from the start of the frame: everything after the MACs moves by the tag.
+    if hdr.flags & FLAG_NEEDS_CSUM != 0 {
+        hdr.csum_start = hdr.csum_start.checked_add(VLAN_HLEN as u16)?;
+    }
+    if hdr.hdr_len != 0 {
+        hdr.hdr_len = hdr.hdr_len.checked_add(VLAN_HLEN as u16)?;
+    }
+    let len = VnetHdr::LEN + data.len() + VLAN_HLEN;
+    let out = out.get_mut(..len)?;
+    out[..VnetHdr::LEN].copy_from_slice(&hdr.to_bytes());
+    let frame = &mut out[VnetHdr::LEN..];
+    frame[..12].copy_from_slice(&data[..12]);
+    frame[12..14].copy_from_slice(&tpid.to_be_bytes());
+    frame[14..16].copy_from_slice(&tci.to_be_bytes());
+    frame[16..].copy_from_slice(&data[12..]);
+    Some(len)
+}
+
+/// One receive queue of an uplink (a fanout member, or a lone socket).
+pub struct UplinkQueue {
+    socket: PacketSocket,
+    queue: QueueId,
+}
+
+impl UplinkQueue {
+    /// A lone receive socket as the default queue: the fallback when the kernel refuses fanout
+    /// (everything then goes through the software switch).
+    pub fn open_single(ifname: &str, netns: Option<&str>, ring: RingConfig) -> Result<UplinkQueue, PacketError> {
+        Ok(UplinkQueue { socket: PacketSocket::open_rx(ifname, netns, ring)?, queue: QueueId::DEFAULT })
+    }
+
+    pub fn queue(&self) -> QueueId {
+        self.queue
+    }
+
+    /// The socket's fd, for the worker's epoll (readable when a ring block is ready).
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl FrameSource for UplinkQueue {
+    fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize {
+        let room = batch_room(scratch);
+        let mut n = 0;
+        self.socket.recv_batch(max.min(room), |f| {
+            if f.truncated() {
+                // Longer than a ring block: the kernel cut it. Never pass a cut frame on.
+                errors.push(RecvError::Drop(DropReason::Oversize));
+                return;
+            }
+            let Some(buf) = scratch.next_buf() else {
+                errors.push(RecvError::Drop(DropReason::NoBuffer));
+                return;
+            };
+            match write_rx_frame(buf, &f.vnet_hdr, f.data, f.vlan.map(|v| (v.tpid, v.tci))) {
+                Some(len) => {
+                    scratch.commit(len);
+                    n += 1;
+                }
+                None => errors.push(RecvError::Drop(DropReason::Malformed)),
+            }
+        });
+        n
+    }
+}
+
+/// Free slots in a batch.
+fn batch_room(scratch: &Scratch) -> usize {
+    crate::port::BATCH.saturating_sub(scratch.len())
+}
+
+/// The uplink's transmit side.
+pub struct UplinkSink {
+    socket: PacketSocket,
+    caps: OffloadCaps,
+}
+
+impl UplinkSink {
+    /// `offloads`: hand GSO frames and partial checksums to the kernel, which segments and
+    /// finishes them for the device as needed; else vmq resolves them first.
+    pub fn open(ifname: &str, netns: Option<&str>, offloads: bool) -> Result<UplinkSink, PacketError> {
+        let caps = if offloads { OffloadCaps::ALL } else { OffloadCaps::NONE };
+        Ok(UplinkSink { socket: PacketSocket::open_tx(ifname, netns)?, caps })
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl FrameSink for UplinkSink {
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+        let hdr = hdr.to_bytes();
+        let sent = if parts.len() < vmq_sys::packet::MAX_PARTS {
+            self.socket.send(&hdr, parts)
+        } else {
+            // More parts than one sendmsg takes here: rare, so one copy is fine.
+            self.socket.send(&hdr, &[&parts.concat()])
+        };
+        sent.map(|_| ()).map_err(tx_drop)
+    }
+
+    fn flush(&mut self) {}
+
+    fn caps(&self) -> OffloadCaps {
+        self.caps
+    }
+}
+
+fn tx_drop(e: TxError) -> DropReason {
+    match e {
+        TxError::Busy(_) => DropReason::NoBuffer,
+        TxError::TooBig(_) => DropReason::Oversize,
+        TxError::Invalid(_) | TxError::BadParts => DropReason::Malformed,
+        TxError::Down(_) => DropReason::PortDown,
+        TxError::Os(e) => {
+            tracing::debug!("uplink transmit: {e}");
+            DropReason::NoBuffer
+        }
+    }
+}
+
+/// The VMQ filters of an uplink, as its fanout group's steering program.
+pub struct UplinkSteering {
+    group: FanoutGroup,
+    filters: BTreeMap<QueueId, FilterKey>,
+    last_error: Option<PacketError>,
+}
+
+impl UplinkSteering {
+    pub fn new(group: FanoutGroup) -> UplinkSteering {
+        UplinkSteering { group, filters: BTreeMap::new(), last_error: None }
+    }
+
+    /// Why the last filter change did not take effect, if it did not.
+    pub fn last_error(&self) -> Option<&PacketError> {
+        self.last_error.as_ref()
+    }
+
+    pub fn group(&self) -> &FanoutGroup {
+        &self.group
+    }
+
+    fn rules(&self) -> Vec<SteeringRule> {
+        self.filters
+            .iter()
+            .map(|(q, k)| SteeringRule { mac: k.mac.0, vlan: (k.vlan != 0).then_some(k.vlan), index: u32::from(q.0) })
+            .collect()
+    }
+}
+
+impl NicSteering for UplinkSteering {
+    fn set_filter(&mut self, queue: QueueId, filter: Option<FilterKey>) {
+        if usize::from(queue.0) >= self.group.members() || queue == QueueId::DEFAULT {
+            tracing::warn!(
+                "uplink {}: no VM queue {} (the group has {} members); filter ignored",
+                self.group.interface(),
+                queue.0,
+                self.group.members()
+            );
+            return;
+        }
+        match filter {
+            Some(f) => self.filters.insert(queue, f),
+            None => self.filters.remove(&queue),
+        };
+        // Lower queues win when two filters name the same MAC and VLAN (a transient state
+        // while a filter moves between queues).
+        self.last_error = self.group.steer(&self.rules()).err();
+        if let Some(e) = &self.last_error {
+            tracing::warn!("uplink steering not updated: {e}");
+        }
+    }
+}
+
+/// An uplink opened with VM queues: the queues (default first), the transmit side and the
+/// steering.
+pub struct Uplink {
+    pub queues: Vec<UplinkQueue>,
+    pub sink: UplinkSink,
+    pub steering: UplinkSteering,
+}
+
+impl Uplink {
+    /// Opens `ifname` (in `netns`) with `vm_queues` VM queues plus the default queue. An error
+    /// [`PacketError::FanoutRefused`] means the kernel has no fanout: fall back to
+    /// [`UplinkQueue::open_single`].
+    pub fn open(
+        ifname: &str,
+        netns: Option<&str>,
+        vm_queues: u16,
+        offloads: bool,
+        ring: RingConfig,
+    ) -> Result<Uplink, PacketError> {
+        let (group, sockets) = FanoutGroup::open(ifname, netns, usize::from(vm_queues) + 1, ring)?;
+        let queues = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(k, socket)| UplinkQueue { socket, queue: QueueId(k as u16) })
+            .collect();
+        Ok(Uplink { queues, sink: UplinkSink::open(ifname, netns, offloads)?, steering: UplinkSteering::new(group) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame() -> Vec<u8> {
+        let mut f = vec![0x52, 0x54, 0, 0, 0, 1, 0x52, 0x54, 0, 0, 0, 2, 0x08, 0x00];
+        f.extend_from_slice(&[0x45; 60]);
+        f
+    }
+
+    #[test]
+    fn untagged_frames_pass_as_they_are() {
+        let hdr = VnetHdr { flags: FLAG_NEEDS_CSUM, csum_start: 34, csum_offset: 16, ..Default::default() };
+        let f = frame();
+        let mut out = vec![0u8; 256];
+        let len = write_rx_frame(&mut out, &hdr.to_bytes(), &f, None).unwrap();
+        assert_eq!(len, 12 + f.len());
+        assert_eq!(VnetHdr::parse(&out).unwrap(), hdr);
+        assert_eq!(&out[12..len], &f[..]);
+    }
+
+    #[test]
+    fn tag_goes_back_and_offsets_shift() {
+        let hdr = VnetHdr {
+            flags: FLAG_NEEDS_CSUM,
+            gso_type: 1,
+            gso_size: 1448,
+            hdr_len: 66,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
+        let f = frame();
+        let mut out = vec![0u8; 256];
+        let len = write_rx_frame(&mut out, &hdr.to_bytes(), &f, Some((0x8100, 0x2064))).unwrap();
+        assert_eq!(len, 12 + f.len() + 4);
+        let h = VnetHdr::parse(&out).unwrap();
+        assert_eq!((h.csum_start, h.csum_offset, h.hdr_len, h.gso_size), (38, 16, 70, 1448));
+        let t = &out[12..len];
+        assert_eq!(&t[..12], &f[..12]);
+        assert_eq!(&t[12..16], &[0x81, 0x00, 0x20, 0x64]);
+        assert_eq!(&t[16..], &f[12..]);
+        // Without NEEDS_CSUM the checksum offsets are not offsets: left alone.
+        let plain = VnetHdr::default();
+        write_rx_frame(&mut out, &plain.to_bytes(), &f, Some((0x88a8, 5))).unwrap();
+        assert_eq!(VnetHdr::parse(&out).unwrap(), plain);
+        assert_eq!(&out[24..28], &[0x88, 0xa8, 0, 5]);
+    }
+
+    #[test]
+    fn bad_inputs_are_refused_not_panics() {
+        let mut small = vec![0u8; 20];
+        assert_eq!(write_rx_frame(&mut small, &[0; 12], &frame(), None), None);
+        assert_eq!(write_rx_frame(&mut small, &[0; 12], &frame(), Some((0x8100, 1))), None);
+        let mut out = vec![0u8; 256];
+        assert_eq!(write_rx_frame(&mut out, &[0; 12], &[1, 2, 3], Some((0x8100, 1))), None);
+        let hdr = VnetHdr { flags: FLAG_NEEDS_CSUM, csum_start: u16::MAX - 1, ..Default::default() };
+        assert_eq!(write_rx_frame(&mut out, &hdr.to_bytes(), &frame(), Some((0x8100, 1))), None);
+    }
+}
