@@ -96,7 +96,13 @@ impl Client {
             }
             _ => ClientError::Io { path: path.clone(), source },
         };
-        self.writer.write_all(bytes).map_err(io)?;
+        // A server that refuses a connection (denied, busy) answers at once and closes, so
+        // our write may meet a closed socket while the answer waits to be read: read it.
+        let written = self.writer.write_all(bytes);
+        let refused_early = matches!(&written, Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset));
+        if !refused_early {
+            written.map_err(io)?;
+        }
         self.reader.get_mut().deadline = Some(Instant::now() + self.timeout);
         match lines::read_line(&mut self.reader, MAX_RESPONSE_BYTES, &mut self.line) {
             Ok(true) => String::from_utf8(std::mem::take(&mut self.line))

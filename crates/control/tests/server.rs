@@ -463,3 +463,24 @@ fn shutdown_leaves_a_successors_socket_alone() {
     second.shutdown();
     assert!(!path.exists());
 }
+
+#[test]
+fn a_refusal_sent_before_the_request_is_still_read() {
+    let dir = TempDir::new("early");
+    let mut config = ServerConfig::new(dir.join("vmq.sock"));
+    config.max_connections = 0;
+    let (server, _) = start_with(config);
+    let mut client = Client::connect(server.path(), TIMEOUT).unwrap();
+    // The acceptor handles connections in order: once a later connection has been refused
+    // and closed, so has the client's, before the client wrote anything.
+    let mut later = UnixStream::connect(server.path()).unwrap();
+    later.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut refusal = String::new();
+    later.read_to_string(&mut refusal).unwrap();
+    assert!(refusal.contains("\"busy\""), "{refusal}");
+    // Writing now meets a closed socket; the client still reads the answer waiting for it.
+    match client.call(&Request::Show) {
+        Err(ClientError::Remote(e)) => assert_eq!(e.code, ErrorCode::Busy),
+        other => panic!("expected busy, got {other:?}"),
+    }
+}
