@@ -417,6 +417,30 @@ fn json_prints_the_reply_as_received() {
     let Ok(Response::Fdb(report)) = reply.0 else { panic!("not an fdb reply: {out}") };
     assert_eq!(report.entries[1].age_secs, Some(42));
     assert!(out.starts_with(r#"{"ok":true,"result":{"type":"fdb","entries":[{"mac":"52:54:00:00:00:01""#), "{out}");
+    // Every command: one reply line of the command's result type.
+    for (args, kind) in [
+        (&["show"][..], "show"),
+        (&["ports"], "ports"),
+        (&["queues"], "queues"),
+        (&["stats"], "stats"),
+        (&["stats", "vm2"], "stats"),
+        (&["add-port", "--name", "m1", "--kind", "mem", "--mac", "52:54:00:00:00:09"], "port-added"),
+        (&["del-port", "vm1"], "done"),
+        (&["set", "queues", "2"], "done"),
+        (&["set", "policy", "dynamic"], "done"),
+        (&["set", "port", "vm1", "mtu", "9000"], "done"),
+        (&["set", "port", "vm1", "vlan", "0"], "done"),
+        (&["rebalance"], "rebalanced"),
+        (&["workers"], "workers"),
+    ] {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = ok(&f.socket, &all);
+        assert_eq!(out.lines().count(), 1, "{out}");
+        let reply = Reply::from_line(out.trim_end().as_bytes()).unwrap();
+        assert!(reply.0.is_ok(), "{out}");
+        assert!(out.starts_with(&format!("{{\"ok\":true,\"result\":{{\"type\":\"{kind}\"")), "{args:?}: {out}");
+    }
     // Refusals are JSON too, on stdout, with exit code 1.
     let refused = ctl(&f.socket, &["--json", "del-port", "vm9"]);
     assert_eq!(refused.code, 1);
