@@ -98,12 +98,14 @@ fn plain_loop(socket: &Path, interval: Duration, timeout: Duration, frames: Opti
         std::thread::sleep(interval);
         let current = sample(socket, timeout)?;
         let frame = render::top_frame(&previous.stats, &current.stats, current.queues.as_ref());
+        let separator: &[u8] = if printed > 0 { b"\n" } else { b"" };
         let mut out = std::io::stdout().lock();
-        if printed > 0 {
-            out.write_all(b"\n")?;
+        match out.write_all(separator).and_then(|()| out.write_all(frame.as_bytes())).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            // The reader went away (`vmq top | head`): done, not a failure.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
         }
-        out.write_all(frame.as_bytes())?;
-        out.flush()?;
         printed += 1;
         previous = current;
     }
