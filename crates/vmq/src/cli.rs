@@ -5,14 +5,17 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{bench, config, run};
+use crate::{bench, config, ctl, run, top};
 
 /// Exit codes that mean something to scripts.
 pub mod exit {
     /// Bad usage or invalid configuration.
     pub const CONFIG: u8 = 2;
-    /// A runtime failure (a port could not be created, the data path failed).
+    /// A runtime failure (a port could not be created, the data path failed); for `vmq ctl`:
+    /// vmq refused or failed the request.
     pub const RUNTIME: u8 = 1;
+    /// `vmq ctl`/`vmq top`: vmq cannot be reached (not running, wrong socket, no answer).
+    pub const UNREACHABLE: u8 = 3;
 }
 
 #[derive(Debug, Parser)]
@@ -43,6 +46,13 @@ enum Command {
     DefaultConfig,
     /// Measure the in-process data path (no root needed): vmq mode against switch mode.
     Bench(bench::BenchArgs),
+    /// Inspect or change the running vmq through its control socket.
+    ///
+    /// Exit codes: 0 done, 1 vmq refused or failed the request, 2 usage error, 3 vmq cannot be
+    /// reached.
+    Ctl(ctl::CtlArgs),
+    /// Live per-port rates, drops and VM queues of the running vmq (q or Ctrl-C quits).
+    Top(top::TopArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -64,5 +74,7 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Bench(args) => bench::bench(&args),
+        Command::Ctl(args) => ctl::ctl(args),
+        Command::Top(args) => top::top(args),
     }
 }

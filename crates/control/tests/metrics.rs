@@ -1,0 +1,238 @@
+//! The Prometheus exporter over real TCP on 127.0.0.1: scrapes parse as Prometheus text and
+//! carry exactly the snapshot's values; anything but `GET /metrics` is refused.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use vmq_control::metrics::{CONTENT_TYPE, MetricsConfig, MetricsExporter, MetricsSnapshot, PortMetrics, WorkerMetrics};
+use vmq_control::protocol::{OffloadCounters, PortCounters};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn snapshot(scrape: u64) -> MetricsSnapshot {
+    let port = |name: &str, base: u64, up: bool, queue: bool| PortMetrics {
+        counters: PortCounters {
+            port: name.into(),
+            rx_packets: base + 1,
+            rx_bytes: base + 2,
+            tx_packets: base + 3,
+            tx_bytes: base + 4,
+            drops: [("oversize".to_string(), base + 5), ("spoofed".to_string(), base + 6)].into(),
+            offload: OffloadCounters {
+                segments: base + 7,
+                csum_finished: base + 8,
+                coalesced: base + 9,
+                gso_passed: base + 10,
+            },
+            fdb_full: base + 11,
+        },
+        up,
+        queue_assigned: queue,
+    };
+    MetricsSnapshot {
+        ports: vec![port("vm1", 1000 * scrape, true, true), port("up0", 100_000 + scrape, false, false)],
+        workers: vec![WorkerMetrics { worker: 0, busy_ratio: 0.25 }, WorkerMetrics { worker: 1, busy_ratio: 0.875 }],
+    }
+}
+
+struct HttpResponse {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+fn http(addr: SocketAddr, request: &[u8]) -> HttpResponse {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 "), "{status_line}");
+    let status = status_line[9..12].parse().unwrap();
+    let headers = lines
+        .map(|l| {
+            let (k, v) = l.split_once(": ").unwrap();
+            (k.to_ascii_lowercase(), v.to_string())
+        })
+        .collect::<HashMap<_, _>>();
+    assert_eq!(headers["content-length"].parse::<usize>().unwrap(), body.len());
+    HttpResponse { status, headers, body: body.to_string() }
+}
+
+fn get(addr: SocketAddr, path: &str) -> HttpResponse {
+    http(addr, format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n").as_bytes())
+}
+
+/// A sample: metric name and sorted labels.
+type Key = (String, BTreeMap<String, String>);
+
+/// A small parser for the Prometheus text format (0.0.4): `# HELP`/`# TYPE` lines and samples
+/// `name{label="value",...} value`. Panics on anything else, so a malformed exposition fails.
+fn parse_exposition(text: &str) -> (HashMap<String, String>, HashMap<Key, f64>) {
+    let mut types = HashMap::new();
+    let mut samples = HashMap::new();
+    let mut helped = std::collections::HashSet::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap();
+            assert!(!help.is_empty());
+            helped.insert(name.to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(helped.contains(name), "TYPE without HELP: {line}");
+            assert!(types.insert(name.to_string(), kind.to_string()).is_none(), "family twice: {name}");
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment {line}");
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line}"));
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("unterminated labels: {line}"));
+                let labels = body
+                    .split(',')
+                    .filter(|l| !l.is_empty())
+                    .map(|pair| {
+                        let (k, v) = pair.split_once('=').unwrap();
+                        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap();
+                        (k.to_string(), v.to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels)
+            }
+        };
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{name}");
+        assert!(types.contains_key(&name), "sample before its TYPE: {line}");
+        assert!(samples.insert((name, labels), value).is_none(), "duplicate sample {line}");
+    }
+    (types, samples)
+}
+
+fn key(name: &str, labels: &[(&str, &str)]) -> Key {
+    (name.to_string(), labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+}
+
+fn start(io_timeout: Duration) -> (MetricsExporter, Arc<AtomicU64>) {
+    let scrapes = Arc::new(AtomicU64::new(0));
+    let counter = scrapes.clone();
+    let mut config = MetricsConfig::new("127.0.0.1:0".parse().unwrap());
+    config.io_timeout = io_timeout;
+    let exporter = MetricsExporter::start(
+        config,
+        Arc::new(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            snapshot(n)
+        }),
+    )
+    .unwrap();
+    (exporter, scrapes)
+}
+
+#[test]
+fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
+    let (exporter, scrapes) = start(TIMEOUT);
+    let response = get(exporter.local_addr(), "/metrics");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.headers["content-type"], CONTENT_TYPE);
+    assert!(CONTENT_TYPE.starts_with("text/plain; version=0.0.4"));
+    let (types, samples) = parse_exposition(&response.body);
+    assert_eq!(scrapes.load(Ordering::SeqCst), 1, "one snapshot per scrape");
+
+    let expected = snapshot(1);
+    let mut wanted: HashMap<Key, f64> = HashMap::new();
+    for p in &expected.ports {
+        let c = &p.counters;
+        let port = [("port", c.port.as_str())];
+        for (name, value) in [
+            ("vmq_port_rx_packets_total", c.rx_packets),
+            ("vmq_port_rx_bytes_total", c.rx_bytes),
+            ("vmq_port_tx_packets_total", c.tx_packets),
+            ("vmq_port_tx_bytes_total", c.tx_bytes),
+            ("vmq_offload_segments_total", c.offload.segments),
+            ("vmq_offload_csum_finished_total", c.offload.csum_finished),
+            ("vmq_offload_coalesced_total", c.offload.coalesced),
+            ("vmq_offload_gso_passed_total", c.offload.gso_passed),
+            ("vmq_fdb_full_total", c.fdb_full),
+            ("vmq_queue_assigned", u64::from(p.queue_assigned)),
+            ("vmq_port_up", u64::from(p.up)),
+        ] {
+            wanted.insert(key(name, &port), value as f64);
+        }
+        for (reason, count) in &c.drops {
+            wanted.insert(key("vmq_port_drops_total", &[("port", &c.port), ("reason", reason)]), *count as f64);
+        }
+    }
+    for w in &expected.workers {
+        wanted.insert(key("vmq_worker_busy_ratio", &[("worker", &w.worker.to_string())]), w.busy_ratio);
+    }
+    assert_eq!(samples, wanted);
+    for (name, kind) in &types {
+        let counter = name.ends_with("_total");
+        assert_eq!(kind, if counter { "counter" } else { "gauge" }, "{name}");
+    }
+    assert_eq!(types.len(), 13);
+
+    // The callback runs per scrape: the next scrape has the next snapshot's values.
+    let (_, samples) = parse_exposition(&get(exporter.local_addr(), "/metrics?ignored=1").body);
+    assert_eq!(samples[&key("vmq_port_rx_packets_total", &[("port", "vm1")])], 2001.0);
+    assert_eq!(scrapes.load(Ordering::SeqCst), 2);
+    exporter.shutdown();
+}
+
+#[test]
+fn anything_but_get_metrics_is_refused_and_the_exporter_keeps_serving() {
+    let (exporter, scrapes) = start(TIMEOUT);
+    let addr = exporter.local_addr();
+    assert_eq!(get(addr, "/").status, 404);
+    assert_eq!(get(addr, "/metricsx").status, 404);
+    assert_eq!(get(addr, "/metrics/x").status, 404);
+    assert_eq!(http(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").status, 404);
+    assert_eq!(http(addr, b"garbage\r\n\r\n").status, 400);
+    let huge = format!("GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(20_000));
+    assert_eq!(http(addr, huge.as_bytes()).status, 431);
+    // None of those took a snapshot; a proper scrape still works.
+    assert_eq!(scrapes.load(Ordering::SeqCst), 0);
+    assert_eq!(get(addr, "/metrics").status, 200);
+    // Hand-typed requests with bare LF line ends work too.
+    assert_eq!(http(addr, b"GET /metrics HTTP/1.0\n\n").status, 200);
+}
+
+#[test]
+fn a_silent_client_costs_at_most_the_io_timeout() {
+    let (exporter, _) = start(Duration::from_millis(200));
+    let addr = exporter.local_addr();
+    // Connects and sends nothing; the exporter serves one request at a time.
+    let _silent = TcpStream::connect(addr).unwrap();
+    let started = Instant::now();
+    let response = get(addr, "/metrics");
+    assert_eq!(response.status, 200);
+    assert!(started.elapsed() < TIMEOUT, "waited {:?}", started.elapsed());
+}
+
+#[test]
+fn shutdown_is_prompt_and_releases_the_port() {
+    let (exporter, _) = start(TIMEOUT);
+    let addr = exporter.local_addr();
+    assert_eq!(get(addr, "/metrics").status, 200);
+    let started = Instant::now();
+    exporter.shutdown();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The address is free again: a new exporter can take it.
+    let again = MetricsExporter::start(MetricsConfig::new(addr), Arc::new(MetricsSnapshot::default)).unwrap();
+    assert_eq!(again.local_addr(), addr);
+    let (types, samples) = parse_exposition(&get(addr, "/metrics").body);
+    assert!(samples.is_empty());
+    assert_eq!(types.len(), 13, "families are described even with no ports");
+}
