@@ -149,6 +149,9 @@ pub struct NewPort {
     pub allow_mac_spoofing: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offloads: Option<bool>,
+    /// TAP ports: create `netns` if it does not exist (and delete it with the port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_netns: Option<bool>,
 }
 
 /// What `set` changes.

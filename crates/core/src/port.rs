@@ -77,10 +77,10 @@ impl PortSpec {
 pub enum PortBackend {
     /// vhost-user-net server socket (the VM connects to it).
     VhostUser { socket: std::path::PathBuf },
-    /// A TAP interface vmq creates, optionally moved into a network namespace.
-    Tap { ifname: String, netns: Option<String> },
-    /// A host interface used through AF_PACKET.
-    Uplink { ifname: String },
+    /// A TAP interface vmq creates, optionally inside a network namespace (created if asked).
+    Tap { ifname: String, netns: Option<String>, create_netns: bool },
+    /// A host interface (in `netns`, if given) used through AF_PACKET.
+    Uplink { ifname: String, netns: Option<String> },
     /// In-process virtio-net device (tests, bench).
     Mem,
 }

@@ -1,13 +1,18 @@
 //! The backends of this build: how each configured port kind gets attached.
 
-use vmq_core::{PortBackend, PortConfig};
+use vmq_core::vmq::QueueId;
+use vmq_core::{Mode, PortBackend, PortConfig};
+use vmq_sys::packet::RingConfig;
+use vmq_sys::tap::{Tap, TapConfig};
 use vmq_vhost::NetDeviceConfig;
 
+use crate::tap::TapPort;
+use crate::uplink::{Uplink, UplinkQueue, UplinkSink};
 use crate::vhost::VhostService;
-use crate::{AttachContext, Attachment, Backends, DatapathError};
+use crate::{AttachContext, Attachment, Backends, DatapathError, PortControl};
 
-/// Attaches `mem` ports (an idle in-process virtio-net device each) and vhost-user ports (one
-/// protocol thread for all VM sockets, started with the first).
+/// Attaches every port kind: `mem` (an idle in-process virtio-net device), vhost-user (one
+/// protocol thread for all VM sockets, started with the first), TAP and AF_PACKET uplinks.
 #[derive(Default)]
 pub struct DefaultBackends {
     vhost: Option<VhostService>,
@@ -43,8 +48,66 @@ impl Backends for DefaultBackends {
                 })?;
                 service.attach(&port, socket.clone(), device, ctx.handle)
             }
-            PortBackend::Tap { .. } => Err(DatapathError::Unsupported { port, kind: "tap" }),
-            PortBackend::Uplink { .. } => Err(DatapathError::Unsupported { port, kind: "uplink" }),
+            PortBackend::Tap { ifname, netns, create_netns } => {
+                let cfg = TapConfig {
+                    name: ifname.clone(),
+                    netns: netns.clone(),
+                    create_netns: *create_netns,
+                    mac: config.spec.mac.map(|m| m.0),
+                    mtu: Some(u32::from(config.spec.mtu)),
+                    offloads: config.spec.offloads.accepts_gso(),
+                    up: true,
+                };
+                let tap = Tap::create(&cfg)
+                    .map_err(|e| DatapathError::Backend { port: port.clone(), message: e.to_string() })?;
+                let tap = TapPort::new(tap);
+                let mut att = Attachment::new(Box::new(tap.clone()), Some(Box::new(tap.clone())));
+                att.control = Some(Box::new(TapControl(tap)));
+                Ok(att)
+            }
+            PortBackend::Uplink { ifname, netns } => {
+                let err = |e: vmq_sys::packet::PacketError| DatapathError::Backend {
+                    port: port.clone(),
+                    message: e.to_string(),
+                };
+                let offloads = config.spec.offloads.accepts_gso();
+                // In switch mode the NIC gets no VM queues: everything on the default queue.
+                let vm_queues = if ctx.mode == Mode::Vmq { ctx.nic_queues } else { 0 };
+                match Uplink::open(ifname, netns.as_deref(), vm_queues, offloads, RingConfig::default()) {
+                    Ok(uplink) => {
+                        let mut att = Attachment::new(Box::new(uplink.sink), None);
+                        for q in uplink.queues {
+                            let id = q.queue();
+                            att.nic_queues.push((id, Box::new(q)));
+                        }
+                        att.steering = Some(Box::new(uplink.steering));
+                        Ok(att)
+                    }
+                    Err(vmq_sys::packet::PacketError::FanoutRefused { .. }) => {
+                        tracing::warn!(
+                            port = %port,
+                            "the kernel refused PACKET_FANOUT: VM queues are sorted in the reader instead of the kernel"
+                        );
+                        let single =
+                            UplinkQueue::open_single(ifname, netns.as_deref(), RingConfig::default()).map_err(err)?;
+                        let sink = UplinkSink::open(ifname, netns.as_deref(), offloads).map_err(err)?;
+                        let mut att = Attachment::new(Box::new(sink), None);
+                        att.nic_queues.push((QueueId::DEFAULT, Box::new(single)));
+                        Ok(att)
+                    }
+                    Err(e) => Err(err(e)),
+                }
+            }
         }
+    }
+}
+
+/// Run-time changes to a TAP: its MTU is the kernel interface's too.
+struct TapControl(TapPort);
+
+impl PortControl for TapControl {
+    fn set_mtu(&mut self, mtu: u16) -> Result<(), String> {
+        let tap = self.0.tap();
+        tap.link().and_then(|l| l.set_mtu(tap.name(), u32::from(mtu))).map_err(|e| e.to_string())
     }
 }

@@ -18,8 +18,8 @@ pub(crate) struct Rebalancer {
     shared: Arc<Shared>,
     control: Arc<Mutex<ControlState>>,
     interval: Duration,
-    /// Frames delivered to each port at the last measurement.
-    last_port_tx: HashMap<PortId, u64>,
+    /// Frames and bytes delivered to each port at the last measurement.
+    last_port_tx: HashMap<PortId, (u64, u64)>,
     /// Frames each task took in at the last measurement (by task address: tasks come and go).
     last_task_frames: HashMap<usize, u64>,
     last_busy_ns: Vec<u64>,
@@ -60,17 +60,21 @@ impl Rebalancer {
         let mut st = lock(&self.control);
         // Receive rate of each port: frames vmq delivered to it.
         let mut rates = Vec::new();
+        let mut byte_rates = HashMap::new();
         let mut port_tx = HashMap::new();
         for (i, rec) in st.ports.iter().enumerate() {
             let Some(rec) = rec else { continue };
             let id = PortId(i as u16);
-            let now = rec.stats.tx_packets.load(Ordering::Relaxed);
+            let now = (rec.stats.tx_packets.load(Ordering::Relaxed), rec.stats.tx_bytes.load(Ordering::Relaxed));
             let before = self.last_port_tx.get(&id).copied().unwrap_or(now);
-            rates.push((id, (now.saturating_sub(before) as f64 / secs) as u64));
+            let per_sec = |now: u64, before: u64| (now.saturating_sub(before) as f64 / secs) as u64;
+            rates.push((id, per_sec(now.0, before.0)));
+            byte_rates.insert(id, per_sec(now.1, before.1));
             port_tx.insert(id, now);
         }
         self.last_port_tx = port_tx;
         st.rates = rates.iter().copied().collect();
+        st.byte_rates = byte_rates;
         let changes = st.vmq.rebalance(&rates);
         st.apply_queue_changes(&changes);
         // Worker busy ratios.

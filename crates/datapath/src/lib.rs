@@ -179,6 +179,8 @@ pub(crate) struct ControlState {
     names: HashMap<String, PortId>,
     /// Receive rate (frames/s) of each port at the last rebalance, for `vmq ctl queues`.
     rates: HashMap<PortId, u64>,
+    /// The same in bytes/s.
+    byte_rates: HashMap<PortId, u64>,
     /// Busy ratio of each worker at the last measurement.
     busy: Vec<f64>,
     backends: Option<Box<dyn Backends>>,
@@ -433,6 +435,8 @@ pub struct PortInfo {
     pub worker: Option<usize>,
     /// Frames per second delivered to it at the last measurement.
     pub rx_rate: u64,
+    /// Bytes per second delivered to it at the last measurement.
+    pub rx_byte_rate: u64,
     pub stats: PortStatsSnapshot,
 }
 
@@ -507,6 +511,7 @@ impl Datapath {
             ports: Vec::new(),
             names: HashMap::new(),
             rates: HashMap::new(),
+            byte_rates: HashMap::new(),
             busy: vec![0.0; cfg.workers],
             backends,
         }));
@@ -824,12 +829,30 @@ impl Datapath {
     }
 
     /// Runs a VMQ rebalance now (dynamic policy), with the rates of the last measurement.
-    pub fn rebalance_now(&self) -> usize {
+    /// Returns the changes: (port, queue, granted (true) or revoked).
+    pub fn rebalance_now(&self) -> Vec<(String, QueueId, bool)> {
         let mut st = self.lock();
         let rates: Vec<(PortId, u64)> = st.rates.iter().map(|(p, r)| (*p, *r)).collect();
         let changes = st.vmq.rebalance(&rates);
         st.apply_queue_changes(&changes);
-        changes.len()
+        let name = |p: PortId| st.record(p).map(|r| r.config.spec.name.clone()).unwrap_or_default();
+        changes
+            .iter()
+            .map(|c| match *c {
+                QueueChange::Assigned { port, queue } => (name(port), queue, true),
+                QueueChange::Revoked { port, queue } => (name(port), queue, false),
+            })
+            .collect()
+    }
+
+    /// Nanoseconds since the data path started (a monotonic clock for rates).
+    pub fn uptime_ns(&self) -> u64 {
+        self.shared.now_ns()
+    }
+
+    /// Most entries the FDB learns.
+    pub fn fdb_capacity(&self) -> usize {
+        self.shared.switch_read().fdb().capacity()
     }
 
     pub fn port_id(&self, name: &str) -> Option<PortId> {
@@ -935,6 +958,7 @@ impl Datapath {
                 queue,
                 worker,
                 rx_rate: st.rates.get(&id).copied().unwrap_or(0),
+                rx_byte_rate: st.byte_rates.get(&id).copied().unwrap_or(0),
                 stats: rec.stats.snapshot(),
             });
         }

@@ -69,6 +69,7 @@ impl FrameSource for TapPort {
                 Err(TapIoError::WouldBlock) => break,
                 Err(e @ TapIoError::Gone(_)) => {
                     self.mark_gone(&e);
+                    errors.push(RecvError::Gone);
                     break;
                 }
                 Err(e) => {
@@ -79,6 +80,11 @@ impl FrameSource for TapPort {
             }
         }
         n
+    }
+
+    fn wake_fd(&mut self) -> Option<RawFd> {
+        // A deleted TAP's fd stays readable (an error) forever: stop waiting on it.
+        (!self.is_gone()).then(|| self.raw_fd())
     }
 }
 

@@ -102,6 +102,10 @@ impl FrameSource for UplinkQueue {
         });
         n
     }
+
+    fn wake_fd(&mut self) -> Option<RawFd> {
+        Some(self.raw_fd())
+    }
 }
 
 /// Free slots in a batch.

@@ -68,6 +68,7 @@ struct RawPort {
     socket: Option<PathBuf>,
     ifname: Option<Spanned<String>>,
     netns: Option<Spanned<String>>,
+    create_netns: Option<Spanned<bool>>,
     mac: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     vlan: Option<Spanned<i64>>,
@@ -267,6 +268,16 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
         Ok(s.clone())
     };
 
+    let netns = |v: &Option<Spanned<String>>| -> Result<Option<String>, ConfigError> {
+        match v {
+            Some(v) if v.get_ref().is_empty() || v.get_ref().contains(['/', '\0']) || v.get_ref().len() > 64 => {
+                Err(loc.at(v, "netns must be a namespace name (1 to 64 bytes, no '/')"))
+            }
+            Some(v) => Ok(Some(v.get_ref().clone())),
+            None => Ok(None),
+        }
+    };
+
     let backend = match kind {
         PortKind::VhostUser => {
             let socket = p.socket.clone().ok_or_else(|| needs("socket"))?;
@@ -283,26 +294,26 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
             if p.socket.is_some() {
                 return Err(refuses("socket"));
             }
-            let netns = match &p.netns {
-                Some(v) if v.get_ref().is_empty() || v.get_ref().contains('/') || v.get_ref().len() > 64 => {
-                    return Err(loc.at(v, "netns must be a namespace name (1 to 64 bytes, no '/')"));
-                }
-                Some(v) => Some(v.get_ref().clone()),
-                None => None,
-            };
-            PortBackend::Tap { ifname, netns }
+            let create_netns = p.create_netns.as_ref().is_some_and(|c| *c.get_ref());
+            if create_netns && p.netns.is_none() {
+                return Err(needs("netns"));
+            }
+            PortBackend::Tap { ifname, netns: netns(&p.netns)?, create_netns }
         }
         PortKind::Uplink => {
             let ifname = ifname(p.ifname.as_ref().ok_or_else(|| needs("ifname"))?)?;
             if p.socket.is_some() {
                 return Err(refuses("socket"));
             }
-            PortBackend::Uplink { ifname }
+            PortBackend::Uplink { ifname, netns: netns(&p.netns)? }
         }
         PortKind::Mem => PortBackend::Mem,
     };
-    if kind != PortKind::Tap && p.netns.is_some() {
+    if !matches!(kind, PortKind::Tap | PortKind::Uplink) && p.netns.is_some() {
         return Err(refuses("netns"));
+    }
+    if kind != PortKind::Tap && p.create_netns.is_some() {
+        return Err(refuses("create_netns"));
     }
     if !kind.is_vm() && p.uplink.is_some() {
         return Err(refuses("uplink"));

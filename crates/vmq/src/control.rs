@@ -61,7 +61,9 @@ pub fn port_config(new: &NewPort, existing: &[PortConfig]) -> Result<PortConfig,
     if let Some(trunk) = &new.trunk {
         port.insert("trunk".into(), Value::Array(trunk.iter().map(|v| Value::Integer(i64::from(*v))).collect()));
     }
-    for (key, value) in [("allow_mac_spoofing", new.allow_mac_spoofing), ("offloads", new.offloads)] {
+    for (key, value) in
+        [("allow_mac_spoofing", new.allow_mac_spoofing), ("offloads", new.offloads), ("create_netns", new.create_netns)]
+    {
         if let Some(v) = value {
             port.insert(key.into(), Value::Boolean(v));
         }
@@ -106,8 +108,9 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps) -> 
     let spec = &port.spec;
     let (socket, ifname, netns) = match &port.backend {
         PortBackend::VhostUser { socket } => (Some(socket.display().to_string()), None, None),
-        PortBackend::Tap { ifname, netns } => (None, Some(ifname.clone()), netns.clone()),
-        PortBackend::Uplink { ifname } => (None, Some(ifname.clone()), None),
+        PortBackend::Tap { ifname, netns, .. } | PortBackend::Uplink { ifname, netns } => {
+            (None, Some(ifname.clone()), netns.clone())
+        }
         PortBackend::Mem => (None, None, None),
     };
     PortInfo {
@@ -176,7 +179,7 @@ mod tests {
         assert!(!p.spec.allow_mac_spoofing);
         assert_eq!(p.backend, PortBackend::VhostUser { socket: "/run/vmq/vm3.sock".into() });
         let tap = port_config(&NewPort { name: "t1".into(), kind: Kind::Tap, ..NewPort::default() }, &[]).unwrap();
-        assert_eq!(tap.backend, PortBackend::Tap { ifname: "t1".into(), netns: None });
+        assert_eq!(tap.backend, PortBackend::Tap { ifname: "t1".into(), netns: None, create_netns: false });
     }
 
     #[test]

@@ -105,6 +105,9 @@ struct AddPortArgs {
     /// Turn checksum/segmentation offloads off for this port.
     #[arg(long)]
     no_offloads: bool,
+    /// TAP ports: create the namespace given with --netns if it does not exist.
+    #[arg(long, requires = "netns")]
+    create_netns: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -164,6 +167,7 @@ impl CtlCommand {
                 uplink: a.uplink,
                 allow_mac_spoofing: a.allow_mac_spoofing.then_some(true),
                 offloads: a.no_offloads.then_some(false),
+                create_netns: a.create_netns.then_some(true),
             }),
             CtlCommand::DelPort { name } => Request::DelPort { name },
             CtlCommand::Set { setting } => Request::Set(match setting {

@@ -3,11 +3,9 @@
 mod bench;
 mod cli;
 mod config;
-// The pieces the control handler over the data path is built from; `vmq run` starts the
-// control socket and the exporter once that handler exists.
-#[cfg_attr(not(test), allow(dead_code))]
 mod control;
 mod ctl;
+mod handler;
 mod run;
 mod top;
 

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -9,8 +10,12 @@ use vmq_core::switch::SwitchConfig;
 use vmq_core::vmq::{QueuePolicy, VmqConfig};
 use vmq_datapath::{Datapath, DatapathConfig};
 
+use vmq_control::{ControlError, ControlHandler, ControlServer, ErrorCode, MetricsExporter, Request, Response};
+
 use crate::cli::exit;
 use crate::config::{self, Config};
+use crate::control;
+use crate::handler::DatapathHandler;
 
 /// The data-path configuration a validated [`Config`] describes.
 pub fn datapath_config(c: &Config) -> DatapathConfig {
@@ -46,25 +51,86 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
-    let datapath = match Datapath::start(datapath_config(&config)) {
-        Ok(d) => d,
+    // The control socket first: if another vmq answers there, stop before touching any of its
+    // ports (vhost-user sockets, TAPs).
+    let handler = Arc::new(StartingHandler::default());
+    let server = match ControlServer::start(control::server_config(&config), handler.clone()) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("vmq: {e}");
+            eprintln!("vmq: control socket: {e}");
             return ExitCode::from(exit::RUNTIME);
         }
     };
-    tracing::info!(mode = config.mode.name(), workers = config.workers, ports = config.ports.len(), "vmq running");
-    for port in &config.ports {
-        tracing::info!(port = %port.spec.name, kind = ?port.spec.kind, mtu = port.spec.mtu, vlan = ?port.spec.vlan, "port up");
+    let datapath = match Datapath::start(datapath_config(&config)) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            eprintln!("vmq: {e}");
+            server.shutdown();
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    let ready = Arc::new(DatapathHandler::new(datapath.clone()));
+    let _ = handler.ready.set(ready.clone());
+    let metrics = match control::metrics_config(&config) {
+        Some(cfg) => {
+            let source = ready.clone();
+            match MetricsExporter::start(cfg, Arc::new(move || source.metrics())) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    eprintln!("vmq: metrics: {e}");
+                    server.shutdown();
+                    return ExitCode::from(exit::RUNTIME);
+                }
+            }
+        }
+        None => None,
+    };
+    tracing::info!(
+        mode = config.mode.name(),
+        workers = config.workers,
+        ports = config.ports.len(),
+        control = %config.control_socket.display(),
+        metrics = ?config.metrics,
+        "vmq running"
+    );
+    for p in datapath.ports() {
+        tracing::info!(port = %p.config.spec.name, kind = ?p.config.spec.kind, up = p.up, mtu = p.config.spec.mtu,
+            vlan = ?p.config.spec.vlan, queue = ?p.queue.map(|q| q.0), "port");
     }
     if let Some(signal) = signals.forever().next() {
         tracing::info!(signal, "shutting down");
     }
-    for (name, s) in datapath.port_stats() {
-        tracing::info!(port = %name, rx = s.rx_packets, tx = s.tx_packets, drops = s.total_drops(), "final counters");
+    server.shutdown();
+    if let Some(m) = metrics {
+        m.shutdown();
     }
-    datapath.shutdown();
+    for (name, s) in datapath.port_stats() {
+        tracing::info!(port = %name, rx = s.rx_packets, tx = s.tx_packets, drops = s.total_drops(),
+            coalesced = s.offload_coalesced, "final counters");
+    }
+    drop(handler);
+    drop(ready);
+    // The last handle: workers stop, TAPs and VM sockets close (VMs see their link go down).
+    match Arc::try_unwrap(datapath) {
+        Ok(dp) => dp.shutdown(),
+        Err(_) => tracing::warn!("data path still referenced at shutdown"),
+    }
     ExitCode::SUCCESS
+}
+
+/// Answers `busy` until the data path has started, then hands requests to it.
+#[derive(Default)]
+struct StartingHandler {
+    ready: OnceLock<Arc<DatapathHandler>>,
+}
+
+impl ControlHandler for StartingHandler {
+    fn handle(&self, request: Request) -> Result<Response, ControlError> {
+        match self.ready.get() {
+            Some(h) => h.handle(request),
+            None => Err(ControlError::new(ErrorCode::Busy, "vmq is starting; try again")),
+        }
+    }
 }
 
 fn init_logging() {
