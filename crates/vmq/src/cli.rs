@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{bench, config, ctl, run, top};
+use crate::{bench, config, ctl, demo, run, top};
 
 /// Exit codes that mean something to scripts.
 pub mod exit {
@@ -31,6 +31,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job on the embedded default (root): namespaces, an uplink and TAP VMs; ping,
+    /// VLAN isolation and TCP throughput in switch vs vmq mode, MTU 1500 vs 9000, offloads on/off.
+    Demo(demo::DemoArgs),
     /// Run the switch with a configuration file until SIGINT/SIGTERM.
     Run {
         /// TOML configuration file.
@@ -58,6 +61,7 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::demo(&args),
         Command::Run { config } => run::run(&config),
         Command::CheckConfig { file } => match config::load(&file) {
             Ok(c) => {

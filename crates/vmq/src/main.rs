@@ -1,10 +1,12 @@
 //! `vmq`: a userspace virtual switch for hypervisor hosts.
+#![forbid(unsafe_code)]
 
 mod bench;
 mod cli;
 mod config;
 mod control;
 mod ctl;
+mod demo;
 mod handler;
 mod run;
 mod top;
