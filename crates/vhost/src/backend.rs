@@ -2,12 +2,22 @@
 //!
 //! Message framing, fd passing and validation of message sizes is the `vhost` crate's
 //! (`BackendReqHandler`); this module holds the device semantics: features, memory table,
-//! ring setup, config space. Anything the frontend gets wrong is an error reply (and usually
-//! the end of the connection), never a panic.
+//! ring setup, config space, MTU. Anything the frontend gets wrong is an error reply (and
+//! usually the end of the connection), never a panic.
+//!
+//! Everything the frontend hands over is checked before the data path can touch it: memory
+//! regions must be regular files (memfd, hugetlbfs, tmpfs) at least as large as the region, must
+//! not overlap or wrap and must stay within [`MAX_GUEST_MEMORY`]; ring addresses must lie in the
+//! memory table, be aligned, and the whole ring must be inside guest memory; kick and call fds
+//! must be eventfds and are made non-blocking, so that a worker can neither block on them nor be
+//! handed a pipe that never drains; a ring that runs cannot be resized, moved or rewound.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sys::stat::{SFlag, fstat};
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
@@ -17,7 +27,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{
     Backend, Error as ProtoError, GpuBackend, Result as ProtoResult, VhostUserBackendReqHandlerMut,
 };
-use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -26,14 +36,20 @@ use vmq_wire::MacAddr;
 
 use crate::device::{MAX_QUEUE_SIZE, NUM_QUEUES, NetDevice};
 
-/// Most memory regions a frontend may hand over (QEMU uses one to a few).
+/// Most memory regions a frontend may hand over (QEMU uses one to a few, at most 8 without
+/// CONFIGURE_MEM_SLOTS; this is also the `vhost` crate's limit of fds per message).
 pub const MAX_MEM_REGIONS: usize = 32;
+/// Most guest memory one port maps (sum of all regions): bounds the address space a frontend
+/// can make vmq reserve.
+pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
+/// Smallest MTU a frontend may set (the IPv4 minimum, as virtio-net's).
+pub const MIN_MTU: u16 = 68;
 
 /// What the port offers the guest. The guest's acknowledged subset decides what vmq delivers.
 #[derive(Debug, Clone)]
 pub struct NetDeviceConfig {
     pub mac: MacAddr,
-    /// The port MTU, advertised with VIRTIO_NET_F_MTU; `SET_MTU` above it is refused.
+    /// The port MTU, advertised with VIRTIO_NET_F_MTU; `NET_SET_MTU` above it is refused.
     pub mtu: u16,
     /// Offer checksum and TSO offloads (both directions).
     pub offloads: bool,
@@ -63,16 +79,27 @@ impl NetDeviceConfig {
     }
 }
 
-/// Protocol features vmq offers: REPLY_ACK only.
-/// - NET_MTU is not offered: the `vhost` crate (0.18) does not parse VHOST_USER_NET_SET_MTU and
-///   would drop the connection on it; without the feature QEMU skips that message and still
-///   advertises `host_mtu` to the guest through VIRTIO_NET_F_MTU, which is what matters. The
-///   port MTU is enforced by vmq either way.
-/// - MQ is not offered while vmq serves one queue pair: with MQ, QEMU 7.2 sends
-///   SET_VRING_ENABLE before SET_FEATURES, which the `vhost` crate rejects.
-/// - CONFIG is not offered: QEMU's vhost-user-net does not use it (and warns when offered).
+/// Protocol features vmq offers. What QEMU 7.2 (Debian 12) does with each, tried with real
+/// guests (crates/vhost/tests/qemu.rs):
+/// - REPLY_ACK: used for every request that may fail.
+/// - NET_MTU: with `host_mtu=N` on the virtio-net device QEMU sends NET_SET_MTU(N) before it
+///   starts the device. vmq accepts N up to the port MTU; above it the failed REPLY_ACK makes
+///   QEMU print "NBytes MTU not supported by the backend" and leave the device stopped (the
+///   guest still sees MTU N but no frame ever moves). The `vhost` crate does not parse this
+///   request; `server.rs` intercepts it.
+/// - MQ: QEMU asks GET_QUEUE_NUM and compares it with its `queues=` (queue *pairs*); vmq
+///   answers 1, so `queues=2` fails at QEMU start with "you are asking more queues than
+///   supported: 1". With one pair nothing changes: QEMU 7.2 sends SET_VRING_ENABLE as early
+///   (before SET_FEATURES) with or without MQ; `server.rs` intercepts it.
+/// - CONFIG: QEMU 7.2's vhost-user-net does not use GET_CONFIG (its config space comes from the
+///   -device options) and prints one warning per start: "vhost-user backend supports
+///   VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not". Offered for frontends that read MAC and MTU
+///   from the backend.
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::MTU
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
 }
 
 /// Maps frontend (VMM) virtual addresses, which vring addresses are given in, to guest
@@ -89,8 +116,18 @@ struct AddrMapping {
 pub enum DeviceEvent {
     /// Both rings are live: attach the device to its worker.
     Started,
-    /// A ring was stopped (GET_VRING_BASE) or reset: the worker must stop serving it.
+    /// A ring was stopped (GET_VRING_BASE), reset, lost its memory or its kick fd changed, or
+    /// the frontend went away: the worker must stop serving the device.
     Stopped,
+}
+
+/// Why an intercepted request (see `server.rs`) was refused, and what happens to the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Tell the frontend (failed REPLY_ACK) and keep serving it.
+    Reply(String),
+    /// A protocol violation: drop the connection.
+    Disconnect(String),
 }
 
 /// Per-connection protocol state of one vhost-user-net port.
@@ -108,6 +145,43 @@ pub struct NetBackend {
 fn invalid(reason: &'static str) -> ProtoError {
     tracing::warn!(reason, "vhost-user request refused");
     ProtoError::InvalidOperation(reason)
+}
+
+/// A memory region's fd must be a regular file (memfd, hugetlbfs or tmpfs file) that covers
+/// the region: mapping a device could have side effects, and touching a mapping beyond the end
+/// of its file kills the process (SIGBUS).
+fn check_region_file(file: &File, offset: u64, size: u64) -> ProtoResult<()> {
+    let stat = fstat(file).map_err(|_| invalid("cannot stat a memory region fd"))?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(invalid("memory region fd is not a regular file (memfd, hugetlbfs or tmpfs)"));
+    }
+    let end = offset.checked_add(size).ok_or_else(|| invalid("memory region offset overflows"))?;
+    if end > u64::try_from(stat.st_size).unwrap_or(0) {
+        return Err(invalid("memory region extends beyond the end of its file"));
+    }
+    Ok(())
+}
+
+/// Kick and call fds must be eventfds: workers wait on kicks and write calls, and any other kind
+/// of fd (a pipe nobody drains, a socket) could block them or never wake them. They are made
+/// non-blocking: a frontend that drives the counter to its maximum must not block a worker's
+/// write. (O_NONBLOCK is shared with the frontend's copy; QEMU, cloud-hypervisor and DPDK create
+/// theirs non-blocking anyway.)
+fn check_eventfd(file: &File) -> ProtoResult<()> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let is_eventfd = match link {
+        Ok(target) => target.as_os_str() == "anon_inode:[eventfd]",
+        // Without /proc: an anonymous inode at least (no file type bits), never a pipe, socket
+        // or file.
+        Err(_) => fstat(file).is_ok_and(|s| SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::empty()),
+    };
+    if !is_eventfd {
+        return Err(invalid("ring notifier fd is not an eventfd"));
+    }
+    let flags = fcntl(file, FcntlArg::F_GETFL).map_err(|_| invalid("cannot read ring notifier fd flags"))?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(file, FcntlArg::F_SETFL(flags)).map_err(|_| invalid("cannot make ring notifier fd non-blocking"))?;
+    Ok(())
 }
 
 impl NetBackend {
@@ -154,6 +228,20 @@ impl NetBackend {
         if i < NUM_QUEUES { Ok(i) } else { Err(invalid("queue index beyond the single queue pair")) }
     }
 
+    /// Ring setup (size, addresses, base) is only allowed while the ring is stopped: the worker
+    /// serving it would otherwise index a ring of another size or at another place than the
+    /// guest's. The frontend stops a ring with GET_VRING_BASE first.
+    fn check_stopped(&self, i: usize) -> ProtoResult<()> {
+        if self.device.vring(i).started {
+            return Err(invalid("ring reconfigured while it runs (GET_VRING_BASE first)"));
+        }
+        Ok(())
+    }
+
+    fn any_ring_started(&self) -> bool {
+        (0..NUM_QUEUES).any(|i| self.device.vring(i).started)
+    }
+
     /// VHOST_USER_F_PROTOCOL_FEATURES counts as negotiated once the backend offers it (it is a
     /// vhost-user feature, not a virtio one, and is never acked by SET_FEATURES): vmq always
     /// offers it, so rings start disabled until SET_VRING_ENABLE.
@@ -166,20 +254,28 @@ impl NetBackend {
         self.acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
     }
 
-    /// Start rings that are now complete, and tell the data path when the device runs or stops.
+    /// Start rings that are now complete, stop rings that no longer fit guest memory, and tell
+    /// the data path when the device runs or stops.
     fn update_running(&mut self) {
         let mem = self.device.mem.memory();
         for i in 0..NUM_QUEUES {
             let mut ring = self.device.vring(i);
             if ring.kick.is_some() && !ring.started {
-                // `is_valid` checks addresses, alignment and size against guest memory, and
-                // only for a queue marked ready.
+                // `is_valid` checks the whole descriptor table and both rings against guest
+                // memory, and only for a queue marked ready.
                 ring.queue.set_ready(true);
                 ring.started = ring.queue.is_valid(&*mem);
                 if !ring.started {
                     ring.queue.set_ready(false);
-                    tracing::warn!(queue = i, "ring addresses invalid for guest memory; ring not started");
+                    tracing::warn!(queue = i, "ring not inside guest memory; ring not started");
                 }
+            } else if ring.started && !ring.queue.is_valid(&*mem) {
+                // A new memory table no longer holds the ring: stopped until the frontend sets
+                // it up again (down to a new kick fd).
+                ring.started = false;
+                ring.queue.set_ready(false);
+                ring.kick = None;
+                tracing::warn!(queue = i, "ring no longer inside guest memory; ring stopped");
             }
         }
         drop(mem);
@@ -191,12 +287,40 @@ impl NetBackend {
         }
     }
 
-    /// SET_VRING_ENABLE (see `server::Connection::set_vring_enable` for why it is routed here).
+    /// Tells the data path the device stopped (if it ran), e.g. before its kick fd changes.
+    fn stop_if_running(&mut self) {
+        if self.was_running {
+            self.was_running = false;
+            self.device.bump_generation();
+            (self.on_event)(DeviceEvent::Stopped);
+        }
+    }
+
+    /// SET_VRING_ENABLE (intercepted by `server.rs`, see there for why).
     pub fn enable_vring(&mut self, index: u32, enable: bool) -> ProtoResult<()> {
         let i = Self::check_index(index)?;
         self.device.vring(i).enabled = enable;
         self.update_running();
         Ok(())
+    }
+
+    /// VHOST_USER_NET_SET_MTU (intercepted by `server.rs`: the `vhost` crate does not parse it).
+    /// The frontend tells the guest this MTU; vmq accepts it up to the port MTU.
+    pub fn set_mtu(&mut self, mtu: u64) -> Result<(), Refusal> {
+        if !self.acked_protocol.contains(VhostUserProtocolFeatures::MTU) {
+            return Err(Refusal::Disconnect("the NET_MTU protocol feature was not negotiated".into()));
+        }
+        let port_mtu = self.config.mtu;
+        match u16::try_from(mtu) {
+            Ok(mtu) if (MIN_MTU..=port_mtu).contains(&mtu) => {
+                self.device.set_frontend_mtu(mtu);
+                tracing::info!(mtu, "frontend advertises this MTU to the guest");
+                Ok(())
+            }
+            _ => Err(Refusal::Reply(format!(
+                "MTU {mtu} requested by the frontend is outside {MIN_MTU}..={port_mtu} (the port MTU)"
+            ))),
+        }
     }
 
     fn config_space(&self) -> [u8; 12] {
@@ -241,6 +365,10 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         if features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(invalid("VIRTIO_F_VERSION_1 is required"));
         }
+        // EVENT_IDX changes how a running ring is read: only while everything is stopped.
+        if self.any_ring_started() && features != self.acked_features {
+            return Err(invalid("features changed while rings run"));
+        }
         self.acked_features = features;
         self.device.set_acked_features(features);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
@@ -252,7 +380,6 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
                 ring.enabled = true;
             }
         }
-        let _ = VIRTIO_F_NOTIFY_ON_EMPTY; // deliberately not offered
         Ok(())
     }
 
@@ -270,10 +397,19 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         }
         let mut regions = Vec::with_capacity(ctx.len());
         let mut mappings = Vec::with_capacity(ctx.len());
+        let mut total: u64 = 0;
         for (region, file) in ctx.iter().zip(files) {
             if region.memory_size == 0 {
                 return Err(invalid("empty memory region"));
             }
+            total = total.saturating_add(region.memory_size);
+            if total > MAX_GUEST_MEMORY {
+                return Err(invalid("memory table larger than MAX_GUEST_MEMORY"));
+            }
+            if region.user_addr.checked_add(region.memory_size).is_none() {
+                return Err(invalid("memory region wraps the frontend's address space"));
+            }
+            check_region_file(&file, region.mmap_offset, region.memory_size)?;
             let mmap = region.mmap_region::<()>(file)?;
             let guest_region = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
                 .ok_or_else(|| invalid("memory region wraps the guest address space"))?;
@@ -284,19 +420,26 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
                 gpa_base: region.guest_phys_addr,
             });
         }
+        // Sorts by guest address and refuses overlaps.
         let mem = GuestMemoryMmap::from_regions(regions).map_err(|_| invalid("overlapping memory regions"))?;
+        // Workers that are mid-batch keep the old mapping alive (GuestMemoryAtomic hands out
+        // snapshots); the next batch sees the new one.
         self.device.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(mem);
         self.mappings = mappings;
+        // QEMU sends a new table while rings run when the guest's memory map changes
+        // (hotplug); rings it no longer holds are stopped.
+        self.update_running();
         Ok(None)
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> ProtoResult<()> {
         let i = Self::check_index(index)?;
-        if num == 0 || num > MAX_QUEUE_SIZE as u32 || !num.is_power_of_two() {
-            return Err(invalid("ring size must be a power of two up to 1024"));
+        self.check_stopped(i)?;
+        let size = u16::try_from(num).map_err(|_| invalid("ring size beyond 16 bits"))?;
+        if size > MAX_QUEUE_SIZE {
+            return Err(invalid("ring size above 1024"));
         }
-        self.device.vring(i).queue.set_size(num as u16);
-        Ok(())
+        self.device.vring(i).queue.try_set_size(size).map_err(|_| invalid("ring size must be a power of two"))
     }
 
     fn set_vring_addr(
@@ -309,19 +452,26 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         _log: u64,
     ) -> ProtoResult<()> {
         let i = Self::check_index(index)?;
+        self.check_stopped(i)?;
         let desc = self.vmm_to_gpa(descriptor)?;
         let avail = self.vmm_to_gpa(available)?;
         let used = self.vmm_to_gpa(used)?;
         let mut ring = self.device.vring(i);
         let q = &mut ring.queue;
-        q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
-        q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
-        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        // Alignment as the virtio spec requires (16, 2, 4); the ring's extent is checked
+        // against guest memory when it starts.
+        q.try_set_desc_table_address(GuestAddress(desc))
+            .map_err(|_| invalid("descriptor table not aligned to 16 bytes"))?;
+        q.try_set_avail_ring_address(GuestAddress(avail))
+            .map_err(|_| invalid("available ring not aligned to 2 bytes"))?;
+        q.try_set_used_ring_address(GuestAddress(used)).map_err(|_| invalid("used ring not aligned to 4 bytes"))?;
         Ok(())
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> ProtoResult<()> {
         let i = Self::check_index(index)?;
+        self.check_stopped(i)?;
+        // Ring indices are free-running 16-bit counters: any 16-bit value is a valid position.
         let base = u16::try_from(base).map_err(|_| invalid("ring base beyond 16 bits"))?;
         let mut ring = self.device.vring(i);
         ring.queue.set_next_avail(base);
@@ -351,8 +501,26 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         let i = Self::check_index(index as u32)?;
         // Polling mode (no kick fd) is not offered: vmq's workers sleep on kicks.
         let fd = fd.ok_or_else(|| invalid("ring without a kick fd (polling mode) is not supported"))?;
-        {
+        check_eventfd(&fd)?;
+        // A new kick fd on a running ring: the worker waits on the old one, so it must let go of
+        // the device and pick it up again (Stopped, then Started).
+        if self.device.vring(i).started {
+            self.stop_if_running();
             let mut ring = self.device.vring(i);
+            ring.started = false;
+            ring.queue.set_ready(false);
+        }
+        {
+            // The ring starts with its kick fd: it must lie inside guest memory by now (QEMU
+            // sends the memory table and the ring's size and addresses first).
+            let mem = self.device.mem.memory();
+            let mut ring = self.device.vring(i);
+            ring.queue.set_ready(true);
+            let fits = ring.queue.is_valid(&*mem);
+            ring.queue.set_ready(false);
+            if !fits {
+                return Err(invalid("ring (size and addresses) not inside guest memory"));
+            }
             ring.kick = Some(fd);
         }
         self.update_running();
@@ -361,11 +529,24 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> ProtoResult<()> {
         let i = Self::check_index(index as u32)?;
-        self.device.vring(i).call = fd;
+        // QEMU replaces the call fd of running rings (interrupt masking), and sends the final
+        // one of a starting device only after its kick, i.e. after `Started`. Workers read it
+        // from the ring under its lock for every signal, so the next one goes to the new fd;
+        // a signal that went to the old fd meanwhile is made up for by one on the new fd
+        // (a spurious interrupt only makes the driver look at the used ring).
+        if let Some(fd) = &fd {
+            check_eventfd(fd)?;
+        }
+        let mut ring = self.device.vring(i);
+        ring.call = fd;
+        if ring.started {
+            ring.signal_guest();
+        }
         Ok(())
     }
 
     fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> ProtoResult<()> {
+        // vmq never reports ring errors this way; the fd is closed.
         Self::check_index(index as u32)?;
         Ok(())
     }
@@ -385,8 +566,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_queue_num(&mut self) -> ProtoResult<u64> {
-        // One RX/TX pair; MQ is acknowledged so that QEMU asks instead of assuming.
-        Ok(NUM_QUEUES as u64)
+        // For vhost-user-net, QEMU (and DPDK) read this as queue *pairs*: vmq serves one.
+        Ok(1)
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> ProtoResult<()> {
@@ -397,7 +578,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         let space = self.config_space();
         let start = offset as usize;
         let end = start.checked_add(size as usize).ok_or_else(|| invalid("config range overflows"))?;
-        // Reads past our config space return zeros (fields of features we do not offer).
+        // Reads past our config space return zeros (fields of features we do not offer). The
+        // `vhost` crate bounds `size` by its message size.
         let mut out = vec![0u8; size as usize];
         if start < space.len() {
             let avail = &space[start..end.min(space.len())];
@@ -471,3 +653,70 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
 /// A notifier fd the frontend passed (an eventfd). Kept as a `File`: eventfd semantics are
 /// plain 8-byte reads and writes, which `File` does without any unsafe conversion.
 pub type Notifier = File;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(mtu: u16) -> NetBackend {
+        let config = NetDeviceConfig { mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]), mtu, offloads: true };
+        NetBackend::new(config, NetDevice::new(), Box::new(|_| {}))
+    }
+
+    #[test]
+    fn set_mtu_accepts_up_to_the_port_mtu() {
+        let mut b = backend(9000);
+        assert!(matches!(b.set_mtu(1500), Err(Refusal::Disconnect(_))), "NET_MTU not negotiated yet");
+        b.set_protocol_features(offered_protocol_features().bits()).unwrap();
+        assert_eq!(b.set_mtu(9000), Ok(()));
+        assert_eq!(b.device().frontend_mtu(), Some(9000));
+        assert_eq!(b.set_mtu(68), Ok(()));
+        for bad in [67, 9001, 65536, u64::MAX] {
+            assert!(matches!(b.set_mtu(bad), Err(Refusal::Reply(_))), "{bad}");
+        }
+        assert_eq!(b.device().frontend_mtu(), Some(68), "refused values leave the last good one");
+        b.disconnected();
+        assert_eq!(b.device().frontend_mtu(), None);
+    }
+
+    #[test]
+    fn config_space_reads_mac_status_pairs_mtu() {
+        let mut b = backend(9000);
+        let c = b.get_config(0, 12, VhostUserConfigFlags::empty()).unwrap();
+        assert_eq!(&c[..6], &[0x52, 0x54, 0, 0, 0, 1]);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), VIRTIO_NET_S_LINK_UP as u16);
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1);
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 9000);
+        // Partial and out-of-range reads.
+        assert_eq!(b.get_config(10, 2, VhostUserConfigFlags::empty()).unwrap(), 9000u16.to_le_bytes());
+        assert_eq!(b.get_config(100, 4, VhostUserConfigFlags::empty()).unwrap(), vec![0; 4]);
+        assert!(b.get_config(u32::MAX, 2, VhostUserConfigFlags::empty()).is_ok_and(|v| v == vec![0; 2]));
+    }
+
+    #[test]
+    fn notifier_must_be_an_eventfd() {
+        let evt = nix::sys::eventfd::EventFd::new().unwrap();
+        let file = File::from(std::os::fd::OwnedFd::from(evt));
+        assert!(check_eventfd(&file).is_ok());
+        let flags = OFlag::from_bits_truncate(fcntl(&file, FcntlArg::F_GETFL).unwrap());
+        assert!(flags.contains(OFlag::O_NONBLOCK), "made non-blocking");
+        let (pipe_read, _pipe_write) = nix::unistd::pipe().unwrap();
+        assert!(check_eventfd(&File::from(pipe_read)).is_err());
+        assert!(check_eventfd(&File::open("/proc/self/status").unwrap()).is_err());
+    }
+
+    #[test]
+    fn region_file_must_cover_the_region() {
+        let dir = std::env::temp_dir().join(format!("vqv-region-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(1 << 20).unwrap();
+        assert!(check_region_file(&file, 0, 1 << 20).is_ok());
+        assert!(check_region_file(&file, 4096, 1 << 20).is_err(), "beyond the end of the file");
+        assert!(check_region_file(&file, u64::MAX, 2).is_err(), "offset overflow");
+        assert!(check_region_file(&File::open(&dir).unwrap(), 0, 1).is_err(), "a directory");
+        assert!(check_region_file(&File::open("/dev/zero").unwrap(), 0, 1).is_err(), "a device");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -5,7 +5,7 @@
 //! only for protocol messages (ring setup, GET_VRING_BASE), so the lock is uncontended on the
 //! frame path.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::fs::File;
@@ -71,6 +71,8 @@ pub struct NetDevice {
     /// Bumped every time the device (re)starts or stops, so a worker notices a reconnect and
     /// re-reads its setup instead of serving stale rings.
     generation: AtomicU64,
+    /// The MTU the frontend told the guest (VHOST_USER_NET_SET_MTU); 0 when it did not say.
+    frontend_mtu: AtomicU16,
 }
 
 impl NetDevice {
@@ -80,6 +82,7 @@ impl NetDevice {
             vrings: [Mutex::new(Vring::new()), Mutex::new(Vring::new())],
             acked_features: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            frontend_mtu: AtomicU16::new(0),
         })
     }
 
@@ -96,6 +99,16 @@ impl NetDevice {
 
     pub(crate) fn set_acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Release);
+    }
+
+    /// The MTU the VM's frontend advertises to the guest (QEMU's `host_mtu`), if it sent one.
+    /// Never above the port MTU: larger values are refused.
+    pub fn frontend_mtu(&self) -> Option<u16> {
+        Some(self.frontend_mtu.load(Ordering::Acquire)).filter(|&m| m != 0)
+    }
+
+    pub(crate) fn set_frontend_mtu(&self, mtu: u16) {
+        self.frontend_mtu.store(mtu, Ordering::Release);
     }
 
     pub fn generation(&self) -> u64 {
@@ -118,6 +131,7 @@ impl NetDevice {
         }
         self.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(GuestMem::default());
         self.acked_features.store(0, Ordering::Release);
+        self.frontend_mtu.store(0, Ordering::Release);
         self.bump_generation();
     }
 }

@@ -4,19 +4,34 @@
 //! that stops, crashes or restarts leaves the port down until the next connection on the same
 //! socket. A frontend that sends something malformed is disconnected with a logged reason;
 //! the other ports are not affected.
+//!
+//! The `vhost` crate reads and writes messages with retry loops that never give up on EAGAIN, so
+//! this thread only lets it run when it cannot loop: it hands over a message only once the whole
+//! message has arrived (peeked), and only while the socket can take a reply (otherwise the
+//! connection waits until the frontend reads). A connection stalled like that, with half a
+//! message or unread replies, for [`STALL_TIMEOUT`] (adjustable) is closed. Each connection
+//! gets a bounded number of messages per turn, so a flooding frontend cannot starve the others.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{BackendReqHandler, Error as ProtoError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use crate::backend::{DeviceEvent, NetBackend, NetDeviceConfig};
+use crate::backend::{DeviceEvent, NetBackend, NetDeviceConfig, Refusal};
 use crate::device::NetDevice;
+
+/// How long a frontend may leave a message incomplete or its replies unread (default of
+/// [`VhostUserServer::set_stall_timeout`]).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Messages handled per connection and turn: a frontend that floods requests (and reads the
+/// replies) gets its turn again after every other ready port.
+const MESSAGES_PER_TURN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -58,30 +73,63 @@ const HEADER_LEN: usize = 12;
 /// Largest body the `vhost` crate accepts (its MAX_MSG_SIZE); larger ones fail its header check.
 const MAX_BODY_LEN: usize = 0x1000;
 
+/// Requests this module handles itself instead of the `vhost` crate (see `Connection::intercept`).
+const SET_VRING_ENABLE: u32 = 18;
+const NET_SET_MTU: u32 = 20;
+const FLAG_VERSION_MASK: u32 = 0x3;
+const FLAG_VERSION_1: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
 struct Connection {
     handler: Handler,
     /// A second handle on the same socket, to peek whether a whole message has arrived: the
     /// `vhost` crate reads a message with blocking retries, so a frontend that sent half a
     /// message would otherwise stall this thread and with it every other port.
     peek: UnixStream,
+    /// Since when, and why, the connection cannot make progress.
+    stalled: Option<(Instant, Stall)>,
+}
+
+/// Why a connection waits for its frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    IncompleteMessage,
+    RepliesUnread,
+}
+
+impl Stall {
+    fn reason(self) -> &'static str {
+        match self {
+            Stall::IncompleteMessage => "message left incomplete",
+            Stall::RepliesUnread => "frontend does not read its replies",
+        }
+    }
+}
+
+impl Connection {
+    fn stall(&mut self, why: Stall) {
+        match self.stalled {
+            Some((_, current)) if current == why => {}
+            _ => self.stalled = Some((Instant::now(), why)),
+        }
+    }
 }
 
 /// What is waiting on a connection.
 enum Pending {
     Closed,
+    /// Nothing waiting.
+    Empty,
+    /// Part of a message.
     Partial,
-    /// A whole message: its request code and flags.
+    /// A whole message: its request code, flags and body size.
     Message {
         request: u32,
         flags: u32,
+        size: u32,
     },
 }
-
-/// VHOST_USER_SET_VRING_ENABLE.
-const SET_VRING_ENABLE: u32 = 18;
-const FLAG_VERSION_1: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
 
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
@@ -89,6 +137,10 @@ fn le32(b: &[u8], at: usize) -> u32 {
 
 impl Connection {
     /// Is a complete message (header and body) waiting?
+    ///
+    /// A peek stops after a chunk that carries fds, so a message whose header came with fds in
+    /// one write and whose body came in another looks incomplete forever (no real frontend
+    /// sends that way): the stall timeout ends such connections.
     fn pending(&self) -> Pending {
         use nix::sys::socket::{MsgFlags, recv};
         let mut buf = [0u8; HEADER_LEN + MAX_BODY_LEN];
@@ -97,42 +149,88 @@ impl Connection {
             Ok(0) => Pending::Closed,
             Ok(n) if n < HEADER_LEN => Pending::Partial,
             Ok(n) => {
-                let body = le32(&buf, 8) as usize;
+                let size = le32(&buf, 8);
+                let body = size as usize;
                 // An oversized body is rejected by the header check before it is read.
                 if body > MAX_BODY_LEN || n >= HEADER_LEN + body {
-                    Pending::Message { request: le32(&buf, 0), flags: le32(&buf, 4) }
+                    Pending::Message { request: le32(&buf, 0), flags: le32(&buf, 4), size }
                 } else {
                     Pending::Partial
                 }
             }
-            Err(nix::errno::Errno::EAGAIN) => Pending::Partial,
+            Err(nix::errno::Errno::EAGAIN) => Pending::Empty,
             Err(_) => Pending::Closed,
         }
     }
 
-    /// Handles SET_VRING_ENABLE here instead of in the `vhost` crate, which refuses it until
-    /// SET_FEATURES has acked VHOST_USER_F_PROTOCOL_FEATURES. QEMU 7.2 sends it earlier
-    /// (virtio-net's peer_attach, right after GET_FEATURES), as the vhost-user spec allows,
-    /// and then fails to start the device. Body: `struct vhost_vring_state { u32 index; u32 num; }`.
-    fn set_vring_enable(&mut self, backend: &Mutex<NetBackend>, flags: u32) -> Result<(), String> {
+    /// Can the socket take a reply without blocking? Unix stream sockets report writable while
+    /// at least three quarters of the send buffer are free, far more than the largest reply
+    /// (4 KiB); if not, the frontend has not read its replies yet (VMMs read each one before
+    /// the next request).
+    fn can_reply(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.peek.as_fd(), PollFlags::POLLOUT)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+            && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLOUT))
+    }
+
+    /// Handles SET_VRING_ENABLE and NET_SET_MTU here instead of in the `vhost` crate.
+    /// - SET_VRING_ENABLE: the crate refuses it until SET_FEATURES has acked
+    ///   VHOST_USER_F_PROTOCOL_FEATURES. QEMU 7.2 sends it earlier (virtio-net's peer_attach,
+    ///   right after GET_FEATURES), as the vhost-user spec allows, and then fails to start the
+    ///   device. Body: `struct vhost_vring_state { u32 index; u32 num; }`, num 0 or 1.
+    /// - NET_SET_MTU: the crate does not parse it at all. Body: u64 MTU.
+    ///
+    /// Both have an 8-byte body and no fds; anything else ends the connection. Returns the
+    /// reason to disconnect, if any.
+    fn intercept(&mut self, backend: &Mutex<NetBackend>, request: u32, flags: u32, size: u32) -> Result<(), String> {
         use std::io::{Read, Write};
-        let mut msg = [0u8; HEADER_LEN + 8];
-        (&self.peek).read_exact(&mut msg).map_err(|e| format!("reading SET_VRING_ENABLE: {e}"))?;
-        if le32(&msg, 8) != 8 {
-            return Err("SET_VRING_ENABLE with a body that is not 8 bytes".to_string());
+        let name = if request == SET_VRING_ENABLE { "SET_VRING_ENABLE" } else { "NET_SET_MTU" };
+        if size != 8 {
+            return Err(format!("{name} with a {size}-byte body (must be 8)"));
         }
-        let (index, num) = (le32(&msg, 12), le32(&msg, 16));
+        if flags & FLAG_VERSION_MASK != FLAG_VERSION_1 || flags & !(FLAG_VERSION_MASK | FLAG_NEED_REPLY) != 0 {
+            return Err(format!("{name} with invalid header flags {flags:#x}"));
+        }
+        // Fds sent along are dropped (closed) by this plain read.
+        let mut msg = [0u8; HEADER_LEN + 8];
+        (&self.peek).read_exact(&mut msg).map_err(|e| format!("reading {name}: {e}"))?;
         let mut backend = backend.lock().unwrap_or_else(|p| p.into_inner());
-        let result = backend.enable_vring(index, num != 0);
-        if flags & FLAG_NEED_REPLY != 0 && backend.reply_ack() {
+        let result = if request == SET_VRING_ENABLE {
+            match le32(&msg, 16) {
+                num @ (0 | 1) => {
+                    backend.enable_vring(le32(&msg, 12), num == 1).map_err(|e| Refusal::Disconnect(e.to_string()))
+                }
+                num => Err(Refusal::Disconnect(format!("enable value {num} is neither 0 nor 1"))),
+            }
+        } else {
+            let mut mtu = [0u8; 8];
+            mtu.copy_from_slice(&msg[12..]);
+            backend.set_mtu(u64::from_le_bytes(mtu))
+        };
+        let acked = flags & FLAG_NEED_REPLY != 0 && backend.reply_ack();
+        if acked {
             let mut reply = [0u8; HEADER_LEN + 8];
-            reply[..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+            reply[..4].copy_from_slice(&request.to_le_bytes());
             reply[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
             reply[8..12].copy_from_slice(&8u32.to_le_bytes());
             reply[12..].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
-            (&self.peek).write_all(&reply).map_err(|e| format!("replying to SET_VRING_ENABLE: {e}"))?;
+            // Non-blocking: a frontend that does not read its replies is disconnected.
+            (&self.peek).write_all(&reply).map_err(|e| format!("replying to {name}: {e}"))?;
         }
-        result.map_err(|e| format!("SET_VRING_ENABLE: {e}"))
+        match result {
+            Ok(()) => Ok(()),
+            // The frontend learns of the refusal from the failed ack and may carry on (QEMU
+            // then leaves the device stopped).
+            Err(Refusal::Reply(reason)) if acked => {
+                tracing::warn!(request = name, reason = %reason, "vhost-user request refused");
+                Ok(())
+            }
+            Err(Refusal::Reply(reason)) => {
+                Err(format!("{name} refused ({reason}), and without REPLY_ACK the frontend cannot be told"))
+            }
+            Err(Refusal::Disconnect(reason)) => Err(format!("{name}: {reason}")),
+        }
     }
 }
 
@@ -142,6 +240,8 @@ struct Port {
     listener: UnixListener,
     backend: Arc<Mutex<NetBackend>>,
     connection: Option<Connection>,
+    /// Connections accepted so far.
+    connections: u64,
 }
 
 /// Connection state of a port, for `vmq ctl` and tests.
@@ -150,12 +250,18 @@ pub struct PortStatus {
     pub name: String,
     pub connected: bool,
     pub running: bool,
+    /// Frontend connections accepted since the port was added.
+    pub connections: u64,
 }
 
 pub struct VhostUserServer {
     epoll: Epoll,
     /// Slots are never reused while the server lives, so tokens stay unambiguous.
     ports: Vec<Option<Port>>,
+    stall_timeout: Duration,
+    /// Connections that used up their turn with messages left (and whether the peer hung up):
+    /// edge-triggered epoll will not report them again, so they are served on the next poll.
+    backlog: Vec<(usize, bool)>,
 }
 
 fn bind(path: &Path) -> Result<UnixListener, ServerError> {
@@ -177,7 +283,18 @@ fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 
 impl VhostUserServer {
     pub fn new() -> Result<Self, ServerError> {
-        Ok(VhostUserServer { epoll: Epoll::new().map_err(ServerError::Epoll)?, ports: Vec::new() })
+        Ok(VhostUserServer {
+            epoll: Epoll::new().map_err(ServerError::Epoll)?,
+            ports: Vec::new(),
+            stall_timeout: STALL_TIMEOUT,
+            backlog: Vec::new(),
+        })
+    }
+
+    /// How long a frontend may leave a message incomplete or its replies unread before it is
+    /// disconnected.
+    pub fn set_stall_timeout(&mut self, timeout: Duration) {
+        self.stall_timeout = timeout;
     }
 
     /// Listens on `path` for the VM of port `name`. `on_event` runs on this thread when the
@@ -206,6 +323,7 @@ impl VhostUserServer {
             listener,
             backend,
             connection: None,
+            connections: 0,
         }));
         tracing::info!(port = name, socket = %path.display(), "vhost-user port listening");
         Ok(())
@@ -234,6 +352,7 @@ impl VhostUserServer {
                 name: p.name.clone(),
                 connected: p.connection.is_some(),
                 running: lock(&p.backend).device().is_running(),
+                connections: p.connections,
             })
             .collect()
     }
@@ -246,17 +365,38 @@ impl VhostUserServer {
     /// Handles whatever is ready, waiting at most `timeout_ms` (-1: forever, 0: don't wait).
     /// Returns the number of events handled.
     pub fn poll(&mut self, timeout_ms: i32) -> Result<usize, ServerError> {
+        // Wake up in time to end stalled connections, and at once if some connection has
+        // messages left from its last turn.
+        let timeout_ms = match self.next_stall_deadline() {
+            _ if !self.backlog.is_empty() => 0,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now()).as_millis();
+                let left = i32::try_from(left).unwrap_or(i32::MAX).saturating_add(1);
+                if timeout_ms < 0 { left } else { timeout_ms.min(left) }
+            }
+            None => timeout_ms,
+        };
         let mut events = [EpollEvent::default(); 16];
         let n = match self.epoll.wait(timeout_ms, &mut events) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => return Err(ServerError::Epoll(e)),
         };
+        let backlog = std::mem::take(&mut self.backlog);
         // Connections first: a VM that closed and reconnected at once must have its old
         // connection torn down before the new one is accepted.
         for event in &events[..n] {
             if let Token::Connection(i) = Token::decode(event.data()) {
-                self.serve(i, event.event_set());
+                let peer_closed =
+                    event.event_set().intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+                        || backlog.iter().any(|&(b, closed)| b == i && closed);
+                self.serve(i, peer_closed);
+            }
+        }
+        for (i, peer_closed) in backlog {
+            let served = events[..n].iter().any(|e| Token::decode(e.data()) == Token::Connection(i));
+            if !served {
+                self.serve(i, peer_closed);
             }
         }
         for event in &events[..n] {
@@ -264,7 +404,30 @@ impl VhostUserServer {
                 self.accept(i);
             }
         }
+        self.end_stalled_connections();
         Ok(n)
+    }
+
+    fn next_stall_deadline(&self) -> Option<Instant> {
+        self.ports
+            .iter()
+            .flatten()
+            .filter_map(|p| Some(p.connection.as_ref()?.stalled?.0))
+            .min()
+            .map(|since| since + self.stall_timeout)
+    }
+
+    fn end_stalled_connections(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.ports.len() {
+            let stalled = self.ports[index]
+                .as_ref()
+                .and_then(|p| p.connection.as_ref()?.stalled)
+                .filter(|&(since, _)| now.duration_since(since) >= self.stall_timeout);
+            if let Some((_, why)) = stalled {
+                self.disconnect(index, why.reason());
+            }
+        }
     }
 
     fn accept(&mut self, index: usize) {
@@ -296,48 +459,60 @@ impl VhostUserServer {
             };
             let handler = BackendReqHandler::from_stream(stream, port.backend.clone());
             let token = Token::Connection(index).encode();
-            // Edge-triggered: a half message waits for the next edge instead of spinning.
-            if let Err(e) = self.epoll.ctl(
-                ControlOperation::Add,
-                handler.as_raw_fd(),
-                EpollEvent::new(
-                    EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
-                    token,
-                ),
-            ) {
+            // Edge-triggered: a half message waits for the next edge instead of spinning, and
+            // a connection whose replies are unread for the edge of the frontend reading them.
+            let interest =
+                EventSet::IN | EventSet::OUT | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+            if let Err(e) = self.epoll.ctl(ControlOperation::Add, handler.as_raw_fd(), EpollEvent::new(interest, token))
+            {
                 tracing::warn!(port = %port.name, error = %e, "cannot watch vhost-user connection");
                 continue;
             }
             tracing::info!(port = %port.name, "vhost-user frontend connected");
-            port.connection = Some(Connection { handler, peek });
+            port.connection = Some(Connection { handler, peek, stalled: None });
+            port.connections += 1;
         }
     }
 
-    fn serve(&mut self, index: usize, events: EventSet) {
-        let peer_closed = events.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR);
-        // Edge-triggered: handle every complete message that is there now.
-        loop {
+    fn serve(&mut self, index: usize, peer_closed: bool) {
+        // Edge-triggered: handle every complete message that is there now, or a turn's worth
+        // and the rest on the next poll.
+        for _ in 0..MESSAGES_PER_TURN {
             let Some(port) = self.ports.get_mut(index).and_then(Option::as_mut) else {
                 return;
             };
             let Some(conn) = port.connection.as_mut() else {
                 return;
             };
-            match conn.pending() {
+            let (request, flags, size) = match conn.pending() {
                 Pending::Closed => return self.disconnect(index, "frontend disconnected"),
+                Pending::Empty => {
+                    conn.stalled = None;
+                    return;
+                }
                 // The peer closed with half a message: it will never be completed.
                 Pending::Partial if peer_closed => {
                     return self.disconnect(index, "frontend hung up mid-message");
                 }
-                Pending::Partial => return,
-                Pending::Message { request: SET_VRING_ENABLE, flags } => {
-                    let backend = port.backend.clone();
-                    if let Err(reason) = conn.set_vring_enable(&backend, flags) {
-                        return self.disconnect(index, &reason);
-                    }
-                    continue;
+                Pending::Partial => {
+                    conn.stall(Stall::IncompleteMessage);
+                    return;
                 }
-                Pending::Message { .. } => {}
+                Pending::Message { request, flags, size } => (request, flags, size),
+            };
+            if !conn.can_reply() {
+                // Resumed by the edge of the frontend reading (EPOLLOUT), or ended by the timeout.
+                conn.stall(Stall::RepliesUnread);
+                return;
+            }
+            conn.stalled = None;
+            tracing::debug!(port = %port.name, request, flags, size, "vhost-user request");
+            if request == SET_VRING_ENABLE || request == NET_SET_MTU {
+                let backend = port.backend.clone();
+                if let Err(reason) = conn.intercept(&backend, request, flags, size) {
+                    return self.disconnect(index, &reason);
+                }
+                continue;
             }
             match conn.handler.handle_request() {
                 Ok(()) => {}
@@ -345,14 +520,16 @@ impl VhostUserServer {
                     return self.disconnect(index, "frontend disconnected");
                 }
                 Err(e) => {
-                    let reason = format!("protocol error: {e}");
+                    let reason = format!("protocol error (request {request}): {e}");
                     return self.disconnect(index, &reason);
                 }
             }
         }
+        self.backlog.push((index, peer_closed));
     }
 
     fn disconnect(&mut self, index: usize, reason: &str) {
+        self.backlog.retain(|&(i, _)| i != index);
         let Some(port) = self.ports.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
