@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmq_core::{DropReason, OffloadCaps};
 use vmq_wire::VnetHdr;
@@ -220,20 +220,20 @@ impl TxGuest {
     }
 
     fn reclaim(&mut self, mem: &GuestMemoryMmap) {
-        let mut reposted = false;
-        while let Some((head, _)) = self.ring.pop_used(mem) {
-            if self.replay {
-                self.ring.repost(mem, head);
-                reposted = true;
-            } else {
-                if let Some(&slot) = self.slot_of_head.get(head as usize) {
-                    self.free_slots.push(slot);
+        if self.replay {
+            // The replayed frames stay in place: re-post every used chain as it is.
+            if let Some(mut view) = self.ring.open(mem) {
+                while let Some((head, _)) = view.pop_used() {
+                    view.repost(head);
                 }
-                self.ring.release(mem, head);
             }
+            return;
         }
-        if reposted {
-            self.ring.publish(mem);
+        while let Some((head, _)) = self.ring.pop_used(mem) {
+            if let Some(&slot) = self.slot_of_head.get(head as usize) {
+                self.free_slots.push(slot);
+            }
+            self.ring.release(mem, head);
         }
     }
 }
@@ -241,26 +241,32 @@ impl TxGuest {
 impl RxGuest {
     /// Takes used buffers back, assembles merged frames, and re-posts the buffers.
     fn reclaim(&mut self, mem: &GuestMemoryMmap) {
-        let mut any = false;
-        while let Some((head, len)) = self.ring.pop_used(mem) {
-            any = true;
-            let addr = GuestAddress(RX_BUFS_BASE + u64::from(head) * u64::from(RX_BUF_LEN));
+        let Ok(bufs) = mem.get_slice(GuestAddress(RX_BUFS_BASE), QUEUE_SIZE as usize * RX_BUF_LEN as usize) else {
+            self.malformed += 1;
+            return;
+        };
+        let Some(mut view) = self.ring.open(mem) else {
+            self.malformed += 1;
+            return;
+        };
+        while let Some((head, len)) = view.pop_used() {
+            let offset = usize::from(head % QUEUE_SIZE) * RX_BUF_LEN as usize;
             let len = len.min(RX_BUF_LEN);
             if self.capture.is_some() {
                 let start = self.pending.len();
                 self.pending.resize(start + len as usize, 0);
-                if mem.read_slice(&mut self.pending[start..], addr).is_err() {
+                if bufs.read_slice(&mut self.pending[start..], offset).is_err() {
                     self.malformed += 1;
                 }
             } else if self.pending_bufs == 0 {
                 self.pending.resize(VnetHdr::LEN, 0);
-                if mem.read_slice(&mut self.pending[..VnetHdr::LEN], addr).is_err() {
+                if bufs.read_slice(&mut self.pending[..VnetHdr::LEN], offset).is_err() {
                     self.malformed += 1;
                 }
             }
             self.received_bytes += u64::from(len);
             self.pending_bufs += 1;
-            self.ring.repost(mem, head);
+            view.repost(head);
             let wanted = VnetHdr::parse(&self.pending).map(|h| h.num_buffers.max(1)).unwrap_or(1);
             if self.pending_bufs >= wanted {
                 self.received_frames += 1;
@@ -273,9 +279,6 @@ impl RxGuest {
                 self.pending.clear();
                 self.pending_bufs = 0;
             }
-        }
-        if any {
-            self.ring.publish(mem);
         }
     }
 }

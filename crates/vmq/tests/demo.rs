@@ -14,7 +14,12 @@ fn is_root() -> bool {
 
 fn demo_namespaces() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("vmq-demo")).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("vmq-demo"))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -42,7 +47,9 @@ fn demo_shows_isolation_jumbo_frames_and_tcp_in_every_configuration() {
                 for path in ["ext-to-vm", "vm-to-vm"] {
                     let run = runs
                         .iter()
-                        .find(|r| r["mode"] == mode && r["mtu"] == mtu && r["offloads"] == offloads && r["path"] == path)
+                        .find(|r| {
+                            r["mode"] == mode && r["mtu"] == mtu && r["offloads"] == offloads && r["path"] == path
+                        })
                         .unwrap_or_else(|| panic!("no run {mode} {mtu} {offloads} {path}: {report}"));
                     let gbps = run["tcp_gbps"].as_f64().unwrap();
                     assert!(gbps > 0.05, "TCP through vmq: {run}");
