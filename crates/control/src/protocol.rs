@@ -325,7 +325,7 @@ pub enum SharedReason {
     BudgetExhausted,
     /// `mode = "switch"`: VMQ is off, everything goes through the switch.
     SwitchMode,
-    /// Only VM ports get queues (TAP and uplink ports do not).
+    /// Uplink ports get no queue (they are what queues are made of).
     NotVmPort,
     /// A queue filters on the port's MAC; this port has none.
     NoMac,
@@ -361,6 +361,24 @@ pub struct QueueReport {
     pub budget: u32,
     pub assigned: Vec<QueueAssignment>,
     pub shared: Vec<SharedPort>,
+    /// Frames read from each receive queue of each uplink: what the in-kernel steering did.
+    /// Absent in replies of older vmq versions.
+    #[serde(default)]
+    pub nic_queues: Vec<NicQueue>,
+}
+
+/// One receive queue of an uplink and the frames taken from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicQueue {
+    pub uplink: String,
+    /// 0: the default queue (the software switch); k: VM queue k.
+    pub queue: u32,
+    /// The port VM queue `queue` feeds now; `null` for the default queue or a VM queue no port
+    /// holds.
+    pub port: Option<String>,
+    /// Frames read from the queue since the uplink was added.
+    pub rx_packets: u64,
 }
 
 /// One MAC table entry.

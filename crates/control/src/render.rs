@@ -233,6 +233,23 @@ fn queues(q: &QueueReport, out: &mut String) {
         }
         t.render(out);
     }
+    if !q.nic_queues.is_empty() {
+        let _ = writeln!(
+            out,
+            "
+uplink receive queues:"
+        );
+        let mut t = Table::new(&[("UPLINK", L), ("QUEUE", L), ("PORT", L), ("RX_PACKETS", R)]);
+        for n in &q.nic_queues {
+            t.row(vec![
+                n.uplink.clone(),
+                if n.queue == 0 { "default".to_string() } else { n.queue.to_string() },
+                n.port.clone().unwrap_or_else(|| "-".to_string()),
+                n.rx_packets.to_string(),
+            ]);
+        }
+        t.render(out);
+    }
 }
 
 fn fdb(f: &FdbReport, out: &mut String) {

@@ -70,6 +70,8 @@ impl Backends for DefaultBackends {
                     port: port.clone(),
                     message: e.to_string(),
                 };
+                raise_mtu(ifname, netns.as_deref(), config.spec.mtu)
+                    .map_err(|e| DatapathError::Backend { port: port.clone(), message: e.to_string() })?;
                 let offloads = config.spec.offloads.accepts_gso();
                 // In switch mode the NIC gets no VM queues: everything on the default queue.
                 let vm_queues = if ctx.mode == Mode::Vmq { ctx.nic_queues } else { 0 };
@@ -81,6 +83,7 @@ impl Backends for DefaultBackends {
                             att.nic_queues.push((id, Box::new(q)));
                         }
                         att.steering = Some(Box::new(uplink.steering));
+                        att.control = Some(Box::new(UplinkControl { ifname: ifname.clone(), netns: netns.clone() }));
                         Ok(att)
                     }
                     Err(vmq_sys::packet::PacketError::FanoutRefused { .. }) => {
@@ -93,12 +96,38 @@ impl Backends for DefaultBackends {
                         let sink = UplinkSink::open(ifname, netns.as_deref(), offloads).map_err(err)?;
                         let mut att = Attachment::new(Box::new(sink), None);
                         att.nic_queues.push((QueueId::DEFAULT, Box::new(single)));
+                        att.control = Some(Box::new(UplinkControl { ifname: ifname.clone(), netns: netns.clone() }));
                         Ok(att)
                     }
                     Err(e) => Err(err(e)),
                 }
             }
         }
+    }
+}
+
+/// Makes an uplink's interface carry frames of the port's MTU: an interface MTU below it is
+/// raised (a jumbo port on a 1500-byte interface would pass no jumbo frame, silently); one
+/// above it is left alone (the host may need it; vmq enforces the port's MTU itself). An MTU
+/// the device refuses is an error.
+fn raise_mtu(ifname: &str, netns: Option<&str>, mtu: u16) -> Result<(), vmq_sys::link::LinkError> {
+    let link = vmq_sys::link::LinkCtl::new(netns)?;
+    if link.mtu(ifname)? < u32::from(mtu) {
+        link.set_mtu(ifname, u32::from(mtu))?;
+        tracing::info!(ifname, mtu, "uplink MTU raised to the port's");
+    }
+    Ok(())
+}
+
+/// Run-time changes to an uplink: its interface's MTU follows the port's upward.
+struct UplinkControl {
+    ifname: String,
+    netns: Option<String>,
+}
+
+impl PortControl for UplinkControl {
+    fn set_mtu(&mut self, mtu: u16) -> Result<(), String> {
+        raise_mtu(&self.ifname, self.netns.as_deref(), mtu).map_err(|e| e.to_string())
     }
 }
 

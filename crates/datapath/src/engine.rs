@@ -231,6 +231,11 @@ impl Decisions<'_> {
         i: usize,
     ) -> Result<(), DropReason> {
         let l2 = parse_l2(frame).map_err(|_| DropReason::Malformed)?;
+        // No station sends from a group address: the switch path drops these too (as a Linux
+        // bridge does), so the NIC's filter match must not let one through.
+        if l2.src.is_multicast() {
+            return Err(DropReason::Malformed);
+        }
         let vlan = l2.vlan.unwrap_or(0);
         let Some(&port) = self.table.local.get(&local_key(l2.dst, vlan)) else {
             // A frame the filter did not really mean for a local VM (filter being moved):

@@ -178,6 +178,22 @@ fn uplink_to_vms_both_modes_strip_tags_and_keep_data() {
 }
 
 #[test]
+fn multicast_source_frames_from_the_uplink_are_dropped_in_both_modes() {
+    for mode in [Mode::Vmq, Mode::Switch] {
+        let group_src = MacAddr([0x01, 0, 0x5e, 0, 0, 1]);
+        let mut frames: Vec<Vec<u8>> = (0..5u16).map(|i| udp_frame(mac(1), group_src, Some(10), 200, i)).collect();
+        frames.push(udp_frame(mac(1), EXT, Some(10), 200, 9));
+        let r = rig(mode, &[vm(10, 9000, OffloadCaps::NONE)], 8, frames);
+        // The valid frame behind them arrives, alone.
+        let got = collect(&r.guests[0], 1);
+        assert_eq!(got.len(), 1, "{mode:?}");
+        assert!(wait_until(|| r.dp.stats("up0").is_some_and(|s| s.drops(DropReason::Malformed) == 5)), "{mode:?}");
+        assert_eq!(r.guests[0].take_received().len(), 0, "{mode:?}");
+        assert_accounted(&r.dp, 6);
+    }
+}
+
+#[test]
 fn queue_budget_overflow_uses_the_default_queue() {
     let frames: Vec<Vec<u8>> = (0..30u16).map(|i| udp_frame(mac((i % 3) as u8 + 1), EXT, Some(10), 200, i)).collect();
     let vms = [vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE)];

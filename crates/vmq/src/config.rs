@@ -261,9 +261,12 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
     let ifname = |v: &Spanned<String>| -> Result<String, ConfigError> {
         let s = v.get_ref();
         if s.is_empty() || s.len() > MAX_IFNAME || s.contains(['/', ' ', ':']) || s == "." || s == ".." {
-            return Err(
-                loc.at(v, format!("interface name {s:?} must be 1 to {MAX_IFNAME} bytes without '/', ':' or spaces"))
-            );
+            return Err(loc.at(
+                v,
+                format!(
+                    "port {name:?}: interface name {s:?} must be 1 to {MAX_IFNAME} bytes without '/', ':' or spaces"
+                ),
+            ));
         }
         Ok(s.clone())
     };

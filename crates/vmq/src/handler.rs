@@ -6,8 +6,9 @@ use std::sync::Arc;
 use vmq_control::ControlHandler;
 use vmq_control::metrics::{MetricsSnapshot, PortMetrics, WorkerMetrics};
 use vmq_control::protocol::{
-    ControlError, ErrorCode, FdbEntry, FdbReport, PortState, QueueAction, QueueAssignment, QueueChange, QueuePolicy,
-    QueueReport, Request, Response, Setting, SharedPort, SharedReason, StatsReport, SwitchSummary, WorkerInfo,
+    ControlError, ErrorCode, FdbEntry, FdbReport, NicQueue, PortState, QueueAction, QueueAssignment, QueueChange,
+    QueuePolicy, QueueReport, Request, Response, Setting, SharedPort, SharedReason, StatsReport, SwitchSummary,
+    WorkerInfo,
 };
 use vmq_core::vmq::QueuePolicy as CorePolicy;
 use vmq_core::{PortConfig, VlanMode};
@@ -75,12 +76,24 @@ impl DatapathHandler {
                 }
             }
         }
+        let nic_queues = self
+            .dp
+            .queue_stats()
+            .into_iter()
+            .map(|q| NicQueue {
+                uplink: q.uplink,
+                queue: u32::from(q.queue.map_or(0, |q| q.0)),
+                port: q.port,
+                rx_packets: q.rx_packets,
+            })
+            .collect();
         QueueReport {
             mode: switch_mode(self.dp.mode()),
             policy: self.policy(),
             budget: u32::from(self.dp.queue_config().queues),
             assigned,
             shared,
+            nic_queues,
         }
     }
 

@@ -104,7 +104,7 @@ impl ControlHandler for Mock {
                 budget: 1,
                 assigned: vec![QueueAssignment {
                     port: "vm1".into(),
-                    queue: 0,
+                    queue: 1,
                     worker: 1,
                     rx_pps: 812_000,
                     rx_bits_per_sec: 9_744_000_000,
@@ -115,6 +115,10 @@ impl ControlHandler for Mock {
                     rx_pps: 120,
                     rx_bits_per_sec: 1_440_000,
                 }],
+                nic_queues: vec![
+                    NicQueue { uplink: "up0".into(), queue: 0, port: None, rx_packets: 17 },
+                    NicQueue { uplink: "up0".into(), queue: 1, port: Some("vm1".into()), rx_packets: 90_210 },
+                ],
             }),
             Request::Fdb => Response::Fdb(FdbReport {
                 entries: vec![
@@ -280,11 +284,16 @@ mode vmq, policy dynamic, VM queues 1 of 1 in use
 
 VM queues:
 PORT  QUEUE  WORKER  RX_PPS  RX_GBIT/S
-vm1       0       1  812000      9.744
+vm1       1       1  812000      9.744
 
 default queue (software switch):
 PORT  REASON            RX_PPS  RX_GBIT/S
 vm2   budget_exhausted     120      0.001
+
+uplink receive queues:
+UPLINK  QUEUE    PORT  RX_PACKETS
+up0     default  -             17
+up0     1        vm1        90210
 "
     );
 
@@ -548,12 +557,12 @@ fn top_prints_frames_rated_from_consecutive_snapshots() {
         frames[0],
         format!(
             "vmq top: 2 port(s), rates over 1.000 s, mode vmq, VM queues 1 of 1\n{header}\n\
-             vm1   q0@w1          1000000     12.000     500      0.000       10     10\n\
+             vm1   q1@w1          1000000     12.000     500      0.000       10     10\n\
              vm2   shared:budget        0      0.000       0      0.000        0      0"
         )
     );
     assert!(
-        frames[1].contains("vm1   q0@w1          2000000     24.000     500      0.000       10     20"),
+        frames[1].contains("vm1   q1@w1          2000000     24.000     500      0.000       10     20"),
         "{}",
         frames[1]
     );
@@ -612,6 +621,6 @@ fn interactive_top_quits_on_q_and_restores_the_terminal() {
     let screen = String::from_utf8_lossy(&reader.join().unwrap().unwrap()).into_owned();
     // Entered the alternate screen with the cursor hidden, drew rates, and left it as it was.
     assert!(screen.contains("\x1b[?1049h"), "{screen:?}");
-    assert!(screen.contains("vm1   q0@w1"), "{screen:?}");
+    assert!(screen.contains("vm1   q1@w1"), "{screen:?}");
     assert!(screen.contains("\x1b[?25h\x1b[?1049l"), "cursor shown and alternate screen left: {screen:?}");
 }
