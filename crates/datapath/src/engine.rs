@@ -28,8 +28,10 @@ use crate::egress::{EgressScratch, OutPort, apply_edit, deliver, is_tcp_candidat
 use crate::port::{BATCH, FrameSink, FrameSource, RecvError, Scratch};
 use vmq_offload::Coalescer;
 
-/// Idle polls before a worker sleeps.
-const SPIN_POLLS: u32 = 200;
+/// How long a worker keeps polling after its last frame before it sleeps: long enough to catch
+/// the next burst of a busy flow without a wake-up, short enough not to take a core the
+/// endpoints (a VM's vCPU, the stacks behind TAPs) may need.
+const SPIN_TIME: Duration = Duration::from_micros(50);
 /// Sleep while some task has no wake fd (NIC stand-ins): bounds how late it is polled.
 const POLL_SLEEP: Duration = Duration::from_millis(1);
 /// Longest sleep otherwise: a backstop, every source that matters wakes the worker.
@@ -348,6 +350,12 @@ pub(crate) struct Worker {
     registered: Vec<RawFd>,
     /// Some task has no wake fd: sleep only briefly so that it is polled.
     has_polled_task: bool,
+    /// Per task: worth polling now. Cheap sources always are; costly ones (a syscall per poll)
+    /// only from an epoll report until they are drained.
+    ready: Vec<bool>,
+    costly: Vec<bool>,
+    /// Costly tasks drained and waiting for epoll.
+    waiting_costly: usize,
     scratch: Scratch,
     egress: EgressScratch,
     errors: Vec<RecvError>,
@@ -377,6 +385,9 @@ impl Worker {
             epoll,
             registered: Vec::new(),
             has_polled_task: false,
+            ready: Vec::new(),
+            costly: Vec::new(),
+            waiting_costly: 0,
             scratch: Scratch::new(),
             egress: EgressScratch::default(),
             errors: Vec::new(),
@@ -390,7 +401,7 @@ impl Worker {
     }
 
     pub fn run(mut self) {
-        let mut idle = 0u32;
+        let mut last_work = Instant::now();
         let mut seen_tasks = u64::MAX;
         let stats = &self.shared.clone().worker_stats[self.index];
         while !self.shared.stop.load(Ordering::Relaxed) {
@@ -405,22 +416,36 @@ impl Worker {
                 self.seen_table = table_generation;
                 self.table = self.shared.table();
             }
+            // Sources polled by syscall (TAP reads) are read only once epoll says they have
+            // something: one epoll_wait instead of an EAGAIN read per source per round.
+            if self.waiting_costly > 0 {
+                self.harvest_events(0);
+            }
             let round = Instant::now();
             let mut work = 0;
             for i in 0..self.tasks.len() {
+                if !self.ready[i] {
+                    continue;
+                }
                 let task = self.tasks[i].clone();
-                work += self.run_task(&task);
+                let n = self.run_task(&task);
+                if n < BATCH && self.costly[i] {
+                    // Drained: wait for epoll to report it readable again.
+                    self.ready[i] = false;
+                    self.waiting_costly += 1;
+                }
+                work += n;
             }
             if work > 0 {
-                stats.busy_ns.fetch_add(round.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                let now = Instant::now();
+                stats.busy_ns.fetch_add((now - round).as_nanos() as u64, Ordering::Relaxed);
                 stats.frames.fetch_add(work as u64, Ordering::Relaxed);
-                idle = 0;
-            } else if idle < SPIN_POLLS {
-                idle += 1;
+                last_work = now;
+            } else if last_work.elapsed() < SPIN_TIME {
                 std::hint::spin_loop();
             } else {
                 self.sleep();
-                idle = 0;
+                last_work = Instant::now();
             }
         }
     }
@@ -432,12 +457,20 @@ impl Worker {
             let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         self.has_polled_task = false;
+        // Every task is polled once after a change; costly ones then wait for epoll.
+        self.ready = vec![true; self.tasks.len()];
+        self.costly = vec![false; self.tasks.len()];
+        self.waiting_costly = 0;
         for (i, task) in self.tasks.iter().enumerate() {
-            match lock(&task.source).wake_fd() {
+            let mut source = lock(&task.source);
+            match source.wake_fd() {
                 Some(fd) => {
                     let event = EpollEvent::new(EventSet::IN, i as u64 + 1);
                     match self.epoll.ctl(ControlOperation::Add, fd, event) {
-                        Ok(()) => self.registered.push(fd),
+                        Ok(()) => {
+                            self.registered.push(fd);
+                            self.costly[i] = !source.polls_cheaply();
+                        }
                         Err(e) => {
                             tracing::warn!(worker = self.index, fd, error = %e, "cannot wait on a source; polling it");
                             self.has_polled_task = true;
@@ -445,6 +478,29 @@ impl Worker {
                     }
                 }
                 None => self.has_polled_task = true,
+            }
+        }
+    }
+
+    /// Takes what epoll reports (waiting up to `timeout_ms`): wake-ups, sources with work.
+    fn harvest_events(&mut self, timeout_ms: i32) {
+        let mut events = [EpollEvent::default(); 32];
+        let n = self.epoll.wait(timeout_ms, &mut events).unwrap_or(0);
+        for event in &events[..n] {
+            match event.data() {
+                WAKE_TOKEN => {
+                    let _ = self.shared.wakes[self.index].read();
+                }
+                token => {
+                    let i = token as usize - 1;
+                    if let Some(task) = self.tasks.get(i) {
+                        lock(&task.source).on_wake();
+                        if !self.ready[i] {
+                            self.ready[i] = true;
+                            self.waiting_costly -= 1;
+                        }
+                    }
+                }
             }
         }
     }
@@ -457,20 +513,7 @@ impl Worker {
         }
         if !pending {
             let timeout = if self.has_polled_task { POLL_SLEEP } else { MAX_SLEEP };
-            let mut events = [EpollEvent::default(); 16];
-            let n = self.epoll.wait(timeout.as_millis() as i32, &mut events).unwrap_or(0);
-            for event in &events[..n] {
-                match event.data() {
-                    WAKE_TOKEN => {
-                        let _ = self.shared.wakes[self.index].read();
-                    }
-                    token => {
-                        if let Some(task) = self.tasks.get(token as usize - 1) {
-                            lock(&task.source).on_wake();
-                        }
-                    }
-                }
-            }
+            self.harvest_events(timeout.as_millis() as i32);
         }
         for task in &self.tasks {
             lock(&task.source).wake_up();

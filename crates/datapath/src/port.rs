@@ -38,6 +38,12 @@ pub trait FrameSource: Send {
         None
     }
 
+    /// Is a poll that finds nothing cheap (a ring in memory), or a syscall (a TAP read)? Costly
+    /// sources are only polled when their wake fd reports something.
+    fn polls_cheaply(&self) -> bool {
+        true
+    }
+
     /// The wake fd fired: consume the event (an eventfd must be read, or it stays readable).
     fn on_wake(&mut self) {}
 

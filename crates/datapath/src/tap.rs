@@ -82,6 +82,10 @@ impl FrameSource for TapPort {
         n
     }
 
+    fn polls_cheaply(&self) -> bool {
+        false // every poll is a read() syscall
+    }
+
     fn wake_fd(&mut self) -> Option<RawFd> {
         // A deleted TAP's fd stays readable (an error) forever: stop waiting on it.
         (!self.is_gone()).then(|| self.raw_fd())
