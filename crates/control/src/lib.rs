@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod render;
 pub mod server;
+mod wait;
 
 pub use client::{Client, ClientError};
 pub use metrics::{MetricsConfig, MetricsExporter, MetricsSnapshot};

@@ -215,19 +215,12 @@ impl Drop for MetricsExporter {
 
 fn serve_loop(listener: &TcpListener, wake: &UnixStream, config: &MetricsConfig, snapshot: &SnapshotFn) {
     loop {
-        let (listener_ready, woken) = {
-            let mut fds =
-                [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "metrics poll failed; the exporter stops");
-                    return;
-                }
+        let (listener_ready, woken) = match crate::wait::listener_or_wake(listener, wake) {
+            Ok(r) => (r.listener, r.woken),
+            Err(e) => {
+                tracing::error!(error = %e, "metrics poll failed; the exporter stops");
+                return;
             }
-            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-            (ready(&fds[0]), ready(&fds[1]))
         };
         if woken {
             return;

@@ -271,19 +271,12 @@ pub fn peer_allowed(peer_uid: u32, server_euid: u32) -> bool {
 fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener, wake: &UnixStream) -> Vec<JoinHandle<()>> {
     let mut handles: Vec<JoinHandle<()>> = Vec::new();
     loop {
-        let (listener_ready, woken) = {
-            let mut fds =
-                [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "control socket poll failed; the control socket stops");
-                    return handles;
-                }
+        let (listener_ready, woken) = match crate::wait::listener_or_wake(listener, wake) {
+            Ok(r) => (r.listener, r.woken),
+            Err(e) => {
+                tracing::error!(error = %e, "control socket poll failed; the control socket stops");
+                return handles;
             }
-            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-            (ready(&fds[0]), ready(&fds[1]))
         };
         if woken || shared.stopping.load(Ordering::SeqCst) {
             return handles;

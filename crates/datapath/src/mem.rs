@@ -306,9 +306,7 @@ impl FrameSource for MemTxSource {
                     n += 1;
                 }
                 Ok(None) => break,
-                Err(VirtioError::TooLong) => errors.push(RecvError::Drop(DropReason::Oversize)),
-                Err(VirtioError::BadHeader) => errors.push(RecvError::Drop(DropReason::Malformed)),
-                Err(_) => errors.push(RecvError::Drop(DropReason::BadDescriptor)),
+                Err(e) => errors.push(RecvError::Drop(e.drop_reason())),
             }
         }
         drop(ring);
@@ -350,15 +348,7 @@ impl FrameWriter for MemRxBatch<'_, '_> {
             lock(&self.shared.rx).reclaim(&self.shared.mem);
             result = self.writer.push(&mut self.ring, hdr, parts);
         }
-        result.map_err(rx_drop_reason)
-    }
-}
-
-fn rx_drop_reason(e: VirtioError) -> DropReason {
-    match e {
-        VirtioError::NoBuffer => DropReason::NoBuffer,
-        VirtioError::TooLong => DropReason::Oversize,
-        _ => DropReason::BadDescriptor,
+        result.map_err(VirtioError::drop_reason)
     }
 }
 

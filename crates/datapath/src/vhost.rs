@@ -121,11 +121,7 @@ impl FrameSource for VhostTxSource {
                     Ok(None) => break,
                     Err(e) => {
                         used = true;
-                        errors.push(RecvError::Drop(match e {
-                            VirtioError::TooLong => DropReason::Oversize,
-                            VirtioError::BadHeader => DropReason::Malformed,
-                            _ => DropReason::BadDescriptor,
-                        }));
+                        errors.push(RecvError::Drop(e.drop_reason()));
                         if errors.len() >= max {
                             break;
                         }
@@ -196,11 +192,7 @@ impl FrameWriter for VhostRxBatch<'_, '_, '_> {
     fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
         let result = self.writer.push(self.ring, hdr, parts);
         self.used |= !matches!(result, Err(VirtioError::NoBuffer));
-        result.map_err(|e| match e {
-            VirtioError::NoBuffer => DropReason::NoBuffer,
-            VirtioError::TooLong => DropReason::Oversize,
-            _ => DropReason::BadDescriptor,
-        })
+        result.map_err(VirtioError::drop_reason)
     }
 }
 

@@ -7,6 +7,7 @@
 //! instead of stopping the queue.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vmq_core::DropReason;
 use vmq_wire::VnetHdr;
 
 use crate::ring::{Memory, Ring, RingError, Segment, read_guest, write_guest};
@@ -22,6 +23,18 @@ pub enum VirtioError {
     NoBuffer,
     #[error("virtio-net header missing or invalid")]
     BadHeader,
+}
+
+impl VirtioError {
+    /// The drop reason a frame this error hit is counted under.
+    pub fn drop_reason(self) -> DropReason {
+        match self {
+            VirtioError::NoBuffer => DropReason::NoBuffer,
+            VirtioError::TooLong => DropReason::Oversize,
+            VirtioError::BadHeader => DropReason::Malformed,
+            VirtioError::BadDescriptor => DropReason::BadDescriptor,
+        }
+    }
 }
 
 /// One frame taken from a TX virtqueue: `len` bytes (virtio-net header included) copied into
