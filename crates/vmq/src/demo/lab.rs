@@ -40,9 +40,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, LabError> {
 
 /// Is `program` on the PATH?
 pub fn have(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|dir| dir.join(program).is_file())).unwrap_or(false)
 }
 
 /// One end host: a namespace, its interface and address.

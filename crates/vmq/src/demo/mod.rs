@@ -368,7 +368,10 @@ fn print_report(r: &Report, args: &DemoArgs) {
     }
     println!("  jumbo frame (9000 bytes, don't fragment) vm1 <-> vm2: {}", if r.jumbo_ok { "ok" } else { "FAILED" });
     println!("\nTCP throughput, 1 stream ({}), Gbit/s:", r.tcp_tool);
-    println!("{:<10} {:>5} {:>9} {:>9} {:>9} {:>11} {:>7}", "path", "MTU", "offloads", "switch", "vmq", "vmq/switch", "drops");
+    println!(
+        "{:<10} {:>5} {:>9} {:>9} {:>9} {:>11} {:>7}",
+        "path", "MTU", "offloads", "switch", "vmq", "vmq/switch", "drops"
+    );
     for path in [PathKind::ExtToVm, PathKind::VmToVm] {
         for mtu in [1500u16, 9000] {
             for offl in [true, false] {

@@ -59,7 +59,24 @@ pub fn reachable(tools: Tools, from: &Host, to: &Host, size: usize) -> Result<bo
     if tools.ping {
         let size = size.to_string();
         let dst = to.ip.to_string();
-        let args = ["netns", "exec", &from.netns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "-q", "-M", "do", "-s", &size, &dst];
+        let args = [
+            "netns",
+            "exec",
+            &from.netns,
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-q",
+            "-M",
+            "do",
+            "-s",
+            &size,
+            &dst,
+        ];
         return Ok(run("ip", &args).is_ok());
     }
     udp_echo(from, to, size)
