@@ -437,8 +437,9 @@ pub fn parse_iperf3_json(json: &str) -> Result<Iperf, String> {
         return Err(format!("iperf3: {err}"));
     }
     let end = &v["end"];
-    let bits_per_second = end["sum_received"]["bits_per_second"].as_f64().ok_or("no sum_received")?;
-    let bytes = end["sum_received"]["bytes"].as_u64().ok_or("no bytes")?;
+    let missing = |what: &str| format!("no {what} in iperf3's report: {}", &json[json.len().saturating_sub(2000)..]);
+    let bits_per_second = end["sum_received"]["bits_per_second"].as_f64().ok_or_else(|| missing("receiver rate"))?;
+    let bytes = end["sum_received"]["bytes"].as_f64().ok_or_else(|| missing("receiver bytes"))? as u64;
     let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
     Ok(Iperf { bits_per_second, retransmits, bytes })
 }
