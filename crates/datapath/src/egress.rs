@@ -1,5 +1,8 @@
 //! Egress: one frame toward one port — tag edit, MTU check, offload resolution for what the
-//! receiver negotiated — ending in `FrameSink::send`. Counts on the out port.
+//! receiver negotiated — ending in `FrameSink::send`. Counts into an [`EgressTally`] that the
+//! caller adds to the out port's counters once per batch.
+
+use std::sync::atomic::Ordering::Relaxed;
 
 use vmq_core::stats::PortStats;
 use vmq_core::switch::{TagEdit, fits_mtu};
@@ -49,11 +52,40 @@ fn shift_hdr(hdr: &VnetHdr, edit: TagEdit) -> VnetHdr {
 pub struct OutPort<'a> {
     pub caps: OffloadCaps,
     pub spec: &'a PortSpec,
-    pub stats: &'a PortStats,
 }
 
-/// Delivers `frame` (Ethernet, no virtio header) with header `hdr` to `sink`. Returns the number
-/// of frames handed to the sink (segments count individually), or the drop reason.
+/// What one batch delivered toward one port, added to its [`PortStats`] once by
+/// [`EgressTally::flush`], as `vmq_core::stats` intends (atomic cost per batch, not per frame):
+/// a locked add per frame also waits for that frame's stores into guest memory to complete.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EgressTally {
+    pub packets: u64,
+    pub bytes: u64,
+    pub gso_passed: u64,
+    pub csum_finished: u64,
+    pub segments: u64,
+}
+
+impl EgressTally {
+    /// Adds the tally to `stats` and starts over.
+    pub fn flush(&mut self, stats: &PortStats) {
+        let t = std::mem::take(self);
+        stats.add_tx(t.packets, t.bytes);
+        for (counter, n) in [
+            (&stats.offload_gso_passed, t.gso_passed),
+            (&stats.offload_csum_finished, t.csum_finished),
+            (&stats.offload_segments, t.segments),
+        ] {
+            if n != 0 {
+                counter.fetch_add(n, Relaxed);
+            }
+        }
+    }
+}
+
+/// Delivers `frame` (Ethernet, no virtio header) with header `hdr` to `sink`, counting what was
+/// handed to the sink (segments individually) in `tally`. Returns the drop reason if the frame
+/// (or any of its segments) was not delivered.
 pub fn deliver(
     sink: &mut dyn FrameWriter,
     out: &OutPort<'_>,
@@ -61,8 +93,9 @@ pub fn deliver(
     frame: &[u8],
     edit: TagEdit,
     scratch: &mut EgressScratch,
+    tally: &mut EgressTally,
 ) -> Result<(), DropReason> {
-    let (caps, stats) = (out.caps, out.stats);
+    let caps = out.caps;
     if matches!(edit, TagEdit::Strip) && frame.len() < 18 {
         return Err(DropReason::Malformed);
     }
@@ -89,10 +122,9 @@ pub fn deliver(
     match plan_egress(&hdr, caps) {
         EgressPlan::AsIs => {
             sink.send(&hdr, &parts[..n])?;
-            if hdr.is_gso() {
-                stats.offload_gso_passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            stats.add_tx(1, out_len as u64);
+            tally.gso_passed += u64::from(hdr.is_gso());
+            tally.packets += 1;
+            tally.bytes += out_len as u64;
             Ok(())
         }
         EgressPlan::FinishCsum => {
@@ -100,8 +132,9 @@ pub fn deliver(
             assemble(&mut scratch.work, &parts[..n]);
             finish_csum(&mut h, &mut scratch.work).map_err(|_| DropReason::Offload)?;
             sink.send(&h, &[&scratch.work])?;
-            stats.offload_csum_finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            stats.add_tx(1, out_len as u64);
+            tally.csum_finished += 1;
+            tally.packets += 1;
+            tally.bytes += out_len as u64;
             Ok(())
         }
         EgressPlan::Segment => {
@@ -124,8 +157,9 @@ pub fn deliver(
                     }
                 })
                 .map_err(|_| DropReason::Offload)?;
-            stats.offload_segments.fetch_add(made as u64, std::sync::atomic::Ordering::Relaxed);
-            stats.add_tx(sent, bytes);
+            tally.segments += made as u64;
+            tally.packets += sent;
+            tally.bytes += bytes;
             match first_err {
                 // Some segments were lost: the whole frame counts as one drop.
                 Some(e) => Err(e),
@@ -174,5 +208,53 @@ pub fn is_tcp_candidate(frame: &[u8], hdr: &VnetHdr) -> bool {
         0x0800 => frame.get(l3 + 9) == Some(&6),
         0x86dd => frame.get(l3 + 6) == Some(&6),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmq_core::{PortKind, VlanMode};
+
+    struct Collect(Vec<Vec<u8>>);
+
+    impl FrameWriter for Collect {
+        fn send(&mut self, _hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+            self.0.push(parts.concat());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_is_counted_once_at_flush() {
+        let spec = PortSpec {
+            name: "p".into(),
+            kind: PortKind::Mem,
+            mac: None,
+            mtu: 1500,
+            vlan: VlanMode::Access(0),
+            allow_mac_spoofing: false,
+            offloads: OffloadCaps::ALL,
+        };
+        let out = OutPort { caps: OffloadCaps::ALL, spec: &spec };
+        let (mut sink, mut scratch, mut tally) =
+            (Collect(Vec::new()), EgressScratch::default(), EgressTally::default());
+        let stats = PortStats::default();
+        let hdr = VnetHdr::default();
+        for len in [60, 1514] {
+            deliver(&mut sink, &out, &hdr, &vec![0u8; len], TagEdit::Keep, &mut scratch, &mut tally).unwrap();
+        }
+        // Oversize: dropped, not counted as sent.
+        let err = deliver(&mut sink, &out, &hdr, &[0u8; 1515], TagEdit::Keep, &mut scratch, &mut tally);
+        assert_eq!(err, Err(DropReason::Oversize));
+        assert_eq!(sink.0.len(), 2);
+        assert_eq!(tally, EgressTally { packets: 2, bytes: 1574, ..EgressTally::default() });
+        assert_eq!(stats.snapshot().tx_packets, 0, "nothing reaches the shared counters before flush");
+        tally.flush(&stats);
+        let snap = stats.snapshot();
+        assert_eq!((snap.tx_packets, snap.tx_bytes), (2, 1574));
+        assert_eq!(tally, EgressTally::default(), "flush starts over");
+        tally.flush(&stats);
+        assert_eq!(stats.snapshot().tx_packets, 2);
     }
 }

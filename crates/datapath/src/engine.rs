@@ -24,7 +24,7 @@ use vmq_core::{DropReason, Mode, PortId, PortSpec};
 use vmq_wire::VnetHdr;
 use vmq_wire::ethernet::parse_l2;
 
-use crate::egress::{EgressScratch, OutPort, apply_edit, deliver, is_tcp_candidate};
+use crate::egress::{EgressScratch, EgressTally, OutPort, apply_edit, deliver, is_tcp_candidate};
 use crate::port::{BATCH, FrameSink, FrameSource, RecvError, Scratch};
 use vmq_offload::Coalescer;
 
@@ -631,10 +631,11 @@ impl Worker {
                 let coalesce = caps.accepts_gso();
                 let merged_before = self.coalescer.merged_segments();
                 let Worker { scratch, hdrs, egress, coalescer, rsc_buf, deliveries, .. } = self;
-                let out = OutPort { caps, spec: &entry.spec, stats: &entry.stats };
+                let out = OutPort { caps, spec: &entry.spec };
+                let mut tally = EgressTally::default();
                 sink.batch(&mut |writer| {
                     let mut send = |h: &VnetHdr, f: &[u8], edit: TagEdit| {
-                        if let Err(r) = deliver(writer, &out, h, f, edit, egress) {
+                        if let Err(r) = deliver(writer, &out, h, f, edit, egress, &mut tally) {
                             entry.stats.add_drop(r, 1);
                         }
                     };
@@ -656,6 +657,7 @@ impl Worker {
                     if merged != 0 {
                         entry.stats.offload_coalesced.fetch_add(merged, Ordering::Relaxed);
                     }
+                    tally.flush(&entry.stats);
                 });
             }
             i = j;
