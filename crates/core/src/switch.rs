@@ -195,15 +195,28 @@ impl Switch {
     /// Ingress pipeline for a frame from `in_port`. `segment_len`: for GSO frames, the length of
     /// one segment on the wire (headers + gso_size), which is what the MTU limits.
     pub fn classify(&self, in_port: PortId, frame: &[u8], segment_len: Option<usize>, now_ns: u64) -> Verdict {
+        self.classify_head(in_port, frame, frame.len(), segment_len, now_ns)
+    }
+
+    /// [`Switch::classify`] for a frame of `frame_len` bytes of which `head` (at least its
+    /// headers) is at hand.
+    pub fn classify_head(
+        &self,
+        in_port: PortId,
+        head: &[u8],
+        frame_len: usize,
+        segment_len: Option<usize>,
+        now_ns: u64,
+    ) -> Verdict {
         let Some(state) = self.state(in_port) else {
             return Verdict::Drop(DropReason::PortDown);
         };
-        let l2 = match parse_l2(frame) {
+        let l2 = match parse_l2(head) {
             Ok(l2) => l2,
             Err(WireError::Unsupported) => return Verdict::Drop(DropReason::Unsupported),
             Err(_) => return Verdict::Drop(DropReason::Malformed),
         };
-        self.classify_parsed(in_port, &state.spec, &l2, frame.len(), segment_len, now_ns)
+        self.classify_parsed(in_port, &state.spec, &l2, frame_len, segment_len, now_ns)
     }
 
     fn classify_parsed(

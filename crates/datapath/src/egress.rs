@@ -11,7 +11,7 @@ use vmq_offload::{EgressPlan, finish_csum, plan_egress, segment};
 use vmq_wire::VnetHdr;
 use vmq_wire::vnet::{FLAG_NEEDS_CSUM, GSO_ECN};
 
-use crate::port::FrameWriter;
+use crate::port::{FrameWriter, GuestTail};
 
 /// Per-worker buffers for egress work that needs a private copy (checksum finishing,
 /// segmentation).
@@ -86,16 +86,20 @@ impl EgressTally {
 /// Delivers `frame` (Ethernet, no virtio header) with header `hdr` to `sink`, counting what was
 /// handed to the sink (segments individually) in `tally`. Returns the drop reason if the frame
 /// (or any of its segments) was not delivered.
+#[allow(clippy::too_many_arguments)] // the egress step's inputs, each used once; a struct would only rename them
 pub fn deliver(
     sink: &mut dyn FrameWriter,
     out: &OutPort<'_>,
     hdr: &VnetHdr,
     frame: &[u8],
+    tail: Option<&GuestTail>,
     edit: TagEdit,
     scratch: &mut EgressScratch,
     tally: &mut EgressTally,
 ) -> Result<(), DropReason> {
     let caps = out.caps;
+    // `frame` is the whole frame, or its head when `tail` holds the rest in guest memory.
+    let frame_len = frame.len() + tail.map_or(0, GuestTail::len);
     if matches!(edit, TagEdit::Strip) && frame.len() < 18 {
         return Err(DropReason::Malformed);
     }
@@ -107,29 +111,45 @@ pub fn deliver(
         _ => [0; 4],
     };
     let hdr = shift_hdr(hdr, edit);
-    let out_len = edit.len_after(frame.len());
+    let out_len = edit.len_after(frame_len);
     let tagged_out = match edit {
         TagEdit::Push(_) => true,
         TagEdit::Strip => false,
         TagEdit::Keep => frame.len() >= 14 && frame[12..14] == [0x81, 0x00],
     };
     let l2_len = if tagged_out { 18 } else { 14 };
-    let segment_len = vmq_offload::gso_segment_len(&hdr, frame).map(|l| edit.len_after(l));
+    let segment_len = vmq_offload::gso_segment_len_in(&hdr, frame, frame_len).map(|l| edit.len_after(l));
     if !fits_mtu(out_len, l2_len, segment_len, out.spec.mtu) {
         return Err(DropReason::Oversize);
     }
     let (parts, n) = edited_parts(frame, edit, &tag_bytes);
-    match plan_egress(&hdr, caps) {
-        EgressPlan::AsIs => {
-            sink.send(&hdr, &parts[..n])?;
-            tally.gso_passed += u64::from(hdr.is_gso());
-            tally.packets += 1;
-            tally.bytes += out_len as u64;
-            Ok(())
+    let plan = plan_egress(&hdr, caps);
+    if plan == EgressPlan::AsIs {
+        match tail {
+            None => sink.send(&hdr, &parts[..n])?,
+            // Guest to guest: the frame's end is copied once, from sender to receiver.
+            Some(t) if sink.takes_guest_tail() => sink.send_with_tail(&hdr, &parts[..n], t)?,
+            Some(t) => {
+                assemble(&mut scratch.work, &parts[..n]);
+                if !t.append_to(&mut scratch.work) {
+                    return Err(DropReason::BadDescriptor);
+                }
+                sink.send(&hdr, &[&scratch.work])?;
+            }
         }
-        EgressPlan::FinishCsum => {
+        tally.gso_passed += u64::from(hdr.is_gso());
+        tally.packets += 1;
+        tally.bytes += out_len as u64;
+        return Ok(());
+    }
+    // Offload work needs the frame in one piece.
+    assemble(&mut scratch.work, &parts[..n]);
+    if tail.is_some_and(|t| !t.append_to(&mut scratch.work)) {
+        return Err(DropReason::BadDescriptor);
+    }
+    match plan {
+        EgressPlan::AsIs | EgressPlan::FinishCsum => {
             let mut h = hdr;
-            assemble(&mut scratch.work, &parts[..n]);
             finish_csum(&mut h, &mut scratch.work).map_err(|_| DropReason::Offload)?;
             sink.send(&h, &[&scratch.work])?;
             tally.csum_finished += 1;
@@ -138,7 +158,6 @@ pub fn deliver(
             Ok(())
         }
         EgressPlan::Segment => {
-            assemble(&mut scratch.work, &parts[..n]);
             let mut h = hdr;
             if !caps.ecn {
                 h.gso_type &= !GSO_ECN;
@@ -242,10 +261,10 @@ mod tests {
         let stats = PortStats::default();
         let hdr = VnetHdr::default();
         for len in [60, 1514] {
-            deliver(&mut sink, &out, &hdr, &vec![0u8; len], TagEdit::Keep, &mut scratch, &mut tally).unwrap();
+            deliver(&mut sink, &out, &hdr, &vec![0u8; len], None, TagEdit::Keep, &mut scratch, &mut tally).unwrap();
         }
         // Oversize: dropped, not counted as sent.
-        let err = deliver(&mut sink, &out, &hdr, &[0u8; 1515], TagEdit::Keep, &mut scratch, &mut tally);
+        let err = deliver(&mut sink, &out, &hdr, &[0u8; 1515], None, TagEdit::Keep, &mut scratch, &mut tally);
         assert_eq!(err, Err(DropReason::Oversize));
         assert_eq!(sink.0.len(), 2);
         assert_eq!(tally, EgressTally { packets: 2, bytes: 1574, ..EgressTally::default() });

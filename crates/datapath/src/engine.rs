@@ -25,7 +25,7 @@ use vmq_wire::VnetHdr;
 use vmq_wire::ethernet::parse_l2;
 
 use crate::egress::{EgressScratch, EgressTally, OutPort, apply_edit, deliver, is_tcp_candidate};
-use crate::port::{BATCH, FrameSink, FrameSource, RecvError, Scratch};
+use crate::port::{BATCH, FrameSink, FrameSource, GuestTail, RecvError, Scratch};
 use vmq_offload::Coalescer;
 
 /// How long a worker keeps polling after its last frame before it sleeps: long enough to catch
@@ -222,17 +222,21 @@ struct Decisions<'a> {
     flood: &'a mut Vec<PortId>,
 }
 
+/// A received frame as the decisions see it: its head (every header; the whole frame unless its
+/// end is still in a guest's memory) and its full length.
+struct Incoming<'f> {
+    head: &'f [u8],
+    len: usize,
+    /// GSO frames: the length of one segment on the wire (what the MTU limits).
+    segment_len: Option<usize>,
+    /// Position in the batch.
+    index: u8,
+}
+
 impl Decisions<'_> {
     /// A frame from a NIC VM queue: the NIC matched its filter; only the tag changes.
-    fn vm_queue_frame(
-        &mut self,
-        uplink: PortId,
-        frame: &[u8],
-        segment_len: Option<usize>,
-        now: u64,
-        i: usize,
-    ) -> Result<(), DropReason> {
-        let l2 = parse_l2(frame).map_err(|_| DropReason::Malformed)?;
+    fn vm_queue_frame(&mut self, uplink: PortId, f: &Incoming<'_>, now: u64) -> Result<(), DropReason> {
+        let l2 = parse_l2(f.head).map_err(|_| DropReason::Malformed)?;
         // No station sends from a group address: the switch path drops these too (as a Linux
         // bridge does), so the NIC's filter match must not let one through.
         if l2.src.is_multicast() {
@@ -242,11 +246,11 @@ impl Decisions<'_> {
         let Some(&port) = self.table.local.get(&local_key(l2.dst, vlan)) else {
             // A frame the filter did not really mean for a local VM (filter being moved):
             // the switch decides, as for the default queue.
-            return self.switch_frame(uplink, frame, segment_len, now, i);
+            return self.switch_frame(uplink, f, now);
         };
         let entry = self.table.get(port).ok_or(DropReason::PortDown)?;
         let edit = egress_tag(&entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
-        self.deliveries.push(Delivery { port, frame: i as u8, edit });
+        self.deliveries.push(Delivery { port, frame: f.index, edit });
         Ok(())
     }
 
@@ -256,17 +260,15 @@ impl Decisions<'_> {
         &mut self,
         in_entry: &PortEntry,
         in_port: PortId,
-        frame: &[u8],
-        segment_len: Option<usize>,
+        f: &Incoming<'_>,
         now: u64,
-        i: usize,
     ) -> Result<(), DropReason> {
-        let l2 = parse_l2(frame).map_err(|e| match e {
+        let l2 = parse_l2(f.head).map_err(|e| match e {
             vmq_wire::WireError::Unsupported => DropReason::Unsupported,
             _ => DropReason::Malformed,
         })?;
         if l2.dst.is_multicast() {
-            return self.switch_frame(in_port, frame, segment_len, now, i);
+            return self.switch_frame(in_port, f, now);
         }
         let spec = &in_entry.spec;
         let vlan = admit_vlan(&spec.vlan, l2.vlan)?;
@@ -276,7 +278,7 @@ impl Decisions<'_> {
         if !source_allowed(spec, l2.src) {
             return Err(DropReason::Spoofed);
         }
-        if !fits_mtu(frame.len(), l2.header_len, segment_len, spec.mtu) {
+        if !fits_mtu(f.len, l2.header_len, f.segment_len, spec.mtu) {
             return Err(DropReason::Oversize);
         }
         let out = match self.table.local.get(&local_key(l2.dst, vlan)) {
@@ -284,38 +286,31 @@ impl Decisions<'_> {
             Some(&p) => p,
             None => match in_entry.uplink {
                 Some(u) => u,
-                None => return self.switch_frame(in_port, frame, segment_len, now, i),
+                None => return self.switch_frame(in_port, f, now),
             },
         };
         let out_entry = self.table.get(out).ok_or(DropReason::PortDown)?;
         let edit = egress_tag(&out_entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
-        self.deliveries.push(Delivery { port: out, frame: i as u8, edit });
+        self.deliveries.push(Delivery { port: out, frame: f.index, edit });
         Ok(())
     }
 
     /// The software switch path.
-    fn switch_frame(
-        &mut self,
-        in_port: PortId,
-        frame: &[u8],
-        segment_len: Option<usize>,
-        now: u64,
-        i: usize,
-    ) -> Result<(), DropReason> {
+    fn switch_frame(&mut self, in_port: PortId, f: &Incoming<'_>, now: u64) -> Result<(), DropReason> {
         let sw = self.shared.switch_read();
-        match sw.classify(in_port, frame, segment_len, now) {
+        match sw.classify_head(in_port, f.head, f.len, f.segment_len, now) {
             Verdict::Drop(r) => Err(r),
             Verdict::Forward { vlan, dst, learn } => {
                 if let Some(req) = learn {
                     self.learn.push(req);
                 }
-                let tagged = frame.len() >= 14 && frame[12..14] == [0x81, 0x00];
+                let tagged = f.head.len() >= 14 && f.head[12..14] == [0x81, 0x00];
                 match dst {
                     Dest::Port(p) => {
                         let Some(edit) = sw.egress(p, vlan, tagged) else {
                             return Err(if sw.is_up(p) { DropReason::Vlan } else { DropReason::PortDown });
                         };
-                        self.deliveries.push(Delivery { port: p, frame: i as u8, edit });
+                        self.deliveries.push(Delivery { port: p, frame: f.index, edit });
                     }
                     Dest::Flood => {
                         self.flood.clear();
@@ -325,7 +320,7 @@ impl Decisions<'_> {
                         }
                         for &p in self.flood.iter() {
                             if let Some(edit) = sw.egress(p, vlan, tagged) {
-                                self.deliveries.push(Delivery { port: p, frame: i as u8, edit });
+                                self.deliveries.push(Delivery { port: p, frame: f.index, edit });
                             }
                         }
                     }
@@ -525,6 +520,17 @@ impl Worker {
         self.scratch.clear();
         self.errors.clear();
         let n = lock(&task.source).recv(&mut self.scratch, BATCH, &mut self.errors);
+        let n = self.process(task, n);
+        if self.scratch.has_tails() {
+            // Everything is delivered: the sender may have its buffers back.
+            self.scratch.clear();
+            lock(&task.source).complete();
+        }
+        n
+    }
+
+    /// Decides and delivers the `n` frames of `task` now in the scratch batch.
+    fn process(&mut self, task: &Task, n: usize) -> usize {
         let in_port = task.kind.in_port();
         let table = self.table.clone();
         let Some(in_entry) = table.get(in_port) else {
@@ -552,9 +558,10 @@ impl Worker {
         let mut rx_bytes = 0u64;
         for i in 0..n {
             let raw = self.scratch.get(i);
-            rx_bytes += raw.len().saturating_sub(VnetHdr::LEN) as u64;
+            let raw_len = self.scratch.frame_len(i);
+            rx_bytes += raw_len.saturating_sub(VnetHdr::LEN) as u64;
             let hdr = match VnetHdr::parse(raw) {
-                Ok(h) if h.validate(raw.len() - VnetHdr::LEN).is_ok() => h,
+                Ok(h) if h.validate(raw_len - VnetHdr::LEN).is_ok() => h,
                 _ => {
                     in_entry.stats.add_drop(DropReason::Malformed, 1);
                     self.hdrs.push(VnetHdr::default());
@@ -562,8 +569,10 @@ impl Worker {
                 }
             };
             self.hdrs.push(hdr);
-            let frame = &raw[VnetHdr::LEN..];
-            let segment_len = vmq_offload::gso_segment_len(&hdr, frame);
+            let head = &raw[VnetHdr::LEN..];
+            let len = raw_len - VnetHdr::LEN;
+            let f =
+                Incoming { head, len, segment_len: vmq_offload::gso_segment_len_in(&hdr, head, len), index: i as u8 };
             let mut d = Decisions {
                 shared: &self.shared,
                 table: &table,
@@ -572,11 +581,9 @@ impl Worker {
                 flood: &mut self.flood,
             };
             let result = match task.kind {
-                TaskKind::VmQueue { uplink, .. } => d.vm_queue_frame(uplink, frame, segment_len, now, i),
-                TaskKind::PortTx { port } if self.shared.mode == Mode::Vmq => {
-                    d.fast_tx_frame(in_entry, port, frame, segment_len, now, i)
-                }
-                _ => d.switch_frame(in_port, frame, segment_len, now, i),
+                TaskKind::VmQueue { uplink, .. } => d.vm_queue_frame(uplink, &f, now),
+                TaskKind::PortTx { port } if self.shared.mode == Mode::Vmq => d.fast_tx_frame(in_entry, port, &f, now),
+                _ => d.switch_frame(in_port, &f, now),
             };
             if let Err(r) = result {
                 in_entry.stats.add_drop(r, 1);
@@ -634,24 +641,29 @@ impl Worker {
                 let out = OutPort { caps, spec: &entry.spec };
                 let mut tally = EgressTally::default();
                 sink.batch(&mut |writer| {
-                    let mut send = |h: &VnetHdr, f: &[u8], edit: TagEdit| {
-                        if let Err(r) = deliver(writer, &out, h, f, edit, egress, &mut tally) {
+                    let mut send = |h: &VnetHdr, f: &[u8], tail: Option<&GuestTail>, edit: TagEdit| {
+                        if let Err(r) = deliver(writer, &out, h, f, tail, edit, egress, &mut tally) {
                             entry.stats.add_drop(r, 1);
                         }
                     };
                     for d in &deliveries[i..j] {
                         let raw = scratch.get(d.frame as usize);
+                        let tail = scratch.tail(d.frame as usize);
                         let hdr = &hdrs[d.frame as usize];
                         let frame = &raw[VnetHdr::LEN..];
                         if coalesce && is_tcp_candidate(frame, hdr) {
                             apply_edit(frame, d.edit, rsc_buf);
-                            coalescer.offer(hdr, rsc_buf, &mut |h, f| send(h, f, TagEdit::Keep));
+                            if tail.is_some_and(|t| !t.append_to(rsc_buf)) {
+                                entry.stats.add_drop(DropReason::BadDescriptor, 1);
+                                continue;
+                            }
+                            coalescer.offer(hdr, rsc_buf, &mut |h, f| send(h, f, None, TagEdit::Keep));
                         } else {
-                            coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
-                            send(hdr, frame, d.edit);
+                            coalescer.flush(&mut |h, f| send(h, f, None, TagEdit::Keep));
+                            send(hdr, frame, tail, d.edit);
                         }
                     }
-                    coalescer.flush(&mut |h, f| send(h, f, TagEdit::Keep));
+                    coalescer.flush(&mut |h, f| send(h, f, None, TagEdit::Keep));
                     // Counted before the batch ends, so never later than the receiver sees it.
                     let merged = coalescer.merged_segments() - merged_before;
                     if merged != 0 {

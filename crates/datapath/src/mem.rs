@@ -17,9 +17,9 @@ use vmq_core::{DropReason, OffloadCaps};
 use vmq_wire::VnetHdr;
 
 use crate::driver::{BufferSpec, SplitRingDriver};
-use crate::port::{FrameSink, FrameSource, FrameWriter, RecvError, Refuse, Scratch};
+use crate::port::{FrameSink, FrameSource, FrameWriter, GuestTail, RecvError, Refuse, Scratch};
 use crate::ring::{Ring, RingState, Segment};
-use crate::virtio::{RxWriter, VirtioError, pop_tx};
+use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// RX buffers are page sized, as Linux posts them with mergeable RX buffers: a 9018-byte frame
@@ -64,7 +64,7 @@ struct TxGuest {
 }
 
 pub struct MemShared {
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
     /// The guest's TX kick, as a virtio-net driver notifies the device.
     kick: EventFd,
     rx: Mutex<RxGuest>,
@@ -107,7 +107,7 @@ pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, Mem
     }
     rx_ring.publish(&mem);
     let shared = Arc::new(MemShared {
-        mem,
+        mem: Arc::new(mem),
         kick: EventFd::new(EFD_NONBLOCK).expect("eventfd for a mem port"),
         rx: Mutex::new(RxGuest {
             ring: rx_ring,
@@ -127,7 +127,12 @@ pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, Mem
         caps,
     });
     let guest = MemGuest { shared: shared.clone() };
-    let source = MemTxSource { ring: RingState::from_queue(&tx_queue), segments: Vec::new(), shared: shared.clone() };
+    let source = MemTxSource {
+        ring: RingState::from_queue(&tx_queue),
+        segments: Vec::new(),
+        deferred: Vec::new(),
+        shared: shared.clone(),
+    };
     let sink = MemRxSink { ring: RingState::from_queue(&rx_queue), writer: RxWriter::new(true), shared };
     (guest, source, sink)
 }
@@ -135,7 +140,7 @@ pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, Mem
 impl MemGuest {
     /// Queues one frame on the guest's TX ring. False if the ring is full.
     pub fn send(&self, hdr: &VnetHdr, frame: &[u8]) -> bool {
-        let mem = &self.shared.mem;
+        let mem = &*self.shared.mem;
         let mut tx = lock(&self.shared.tx);
         tx.reclaim(mem);
         let ok = tx.post(mem, hdr, frame);
@@ -147,7 +152,7 @@ impl MemGuest {
     /// Fills the TX ring with `frames` (cycled) and switches to replay: the device side sees an
     /// endless stream of them, as from a guest that transmits as fast as it can.
     pub fn start_replay(&self, frames: &[(VnetHdr, Vec<u8>)]) {
-        let mem = &self.shared.mem;
+        let mem = &*self.shared.mem;
         let mut tx = lock(&self.shared.tx);
         tx.reclaim(mem);
         tx.replay = true;
@@ -287,6 +292,8 @@ impl RxGuest {
 pub struct MemTxSource {
     ring: RingState,
     segments: Vec<Segment>,
+    /// Chains whose frames are still being delivered from guest memory.
+    deferred: Vec<u16>,
     shared: Arc<MemShared>,
 }
 
@@ -299,10 +306,16 @@ impl FrameSource for MemTxSource {
         };
         let mut n = 0;
         while n < max {
-            let Some(buf) = scratch.next_buf() else { break };
-            match pop_tx(&mut ring, &mut self.segments, buf) {
+            let Some((buf, tail)) = scratch.next_split() else { break };
+            match pop_tx_split(&mut ring, mem, &mut self.segments, buf, tail) {
                 Ok(Some(f)) => {
-                    scratch.commit(f.len);
+                    match f.deferred {
+                        Some(head) => {
+                            self.deferred.push(head);
+                            scratch.commit_split(f.head_len);
+                        }
+                        None => scratch.commit(f.head_len),
+                    }
                     n += 1;
                 }
                 Ok(None) => break,
@@ -313,6 +326,20 @@ impl FrameSource for MemTxSource {
         // The guest recycles what was consumed (inline; see the module comment).
         lock(&self.shared.tx).reclaim(mem);
         n
+    }
+
+    fn complete(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let mem = &self.shared.mem;
+        if let Ok(mut ring) = Ring::open(mem, &mut self.ring) {
+            for head in self.deferred.drain(..) {
+                ring.add_used(head, 0);
+            }
+        }
+        self.deferred.clear();
+        lock(&self.shared.tx).reclaim(mem);
     }
 
     fn wake_fd(&mut self) -> Option<RawFd> {
@@ -338,17 +365,31 @@ struct MemRxBatch<'a, 'm> {
     shared: &'m MemShared,
 }
 
-impl FrameWriter for MemRxBatch<'_, '_> {
-    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
-        let mut result = self.writer.push(&mut self.ring, hdr, parts);
+impl MemRxBatch<'_, '_> {
+    fn push(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: Option<&GuestTail>) -> Result<(), DropReason> {
+        let mut result = self.writer.push_with_tail(&mut self.ring, hdr, parts, tail);
         if result == Err(VirtioError::NoBuffer) {
             // The in-process guest only recycles when asked; a real guest drains its ring on
             // its own vCPU while vmq fills it. Let it catch up once before calling it full.
             self.ring.publish();
             lock(&self.shared.rx).reclaim(&self.shared.mem);
-            result = self.writer.push(&mut self.ring, hdr, parts);
+            result = self.writer.push_with_tail(&mut self.ring, hdr, parts, tail);
         }
         result.map_err(VirtioError::drop_reason)
+    }
+}
+
+impl FrameWriter for MemRxBatch<'_, '_> {
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+        self.push(hdr, parts, None)
+    }
+
+    fn takes_guest_tail(&self) -> bool {
+        true
+    }
+
+    fn send_with_tail(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: &GuestTail) -> Result<(), DropReason> {
+        self.push(hdr, parts, Some(tail))
     }
 }
 

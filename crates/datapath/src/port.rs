@@ -9,7 +9,10 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 use vmq_core::{DropReason, OffloadCaps};
+
+use crate::ring::Memory;
 use vmq_wire::VnetHdr;
 
 /// Largest frame handled: a 64 KiB GSO frame plus header and a VLAN tag.
@@ -55,12 +58,28 @@ pub trait FrameSource: Send {
 
     /// The worker is polling again: notifications may be suppressed (virtio: no kicks needed).
     fn wake_up(&mut self) {}
+
+    /// The batch [`FrameSource::recv`] returned has been delivered: buffers whose frames stayed
+    /// in place ([`GuestTail`]) may go back to their owner now.
+    fn complete(&mut self) {}
 }
 
 /// Writes frames during one batch toward a sink.
 pub trait FrameWriter {
     /// Delivers one frame: `hdr` then the concatenation of `parts` (an Ethernet frame).
     fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason>;
+
+    /// Can this writer take a frame whose end is still in a guest's memory
+    /// ([`FrameWriter::send_with_tail`])? Guest RX rings can (one copy, guest to guest).
+    fn takes_guest_tail(&self) -> bool {
+        false
+    }
+
+    /// Delivers `hdr`, `parts` and then `tail`, copied from the sending guest's memory.
+    /// Only called when [`FrameWriter::takes_guest_tail`] says so.
+    fn send_with_tail(&mut self, _hdr: &VnetHdr, _parts: &[&[u8]], _tail: &GuestTail) -> Result<(), DropReason> {
+        Err(DropReason::Offload)
+    }
 }
 
 pub trait FrameSink: Send {
@@ -99,8 +118,89 @@ impl<S: FrameSink + ?Sized> FrameWriter for EachFrame<'_, S> {
 }
 
 enum Slot {
-    Owned { buf: usize, len: usize },
+    Owned {
+        buf: usize,
+        len: usize,
+    },
     Shared(Arc<[u8]>),
+    /// The head (headers) copied into an owned buffer, the rest still in a guest's memory.
+    Split {
+        buf: usize,
+        head: usize,
+        tail: usize,
+    },
+}
+
+/// The part of a frame that stays in the sending guest's memory until it is delivered: a big
+/// frame from one VM to another crosses vmq with one copy, from the sender's buffers straight
+/// into the receiver's. The sender's chain is returned to it only after the batch is delivered
+/// ([`FrameSource::complete`]), and the memory stays mapped while this holds it.
+#[derive(Default)]
+pub struct GuestTail {
+    mem: Option<Arc<Memory>>,
+    segments: Vec<(GuestAddress, u32)>,
+    len: usize,
+}
+
+impl GuestTail {
+    /// Starts a tail in `mem` (the previous one is forgotten).
+    pub fn reset(&mut self, mem: Arc<Memory>) {
+        self.mem = Some(mem);
+        self.segments.clear();
+        self.len = 0;
+    }
+
+    /// Appends guest buffer [addr, addr + len); false if it is not in one memory region (the
+    /// caller then copies the frame instead).
+    pub fn push(&mut self, addr: GuestAddress, len: u32) -> bool {
+        let Some(mem) = &self.mem else { return false };
+        if len == 0 {
+            return true;
+        }
+        if mem.get_slice(addr, len as usize).is_err() {
+            return false;
+        }
+        self.segments.push((addr, len));
+        self.len += len as usize;
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The tail's pieces as slices of the sender's memory.
+    pub fn slices(&self) -> impl Iterator<Item = Option<VolatileSlice<'_, ()>>> {
+        let mem = self.mem.as_deref();
+        self.segments.iter().map(move |&(addr, len)| mem.and_then(|m| m.get_slice(addr, len as usize).ok()))
+    }
+
+    /// Copies the tail to the end of `out` (for receivers and offload work that need the frame
+    /// in one piece). False if guest memory refused a read.
+    pub fn append_to(&self, out: &mut Vec<u8>) -> bool {
+        let start = out.len();
+        out.resize(start + self.len, 0);
+        let mut at = start;
+        for slice in self.slices() {
+            let Some(slice) = slice else { return false };
+            let n = slice.len();
+            if slice.copy_to(&mut out[at..at + n]) != n {
+                return false;
+            }
+            at += n;
+        }
+        true
+    }
+
+    fn release(&mut self) {
+        self.mem = None;
+        self.segments.clear();
+        self.len = 0;
+    }
 }
 
 /// A worker's batch of received frames. Owned buffers are allocated once per worker; NIC
@@ -110,6 +210,8 @@ pub struct Scratch {
     bufs: Vec<Box<[u8]>>,
     slots: Vec<Slot>,
     next_owned: usize,
+    tails: Vec<GuestTail>,
+    next_tail: usize,
 }
 
 impl Default for Scratch {
@@ -124,12 +226,19 @@ impl Scratch {
             bufs: (0..BATCH).map(|_| vec![0u8; MAX_FRAME].into_boxed_slice()).collect(),
             slots: Vec::with_capacity(BATCH),
             next_owned: 0,
+            tails: (0..BATCH).map(|_| GuestTail::default()).collect(),
+            next_tail: 0,
         }
     }
 
     pub fn clear(&mut self) {
         self.slots.clear();
         self.next_owned = 0;
+        // Guest memory is not held past the batch.
+        for t in &mut self.tails[..self.next_tail] {
+            t.release();
+        }
+        self.next_tail = 0;
     }
 
     pub fn len(&self) -> usize {
@@ -148,10 +257,29 @@ impl Scratch {
         self.bufs.get_mut(self.next_owned).map(|b| &mut b[..])
     }
 
+    /// The next free owned buffer and guest tail, to receive a frame that stays partly in guest
+    /// memory; None when the batch is full.
+    pub fn next_split(&mut self) -> Option<(&mut [u8], &mut GuestTail)> {
+        if self.slots.len() >= BATCH {
+            return None;
+        }
+        let buf = self.bufs.get_mut(self.next_owned)?;
+        let tail = self.tails.get_mut(self.next_tail)?;
+        Some((&mut buf[..], tail))
+    }
+
     /// Records `len` bytes received into the buffer [`Scratch::next_buf`] returned.
     pub fn commit(&mut self, len: usize) {
         self.slots.push(Slot::Owned { buf: self.next_owned, len: len.min(MAX_FRAME) });
         self.next_owned += 1;
+    }
+
+    /// Records a frame received with [`Scratch::next_split`]: `head` bytes in the buffer, the
+    /// rest in the tail.
+    pub fn commit_split(&mut self, head: usize) {
+        self.slots.push(Slot::Split { buf: self.next_owned, head: head.min(MAX_FRAME), tail: self.next_tail });
+        self.next_owned += 1;
+        self.next_tail += 1;
     }
 
     /// Adds a frame held elsewhere (NIC stand-in buffers). False when the batch is full.
@@ -163,12 +291,32 @@ impl Scratch {
         true
     }
 
-    /// Frame `i` (virtio-net header + Ethernet frame).
+    /// Frame `i` (virtio-net header + Ethernet frame), or its head when the rest is still in a
+    /// guest's memory ([`Scratch::tail`]). The head holds every header vmq looks at.
     pub fn get(&self, i: usize) -> &[u8] {
         match &self.slots[i] {
             Slot::Owned { buf, len } => &self.bufs[*buf][..*len],
             Slot::Shared(f) => f,
+            Slot::Split { buf, head, .. } => &self.bufs[*buf][..*head],
         }
+    }
+
+    /// The part of frame `i` still in guest memory.
+    pub fn tail(&self, i: usize) -> Option<&GuestTail> {
+        match &self.slots[i] {
+            Slot::Split { tail, .. } => self.tails.get(*tail),
+            _ => None,
+        }
+    }
+
+    /// Does this batch hold frames that are partly in a guest's memory?
+    pub fn has_tails(&self) -> bool {
+        self.next_tail > 0
+    }
+
+    /// Whole length of frame `i` (virtio-net header included).
+    pub fn frame_len(&self, i: usize) -> usize {
+        self.get(i).len() + self.tail(i).map_or(0, GuestTail::len)
     }
 }
 

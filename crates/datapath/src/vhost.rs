@@ -22,9 +22,9 @@ use vmq_vhost::server::VhostUserServer;
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
-use crate::port::{FrameSink, FrameSource, FrameWriter, RecvError, Refuse, Scratch};
-use crate::ring::{Ring, RingState, Segment};
-use crate::virtio::{RxWriter, VirtioError, pop_tx};
+use crate::port::{FrameSink, FrameSource, FrameWriter, GuestTail, RecvError, Refuse, Scratch};
+use crate::ring::{Memory, Ring, RingState, Segment};
+use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
 use crate::{Attachment, DatapathError, PortHandle};
 
 fn has(features: u64, bit: u32) -> bool {
@@ -57,6 +57,15 @@ impl DeviceRing {
     /// Runs `f` on the ring if it is live, then stores the position back into the `Queue`
     /// (GET_VRING_BASE reads it there).
     fn with<R>(&mut self, device: &NetDevice, f: impl FnOnce(&mut Ring<'_, '_>) -> R) -> Option<R> {
+        self.with_memory(device, |ring, _| f(ring))
+    }
+
+    /// [`DeviceRing::with`], also handing over the guest memory the ring was opened in.
+    fn with_memory<R>(
+        &mut self,
+        device: &NetDevice,
+        f: impl FnOnce(&mut Ring<'_, '_>, &Arc<Memory>) -> R,
+    ) -> Option<R> {
         let mut vring = device.vring(self.index);
         if !vring.is_live() {
             return None;
@@ -67,9 +76,9 @@ impl DeviceRing {
             self.state = Some(RingState::from_queue(&vring.queue));
         }
         let state = self.state.as_mut()?;
-        let mem = device.mem.memory();
+        let mem = device.mem.memory().into_inner();
         let result = match Ring::open(&mem, state) {
-            Ok(mut ring) => Some(f(&mut ring)),
+            Ok(mut ring) => Some(f(&mut ring, &mem)),
             Err(_) => None,
         };
         state.store_position(&mut vring.queue);
@@ -86,6 +95,10 @@ pub struct VhostTxSource {
     device: Arc<NetDevice>,
     ring: DeviceRing,
     segments: Vec<Segment>,
+    /// Chains whose frames are still being delivered from guest memory, and the device
+    /// generation they belong to (a restarted device must not get them back).
+    deferred: Vec<u16>,
+    deferred_generation: u64,
     /// Our own handle on the current kick eventfd: the worker's epoll holds this fd number, and
     /// the frontend may replace its kick fd on reconnect.
     kick: Option<File>,
@@ -98,6 +111,8 @@ impl VhostTxSource {
             device,
             ring: DeviceRing::new(TX_QUEUE),
             segments: Vec::new(),
+            deferred: Vec::new(),
+            deferred_generation: 0,
             kick: None,
             kick_generation: u64::MAX,
         }
@@ -107,16 +122,26 @@ impl VhostTxSource {
 impl FrameSource for VhostTxSource {
     fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize {
         let segments = &mut self.segments;
-        let result = self.ring.with(&self.device, |ring| {
+        let deferred = &mut self.deferred;
+        self.deferred_generation = self.device.generation();
+        let result = self.ring.with_memory(&self.device, |ring, mem| {
             let mut n = 0;
             let mut used = false;
             while n < max {
-                let Some(buf) = scratch.next_buf() else { break };
-                match pop_tx(ring, segments, buf) {
+                let Some((buf, tail)) = scratch.next_split() else { break };
+                match pop_tx_split(ring, mem, segments, buf, tail) {
                     Ok(Some(f)) => {
-                        scratch.commit(f.len);
+                        match f.deferred {
+                            Some(head) => {
+                                deferred.push(head);
+                                scratch.commit_split(f.head_len);
+                            }
+                            None => {
+                                scratch.commit(f.head_len);
+                                used = true;
+                            }
+                        }
                         n += 1;
-                        used = true;
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -137,6 +162,29 @@ impl FrameSource for VhostTxSource {
             self.ring.signal(&self.device);
         }
         n
+    }
+
+    fn complete(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        if self.device.generation() != self.deferred_generation {
+            // The device restarted meanwhile: these chains belong to a ring that is gone.
+            self.deferred.clear();
+            return;
+        }
+        let deferred = &mut self.deferred;
+        let notify = self.ring.with(&self.device, |ring| {
+            for head in deferred.drain(..) {
+                ring.add_used(head, 0);
+            }
+            ring.publish();
+            ring.needs_notification()
+        });
+        self.deferred.clear();
+        if notify == Some(true) {
+            self.ring.signal(&self.device);
+        }
     }
 
     fn wake_fd(&mut self) -> Option<RawFd> {
@@ -188,11 +236,25 @@ struct VhostRxBatch<'a, 'r, 'm> {
     used: bool,
 }
 
-impl FrameWriter for VhostRxBatch<'_, '_, '_> {
-    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
-        let result = self.writer.push(self.ring, hdr, parts);
+impl VhostRxBatch<'_, '_, '_> {
+    fn push(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: Option<&GuestTail>) -> Result<(), DropReason> {
+        let result = self.writer.push_with_tail(self.ring, hdr, parts, tail);
         self.used |= !matches!(result, Err(VirtioError::NoBuffer));
         result.map_err(VirtioError::drop_reason)
+    }
+}
+
+impl FrameWriter for VhostRxBatch<'_, '_, '_> {
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+        self.push(hdr, parts, None)
+    }
+
+    fn takes_guest_tail(&self) -> bool {
+        true
+    }
+
+    fn send_with_tail(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: &GuestTail) -> Result<(), DropReason> {
+        self.push(hdr, parts, Some(tail))
     }
 }
 

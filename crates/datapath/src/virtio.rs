@@ -10,6 +10,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 use vmq_core::DropReason;
 use vmq_wire::VnetHdr;
 
+use std::sync::Arc;
+
+use crate::port::GuestTail;
 use crate::ring::{Memory, Ring, RingError, Segment, read_guest, write_guest};
 
 /// Why a frame could not be taken from or given to a guest.
@@ -83,6 +86,101 @@ pub fn pop_tx(
     Ok(Some(TxFrame { len }))
 }
 
+/// Frames longer than this (virtio-net header included) stay in the sender's memory past their
+/// head; shorter ones are copied whole (a copy that small costs less than the bookkeeping).
+pub const SPLIT_MIN: usize = 2048;
+/// Bytes of a split frame copied to vmq's buffer: the virtio-net header and every header vmq
+/// reads (Ethernet, VLAN, IPv4/IPv6 with extension headers, TCP with options).
+pub const SPLIT_HEAD: usize = 256;
+
+/// A TX frame taken with [`pop_tx_split`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitTx {
+    /// Bytes copied into the caller's buffer (the whole frame, or its head).
+    pub head_len: usize,
+    /// The chain is still the device's: return it with `add_used` once the tail is delivered.
+    /// None: it was returned already (the frame was copied whole).
+    pub deferred: Option<u16>,
+}
+
+/// Like [`pop_tx`], but a frame longer than [`SPLIT_MIN`] is only copied up to
+/// [`SPLIT_HEAD`] bytes; the rest is described in `tail` (in `mem`, the ring's memory) and the
+/// chain is not returned yet.
+pub fn pop_tx_split(
+    ring: &mut Ring<'_, '_>,
+    mem: &Arc<Memory>,
+    segments: &mut Vec<Segment>,
+    buf: &mut [u8],
+    tail: &mut GuestTail,
+) -> Result<Option<SplitTx>, VirtioError> {
+    let head = match ring.pop(segments) {
+        Ok(Some(head)) => head,
+        Ok(None) => return Ok(None),
+        Err(RingError::BadChain { head }) => {
+            ring.add_used(head, 0);
+            return Err(VirtioError::BadDescriptor);
+        }
+        Err(_) => return Err(VirtioError::BadDescriptor),
+    };
+    let total: usize = segments.iter().map(|s| s.len as usize).sum();
+    let fail = |ring: &mut Ring<'_, '_>, e: VirtioError| {
+        ring.add_used(head, 0);
+        Err(e)
+    };
+    if segments.iter().any(|s| s.write) {
+        return fail(ring, VirtioError::BadDescriptor);
+    }
+    if total > buf.len() {
+        return fail(ring, VirtioError::TooLong);
+    }
+    if total < VnetHdr::LEN {
+        return fail(ring, VirtioError::BadHeader);
+    }
+    let split = total > SPLIT_MIN;
+    let want = if split { SPLIT_HEAD } else { total };
+    tail.reset(mem.clone());
+    let mut copied = 0usize;
+    for seg in segments.iter() {
+        let seg_len = seg.len as usize;
+        let n = seg_len.min(want - copied);
+        if n > 0 && !read_guest(ring.memory(), seg.addr, &mut buf[copied..copied + n]) {
+            return fail(ring, VirtioError::BadDescriptor);
+        }
+        copied += n;
+        if n < seg_len {
+            let rest = GuestAddress(seg.addr.0 + n as u64);
+            if !tail.push(rest, (seg_len - n) as u32) {
+                // Not in one memory region (rare): give up splitting, copy it all.
+                return copy_whole(ring, head, segments, buf, total);
+            }
+        }
+    }
+    if !split {
+        ring.add_used(head, 0);
+        return Ok(Some(SplitTx { head_len: total, deferred: None }));
+    }
+    Ok(Some(SplitTx { head_len: copied, deferred: Some(head) }))
+}
+
+fn copy_whole(
+    ring: &mut Ring<'_, '_>,
+    head: u16,
+    segments: &[Segment],
+    buf: &mut [u8],
+    total: usize,
+) -> Result<Option<SplitTx>, VirtioError> {
+    ring.add_used(head, 0);
+    let mut at = 0;
+    for seg in segments {
+        let n = seg.len as usize;
+        if !read_guest(ring.memory(), seg.addr, &mut buf[at..at + n]) {
+            return Err(VirtioError::BadDescriptor);
+        }
+        at += n;
+    }
+    Ok(Some(SplitTx { head_len: total, deferred: None }))
+}
+
 /// Frames up to this size (with header) are assembled before they are written to the guest.
 const SMALL_FRAME: usize = 256;
 
@@ -109,7 +207,18 @@ impl RxWriter {
     /// the guest's next RX buffers. On `NoBuffer` nothing is consumed (the ring position is
     /// restored), so the frame is cleanly dropped and the guest sees nothing.
     pub fn push(&mut self, ring: &mut Ring<'_, '_>, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), VirtioError> {
-        let total = VnetHdr::LEN + parts.iter().map(|p| p.len()).sum::<usize>();
+        self.push_with_tail(ring, hdr, parts, None)
+    }
+
+    /// [`RxWriter::push`] with the frame's end copied from another guest's memory.
+    pub fn push_with_tail(
+        &mut self,
+        ring: &mut Ring<'_, '_>,
+        hdr: &VnetHdr,
+        parts: &[&[u8]],
+        tail: Option<&GuestTail>,
+    ) -> Result<(), VirtioError> {
+        let total = VnetHdr::LEN + parts.iter().map(|p| p.len()).sum::<usize>() + tail.map_or(0, GuestTail::len);
         self.heads.clear();
         self.regions.clear();
         // Collect enough writable buffer space: one chain, or several with MRG_RXBUF.
@@ -162,7 +271,16 @@ impl RxWriter {
         header.num_buffers = self.heads.len() as u16;
         let header_bytes = header.to_bytes();
         let mut cursor = RegionCursor::new(&self.regions, ring.memory());
-        let ok = if total <= SMALL_FRAME {
+        let ok = if let Some(tail) = tail {
+            let mut ok = cursor.write(&header_bytes);
+            for part in parts {
+                ok &= cursor.write(part);
+            }
+            for slice in tail.slices() {
+                ok &= slice.is_some_and(|s| cursor.write_from_guest(&s));
+            }
+            ok
+        } else if total <= SMALL_FRAME {
             // Small frames: header and frame in one guest-memory write (each write has a fixed
             // cost that dominates at 64 bytes).
             let mut small = [0u8; SMALL_FRAME];
@@ -204,6 +322,35 @@ struct RegionCursor<'a, 'm> {
 }
 
 impl<'a, 'm> RegionCursor<'a, 'm> {
+    /// Copies `src` (another guest's memory) across regions, guest to guest.
+    fn write_from_guest(&mut self, src: &VolatileSlice<'_, ()>) -> bool {
+        let mut done = 0usize;
+        while done < src.len() {
+            let Some(r) = self.regions.get(self.index) else {
+                return false;
+            };
+            let avail = r.len as usize - self.offset;
+            if avail == 0 {
+                self.index += 1;
+                self.offset = 0;
+                self.current = None;
+                continue;
+            }
+            if self.current.is_none() {
+                self.current = self.mem.get_slice(r.addr, r.len as usize).ok();
+            }
+            let n = avail.min(src.len() - done);
+            let (Some(dst), Ok(piece)) = (&self.current, src.subslice(done, n)) else {
+                return false;
+            };
+            let Ok(dst) = dst.subslice(self.offset, n) else { return false };
+            piece.copy_to_volatile_slice(dst);
+            self.offset += n;
+            done += n;
+        }
+        true
+    }
+
     fn new(regions: &'a [Segment], mem: &'m Memory) -> Self {
         RegionCursor { regions, mem, index: 0, current: None, offset: 0 }
     }

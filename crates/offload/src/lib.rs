@@ -117,11 +117,16 @@ pub(crate) fn transport_csum_ok(frame: &[u8], layers: &vmq_wire::ip::Layers) -> 
 /// `hdr_len` from a guest is only a hint (drivers get it wrong). A GSO frame whose headers
 /// cannot be parsed counts at its full length.
 pub fn gso_segment_len(hdr: &VnetHdr, frame: &[u8]) -> Option<usize> {
+    gso_segment_len_in(hdr, frame, frame.len())
+}
+
+/// [`gso_segment_len`] for a frame of `frame_len` bytes whose head is `frame`.
+pub fn gso_segment_len_in(hdr: &VnetHdr, frame: &[u8], frame_len: usize) -> Option<usize> {
     if !hdr.is_gso() {
         return None;
     }
-    Some(match vmq_wire::ip::locate(frame) {
-        Ok(l) => (l.payload + usize::from(hdr.gso_size)).min(frame.len()),
-        Err(_) => frame.len(),
+    Some(match vmq_wire::ip::locate_in(frame, frame_len) {
+        Ok(l) => (l.payload + usize::from(hdr.gso_size)).min(frame_len),
+        Err(_) => frame_len,
     })
 }

@@ -41,6 +41,12 @@ fn be16(b: &[u8], at: usize) -> Result<u16, WireError> {
 /// destination-options headers are skipped; fragments, AH, ESP and unknown headers give
 /// `Unsupported` (such frames are passed as is, never offloaded).
 pub fn locate(frame: &[u8]) -> Result<Layers, WireError> {
+    locate_in(frame, frame.len())
+}
+
+/// [`locate`] for a frame of `frame_len` bytes of which `frame` is a prefix (its head): lengths
+/// are checked against `frame_len`, headers are read from `frame` (one beyond it is `Truncated`).
+pub fn locate_in(frame: &[u8], frame_len: usize) -> Result<Layers, WireError> {
     let l2 = parse_l2(frame)?;
     let l3 = l2.header_len;
     let (ipv6, l4, proto) = match l2.ethertype {
@@ -54,7 +60,7 @@ pub fn locate(frame: &[u8]) -> Result<Layers, WireError> {
                 return Err(WireError::Malformed);
             }
             let total = usize::from(be16(frame, l3 + 2)?);
-            if total < ihl || l3 + total > frame.len() {
+            if total < ihl || l3 + total > frame_len {
                 return Err(WireError::Malformed);
             }
             let frag = be16(frame, l3 + 6)?;
@@ -71,7 +77,7 @@ pub fn locate(frame: &[u8]) -> Result<Layers, WireError> {
                 return Err(WireError::Malformed);
             }
             let payload_len = usize::from(be16(frame, l3 + 4)?);
-            if l3 + 40 + payload_len > frame.len() {
+            if l3 + 40 + payload_len > frame_len {
                 return Err(WireError::Malformed);
             }
             let (proto, l4) = skip_extension_headers(frame, frame[l3 + 6], l3 + 40)?;
