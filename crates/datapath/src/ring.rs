@@ -107,6 +107,9 @@ pub struct Ring<'a, 'm> {
     used: Slice<'m>,
     /// Used entries written but not yet published.
     unpublished: bool,
+    /// The driver's available index as last read: re-read only when the device has caught up
+    /// with it (one acquire load per burst, not per chain).
+    avail_seen: Wrapping<u16>,
 }
 
 impl<'a, 'm> Ring<'a, 'm> {
@@ -115,11 +118,19 @@ impl<'a, 'm> Ring<'a, 'm> {
         if size == 0 || !size.is_power_of_two() {
             return Err(RingError::BadRing);
         }
+        // The alignments the virtio spec requires (and the aligned loads and stores here rely on).
+        if !state.desc_table.0.is_multiple_of(16)
+            || !state.avail_ring.0.is_multiple_of(2)
+            || !state.used_ring.0.is_multiple_of(4)
+        {
+            return Err(RingError::BadRing);
+        }
         let area = |addr: GuestAddress, len: usize| mem.get_slice(addr, len).map_err(|_| RingError::BadRing);
         Ok(Ring {
             desc: area(state.desc_table, DESC_LEN * size)?,
             avail: area(state.avail_ring, 6 + 2 * size)?,
             used: area(state.used_ring, 6 + 8 * size)?,
+            avail_seen: state.next_avail,
             mem,
             state,
             unpublished: false,
@@ -144,8 +155,11 @@ impl<'a, 'm> Ring<'a, 'm> {
     }
 
     /// Frames the driver has made available and the device has not taken yet.
-    pub fn pending(&self) -> Result<u16, RingError> {
-        let n = (self.avail_idx() - self.state.next_avail).0;
+    pub fn pending(&mut self) -> Result<u16, RingError> {
+        if self.avail_seen == self.state.next_avail {
+            self.avail_seen = self.avail_idx();
+        }
+        let n = (self.avail_seen - self.state.next_avail).0;
         if n > self.state.size {
             return Err(RingError::BadAvailIndex);
         }
@@ -173,6 +187,7 @@ impl<'a, 'm> Ring<'a, 'm> {
     /// Gives back the last `count` chains taken (a frame that found too little room).
     pub fn unpop(&mut self, count: u16) {
         self.state.next_avail -= Wrapping(count);
+        // Whatever was seen is still available (the driver never takes chains back).
     }
 
     fn read_desc(table: &Slice<'m>, index: usize) -> Option<(u64, u32, u16, u16)> {
@@ -242,10 +257,9 @@ impl<'a, 'm> Ring<'a, 'm> {
     /// Returns chain `head` to the driver with `len` bytes written. Published by [`Ring::publish`].
     pub fn add_used(&mut self, head: u16, len: u32) {
         let slot = usize::from(self.state.next_used.0 % self.state.size);
-        let mut entry = [0u8; 8];
-        entry[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        entry[4..].copy_from_slice(&len.to_le_bytes());
-        let _ = self.used.write_slice(&entry, 4 + 8 * slot);
+        // Two aligned 4-byte stores ({u32 id, u32 len}); visible with the index's release store.
+        let _ = self.used.store(u32::from(head).to_le(), 4 + 8 * slot, Ordering::Relaxed);
+        let _ = self.used.store(len.to_le(), 8 + 8 * slot, Ordering::Relaxed);
         self.state.next_used += Wrapping(1);
         self.unpublished = true;
     }
@@ -284,7 +298,8 @@ impl<'a, 'm> Ring<'a, 'm> {
         }
         // Our request must be visible before we look at the index again.
         fence(Ordering::SeqCst);
-        self.avail_idx() != self.state.next_avail
+        self.avail_seen = self.avail_idx();
+        self.avail_seen != self.state.next_avail
     }
 
     /// The device is polling: kicks are not needed.
@@ -427,6 +442,8 @@ mod tests {
         assert!(matches!(Ring::open(&mem, &mut outside), Err(RingError::BadRing)));
         let mut odd = RingState::new(6, GuestAddress(0), GuestAddress(0x100), GuestAddress(0x400));
         assert!(matches!(Ring::open(&mem, &mut odd), Err(RingError::BadRing)));
+        let mut misaligned = RingState::new(8, GuestAddress(0), GuestAddress(0x100), GuestAddress(0x402));
+        assert!(matches!(Ring::open(&mem, &mut misaligned), Err(RingError::BadRing)));
     }
 
     #[test]
