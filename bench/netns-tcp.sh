@@ -8,13 +8,27 @@
 #       once, 3 iperf3 clients in parallel, summed: vmq in `vmq` mode and in `switch` mode,
 #       2 workers.
 #
-# Every measurement is repeated (default 3 rounds, A and B alternating within a round) and the
-# median is reported. Prints a table; writes bench/results/netns-tcp-<date>.json.
+#   The suite (bench/vmq-bench, `vmq-bench run`) widens (a) with options: more switches
+#   (--systems "vmq bridge ovs": Open vSwitch's userspace datapath, datapath_type=netdev,
+#   ovsdb-server and ovs-vswitchd started here in a temporary directory, the switch in its own
+#   namespace), offloads on and off (--offloads "on off": off = vmq ports with offloads = false,
+#   OVS without userspace TSO, and every endpoint's interface without TSO/GSO/GRO), MTUs and
+#   stream counts (--mtus, --streams; iperf3 -P).
 #
-# Root only. Everything runs in namespaces this script creates (prefix vqnb) and removes on
-# exit, also on failure or Ctrl-C; traffic never leaves them.
+# Every measurement also records the CPU time of every process involved (vmq or ovs-vswitchd,
+# iperf3 servers and clients: all started in one cgroup v2 of this script, cpu.stat) per GB
+# delivered.
+#
+# Every measurement is repeated (default 3 rounds, the switches taking turns first, A B / B A)
+# and the median is reported. Prints a table; writes bench/results/netns-tcp-<date>.json.
+#
+# Root only. Everything runs in namespaces this script creates (prefix vqnb, or --prefix) and
+# removes on exit, also on failure or Ctrl-C, with every daemon it started (by PID) and its
+# cgroup; traffic never leaves them.
 #
 # usage: bench/netns-tcp.sh [--quick] [--rounds N] [--seconds S] [--vmq PATH] [--out FILE]
+#          [--systems "vmq bridge ovs"] [--mtus "1500 9000"] [--offloads "on off"]
+#          [--streams "1 4"] [--parts "a b"] [--prefix P]
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -24,6 +38,13 @@ SECONDS_PER_RUN=10
 VMQ=""
 OUT=""
 QUICK=0
+SYSTEMS="vmq bridge"
+MTUS="1500 9000"
+OFFLOADS="on"
+STREAMS="1"
+PARTS="a b"
+P=vqnb                       # prefix of every namespace and interface made here
+ARGS="$*"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; ROUNDS=1; SECONDS_PER_RUN=2 ;;
@@ -31,7 +52,13 @@ while [ $# -gt 0 ]; do
         --seconds) SECONDS_PER_RUN="$2"; shift ;;
         --vmq) VMQ="$2"; shift ;;
         --out) OUT="$2"; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --systems) SYSTEMS="$2"; shift ;;
+        --mtus) MTUS="$2"; shift ;;
+        --offloads) OFFLOADS="$2"; shift ;;
+        --streams) STREAMS="$2"; shift ;;
+        --parts) PARTS="$2"; shift ;;
+        --prefix) P="$2"; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -42,25 +69,43 @@ if [ -z "$VMQ" ]; then
 fi
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 2; }
 [ -x "$VMQ" ] || { echo "no vmq binary at $VMQ (cargo build --release -p vmq, or --vmq PATH)" >&2; exit 2; }
-for tool in ip iperf3 python3 ss timeout; do
-    command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 2; }
+for tool in ip iperf3 python3 ss timeout ethtool; do
+    command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install iproute2 iperf3 python3 ethtool)" >&2; exit 2; }
 done
+for sys in $SYSTEMS; do
+    case "$sys" in
+        vmq|bridge) ;;
+        ovs) for tool in ovsdb-tool ovsdb-server ovs-vswitchd ovs-vsctl; do
+                 command -v "$tool" >/dev/null || { echo "needs $tool for --systems ovs (apt-get install openvswitch-switch)" >&2; exit 2; }
+             done ;;
+        *) echo "unknown system $sys (vmq, bridge, ovs)" >&2; exit 2 ;;
+    esac
+done
+for o in $OFFLOADS; do case "$o" in on|off) ;; *) echo "--offloads takes on/off" >&2; exit 2 ;; esac; done
+for m in $MTUS; do case "$m" in 1500|9000) ;; *) echo "--mtus takes 1500/9000" >&2; exit 2 ;; esac; done
 
-P=vqnb                       # prefix of every namespace and interface made here
-WORK=$(mktemp -d /tmp/vqnb.XXXXXX)
+WORK=$(mktemp -d "/tmp/$P.XXXXXX")
 NAMESPACES=()
 VMQ_PID=""
+OVS_PIDS=()          # ovsdb-server, ovs-vswitchd (read from their pidfiles)
+CG=""                # the cgroup every measured process runs in
 
 log() { printf '%s\n' "$*" >&2; }
 
 cleanup() {
     set +e
     stop_vmq
+    stop_ovs_all
     # iperf3 servers and clients this script started: the processes in its namespaces.
     for ns in "${NAMESPACES[@]}"; do
         for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null; done
     done
     for ns in "${NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null; done
+    if [ -n "$CG" ] && [ -d "$CG" ]; then
+        local i
+        for i in $(seq 50); do [ -s "$CG/cgroup.procs" ] || break; sleep 0.1; done
+        rmdir "$CG" 2>/dev/null || log "cgroup $CG still has processes: $(cat "$CG/cgroup.procs" | tr '\n' ' ')"
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -74,6 +119,29 @@ wait_for() {
         if [ "$(date +%s)" -ge "$deadline" ]; then log "timed out waiting for: $*"; return 1; fi
         sleep 0.05
     done
+}
+
+# --- CPU accounting: one cgroup v2 for every process a measurement involves ------------------
+for root in /sys/fs/cgroup /sys/fs/cgroup/unified; do
+    if [ -f "$root/cgroup.procs" ] && [ -f "$root/cgroup.controllers" ]; then
+        CG="$root/$P-cpu-$$"
+        mkdir "$CG" 2>/dev/null || CG=""
+        break
+    fi
+done
+[ -n "$CG" ] || log "no cgroup v2 to account CPU in: CPU figures will be missing"
+
+incg() { # COMMAND...: becomes COMMAND inside the measurement cgroup (children inherit it).
+    # It execs: call it as a background job (`incg CMD &`, $! is then CMD's PID) or in a subshell.
+    if [ -n "$CG" ]; then
+        exec sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG" "$@"
+    else
+        exec "$@"
+    fi
+}
+
+cg_usec() { # CPU time used so far by the cgroup's processes, µs (0 without a cgroup)
+    if [ -n "$CG" ]; then awk '$1 == "usage_usec" {print $2}' "$CG/cpu.stat"; else echo 0; fi
 }
 
 mkns() {
@@ -98,7 +166,7 @@ sys.exit(0 if r["ok"] and all(p["state"] == "up" for p in r["result"]["ports"]) 
 # start_vmq CONFIG-BODY: runs vmq with the body plus a [control] section, waits for its ports.
 start_vmq() {
     printf '%s\n[control]\nsocket = "%s"\nmetrics = "off"\n' "$1" "$WORK/vmq.sock" > "$WORK/vmq.toml"
-    RUST_LOG=warn "$VMQ" run --config "$WORK/vmq.toml" >>"$WORK/vmq.log" 2>&1 &
+    incg env RUST_LOG=warn "$VMQ" run --config "$WORK/vmq.toml" >>"$WORK/vmq.log" 2>&1 &
     VMQ_PID=$!
     if ! wait_for vmq_ready; then
         log "vmq did not come up:"; tail -20 "$WORK/vmq.log" >&2; return 1
@@ -115,8 +183,95 @@ stop_vmq() {
     VMQ_PID=""
 }
 
-tap_port() { # name ifname netns mac mtu
-    printf '[[port]]\nname = "%s"\nkind = "tap"\nifname = "%s"\nnetns = "%s"\nmac = "%s"\nmtu = %s\n\n' "$@"
+tap_port() { # name ifname netns mac mtu [offloads: true|false]
+    printf '[[port]]\nname = "%s"\nkind = "tap"\nifname = "%s"\nnetns = "%s"\nmac = "%s"\nmtu = %s\noffloads = %s\n\n' "$1" "$2" "$3" "$4" "$5" "${6:-true}"
+}
+
+# ----------------------------------------------------------------------------------------------
+# Open vSwitch, userspace datapath: its own OVS_RUNDIR/LOGDIR/DBDIR under $WORK, ovs-vswitchd
+# in namespace ${P}-ovs (where the switch side of the veths is), in the measurement cgroup.
+
+OVSDIR="$WORK/ovs"
+VSCTL=(ovs-vsctl --db="unix:$OVSDIR/db.sock" --timeout=20)
+OVSDB_PID=""
+VSWITCHD_PID=""
+
+# The daemons run as this script's children (no --detach): their PIDs are known at once, and
+# this script reaps them (the init of a container may not).
+start_ovsdb() {
+    mkdir -p "$OVSDIR"
+    export OVS_RUNDIR="$OVSDIR" OVS_LOGDIR="$OVSDIR" OVS_DBDIR="$OVSDIR"
+    ovsdb-tool create "$OVSDIR/conf.db" /usr/share/openvswitch/vswitch.ovsschema
+    ovsdb-server "$OVSDIR/conf.db" --remote="punix:$OVSDIR/db.sock" --pidfile="$OVSDIR/ovsdb-server.pid" \
+        --log-file="$OVSDIR/ovsdb-server.log" >/dev/null 2>&1 &
+    OVSDB_PID=$!
+    OVS_PIDS+=("$OVSDB_PID")
+    wait_for test -S "$OVSDIR/db.sock" || { log "ovsdb-server did not start:"; tail -20 "$OVSDIR/ovsdb-server.log" >&2; return 1; }
+    "${VSCTL[@]}" --no-wait init
+}
+
+start_vswitchd() { # TSO: true|false
+    "${VSCTL[@]}" --no-wait set Open_vSwitch . "other_config:userspace-tso-enable=$1"
+    incg ip netns exec "${P}-ovs" ovs-vswitchd "unix:$OVSDIR/db.sock" --pidfile="$OVSDIR/ovs-vswitchd.pid" \
+        --log-file="$OVSDIR/ovs-vswitchd.log" >/dev/null 2>&1 &
+    VSWITCHD_PID=$!
+    OVS_PIDS+=("$VSWITCHD_PID")
+    # Up: it has written its pidfile, which it does once it has read the database.
+    wait_for test -s "$OVSDIR/ovs-vswitchd.pid" || { log "ovs-vswitchd did not start:"; tail -20 "$OVSDIR/ovs-vswitchd.log" >&2; return 1; }
+}
+
+alive() { # PID: running (a zombie left to an init that does not reap is not)
+    kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
+stop_pid() { # PID: TERM, up to 10 s, KILL
+    local pid=$1 deadline=$(( $(date +%s) + 10 ))
+    kill -TERM "$pid" 2>/dev/null || return 0
+    while alive "$pid" && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.05; done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+# wait_server PID: a one-off iperf3 server ends right after its client; if the client never
+# reached it, it would wait for ever: 5 s, then it is stopped.
+wait_server() {
+    local deadline=$(( $(date +%s) + 5 ))
+    while alive "$1" && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.05; done
+    kill -TERM "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+stop_vswitchd() {
+    [ -n "$VSWITCHD_PID" ] || return 0
+    stop_pid "$VSWITCHD_PID"
+    wait "$VSWITCHD_PID" 2>/dev/null || true
+    rm -f "$OVSDIR/ovs-vswitchd.pid"
+    VSWITCHD_PID=""
+}
+
+stop_ovs_all() {
+    local pid
+    for pid in "${OVS_PIDS[@]}"; do stop_pid "$pid"; wait "$pid" 2>/dev/null; done
+    OVS_PIDS=()
+    VSWITCHD_PID=""
+}
+
+# Endpoint offloads. "off": no checksum offload, TSO, GSO or GRO on the host's interface (as
+# a vmq port with offloads = false gives its TAP; OVS without userspace TSO also forwards
+# nothing from a veth that leaves checksums to offload); "on": checksum offload, TSO and GSO
+# on, GRO as the interface had it when it was made (veth: off).
+declare -A GRO_DEFAULT
+set_endpoint_offloads() { # NS DEV on|off
+    local ns=$1 dev=$2 gro
+    [ -n "${GRO_DEFAULT[$dev]:-}" ] || GRO_DEFAULT[$dev]=$(ip netns exec "$ns" ethtool -k "$dev" | awk '$1 == "generic-receive-offload:" {print $2}')
+    if [ "$3" = off ]; then
+        ip netns exec "$ns" ethtool -K "$dev" tx off tso off gso off gro off 2>/dev/null || true
+        if ip netns exec "$ns" ethtool -k "$dev" | grep -Eq '^(tx-checksumming|tcp-segmentation-offload|generic-segmentation-offload|generic-receive-offload): on'; then
+            log "could not turn offloads off on $dev in $ns"; return 1
+        fi
+    else
+        gro=${GRO_DEFAULT[$dev]}
+        ip netns exec "$ns" ethtool -K "$dev" tx on tso on gso on gro "${gro:-off}" 2>/dev/null || true
+    fi
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -126,39 +281,48 @@ listening() { ip netns exec "$1" ss -Hltn "sport = :$2" | grep -q .; }
 
 # start_server NS PORT: a one-off iperf3 server; its PID in SERVER_PID.
 start_server() {
-    ip netns exec "$1" iperf3 -s -1 -p "$2" >/dev/null 2>&1 &
+    incg ip netns exec "$1" iperf3 -s -1 -p "$2" >/dev/null 2>&1 &
     SERVER_PID=$!
     wait_for listening "$1" "$2"
 }
 
-run_client() { # ns address port outfile
-    timeout $(( SECONDS_PER_RUN + 30 )) ip netns exec "$1" \
-        iperf3 -c "$2" -p "$3" -t "$SECONDS_PER_RUN" --connect-timeout 5000 -J > "$4"
+run_client() { # ns address port outfile [streams]
+    ( incg timeout $(( SECONDS_PER_RUN + 30 )) ip netns exec "$1" \
+        iperf3 -c "$2" -p "$3" -t "$SECONDS_PER_RUN" -P "${5:-1}" --connect-timeout 5000 -J > "$4" )
 }
 
-gbps_of() { # iperf3 JSON files...: summed receiver Gbit/s
+# measure_of CPU_USEC iperf3-JSON...: "Gbit/s cpu_s bytes" (summed receiver figures)
+measure_of() {
     python3 - "$@" <<'PY'
 import json, sys
-total = 0.0
-for f in sys.argv[1:]:
+cpu_usec, files = int(sys.argv[1]), sys.argv[2:]
+bps = 0.0
+nbytes = 0
+for f in files:
     r = json.load(open(f))
     if "error" in r:
         sys.exit(f"iperf3: {r['error']}")
-    total += r["end"]["sum_received"]["bits_per_second"]
-print(f"{total / 1e9:.3f}")
+    bps += r["end"]["sum_received"]["bits_per_second"]
+    nbytes += r["end"]["sum_received"]["bytes"]
+if nbytes <= 0:
+    sys.exit("iperf3: nothing delivered")
+print(f"{bps / 1e9:.3f} {cpu_usec / 1e6:.3f} {nbytes}")
 PY
 }
 
-one_stream() { # server-ns client-ns address port
+one_stream() { # server-ns client-ns address port [streams]
+    local c0 c1
     start_server "$1" "$4"
-    run_client "$2" "$3" "$4" "$WORK/one.json"
-    wait "$SERVER_PID" 2>/dev/null || true
-    gbps_of "$WORK/one.json"
+    c0=$(cg_usec)
+    run_client "$2" "$3" "$4" "$WORK/one.json" "${5:-1}" || true
+    wait_server "$SERVER_PID"
+    c1=$(cg_usec)
+    measure_of $((c1 - c0)) "$WORK/one.json"
 }
 
-three_streams() { # client-ns, then 3 x (server-ns address port): summed Gbit/s
+three_streams() { # client-ns, then 3 x (server-ns address port): summed
     local client=$1; shift
-    local files=() addrs=() ports=() servers=() clients=() i
+    local files=() addrs=() ports=() servers=() clients=() i c0 c1
     while [ $# -gt 0 ]; do
         start_server "$1" "$3"
         servers+=("$SERVER_PID")
@@ -167,60 +331,125 @@ three_streams() { # client-ns, then 3 x (server-ns address port): summed Gbit/s
         files+=("$WORK/par${#files[@]}.json")
         shift 3
     done
+    c0=$(cg_usec)
     # Every server listens: the clients start together.
     for i in "${!files[@]}"; do
         run_client "$client" "${addrs[$i]}" "${ports[$i]}" "${files[$i]}" &
         clients+=($!)
     done
-    for pid in "${clients[@]}"; do wait "$pid"; done
-    for pid in "${servers[@]}"; do wait "$pid" 2>/dev/null || true; done
-    gbps_of "${files[@]}"
+    for pid in "${clients[@]}"; do wait "$pid" || true; done
+    for pid in "${servers[@]}"; do wait_server "$pid"; done
+    c1=$(cg_usec)
+    measure_of $((c1 - c0)) "${files[@]}"
 }
 
 # ----------------------------------------------------------------------------------------------
-# Topologies
+# Topologies. (a): two hosts per MTU, the same addresses behind every switch (10.77.1.0/24 for
+# MTU 1500, 10.77.2.0/24 for 9000); host NAME = interface NAME = ${P}<s><t><i>, s = v (vmq),
+# b (Linux bridge), o (OVS); t = a (1500) or j (9000); i = 1, 2.
 
-declare -A RESULTS   # key -> space-separated Gbit/s per round
+RESULTS="$WORK/results.txt"   # lines: key gbps cpu_s bytes
+: > "$RESULTS"
 
-record() { RESULTS[$1]="${RESULTS[$1]:-} $2"; log "  $1: $2 Gbit/s"; }
+record() { # key "gbps cpu_s bytes"
+    local gbps cpu bytes
+    read -r gbps cpu bytes <<<"$2"
+    echo "$1 $gbps $cpu $bytes" >> "$RESULTS"
+    log "  $1: $gbps Gbit/s, $(python3 -c "print(f'{$cpu / ($bytes / 1e9):.3f}')") CPU-s/GB"
+}
 
-# (a) vmq side: hosts ${P}va1/${P}va2 (MTU 1500, 10.77.1.0/24), ${P}vj1/${P}vj2 (MTU 9000,
-# 10.77.2.0/24), TAP ports of one vmq. Bridge side: hosts ${P}ba1.. with the same addresses on
-# veths into bridges ${P}br15 / ${P}br90 in namespace ${P}-br.
-setup_bridge() {
-    mkns "${P}-br"
-    for mtu in 1500 9000; do
-        local tag=$([ "$mtu" = 1500 ] && echo a || echo j) br="${P}br$([ "$mtu" = 1500 ] && echo 15 || echo 90)"
-        ip -n "${P}-br" link add "$br" type bridge
-        ip -n "${P}-br" link set "$br" mtu "$mtu" up
+mtu_tag() { [ "$1" = 1500 ] && echo a || echo j; }
+subnet_of() { [ "$1" = 1500 ] && echo 1 || echo 2; }
+
+# Veth pairs from hosts ${P}<s><t>1/2 into the switch namespace SWNS (names ${P}p<s><t>i there).
+veth_hosts() { # s SWNS
+    local s=$1 swns=$2 mtu tag i ns
+    for mtu in $MTUS; do
+        tag=$(mtu_tag "$mtu")
         for i in 1 2; do
-            local ns="${P}b${tag}$i"
+            ns="${P}${s}${tag}$i"
             mkns "$ns"
-            ip link add "${P}b${tag}$i" netns "$ns" mtu "$mtu" type veth peer name "${P}p${tag}$i" netns "${P}-br" mtu "$mtu"
-            ip -n "${P}-br" link set "${P}p${tag}$i" master "$br" up
-            ip -n "$ns" link set "${P}b${tag}$i" up
-            ip -n "$ns" addr add "10.77.$([ "$tag" = a ] && echo 1 || echo 2).$i/24" dev "${P}b${tag}$i"
+            ip link add "$ns" netns "$ns" mtu "$mtu" type veth peer name "${P}p${s}${tag}$i" netns "$swns" mtu "$mtu"
+            ip -n "$swns" link set "${P}p${s}${tag}$i" up
+            ip -n "$ns" link set "$ns" up
+            ip -n "$ns" addr add "10.77.$(subnet_of "$mtu").$i/24" dev "$ns"
         done
     done
 }
 
-vmq_a_config() {
+setup_bridge() {
+    mkns "${P}-br"
+    veth_hosts b "${P}-br"
+    local mtu tag br i
+    for mtu in $MTUS; do
+        tag=$(mtu_tag "$mtu") br="${P}br$([ "$mtu" = 1500 ] && echo 15 || echo 90)"
+        ip -n "${P}-br" link add "$br" type bridge
+        ip -n "${P}-br" link set "$br" mtu "$mtu" up
+        for i in 1 2; do ip -n "${P}-br" link set "${P}pb${tag}$i" master "$br"; done
+    done
+}
+
+setup_ovs() {
+    mkns "${P}-ovs"
+    veth_hosts o "${P}-ovs"
+    start_ovsdb
+    local mtu tag br i
+    for mtu in $MTUS; do
+        tag=$(mtu_tag "$mtu") br="${P}o$([ "$mtu" = 1500 ] && echo 15 || echo 90)"
+        "${VSCTL[@]}" --no-wait add-br "$br" -- set bridge "$br" datapath_type=netdev
+        for i in 1 2; do
+            "${VSCTL[@]}" --no-wait add-port "$br" "${P}po${tag}$i" -- set Interface "${P}po${tag}$i" "mtu_request=$mtu"
+        done
+    done
+}
+
+vmq_a_config() { # offloads: true|false
     printf '[switch]\nmode = "vmq"\nworkers = 2\n\n'
-    tap_port va1 "${P}va1" "${P}va1" 02:00:00:00:0a:01 1500
-    tap_port va2 "${P}va2" "${P}va2" 02:00:00:00:0a:02 1500
-    tap_port vj1 "${P}vj1" "${P}vj1" 02:00:00:00:0b:01 9000
-    tap_port vj2 "${P}vj2" "${P}vj2" 02:00:00:00:0b:02 9000
+    local mtu tag i
+    for mtu in $MTUS; do
+        tag=$(mtu_tag "$mtu")
+        for i in 1 2; do
+            tap_port "v$tag$i" "${P}v$tag$i" "${P}v$tag$i" "02:00:00:00:$([ "$mtu" = 1500 ] && echo 0a || echo 0b):0$i" "$mtu" "$1"
+        done
+    done
 }
 
 setup_vmq_a() {
-    for h in va1 va2 vj1 vj2; do mkns "${P}$h"; done
+    local mtu i
+    for mtu in $MTUS; do for i in 1 2; do mkns "${P}v$(mtu_tag "$mtu")$i"; done; done
 }
 
 address_vmq_a() {
-    ip -n "${P}va1" addr add 10.77.1.1/24 dev "${P}va1"
-    ip -n "${P}va2" addr add 10.77.1.2/24 dev "${P}va2"
-    ip -n "${P}vj1" addr add 10.77.2.1/24 dev "${P}vj1"
-    ip -n "${P}vj2" addr add 10.77.2.2/24 dev "${P}vj2"
+    local mtu tag i
+    for mtu in $MTUS; do
+        tag=$(mtu_tag "$mtu")
+        for i in 1 2; do ip -n "${P}v$tag$i" addr add "10.77.$(subnet_of "$mtu").$i/24" dev "${P}v$tag$i"; done
+    done
+}
+
+# Brings system $1 up with offloads $2 (on|off); hosts' offloads set accordingly.
+switch_up() {
+    local sys=$1 offl=$2 s mtu tag i
+    case "$sys" in
+        vmq) start_vmq "$(vmq_a_config "$([ "$offl" = on ] && echo true || echo false)")"; address_vmq_a; s=v ;;
+        bridge) s=b ;;
+        ovs) start_vswitchd "$([ "$offl" = on ] && echo true || echo false)"; s=o ;;
+    esac
+    for mtu in $MTUS; do
+        tag=$(mtu_tag "$mtu")
+        for i in 1 2; do set_endpoint_offloads "${P}$s$tag$i" "${P}$s$tag$i" "$offl"; done
+        # Forwarding: a full-size ping crosses (the switch is up, its ports too, the MTU holds).
+        wait_for ip netns exec "${P}$s${tag}1" ping -c 1 -W 1 -M do -s $((mtu - 28)) "10.77.$(subnet_of "$mtu").2" \
+            || { log "$sys does not forward at MTU $mtu"; [ "$sys" = ovs ] && tail -20 "$OVSDIR/ovs-vswitchd.log" >&2; return 1; }
+    done
+}
+
+switch_down() {
+    case "$1" in
+        vmq) stop_vmq ;;
+        ovs) stop_vswitchd ;;
+        bridge) ;;
+    esac
 }
 
 # (b) external host ${P}-ext (10.77.3.100) on a veth into ${P}-sw, where vmq's uplink is; VMs
@@ -247,99 +476,139 @@ address_b() {
 
 # ----------------------------------------------------------------------------------------------
 
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-log "vmq: $VMQ; $ROUNDS round(s) of ${SECONDS_PER_RUN}s; load average before: $LOAD_BEFORE"
-setup_bridge
-setup_vmq_a
-setup_b
+has_part() { [[ " $PARTS " == *" $1 "* ]]; }
+has_system() { [[ " $SYSTEMS " == *" $1 "* ]]; }
 
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+log "vmq: $VMQ; $ROUNDS round(s) of ${SECONDS_PER_RUN}s; systems: $SYSTEMS; MTUs: $MTUS; offloads: $OFFLOADS; streams: $STREAMS; load average before: $LOAD_BEFORE"
+if has_part a; then
+    has_system bridge && setup_bridge
+    has_system vmq && setup_vmq_a
+    has_system ovs && setup_ovs
+fi
+has_part b && setup_b
+
+read -r -a SYSTEM_LIST <<<"$SYSTEMS"
 for round in $(seq 1 "$ROUNDS"); do
     log "round $round/$ROUNDS"
-    # (a) A then B in odd rounds, B then A in even ones.
-    order="vmq bridge"
-    [ $((round % 2)) = 0 ] && order="bridge vmq"
-    for side in $order; do
-        if [ "$side" = vmq ]; then
-            start_vmq "$(vmq_a_config)"
-            address_vmq_a
-            v=$(one_stream "${P}va2" "${P}va1" 10.77.1.2 5201); record a_vmq_1500 "$v"
-            v=$(one_stream "${P}vj2" "${P}vj1" 10.77.2.2 5202); record a_vmq_9000 "$v"
+    if has_part a; then
+        # The switches take turns going first: round r starts with the (r-1)th.
+        n=${#SYSTEM_LIST[@]}
+        for k in $(seq 0 $((n - 1))); do
+            sys=${SYSTEM_LIST[$(( (k + round - 1) % n ))]}
+            for offl in $OFFLOADS; do
+                switch_up "$sys" "$offl"
+                for mtu in $MTUS; do
+                    tag=$(mtu_tag "$mtu")
+                    s=$(case "$sys" in vmq) echo v ;; bridge) echo b ;; ovs) echo o ;; esac)
+                    for st in $STREAMS; do
+                        v=$(one_stream "${P}$s${tag}2" "${P}$s${tag}1" "10.77.$(subnet_of "$mtu").2" 5201 "$st")
+                        record "a:$sys:$mtu:$offl:$st" "$v"
+                    done
+                done
+                switch_down "$sys"
+            done
+        done
+    fi
+    if has_part b; then
+        order="vmq switch"
+        [ $((round % 2)) = 0 ] && order="switch vmq"
+        for mode in $order; do
+            start_vmq "$(vmq_b_config "$mode")"
+            address_b
+            v=$(three_streams "${P}-ext" "${P}m1" 10.77.3.1 5211 "${P}m2" 10.77.3.2 5212 "${P}m3" 10.77.3.3 5213)
+            record "b:$mode:1500:on:3" "$v"
             stop_vmq
-        else
-            v=$(one_stream "${P}ba2" "${P}ba1" 10.77.1.2 5201); record a_bridge_1500 "$v"
-            v=$(one_stream "${P}bj2" "${P}bj1" 10.77.2.2 5202); record a_bridge_9000 "$v"
-        fi
-    done
-    # (b)
-    order="vmq switch"
-    [ $((round % 2)) = 0 ] && order="switch vmq"
-    for mode in $order; do
-        start_vmq "$(vmq_b_config "$mode")"
-        address_b
-        v=$(three_streams "${P}-ext" "${P}m1" 10.77.3.1 5211 "${P}m2" 10.77.3.2 5212 "${P}m3" 10.77.3.3 5213)
-        record "b_$mode" "$v"
-        stop_vmq
-    done
+        done
+    fi
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 mkdir -p bench/results
 [ -n "$OUT" ] || OUT="bench/results/netns-tcp-$(date -u +%Y%m%d-%H%M%S).json"
-{
-    for key in "${!RESULTS[@]}"; do printf '%s%s\n' "$key" "${RESULTS[$key]}"; done
-} > "$WORK/results.txt"
 
-python3 - "$WORK/results.txt" "$OUT" "$ROUNDS" "$SECONDS_PER_RUN" "$QUICK" "$LOAD_BEFORE" "$LOAD_AFTER" "$VMQ" <<'PY'
+python3 - "$RESULTS" "$OUT" "$ROUNDS" "$SECONDS_PER_RUN" "$QUICK" "$LOAD_BEFORE" "$LOAD_AFTER" "$VMQ" "$ARGS" "$([ -n "$CG" ] && echo 1 || echo 0)" <<'PY'
 import json, platform, statistics, subprocess, sys, datetime
-results_file, out, rounds, secs, quick, load_before, load_after, vmq = sys.argv[1:]
-runs = {}
+results_file, out, rounds, secs, quick, load_before, load_after, vmq, args, have_cg = sys.argv[1:]
+groups = {}
 for line in open(results_file):
-    key, *values = line.split()
-    runs[key] = [float(v) for v in values]
-med = {k: statistics.median(v) for k, v in runs.items()}
+    key, gbps, cpu, nbytes = line.split()
+    groups.setdefault(key, []).append({"gbps": float(gbps), "cpu_s": float(cpu), "bytes": int(nbytes),
+                                       "cpu_s_per_gb": float(cpu) / (int(nbytes) / 1e9) if have_cg == "1" else None})
+measurements = []
+for key, runs in groups.items():
+    part, system, mtu, offl, streams = key.split(":")
+    cpg = [r["cpu_s_per_gb"] for r in runs if r["cpu_s_per_gb"] is not None]
+    measurements.append({
+        "key": key, "part": part, "system": system, "mtu": int(mtu), "offloads": offl == "on",
+        "streams": int(streams), "runs": runs,
+        "median_gbps": statistics.median(r["gbps"] for r in runs),
+        "median_cpu_s_per_gb": statistics.median(cpg) if cpg else None,
+    })
+med = {m["key"]: m for m in measurements}
 
-def ratio(a, b):
-    return med[a] / med[b] if med.get(b) else None
-
-cpu = ""
-try:
-    for l in open("/proc/cpuinfo"):
-        if l.startswith("model name"):
-            cpu = l.split(":", 1)[1].strip()
-            break
-except OSError:
-    pass
-rows = [
-    ("netns TCP, 1 stream, MTU 1500", "vmq (vmq mode)", "a_vmq_1500", "Linux bridge", "a_bridge_1500", 0.8, 1.0),
-    ("netns TCP, 1 stream, MTU 9000", "vmq (vmq mode)", "a_vmq_9000", "Linux bridge", "a_bridge_9000", 0.8, 1.0),
-    ("external -> 3 VMs, 3 streams, 2 workers", "vmq mode", "b_vmq", "switch mode", "b_switch", 1.5, None),
-]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+names = {"vmq": "vmq", "bridge": "Linux bridge", "ovs": "OVS userspace (netdev)", "vmq-mode": "vmq mode", "switch": "switch mode"}
+comparisons = []
+for m in measurements:
+    if m["part"] != "a" or m["system"] != "vmq":
+        continue
+    for peer, (target_on, target_off) in (("bridge", (1.0, 1.0)), ("ovs", (1.4, 3.0))):
+        b = med.get(f"a:{peer}:{m['mtu']}:{'on' if m['offloads'] else 'off'}:{m['streams']}")
+        if not b:
+            continue
+        r = m["median_gbps"] / b["median_gbps"] if b["median_gbps"] else None
+        target = target_on if m["offloads"] else target_off
+        comparisons.append({"test": f"netns TCP, {m['streams']} stream(s), MTU {m['mtu']}, offloads {'on' if m['offloads'] else 'off'}",
+                            "a": "vmq", "a_median_gbps": m["median_gbps"], "b": names[peer], "b_median_gbps": b["median_gbps"],
+                            "ratio": r, "target": target, "target_met": r is not None and r >= target,
+                            "a_cpu_s_per_gb": m["median_cpu_s_per_gb"], "b_cpu_s_per_gb": b["median_cpu_s_per_gb"]})
+if "b:vmq:1500:on:3" in med and "b:switch:1500:on:3" in med:
+    a, b = med["b:vmq:1500:on:3"], med["b:switch:1500:on:3"]
+    r = a["median_gbps"] / b["median_gbps"] if b["median_gbps"] else None
+    comparisons.append({"test": "external -> 3 VMs, 3 streams, 2 workers", "a": "vmq mode", "a_median_gbps": a["median_gbps"],
+                        "b": "switch mode", "b_median_gbps": b["median_gbps"], "ratio": r, "target": 1.5,
+                        "target_met": r is not None and r >= 1.5,
+                        "a_cpu_s_per_gb": a["median_cpu_s_per_gb"], "b_cpu_s_per_gb": b["median_cpu_s_per_gb"]})
+# CPU per GB with offloads on against off, per system (the 80% target is vmq's).
+savings = []
+for m in measurements:
+    if m["part"] == "a" and m["offloads"]:
+        off = med.get(f"a:{m['system']}:{m['mtu']}:off:{m['streams']}")
+        if off and m["median_cpu_s_per_gb"] and off["median_cpu_s_per_gb"]:
+            s = 1 - m["median_cpu_s_per_gb"] / off["median_cpu_s_per_gb"]
+            savings.append({"system": m["system"], "mtu": m["mtu"], "streams": m["streams"],
+                            "cpu_s_per_gb_on": m["median_cpu_s_per_gb"], "cpu_s_per_gb_off": off["median_cpu_s_per_gb"],
+                            "gbps_on": m["median_gbps"], "gbps_off": off["median_gbps"],
+                            "saving": s, "target": 0.8 if m["system"] == "vmq" else None,
+                            "target_met": (s >= 0.8) if m["system"] == "vmq" else None})
 report = {
     "benchmark": "netns-tcp",
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "command": ("bench/netns-tcp.sh " + args).strip(),
     "machine": {"cpus": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
                 "cpu": cpu, "kernel": platform.release(),
                 "load_average_before": load_before, "load_average_after": load_after},
     "settings": {"rounds": int(rounds), "seconds_per_run": float(secs), "quick": quick == "1",
-                 "offloads": True, "vmq_workers": 2, "vmq": vmq},
-    "runs_gbps": runs,
-    "median_gbps": med,
-    "comparisons": [],
+                 "vmq_workers": 2, "vmq": vmq, "cpu_accounting": "cgroup v2 cpu.stat" if have_cg == "1" else None},
+    "measurements": measurements,
+    "comparisons": comparisons,
+    "offload_cpu_saving": savings,
 }
 print()
-print(f"netns TCP: vmq vs Linux bridge ({rounds} round(s) of {secs} s, medians, Gbit/s; "
-      f"load {load_before} -> {load_after})")
-print(f"{'test':<42} {'A':<16} {'Gbit/s':>7}  {'B':<14} {'Gbit/s':>7}  {'A/B':>5}  target")
-for name, a_name, a, b_name, b, target, goal in rows:
-    if a not in med or b not in med:
-        continue
-    r = ratio(a, b)
-    verdict = "met" if r is not None and r >= target else "MISSED"
-    tgt = f">= {target}x" + (f" (goal {goal}x)" if goal else "")
-    print(f"{name:<42} {a_name:<16} {med[a]:>7.2f}  {b_name:<14} {med[b]:>7.2f}  {r:>5.2f}  {tgt}: {verdict}")
-    report["comparisons"].append({"test": name, "a": a_name, "a_median_gbps": med[a], "b": b_name,
-                                  "b_median_gbps": med[b], "ratio": r, "target": target, "goal": goal,
-                                  "target_met": r is not None and r >= target})
+print(f"netns TCP ({rounds} round(s) of {secs} s, medians; load {load_before} -> {load_after})")
+print(f"{'system':<8} {'MTU':>5} {'offl':>4} {'str':>3} {'Gbit/s':>7} {'CPU-s/GB':>9}  runs (Gbit/s)")
+for m in sorted(measurements, key=lambda m: (m["part"], m["mtu"], not m["offloads"], m["streams"], m["system"])):
+    c = m["median_cpu_s_per_gb"]
+    print(f"{m['system']:<8} {m['mtu']:>5} {'on' if m['offloads'] else 'off':>4} {m['streams']:>3} {m['median_gbps']:>7.2f} "
+          f"{(f'{c:.3f}' if c is not None else '-'):>9}  {', '.join('%.2f' % r['gbps'] for r in m['runs'])}")
+print()
+for c in comparisons:
+    print(f"{c['test']:<48} {c['a']} / {c['b']}: {c['ratio']:.2f}x (target {c['target']}x: {'met' if c['target_met'] else 'MISSED'})")
+for s in savings:
+    t = f" (target 80%: {'met' if s['target_met'] else 'MISSED'})" if s["target"] else ""
+    print(f"CPU per GB, offloads on vs off, {s['system']}, MTU {s['mtu']}, {s['streams']} stream(s): "
+          f"{s['cpu_s_per_gb_on']:.3f} vs {s['cpu_s_per_gb_off']:.3f} s/GB, {100 * s['saving']:.0f}% less{t}")
 json.dump(report, open(out, "w"), indent=2)
 print(f"\nresults: {out}")
 PY
