@@ -22,13 +22,24 @@
 # peer's as destination (--eth-peer), which is what two VMs talking through a switch do. Both
 # switches see the same VM.
 #
+# The suite (`vmq-bench run`) adds (c) Open vSwitch with its DPDK datapath
+# (ovs-vswitchd-dpdk from openvswitch-switch-dpdk: dpdk-init, one PMD on CPU 1 with the whole
+# daemon pinned there, two dpdkvhostuserclient ports, the VM's virtio-user ports then act as the
+# vhost-user servers, and port-to-port OpenFlow rules in_port=a -> b, b -> a), with
+# --switches "vmq testpmd ovs-dpdk".
+#
 # Usage: bench/pvp-testpmd.sh [--quick] [--seconds N] [--sizes "64 1518 9000"] [--repeat N]
-#                             [--vmq-only] [--no-json]
-#   --quick     vmq only, 64-byte frames, about 6 s: checks that frames flow through vmq
+#                             [--vmq-only] [--no-json] [--switches "vmq testpmd ovs-dpdk"]
+#                             [--json-out FILE] [--prefix P]
+#   --quick     64-byte frames, about 6 s per switch: checks that frames flow (vmq only,
+#               unless --switches is given)
 #   --seconds   measured seconds per run (default 10, after 3 s of warm-up)
 #   --repeat    runs per switch and size, vmq and testpmd alternating (default 3; medians shown)
 #   --vmq-only  no testpmd switch runs (profiling vmq)
 #   --no-json   don't write bench/results/pvp-testpmd-DATE.json
+#   --switches  the switches to compare (default "vmq testpmd")
+#   --json-out  where the JSON goes (default bench/results/pvp-testpmd-DATE.json)
+#   --prefix    prefix of the work directory and DPDK file prefixes (default vqq)
 # Environment: VMQ=path/to/vmq (default: cargo build --release -p vmq), CARGO_TARGET_DIR,
 #   PVP_KEEP_WORK=1 keeps the work directory (testpmd and vmq output) for a look afterwards.
 # Needs root (hugepages), dpdk-testpmd (Debian package dpdk), taskset, 2 or more CPUs.
@@ -43,9 +54,15 @@ sizes="64 1518 9000"
 repeat=3
 vmq_only=0
 write_json=1
+switches=""
+json_out=""
+prefix=vqq
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
+        --switches) switches=${2:?}; shift ;;
+        --json-out) json_out=${2:?}; shift ;;
+        --prefix) prefix=${2:?}; shift ;;
         --seconds) seconds=${2:?}; shift ;;
         --sizes) sizes=${2:?}; shift ;;
         --repeat) repeat=${2:?}; shift ;;
@@ -57,8 +74,16 @@ while [ $# -gt 0 ]; do
     shift
 done
 if [ "$quick" = 1 ]; then
-    seconds=2 warmup=1 sizes=64 write_json=0 repeat=1
+    seconds=2 warmup=1 sizes=64 repeat=1
+    [ -n "$json_out" ] || write_json=0
+    [ -n "$switches" ] || switches=vmq
 fi
+[ -n "$switches" ] || switches="vmq testpmd"
+[ "$vmq_only" = 1 ] && switches=vmq
+has_switch() { [[ " $switches " == *" $1 "* ]]; }
+for sw in $switches; do
+    case "$sw" in vmq|testpmd|ovs-dpdk) ;; *) echo "pvp-testpmd: unknown switch $sw (vmq, testpmd, ovs-dpdk)" >&2; exit 2 ;; esac
+done
 
 die() { echo "pvp-testpmd: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root (hugepages)"
@@ -66,6 +91,11 @@ for tool in dpdk-testpmd taskset stdbuf python3; do
     command -v "$tool" >/dev/null || die "$tool is missing (apt-get install dpdk coreutils util-linux python3)"
 done
 [ "$(nproc)" -ge 2 ] || die "needs 2 CPUs (VM on CPU 0, switch on CPU 1)"
+OVS_DPDK=/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk
+if has_switch ovs-dpdk; then
+    [ -x "$OVS_DPDK" ] && command -v ovsdb-server >/dev/null && command -v ovs-vsctl >/dev/null && command -v ovs-ofctl >/dev/null \
+        || die "ovs-dpdk needs $OVS_DPDK, ovsdb-server, ovs-vsctl, ovs-ofctl (apt-get install openvswitch-switch-dpdk)"
+fi
 
 if [ -z "${VMQ:-}" ]; then
     (cd "$root" && cargo build --release -q -p vmq)
@@ -74,7 +104,7 @@ fi
 [ -x "$VMQ" ] || die "no vmq binary at $VMQ"
 
 # --- everything this script creates, undone on exit (normal, error, Ctrl-C) -------------------
-work=$(mktemp -d /tmp/vqq-pvp.XXXXXX)
+work=$(mktemp -d "/tmp/$prefix-pvp.XXXXXX")
 pids=()             # processes we started
 prefixes=()         # DPDK --file-prefix runtime directories under /run/dpdk
 huge_mounted=0
@@ -122,6 +152,8 @@ trap 'exit 130' INT TERM
 
 # --- hugepages: 2 x 512 MiB for the two DPDK processes ------------------------------------------
 need_pages=600
+# OVS-DPDK gets 1 GiB of socket memory (jumbo mbufs, one pool per port) next to the VM's 512 MiB.
+has_switch ovs-dpdk && need_pages=850
 free_pages=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)
 if [ "$free_pages" -lt "$need_pages" ]; then
     huge_before=$(cat /proc/sys/vm/nr_hugepages)
@@ -143,8 +175,8 @@ tp_start() { # NAME CPU EAL/APP ARGS...: starts testpmd NAME with two lcores on 
     mkfifo "$work/$name.in"
     exec {fd}<>"$work/$name.in"
     tp_fd[$name]=$fd
-    prefixes+=("vqq-$name-$$")
-    stdbuf -oL dpdk-testpmd --lcores "0@$cpu,1@$cpu" --no-pci --file-prefix "vqq-$name-$$" \
+    prefixes+=("$prefix-$name-$$")
+    stdbuf -oL dpdk-testpmd --lcores "0@$cpu,1@$cpu" --no-pci --file-prefix "$prefix-$name-$$" \
         --huge-dir "$work/huge" -m 512 "$@" <"$work/$name.in" >"$work/$name.out" 2>&1 &
     tp_pid[$name]=$!
     pids+=("$!")
@@ -202,20 +234,21 @@ size_args() { # SIZE: testpmd options for the frame size (jumbo: large mbufs, MT
     fi
 }
 
-start_vm() { # SIZE
-    local size=$1
+start_vm() { # SIZE [VHOST-SERVER: ,server=1 when the switch is the vhost-user client]
+    local size=$1 server=${2:-}
     # shellcheck disable=SC2046
     tp_start vm 0 --single-file-segments \
-        --vdev "net_virtio_user0,path=$work/a.sock,queues=1,queue_size=1024,mac=$mac_a" \
-        --vdev "net_virtio_user1,path=$work/b.sock,queues=1,queue_size=1024,mac=$mac_b" \
+        --vdev "net_virtio_user0,path=$work/a.sock,queues=1,queue_size=1024,mac=$mac_a$server" \
+        --vdev "net_virtio_user1,path=$work/b.sock,queues=1,queue_size=1024,mac=$mac_b$server" \
         -- -i --forward-mode=mac --nb-cores=1 --rxd=1024 --txd=1024 \
         --eth-peer=0,$mac_b --eth-peer=1,$mac_a $(size_args "$size") --txpkts="$size"
 }
 
-thread_cpu_ns() { # PID THREAD-NAME: CPU time the process's threads of that name have used (ns)
-    local t sum=0
+thread_cpu_ns() { # PID THREAD-NAME-PREFIX: CPU time the process's threads of that name have used (ns)
+    local t sum=0 comm
     for t in /proc/"$1"/task/*; do
-        [ "$(cat "$t/comm" 2>/dev/null)" = "$2" ] && sum=$((sum + $(cut -d' ' -f1 "$t/schedstat")))
+        comm=$(cat "$t/comm" 2>/dev/null) || continue
+        [[ "$comm" == "$2"* ]] && sum=$((sum + $(cut -d' ' -f1 "$t/schedstat")))
     done
     echo "$sum"
 }
@@ -321,6 +354,65 @@ run_testpmd_switch() { # SIZE -> tp_rate, tp_cpu
     tp_stop sw
 }
 
+ovs_db_started=0
+ovs_vsctl() { ovs-vsctl --db="unix:$work/ovs/db.sock" --timeout=30 "$@"; }
+
+ovs_db_start() { # once per script run: ovsdb-server in $work/ovs, as our child (no --detach)
+    [ "$ovs_db_started" = 1 ] && return 0
+    mkdir -p "$work/ovs"
+    export OVS_RUNDIR="$work/ovs" OVS_LOGDIR="$work/ovs" OVS_DBDIR="$work/ovs"
+    ovsdb-tool create "$work/ovs/conf.db" /usr/share/openvswitch/vswitch.ovsschema
+    ovsdb-server "$work/ovs/conf.db" --remote="punix:$work/ovs/db.sock" --pidfile="$work/ovs/ovsdb-server.pid" \
+        --log-file="$work/ovs/ovsdb-server.log" >/dev/null 2>&1 &
+    pids+=("$!")
+    local i
+    for i in $(seq 100); do [ -S "$work/ovs/db.sock" ] && break; sleep 0.1; done
+    ovs_vsctl --no-wait init
+    prefixes+=("$prefix-ovs-$$")
+    ovs_vsctl --no-wait set Open_vSwitch . other_config:dpdk-init=true other_config:pmd-cpu-mask=0x2 \
+        other_config:dpdk-lcore-mask=0x2 other_config:dpdk-socket-mem=1024 other_config:per-port-memory=true \
+        "other_config:dpdk-extra=--no-pci --file-prefix=$prefix-ovs-$$ --huge-dir=$work/huge"
+    ovs_vsctl --no-wait add-br br0 -- set bridge br0 datapath_type=netdev
+    ovs_db_started=1
+}
+
+run_ovs_switch() { # SIZE -> ovs_rate, ovs_cpu
+    local size=$1 pid i mtu=1500
+    [ "$size" -gt 1518 ] && mtu=9000
+    ovs_db_start
+    rm -f "$work/a.sock" "$work/b.sock" "$work/ovs/ovs-vswitchd.pid"
+    ovs_vsctl --no-wait --if-exists del-port br0 a -- --if-exists del-port br0 b
+    ovs_vsctl --no-wait add-port br0 a -- set Interface a type=dpdkvhostuserclient \
+        "options:vhost-server-path=$work/a.sock" "mtu_request=$mtu" \
+        -- add-port br0 b -- set Interface b type=dpdkvhostuserclient "options:vhost-server-path=$work/b.sock" "mtu_request=$mtu"
+    taskset -c 1 "$OVS_DPDK" "unix:$work/ovs/db.sock" --pidfile="$work/ovs/ovs-vswitchd.pid" \
+        --log-file="$work/ovs/ovs-vswitchd.log" >"$work/ovs-vswitchd.out" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    for i in $(seq 600); do
+        [ "$(ovs_vsctl get Open_vSwitch . dpdk_initialized 2>/dev/null)" = true ] && break
+        kill -0 "$pid" 2>/dev/null || die "ovs-vswitchd-dpdk exited: $(tail -5 "$work/ovs/ovs-vswitchd.log")"
+        sleep 0.1
+    done
+    [ "$(ovs_vsctl get Open_vSwitch . dpdk_initialized)" = true ] || die "OVS-DPDK did not initialise DPDK"
+    ovs-ofctl del-flows br0 >/dev/null
+    # Port to port, as testpmd's io forwarding: no MAC learning on the way.
+    ovs-ofctl add-flow br0 in_port=a,actions=output:b
+    ovs-ofctl add-flow br0 in_port=b,actions=output:a
+    start_vm "$size" ",server=1"
+    # Both vhost-user connections up (the VM is the server; OVS reconnects every second).
+    for i in $(seq 200); do
+        [ "$(ovs_vsctl get Interface a link_state 2>/dev/null)$(ovs_vsctl get Interface b link_state 2>/dev/null)" = upup ] && break
+        sleep 0.1
+    done
+    measure "$size" "$pid" pmd
+    ovs_rate=$measured_rate
+    ovs_cpu=$measured_cpu
+    tp_stop vm
+    stop_pid "$pid"
+    wait "$pid" 2>/dev/null || true
+}
+
 # --- the runs -----------------------------------------------------------------------------------
 # The host is shared and noisy: each size alternates vmq and testpmd runs $repeat times, and the
 # table shows the medians (every run is in the JSON).
@@ -328,39 +420,52 @@ load_before=$(uptime)
 echo "pvp-testpmd: $(date -u +%FT%TZ), vmq $VMQ, ${seconds} s per run after ${warmup} s warm-up, $repeat run(s) each"
 echo "load: $load_before"
 : > "$work/results.txt"
+read -r -a switch_list <<<"$switches"
 for size in $sizes; do
     for rep in $(seq "$repeat"); do
-        vmq_rate="" vmq_check="{}" tp_rate="" vmq_cpu="" tp_cpu=""
-        run_vmq "$size"
-        echo "size $size run $rep: vmq $(python3 -c "print(f'{$vmq_rate/1e6:.3f} Mpps, {$vmq_cpu:.0f} ns CPU/frame')"), vmq counters $vmq_check"
-        echo "$size vmq $vmq_rate $vmq_cpu $vmq_check" >> "$work/results.txt"
-        if [ "$quick" = 1 ]; then
-            python3 - "$vmq_rate" "$vmq_check" <<'PY' || exit 1
+        # The switches take turns going first (A B, B A, ...).
+        n=${#switch_list[@]}
+        for k in $(seq 0 $((n - 1))); do
+            sw=${switch_list[$(( (k + rep - 1) % n ))]}
+            case "$sw" in
+                vmq)
+                    vmq_rate="" vmq_check="{}" vmq_cpu=""
+                    run_vmq "$size"
+                    rate=$vmq_rate cpu=$vmq_cpu check=$vmq_check ;;
+                testpmd)
+                    run_testpmd_switch "$size"
+                    rate=$tp_rate cpu=$tp_cpu check="{}" ;;
+                ovs-dpdk)
+                    run_ovs_switch "$size"
+                    rate=$ovs_rate cpu=$ovs_cpu check="{}" ;;
+            esac
+            echo "size $size run $rep: $sw $(python3 -c "print(f'{$rate/1e6:.3f} Mpps, {$cpu:.0f} ns CPU/frame')"), counters $check"
+            echo "$size $sw $rate $cpu $check" >> "$work/results.txt"
+            if [ "$quick" = 1 ]; then
+                python3 - "$sw" "$rate" "$check" <<'PY' || exit 1
 import json, sys
-rate, check = float(sys.argv[1]), json.loads(sys.argv[2])
-assert rate > 1000, f"no frames flow through vmq ({rate:.0f} frames/s)"
-assert check["vmq_tx_frames"] > 0 and not check["drops"], f"vmq counters: {check}"
-print(f"quick check passed: {rate/1e6:.3f} Mpps delivered through vmq, no drops")
+sw, rate, check = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
+assert rate > 1000, f"no frames flow through {sw} ({rate:.0f} frames/s)"
+if sw == "vmq":
+    assert check["vmq_tx_frames"] > 0 and not check["drops"], f"vmq counters: {check}"
+print(f"quick check passed: {rate/1e6:.3f} Mpps delivered through {sw}" + (", no drops" if sw == "vmq" else ""))
 PY
-            continue
-        fi
-        [ "$vmq_only" = 1 ] && continue
-        run_testpmd_switch "$size"
-        echo "size $size run $rep: testpmd $(python3 -c "print(f'{$tp_rate/1e6:.3f} Mpps, {$tp_cpu:.0f} ns CPU/frame')")"
-        echo "$size testpmd $tp_rate $tp_cpu {}" >> "$work/results.txt"
+            fi
+        done
     done
 done
-[ "$quick" = 1 ] && exit 0
 load_after=$(uptime)
 echo "load: $load_after"
+[ "$quick" = 1 ] && [ "$write_json" = 0 ] && exit 0
 
 mkdir -p "$root/bench/results"
-json_out=$root/bench/results/pvp-testpmd-$(date -u +%Y-%m-%d).json
+[ -n "$json_out" ] || json_out=$root/bench/results/pvp-testpmd-$(date -u +%Y-%m-%d).json
 python3 - "$json_out" "$write_json" "$load_before" "$load_after" "$seconds" "$warmup" "$args" "$work/results.txt" <<'PY'
 import datetime, json, os, platform, statistics, subprocess, sys
 out, write = sys.argv[1], sys.argv[2] == "1"
 load_before, load_after, secs, warm, args, path = sys.argv[3], sys.argv[4], float(sys.argv[5]), float(sys.argv[6]), sys.argv[7], sys.argv[8]
 goal = {64: 1.0, 1518: 1.2, 9000: 1.2}
+goal_ovs = 2.0
 runs = {}
 for line in open(path):
     size, switch, rate, cpu, check = line.rstrip("\n").split(" ", 4)
@@ -370,43 +475,53 @@ rows = []
 for size, by in runs.items():
     med = {sw: statistics.median(r["fps"] for r in rs) for sw, rs in by.items()}
     cpu = {sw: statistics.median(r["cpu_ns"] for r in rs) for sw, rs in by.items()}
-    vmq, tp = med.get("vmq"), med.get("testpmd")
+    vmq, tp, ovs = med.get("vmq"), med.get("testpmd"), med.get("ovs-dpdk")
     rows.append({
         "frame_bytes": size,
         "vmq_mpps": round(vmq / 1e6, 4) if vmq else None,
         "testpmd_mpps": round(tp / 1e6, 4) if tp else None,
+        "ovs_dpdk_mpps": round(ovs / 1e6, 4) if ovs else None,
         "vmq_gbps": round(vmq * size * 8 / 1e9, 3) if vmq else None,
         "testpmd_gbps": round(tp * size * 8 / 1e9, 3) if tp else None,
+        "ovs_dpdk_gbps": round(ovs * size * 8 / 1e9, 3) if ovs else None,
         "ratio": round(vmq / tp, 3) if vmq and tp else None,
-        # vmq run i against the testpmd run right after it: the load of the moment cancels out more.
+        "ratio_ovs_dpdk": round(vmq / ovs, 3) if vmq and ovs else None,
+        # vmq run i against the peer's run i: the load of the moment cancels out more.
         "paired_ratios": [round(a["fps"] / b["fps"], 3) for a, b in zip(by.get("vmq", []), by.get("testpmd", []))],
+        "paired_ratios_ovs_dpdk": [round(a["fps"] / b["fps"], 3) for a, b in zip(by.get("vmq", []), by.get("ovs-dpdk", []))],
         "goal_ratio": goal.get(size),
+        "goal_ratio_ovs_dpdk": goal_ovs,
         "vmq_cpu_ns_per_frame": round(cpu["vmq"], 1) if "vmq" in cpu else None,
         "testpmd_cpu_ns_per_frame": round(cpu["testpmd"], 1) if "testpmd" in cpu else None,
+        "ovs_dpdk_cpu_ns_per_frame": round(cpu["ovs-dpdk"], 1) if "ovs-dpdk" in cpu else None,
         "runs": {sw: [{"mpps": round(r["fps"] / 1e6, 4), "cpu_ns_per_frame": round(r["cpu_ns"], 1), **({"vmq_counters": r["counters"]} if r["counters"] else {})} for r in rs]
                  for sw, rs in by.items()},
     })
 f = lambda v, w, p: f"{v:>{w}.{p}f}" if v is not None else f"{'-':>{w}}"
+x = lambda v: f"{v:.2f}x" if v else "-"
 print()
-print(f"{'frame':>6} {'vmq Mpps':>9} {'testpmd Mpps':>13} {'vmq Gbit/s':>11} {'testpmd Gbit/s':>15} {'ratio':>6} {'goal':>5}"
-      f" {'vmq ns/frame':>13} {'testpmd ns/frame':>17}")
+print(f"{'frame':>6} {'vmq Mpps':>9} {'testpmd':>8} {'OVS-DPDK':>9} {'vmq/tp':>7} {'goal':>5} {'vmq/OVS':>8} {'goal':>5}"
+      f" {'ns/frame: vmq':>14} {'testpmd':>8} {'OVS-DPDK':>9}")
 for r in rows:
     goal_s = f"{r['goal_ratio']:.1f}x" if r["goal_ratio"] else "-"
-    ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
-    print(f"{r['frame_bytes']:>6} {f(r['vmq_mpps'], 9, 3)} {f(r['testpmd_mpps'], 13, 3)} {f(r['vmq_gbps'], 11, 2)} "
-          f"{f(r['testpmd_gbps'], 15, 2)} {ratio:>6} {goal_s:>5} {f(r['vmq_cpu_ns_per_frame'], 13, 1)} "
-          f"{f(r['testpmd_cpu_ns_per_frame'], 17, 1)}")
+    print(f"{r['frame_bytes']:>6} {f(r['vmq_mpps'], 9, 3)} {f(r['testpmd_mpps'], 8, 3)} {f(r['ovs_dpdk_mpps'], 9, 3)} "
+          f"{x(r['ratio']):>7} {goal_s:>5} {x(r['ratio_ovs_dpdk']):>8} {goal_ovs:>4.1f}x "
+          f"{f(r['vmq_cpu_ns_per_frame'], 14, 1)} {f(r['testpmd_cpu_ns_per_frame'], 8, 1)} {f(r['ovs_dpdk_cpu_ns_per_frame'], 9, 1)}")
 print("(medians; frames the VM received per second, both directions summed; Gbit/s of frame bytes without CRC;")
 print(" ns/frame: CPU time of the switch's forwarding thread per delivered frame, idle polling included)")
 for r in rows:
     if r["paired_ratios"]:
         print(f"{r['frame_bytes']:>6}: vmq/testpmd of each run pair: {r['paired_ratios']}")
+    if r["paired_ratios_ovs_dpdk"]:
+        print(f"{r['frame_bytes']:>6}: vmq/OVS-DPDK of each run pair: {r['paired_ratios_ovs_dpdk']}")
 if write:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {
-        "benchmark": "vhost-user PVP loopback: vmq (1 worker, CPU 1) vs dpdk-testpmd io forwarding (1 core, CPU 1); "
+        "benchmark": "vhost-user PVP loopback: vmq (1 worker, CPU 1) vs dpdk-testpmd io forwarding (1 core, CPU 1) "
+                     "vs OVS-DPDK (1 PMD, CPU 1, port-to-port flows); "
                      "the VM is dpdk-testpmd in mac mode with 2 virtio-user ports on CPU 0, primed with tx_first 32",
+        "switches": sorted({sw for by in runs.values() for sw in by}),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {"cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
                  "load_before": load_before.strip(), "load_after": load_after.strip()},
