@@ -30,6 +30,25 @@ pub struct BenchOptions {
     pub frame_lens: Vec<usize>,
     pub modes: Vec<Mode>,
     pub paths: Vec<BenchPath>,
+    /// VM queue budget (also the stand-in NIC's queue count); below `vms`, the rest of the VMs
+    /// share the default queue and the switch.
+    pub queues: u16,
+    pub policy: QueuePolicy,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            seconds: 1.0,
+            vms: 4,
+            workers: 2,
+            frame_lens: vec![64, 1518, 9018],
+            modes: vec![Mode::Vmq, Mode::Switch],
+            paths: vec![BenchPath::UplinkToVm, BenchPath::VmToVm],
+            queues: DEFAULT_QUEUES,
+            policy: QueuePolicy::Static,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -43,11 +62,27 @@ pub struct BenchResult {
     pub delivered: u64,
     pub drops: u64,
     pub segments: u64,
+    /// CPU time of the worker threads during the measurement (from the kernel's per-thread
+    /// accounting, idle polling included).
+    pub worker_cpu_ns: u64,
+    /// Time the workers spent in loop rounds that moved frames (the data path's own account).
+    pub worker_busy_ns: u64,
+    /// VM ports holding a VM queue at the end of the measurement.
+    pub vms_with_queue: usize,
+    /// Frames the uplink's default queue took during the measurement (`switch` path).
+    pub default_queue_frames: u64,
+}
+
+impl BenchResult {
+    /// Worker CPU time per delivered frame, ns.
+    pub fn cpu_ns_per_frame(&self) -> f64 {
+        if self.delivered == 0 { f64::INFINITY } else { self.worker_cpu_ns as f64 / self.delivered as f64 }
+    }
 }
 
 const VLAN: u16 = 10;
-/// VM queues of the stand-in NIC (a common hardware count).
-const QUEUES: u16 = 8;
+/// Default VM queue budget and stand-in NIC queue count (a common hardware count).
+pub const DEFAULT_QUEUES: u16 = 8;
 /// Distinct buffers per NIC queue (a typical NIC RX ring): the data path reads frames from as
 /// much memory as with a real NIC, not from a few cache-hot buffers.
 const NIC_RING: usize = 512;
@@ -79,7 +114,7 @@ pub fn udp_frame(dst: MacAddr, src: MacAddr, tag: Option<u16>, len: usize, flow:
     f
 }
 
-fn config(mode: Mode, vms: usize, workers: usize) -> DatapathConfig {
+fn config(mode: Mode, vms: usize, workers: usize, queues: u16, policy: QueuePolicy) -> DatapathConfig {
     let mut ports = vec![PortConfig {
         spec: PortSpec {
             name: "up0".into(),
@@ -111,10 +146,11 @@ fn config(mode: Mode, vms: usize, workers: usize) -> DatapathConfig {
     DatapathConfig {
         mode,
         workers,
-        vmq: VmqConfig { queues: 8, policy: QueuePolicy::Static, workers: workers as u16, hysteresis: 1.5 },
+        vmq: VmqConfig { queues, policy, workers: workers as u16, hysteresis: 1.5 },
         switch: SwitchConfig::default(),
         ports,
-        rebalance_interval_ms: 1000,
+        // Short runs: the rebalancer (dynamic policy, worker placement) must act within them.
+        rebalance_interval_ms: 100,
     }
 }
 
@@ -133,7 +169,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<BenchResult>, DatapathError>
 
 fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -> Result<BenchResult, DatapathError> {
     let vms = opts.vms.max(2);
-    let mut b = DatapathBuilder::new(config(mode, vms, opts.workers.max(1)))?;
+    let mut b = DatapathBuilder::new(config(mode, vms, opts.workers.max(1), opts.queues, opts.policy))?;
     b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None)?;
     let mut guests: Vec<MemGuest> = Vec::new();
     for i in 0..vms {
@@ -157,7 +193,7 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
             b.attach_nic_queue_id("up0", QueueId::DEFAULT, Box::new(nic.queue(QueueId::DEFAULT)))?;
             if mode == Mode::Vmq {
                 // In `switch` mode VMQ is off: the NIC gets no filters, all on the default queue.
-                for q in 1..=QUEUES {
+                for q in 1..=opts.queues {
                     b.attach_nic_queue_id("up0", QueueId(q), Box::new(nic.queue(QueueId(q))))?;
                 }
                 b.attach_steering("up0", Box::new(nic.steering()))?;
@@ -179,15 +215,23 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
     let totals = |dp: &crate::Datapath| {
         dp.port_stats().iter().fold((0u64, 0u64), |(d, s), (_, st)| (d + st.total_drops(), s + st.offload_segments))
     };
-    // Warm up (page faults, caches), then measure.
+    let default_frames =
+        |dp: &crate::Datapath| dp.queue_stats().iter().filter(|q| q.queue.is_none()).map(|q| q.rx_packets).sum::<u64>();
+    let busy = |dp: &crate::Datapath| {
+        dp.shared.worker_stats.iter().map(|w| w.busy_ns.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>()
+    };
+    // Warm up (page faults, caches, the first rebalances), then measure.
     std::thread::sleep(Duration::from_secs_f64((opts.seconds * 0.1).min(0.2)));
     let (d0, s0) = totals(&dp);
+    let (q0, busy0, cpu0) = (default_frames(&dp), busy(&dp), worker_cpu_ns());
     let r0 = received(&guests);
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(opts.seconds));
     let r1 = received(&guests);
     let elapsed = t0.elapsed().as_secs_f64();
+    let (q1, busy1, cpu1) = (default_frames(&dp), busy(&dp), worker_cpu_ns());
     let (d1, s1) = totals(&dp);
+    let vms_with_queue = dp.queue_assignments().iter().filter(|(_, q)| q.is_some()).count();
     dp.shutdown();
     let delivered = r1 - r0;
     let mpps = delivered as f64 / elapsed / 1e6;
@@ -200,7 +244,25 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
         delivered,
         drops: d1 - d0,
         segments: s1 - s0,
+        worker_cpu_ns: cpu1.saturating_sub(cpu0),
+        worker_busy_ns: busy1.saturating_sub(busy0),
+        vms_with_queue,
+        default_queue_frames: q1.saturating_sub(q0),
     })
+}
+
+/// CPU time (ns) the data-path worker threads of this process have used so far, from
+/// `/proc/self/task/*/schedstat`; 0 where that is not readable.
+pub fn worker_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("vmq-worker-")))
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Single-thread copy bandwidth of 9018-byte blocks over buffers far larger than the last-level
@@ -315,7 +377,7 @@ fn run_tcp_case(case: TcpCase, seconds: f64) -> Result<TcpBenchResult, DatapathE
         TcpCase::OffloadsOff => (false, OffloadCaps::NONE),
         TcpCase::Coalesce => (false, OffloadCaps::ALL),
     };
-    let mut cfg = config(Mode::Vmq, 2, 1);
+    let mut cfg = config(Mode::Vmq, 2, 1, DEFAULT_QUEUES, QueuePolicy::Static);
     cfg.ports[1].spec.offloads = OffloadCaps::ALL;
     cfg.ports[2].spec.offloads = receiver_caps;
     let mut b = DatapathBuilder::new(cfg)?;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 use serde::Serialize;
 use vmq_core::Mode;
+use vmq_core::vmq::QueuePolicy;
 use vmq_datapath::bench::{
     BenchOptions, BenchPath, BenchResult, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench,
 };
@@ -31,6 +32,14 @@ pub struct BenchArgs {
     /// Only this path (default: both).
     #[arg(long, value_parser = ["uplink-to-vm", "vm-to-vm"])]
     path: Option<String>,
+    /// VM queue budget (and the stand-in NIC's VM queue count); VMs beyond it share the default
+    /// queue and the switch.
+    #[arg(long, default_value_t = vmq_datapath::bench::DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(1..=256))]
+    queues: u16,
+    /// VM queue policy: static (first come, first served) or dynamic (the rebalancer moves
+    /// queues to the busiest VMs every 100 ms).
+    #[arg(long, default_value = "static", value_parser = ["static", "dynamic"])]
+    policy: String,
     /// Skip the VM-to-VM TCP offload measurement.
     #[arg(long)]
     no_tcp: bool,
@@ -53,6 +62,8 @@ struct JsonReport {
     memcpy_gbps: f64,
     workers: usize,
     vms: usize,
+    queues: u16,
+    policy: &'static str,
     results: Vec<JsonResult>,
     /// VM-to-VM TCP with and without offloads (one worker): vmq's CPU per byte.
     tcp: Vec<JsonTcp>,
@@ -89,6 +100,14 @@ struct JsonResult {
     delivered: u64,
     drops: u64,
     segments: u64,
+    /// Worker threads' CPU time during the measurement (kernel accounting, polling included).
+    worker_cpu_ns: u64,
+    /// Worker time in rounds that moved frames.
+    worker_busy_ns: u64,
+    cpu_ns_per_frame: f64,
+    busy_ns_per_frame: f64,
+    vms_with_queue: usize,
+    default_queue_frames: u64,
 }
 
 fn path_name(path: BenchPath) -> &'static str {
@@ -119,11 +138,13 @@ pub fn bench(args: &BenchArgs) -> ExitCode {
             Some(_) => vec![BenchPath::VmToVm],
             None => vec![BenchPath::UplinkToVm, BenchPath::VmToVm],
         },
+        queues: args.queues,
+        policy: if args.policy == "dynamic" { QueuePolicy::Dynamic } else { QueuePolicy::Static },
     };
     if !args.json {
         eprintln!(
-            "vmq bench: {} VMs, {} workers, {:.2} s per run (in-process virtio-net devices, no root needed)",
-            opts.vms, opts.workers, opts.seconds
+            "vmq bench: {} VMs, {} workers, queue budget {} ({}), {:.2} s per run (in-process virtio-net devices, no root needed)",
+            opts.vms, opts.workers, opts.queues, args.policy, opts.seconds
         );
     }
     let memcpy = memcpy_gbps(opts.seconds.min(1.0));
@@ -146,6 +167,8 @@ pub fn bench(args: &BenchArgs) -> ExitCode {
             memcpy_gbps: memcpy,
             workers: opts.workers,
             vms: opts.vms,
+            queues: opts.queues,
+            policy: if opts.policy == QueuePolicy::Dynamic { "dynamic" } else { "static" },
             results: results.iter().map(json_result).collect(),
             tcp: tcp.iter().map(json_tcp).collect(),
         };
@@ -173,14 +196,35 @@ fn json_result(r: &BenchResult) -> JsonResult {
         delivered: r.delivered,
         drops: r.drops,
         segments: r.segments,
+        worker_cpu_ns: r.worker_cpu_ns,
+        worker_busy_ns: r.worker_busy_ns,
+        cpu_ns_per_frame: finite(r.cpu_ns_per_frame()),
+        busy_ns_per_frame: finite(if r.delivered == 0 { 0.0 } else { r.worker_busy_ns as f64 / r.delivered as f64 }),
+        vms_with_queue: r.vms_with_queue,
+        default_queue_frames: r.default_queue_frames,
     }
+}
+
+/// JSON has no infinity: a cost per frame with nothing delivered is reported as 0.
+fn finite(v: f64) -> f64 {
+    if v.is_finite() { v } else { 0.0 }
 }
 
 fn print_table(memcpy: f64, results: &[BenchResult]) {
     println!("memcpy (1 thread, 9018 B blocks): {memcpy:.1} Gbit/s");
     println!(
-        "{:<7} {:<13} {:>9} {:>9} {:>9} {:>12} {:>9} {:>9} {:>10}",
-        "mode", "path", "frame_len", "Mpps", "Gbit/s", "delivered", "drops", "segments", "vmq/switch"
+        "{:<7} {:<13} {:>9} {:>9} {:>9} {:>12} {:>9} {:>9} {:>10} {:>9} {:>8}",
+        "mode",
+        "path",
+        "frame_len",
+        "Mpps",
+        "Gbit/s",
+        "delivered",
+        "drops",
+        "segments",
+        "vmq/switch",
+        "ns/frame",
+        "queued"
     );
     for r in results {
         let ratio = match r.mode {
@@ -192,7 +236,7 @@ fn print_table(memcpy: f64, results: &[BenchResult]) {
             Mode::Switch => String::new(),
         };
         println!(
-            "{:<7} {:<13} {:>9} {:>9.2} {:>9.2} {:>12} {:>9} {:>9} {:>10}",
+            "{:<7} {:<13} {:>9} {:>9.2} {:>9.2} {:>12} {:>9} {:>9} {:>10} {:>9.1} {:>8}",
             r.mode.name(),
             path_name(r.path),
             r.frame_len,
@@ -201,7 +245,9 @@ fn print_table(memcpy: f64, results: &[BenchResult]) {
             r.delivered,
             r.drops,
             r.segments,
-            ratio
+            ratio,
+            finite(r.cpu_ns_per_frame()),
+            r.vms_with_queue
         );
     }
 }
