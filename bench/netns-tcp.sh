@@ -264,13 +264,13 @@ set_endpoint_offloads() { # NS DEV on|off
     local ns=$1 dev=$2 gro
     [ -n "${GRO_DEFAULT[$dev]:-}" ] || GRO_DEFAULT[$dev]=$(ip netns exec "$ns" ethtool -k "$dev" | awk '$1 == "generic-receive-offload:" {print $2}')
     if [ "$3" = off ]; then
-        ip netns exec "$ns" ethtool -K "$dev" tx off tso off gso off gro off 2>/dev/null || true
+        ip netns exec "$ns" ethtool -K "$dev" tx off tso off gso off gro off >/dev/null 2>&1 || true
         if ip netns exec "$ns" ethtool -k "$dev" | grep -Eq '^(tx-checksumming|tcp-segmentation-offload|generic-segmentation-offload|generic-receive-offload): on'; then
             log "could not turn offloads off on $dev in $ns"; return 1
         fi
     else
         gro=${GRO_DEFAULT[$dev]}
-        ip netns exec "$ns" ethtool -K "$dev" tx on tso on gso on gro "${gro:-off}" 2>/dev/null || true
+        ip netns exec "$ns" ethtool -K "$dev" tx on tso on gso on gro "${gro:-off}" >/dev/null 2>&1 || true
     fi
 }
 

@@ -395,6 +395,13 @@ run_ovs_switch() { # SIZE -> ovs_rate, ovs_cpu
         sleep 0.1
     done
     [ "$(ovs_vsctl get Open_vSwitch . dpdk_initialized)" = true ] || die "OVS-DPDK did not initialise DPDK"
+    # dpdk_initialized may still say true from the previous daemon: this one is up once it
+    # answers OpenFlow requests for br0 (the old one's socket is gone with it).
+    for i in $(seq 600); do
+        ovs-ofctl show br0 >/dev/null 2>&1 && break
+        kill -0 "$pid" 2>/dev/null || die "ovs-vswitchd-dpdk exited: $(tail -5 "$work/ovs/ovs-vswitchd.log")"
+        sleep 0.1
+    done
     ovs-ofctl del-flows br0 >/dev/null
     # Port to port, as testpmd's io forwarding: no MAC learning on the way.
     ovs-ofctl add-flow br0 in_port=a,actions=output:b

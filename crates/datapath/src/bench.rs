@@ -416,3 +416,33 @@ fn run_tcp_case(case: TcpCase, seconds: f64) -> Result<TcpBenchResult, DatapathE
         coalesced: s1.offload_coalesced - s0.offload_coalesced,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue budget below the VM count: exactly that many VMs get a VM queue, the rest are
+    /// served through the default queue, every frame arrives, and the workers' CPU time is
+    /// accounted (what `vmq-bench`'s scaling scenario reads).
+    #[test]
+    fn budget_below_vm_count_serves_the_rest_through_the_default_queue() {
+        let opts = BenchOptions {
+            seconds: 0.2,
+            vms: 6,
+            workers: 2,
+            frame_lens: vec![64],
+            modes: vec![Mode::Vmq],
+            paths: vec![BenchPath::UplinkToVm],
+            queues: 2,
+            policy: QueuePolicy::Dynamic,
+        };
+        let results = run_bench(&opts).expect("bench runs");
+        assert_eq!(results.len(), 1);
+        let r = &results[0];
+        assert!(r.delivered > 0, "{r:?}");
+        assert_eq!(r.drops, 0, "{r:?}");
+        assert_eq!(r.vms_with_queue, 2, "{r:?}");
+        assert!(r.default_queue_frames > 0 && r.default_queue_frames < r.delivered, "{r:?}");
+        assert!(r.worker_cpu_ns > 0 && r.cpu_ns_per_frame().is_finite(), "{r:?}");
+    }
+}
