@@ -264,7 +264,13 @@ measure() { # SIZE SWITCH-PID SWITCH-THREAD: run the loop: prime, warm up, count
     c1=$(thread_cpu_ns "$2" "$3"); read -r n1 b1 <<<"$(tp_rx_total vm)"; t1=$(date +%s.%N)
     [ "$n1" -gt "$n0" ] || die "no frames came round the loop (size $1)"
     # The frames are the size asked for (testpmd quietly sends 64 bytes if --txpkts is refused).
-    [ $(((b1 - b0) / (n1 - n0))) = "$1" ] || die "frames of $(((b1 - b0) / (n1 - n0))) bytes, not $1"
+    local avg=$(((b1 - b0) / (n1 - n0)))
+    if [ "$avg" != "$1" ]; then
+        # A few frames of another size (the round's start) shift the average by a byte; a
+        # refused --txpkts (64-byte frames) does not pass this.
+        [ "$avg" -ge $(($1 * 99 / 100)) ] || die "frames of $avg bytes on average, not $1"
+        echo "pvp-testpmd: note: frames of $avg bytes on average, not $1" >&2
+    fi
     measured_rate=$(python3 -c "print(($n1 - $n0) / ($t1 - $t0))")
     measured_cpu=$(python3 -c "print(($c1 - $c0) / ($n1 - $n0))")
 }
@@ -378,7 +384,8 @@ ovs_db_start() { # once per script run: ovsdb-server in $work/ovs, as our child 
 
 run_ovs_switch() { # SIZE -> ovs_rate, ovs_cpu
     local size=$1 pid i mtu=1500
-    [ "$size" -gt 1518 ] && mtu=9000
+    # 1518-byte frames without CRC carry 1504 bytes of IP: above MTU 1500 (vmq runs MTU 9000).
+    [ "$size" -gt 1514 ] && mtu=9000
     ovs_db_start
     rm -f "$work/a.sock" "$work/b.sock" "$work/ovs/ovs-vswitchd.pid"
     ovs_vsctl --no-wait --if-exists del-port br0 a -- --if-exists del-port br0 b
