@@ -119,7 +119,8 @@ pub fn generate(s: &Suite, result_file: &str, plots: &[(&str, &str)]) -> String 
                     }
                     let br = n.gbps("bridge", mtu, on, st);
                     let ovs = n.gbps("ovs", mtu, on, st);
-                    let t_ovs = if on { 1.4 } else { 3.0 };
+                    // Issue 5's goal against OVS userspace is 3x; the same bar is shown with offloads off.
+                    let t_ovs = 3.0;
                     let (rb, ro) = (ratio(vmq, br), ratio(vmq, ovs));
                     let _ = writeln!(
                         md,
