@@ -1,6 +1,7 @@
 //! vmq's OS glue: the only crate with `unsafe`. Thin wrappers over the Linux interfaces the data
 //! path needs, each unsafe block with a `// SAFETY:` comment:
 //!
+//! - [`cpu`]: cache prefetch hints for the ring code;
 //! - [`netns`]: named network namespaces (as `ip netns` makes them) and running code inside one;
 //! - [`link`]: interface index, MTU, MAC and up/down through ioctls;
 //! - [`tap`]: TAP interfaces with a 12-byte virtio-net header and kernel offloads;
@@ -9,6 +10,7 @@
 //!
 //! Every file descriptor is non-blocking and exposes `AsRawFd`, for the workers' epoll.
 
+pub mod cpu;
 pub mod ifname;
 pub mod link;
 pub mod netns;
