@@ -549,7 +549,9 @@ fn big_frames_cross_guest_to_guest_and_to_the_wire_intact() {
         let r = rig(mode, &[vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE)], 8, Vec::new());
         const FRAMES: u16 = 600;
         let frame = |i: u16, dst: MacAddr| {
-            let mut f = udp_frame(dst, mac(1), None, 3000 + usize::from(i % 5) * 1000, i);
+            // Both sides of the one-copy threshold (`SPLIT_MIN`, 512 B) and up to jumbo.
+            let len = [300, 700, 1500, 3000, 5000, 7000][usize::from(i % 6)];
+            let mut f = udp_frame(dst, mac(1), None, len, i);
             // A payload pattern that differs per frame and per position.
             let n = f.len();
             for (k, b) in f[60..n].iter_mut().enumerate() {
