@@ -11,15 +11,11 @@
 //! limited in length (no loops), indirect tables are checked and may not nest; a bad chain is
 //! reported with its head so that the caller can hand it back and count it.
 
-use std::cell::Cell;
 use std::num::Wrapping;
 use std::sync::atomic::{Ordering, fence};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
-    VolatileSlice,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 const DESC_LEN: usize = 16;
 const F_NEXT: u16 = 1;
@@ -111,7 +107,6 @@ impl RingState {
 /// A ring opened on guest memory for one batch.
 pub struct Ring<'a, 'm> {
     mem: &'m Memory,
-    guest: Guest<'m>,
     state: &'a mut RingState,
     desc: Slice<'m>,
     avail: Slice<'m>,
@@ -142,7 +137,6 @@ impl<'a, 'm> Ring<'a, 'm> {
             avail: area(state.avail_ring, 6 + 2 * size)?,
             used: area(state.used_ring, 6 + 8 * size)?,
             avail_seen: state.next_avail,
-            guest: Guest::new(mem),
             mem,
             state,
             unpublished: false,
@@ -151,11 +145,6 @@ impl<'a, 'm> Ring<'a, 'm> {
 
     pub fn memory(&self) -> &'m Memory {
         self.mem
-    }
-
-    /// Guest memory access for this batch's buffers (address translation cached).
-    pub fn guest(&self) -> &Guest<'m> {
-        &self.guest
     }
 
     fn load16(slice: &Slice<'m>, offset: usize, order: Ordering) -> u16 {
@@ -226,8 +215,8 @@ impl<'a, 'm> Ring<'a, 'm> {
             if flags & F_INDIRECT != 0 || len == 0 {
                 return;
             }
-            if let Some(buffer) = self.guest.slice(GuestAddress(addr), 1) {
-                let host = buffer.ptr_guard().as_ptr();
+            if let Ok(host) = self.mem.get_host_address(GuestAddress(addr)) {
+                let host = host.cast_const();
                 vmq_sys::cpu::prefetch(host);
                 // A small frame with its 12-byte header often straddles two lines.
                 vmq_sys::cpu::prefetch(host.wrapping_add(64));
@@ -368,61 +357,23 @@ impl Drop for Ring<'_, '_> {
     }
 }
 
-/// Guest memory access with a one-entry cache of the region last used: a batch's buffers almost
-/// always lie in the same region, and vm-memory's lookup per access (a search over the regions
-/// plus checks) was 6% of a vhost-user worker's time at 64-byte frames.
-pub struct Guest<'m> {
-    mem: &'m Memory,
-    last: Cell<Option<&'m GuestRegionMmap<()>>>,
+/// Copies `buf.len()` bytes from guest memory at `addr` (possibly across regions).
+pub fn read_guest(mem: &Memory, addr: GuestAddress, buf: &mut [u8]) -> bool {
+    match mem.get_slice(addr, buf.len()) {
+        Ok(s) => s.copy_to(buf) == buf.len(),
+        // Across a region boundary (rare): the general path.
+        Err(_) => mem.read_slice(buf, addr).is_ok(),
+    }
 }
 
-impl<'m> Guest<'m> {
-    pub fn new(mem: &'m Memory) -> Guest<'m> {
-        Guest { mem, last: Cell::new(None) }
-    }
-
-    pub fn memory(&self) -> &'m Memory {
-        self.mem
-    }
-
-    /// `len` bytes at `addr` as one slice, if they lie in one region.
-    pub fn slice(&self, addr: GuestAddress, len: usize) -> Option<Slice<'m>> {
-        if let Some(region) = self.last.get()
-            && let Some(slice) = Self::in_region(region, addr, len)
-        {
-            return Some(slice);
+/// Copies `data` into guest memory at `addr` (possibly across regions).
+pub fn write_guest(mem: &Memory, addr: GuestAddress, data: &[u8]) -> bool {
+    match mem.get_slice(addr, data.len()) {
+        Ok(s) => {
+            s.copy_from(data);
+            true
         }
-        let region = self.mem.find_region(addr)?;
-        self.last.set(Some(region));
-        Self::in_region(region, addr, len)
-    }
-
-    fn in_region(region: &'m GuestRegionMmap<()>, addr: GuestAddress, len: usize) -> Option<Slice<'m>> {
-        let offset = addr.0.checked_sub(region.start_addr().0)?;
-        if offset >= region.len() {
-            return None;
-        }
-        region.get_slice(MemoryRegionAddress(offset), len).ok()
-    }
-
-    /// Copies `buf.len()` bytes from guest memory at `addr` (possibly across regions).
-    pub fn read(&self, addr: GuestAddress, buf: &mut [u8]) -> bool {
-        match self.slice(addr, buf.len()) {
-            Some(s) => s.copy_to(buf) == buf.len(),
-            // Across a region boundary (rare): the general path.
-            None => self.mem.read_slice(buf, addr).is_ok(),
-        }
-    }
-
-    /// Copies `data` into guest memory at `addr` (possibly across regions).
-    pub fn write(&self, addr: GuestAddress, data: &[u8]) -> bool {
-        match self.slice(addr, data.len()) {
-            Some(s) => {
-                s.copy_from(data);
-                true
-            }
-            None => self.mem.write_slice(data, addr).is_ok(),
-        }
+        Err(_) => mem.write_slice(data, addr).is_ok(),
     }
 }
 

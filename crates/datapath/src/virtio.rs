@@ -6,14 +6,14 @@
 //! Hand-written because it is the per-frame hot path and has to count every bad guest input
 //! instead of stopping the queue.
 
-use vm_memory::{Bytes, GuestAddress, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 use vmq_core::DropReason;
 use vmq_wire::VnetHdr;
 
 use std::sync::Arc;
 
 use crate::port::GuestTail;
-use crate::ring::{Guest, Memory, Ring, RingError, Segment};
+use crate::ring::{Memory, Ring, RingError, Segment, read_guest, write_guest};
 
 /// Why a frame could not be taken from or given to a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -66,7 +66,7 @@ pub fn pop_tx(
         Err(_) => return Err(VirtioError::BadDescriptor),
     };
     ring.add_used(head, 0);
-    let guest = ring.guest();
+    let mem = ring.memory();
     let mut len = 0usize;
     for seg in segments.iter() {
         if seg.write {
@@ -75,7 +75,7 @@ pub fn pop_tx(
         let Some(dst) = buf.get_mut(len..len + seg.len as usize) else {
             return Err(VirtioError::TooLong);
         };
-        if !guest.read(seg.addr, dst) {
+        if !read_guest(mem, seg.addr, dst) {
             return Err(VirtioError::BadDescriptor);
         }
         len += seg.len as usize;
@@ -145,7 +145,7 @@ pub fn pop_tx_split(
     for seg in segments.iter() {
         let seg_len = seg.len as usize;
         let n = seg_len.min(want - copied);
-        if n > 0 && !ring.guest().read(seg.addr, &mut buf[copied..copied + n]) {
+        if n > 0 && !read_guest(ring.memory(), seg.addr, &mut buf[copied..copied + n]) {
             return fail(ring, VirtioError::BadDescriptor);
         }
         copied += n;
@@ -175,7 +175,7 @@ fn copy_whole(
     let mut at = 0;
     for seg in segments {
         let n = seg.len as usize;
-        if !ring.guest().read(seg.addr, &mut buf[at..at + n]) {
+        if !read_guest(ring.memory(), seg.addr, &mut buf[at..at + n]) {
             return Err(VirtioError::BadDescriptor);
         }
         at += n;
@@ -272,7 +272,7 @@ impl RxWriter {
         let mut header = *hdr;
         header.num_buffers = self.heads.len() as u16;
         let header_bytes = header.to_bytes();
-        let mut cursor = RegionCursor::new(&self.regions, ring.guest());
+        let mut cursor = RegionCursor::new(&self.regions, ring.memory());
         let ok = if let Some(tail) = tail {
             let mut ok = cursor.write(&header_bytes);
             for part in parts {
@@ -316,7 +316,7 @@ impl RxWriter {
 /// Writes a byte stream across a chain's buffers, translating each buffer once.
 struct RegionCursor<'a, 'm> {
     regions: &'a [Segment],
-    guest: &'a Guest<'m>,
+    mem: &'m Memory,
     index: usize,
     /// The current buffer, resolved in guest memory, and how much of it is written.
     current: Option<VolatileSlice<'m, ()>>,
@@ -339,7 +339,7 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
                 continue;
             }
             if self.current.is_none() {
-                self.current = self.guest.slice(r.addr, r.len as usize);
+                self.current = self.mem.get_slice(r.addr, r.len as usize).ok();
             }
             let n = avail.min(src.len() - done);
             let (Some(dst), Ok(piece)) = (&self.current, src.subslice(done, n)) else {
@@ -353,8 +353,8 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
         true
     }
 
-    fn new(regions: &'a [Segment], guest: &'a Guest<'m>) -> Self {
-        RegionCursor { regions, guest, index: 0, current: None, offset: 0 }
+    fn new(regions: &'a [Segment], mem: &'m Memory) -> Self {
+        RegionCursor { regions, mem, index: 0, current: None, offset: 0 }
     }
 
     /// Writes `data` across regions; false if guest memory rejected a write.
@@ -372,7 +372,7 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
             }
             let n = avail.min(data.len());
             if self.current.is_none() {
-                self.current = self.guest.slice(r.addr, r.len as usize);
+                self.current = self.mem.get_slice(r.addr, r.len as usize).ok();
             }
             match &self.current {
                 Some(slice) => {
@@ -385,7 +385,7 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
                     let Some(addr) = r.addr.0.checked_add(self.offset as u64) else {
                         return false;
                     };
-                    if !self.guest.write(GuestAddress(addr), &data[..n]) {
+                    if !write_guest(self.mem, GuestAddress(addr), &data[..n]) {
                         return false;
                     }
                 }
