@@ -35,6 +35,12 @@ pub fn init_font() -> Result<(), PlotError> {
 const SERIES_COLORS: [RGBColor; 4] =
     [RGBColor(0x1f, 0x77, 0xb4), RGBColor(0xff, 0x7f, 0x0e), RGBColor(0x2c, 0xa0, 0x2c), RGBColor(0xd6, 0x27, 0x28)];
 
+/// The largest measured value of all series, if any is above zero (the y axis' top).
+fn largest(series: &[(String, Vec<Option<f64>>)]) -> Option<f64> {
+    let max = series.iter().flat_map(|(_, ys)| ys.iter().flatten()).cloned().fold(0.0_f64, f64::max);
+    (max > 0.0).then_some(max)
+}
+
 /// One line per system over categorical x positions.
 struct Lines<'a> {
     title: &'a str,
@@ -50,10 +56,7 @@ fn draw_lines(
     path: &Path,
     l: &Lines<'_>,
 ) -> Result<(), PlotError> {
-    let y_max = l.series.iter().flat_map(|(_, ys)| ys.iter().flatten()).cloned().fold(0.0_f64, f64::max);
-    if y_max <= 0.0 {
-        return Err(PlotError::NoData("a line plot"));
-    }
+    let y_max = largest(&l.series).ok_or(PlotError::NoData("a line plot"))?;
     let n = l.x_labels.len().max(1);
     let labels = l.x_labels.clone();
     let mut chart = ChartBuilder::on(area)
@@ -114,10 +117,7 @@ fn draw_bars(
     path: &Path,
     b: &Bars<'_>,
 ) -> Result<(), PlotError> {
-    let y_max = b.series.iter().flat_map(|(_, ys)| ys.iter().flatten()).cloned().fold(0.0_f64, f64::max);
-    if y_max <= 0.0 {
-        return Err(PlotError::NoData("a bar chart"));
-    }
+    let y_max = largest(&b.series).ok_or(PlotError::NoData("a bar chart"))?;
     let n = b.groups.len().max(1);
     let groups = b.groups.clone();
     let mut chart = ChartBuilder::on(area)

@@ -40,52 +40,6 @@ impl VirtioError {
     }
 }
 
-/// One frame taken from a TX virtqueue: `len` bytes (virtio-net header included) copied into
-/// the caller's buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TxFrame {
-    pub len: usize,
-}
-
-/// Pops the next TX chain, copies its readable descriptors into `buf` and returns it to the
-/// guest (used length 0). `Ok(None)`: nothing available. A bad chain is returned to the guest
-/// too (so the ring keeps moving) and reported as an error for the caller to count.
-pub fn pop_tx(
-    ring: &mut Ring<'_, '_>,
-    segments: &mut Vec<Segment>,
-    buf: &mut [u8],
-) -> Result<Option<TxFrame>, VirtioError> {
-    let head = match ring.pop(segments) {
-        Ok(Some(head)) => head,
-        Ok(None) => return Ok(None),
-        Err(RingError::BadChain { head }) => {
-            // Always hand the chain back: a stuck descriptor would wedge the guest's TX queue.
-            ring.add_used(head, 0);
-            return Err(VirtioError::BadDescriptor);
-        }
-        Err(_) => return Err(VirtioError::BadDescriptor),
-    };
-    ring.add_used(head, 0);
-    let mem = ring.memory();
-    let mut len = 0usize;
-    for seg in segments.iter() {
-        if seg.write {
-            return Err(VirtioError::BadDescriptor);
-        }
-        let Some(dst) = buf.get_mut(len..len + seg.len as usize) else {
-            return Err(VirtioError::TooLong);
-        };
-        if !read_guest(mem, seg.addr, dst) {
-            return Err(VirtioError::BadDescriptor);
-        }
-        len += seg.len as usize;
-    }
-    if len < VnetHdr::LEN {
-        return Err(VirtioError::BadHeader);
-    }
-    Ok(Some(TxFrame { len }))
-}
-
 /// Frames longer than this (virtio-net header included) stay in the sender's memory past their
 /// head; shorter ones are copied whole (a copy that small costs little, and a split frame keeps
 /// the sender's chain out until delivery). 512 rather than 2048: 1518-byte frames then take the
@@ -105,9 +59,11 @@ pub struct SplitTx {
     pub deferred: Option<u16>,
 }
 
-/// Like [`pop_tx`], but a frame longer than [`SPLIT_MIN`] is only copied up to
-/// [`SPLIT_HEAD`] bytes; the rest is described in `tail` (in `mem`, the ring's memory) and the
-/// chain is not returned yet.
+/// Pops the next TX chain and copies its readable descriptors into `buf`: the whole frame, which
+/// goes back to the guest at once (used length 0), or for a frame longer than [`SPLIT_MIN`] only
+/// its first [`SPLIT_HEAD`] bytes, the rest described in `tail` (in `mem`, the ring's memory)
+/// and the chain kept until delivery. `Ok(None)`: nothing available. A bad chain is returned to
+/// the guest too (so the ring keeps moving) and reported as an error for the caller to count.
 pub fn pop_tx_split(
     ring: &mut Ring<'_, '_>,
     mem: &Arc<Memory>,
@@ -119,6 +75,7 @@ pub fn pop_tx_split(
         Ok(Some(head)) => head,
         Ok(None) => return Ok(None),
         Err(RingError::BadChain { head }) => {
+            // Always hand the chain back: a stuck descriptor would wedge the guest's TX queue.
             ring.add_used(head, 0);
             return Err(VirtioError::BadDescriptor);
         }
