@@ -6,11 +6,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
-}
+use vmq_testkit::skip::is_root;
 
 fn demo_namespaces() -> Vec<String> {
     std::fs::read_dir("/run/netns")
@@ -26,7 +22,7 @@ fn demo_namespaces() -> Vec<String> {
 #[test]
 fn demo_shows_isolation_jumbo_frames_and_tcp_in_every_configuration() {
     if !is_root() {
-        eprintln!("SKIPPED: vmq demo needs root");
+        vmq_testkit::skip(&vmq_testkit::skip::current_test(), "vmq demo needs root");
         return;
     }
     assert!(demo_namespaces().is_empty(), "leftover demo namespaces: {:?}", demo_namespaces());
@@ -67,7 +63,7 @@ fn demo_shows_isolation_jumbo_frames_and_tcp_in_every_configuration() {
 #[test]
 fn demo_without_root_points_to_bench() {
     if !is_root() {
-        eprintln!("SKIPPED: needs root to drop to another user");
+        vmq_testkit::skip(&vmq_testkit::skip::current_test(), "needs root to drop to another user");
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_vmq")).arg("demo").uid(65534).gid(65534).output().unwrap();
