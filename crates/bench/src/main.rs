@@ -56,6 +56,10 @@ enum Cmd {
         /// Prefix of every namespace, interface, cgroup, DPDK file prefix and temp dir.
         #[arg(long, default_value = "vqb")]
         prefix: String,
+        /// Fail when a scenario or peer is skipped (also when VMQ_REQUIRE_ALL=1, as `.ci/run` sets
+        /// in CI): a skip must not pass for a run.
+        #[arg(long)]
+        require_all: bool,
     },
     /// Regenerate BENCHMARKS.md's generated tables and bench/plots/*.png from a result file.
     Report {
@@ -83,7 +87,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let repo = repo_root();
     match cli.command {
-        Cmd::Run { quick, rounds, seconds, scenarios, vmq, out, report, prefix } => {
+        Cmd::Run { quick, rounds, seconds, scenarios, vmq, out, report, prefix, require_all } => {
             let vmq = vmq.unwrap_or_else(|| default_vmq(&repo));
             if !vmq.is_file() {
                 eprintln!(
@@ -141,12 +145,20 @@ fn main() -> ExitCode {
                 }
             }
             summarize(&suite);
-            if suite.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
+            let mut failed = false;
+            if !suite.failures.is_empty() {
                 eprintln!("vmq-bench: {} scenario(s) failed: {}", suite.failures.len(), suite.failures.join("; "));
-                ExitCode::FAILURE
+                failed = true;
             }
+            if run::require_all(require_all) && !suite.skipped.is_empty() {
+                eprintln!(
+                    "vmq-bench: {} skip(s) where every scenario must run (--require-all or VMQ_REQUIRE_ALL=1): {}",
+                    suite.skipped.len(),
+                    suite.skipped.join("; ")
+                );
+                failed = true;
+            }
+            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
         }
         Cmd::Report { results, no_plots } => {
             let path = match results.or_else(|| newest_result(&repo)) {

@@ -50,6 +50,12 @@ pub struct RunOptions {
     pub command: String,
 }
 
+/// True when a skipped scenario must fail the run: `--require-all`, or `VMQ_REQUIRE_ALL=1` (set
+/// by `.ci/run` in CI and as root, like for the tests).
+pub fn require_all(flag: bool) -> bool {
+    flag || std::env::var("VMQ_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
 /// Where a program is, if on PATH (or an absolute path that exists).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     if name.starts_with('/') {
@@ -76,7 +82,8 @@ pub fn check_peers() -> Vec<PeerCheck> {
             &["ovsdb-tool", "ovsdb-server", "ovs-vswitchd", "ovs-vsctl"],
             "apt-get install openvswitch-switch",
         ),
-        ("dpdk-testpmd (vhost-user PVP)", &["dpdk-testpmd", "taskset", "stdbuf"], "apt-get install dpdk"),
+        // Debian ships dpdk-testpmd in dpdk-dev, not in dpdk (the libraries).
+        ("dpdk-testpmd (vhost-user PVP)", &["dpdk-testpmd", "taskset", "stdbuf"], "apt-get install dpdk-dev"),
         (
             "OVS-DPDK",
             &[OVS_DPDK_BINARY, "ovsdb-server", "ovs-vsctl", "ovs-ofctl"],
@@ -338,7 +345,10 @@ fn run_pvp(
     }
     if !peer_ok(peers, "dpdk-testpmd") {
         // The VM side is dpdk-testpmd too: without it nothing can be measured.
-        skip(suite, "vhost-user PVP (scenario 2): dpdk-testpmd is the VM and is missing (apt-get install dpdk)".into());
+        skip(
+            suite,
+            "vhost-user PVP (scenario 2): dpdk-testpmd is the VM and is missing (apt-get install dpdk-dev)".into(),
+        );
         return Ok(());
     }
     if suite.machine.cpus < 2 {
@@ -372,11 +382,43 @@ fn run_pvp(
         return Err(RunError::Failed(format!("bench/pvp-testpmd.sh exited with {status}")));
     }
     let v = read_json(&out)?;
-    let rows = crate::suite::pvp_rows(&v);
-    if rows.is_empty() || rows.iter().any(|r| r.mpps.iter().flatten().any(|m| *m <= 0.0)) {
-        return Err(RunError::Failed("vhost-user PVP: a switch delivered nothing".into()));
-    }
+    check_pvp_result(&v, &switches)?;
     suite.pvp = Some(v);
+    Ok(())
+}
+
+/// Correctness of a PVP result: a row per frame size, and in every row a rate above zero for
+/// every switch that was run (a switch whose figure is missing failed, it did not pass).
+fn check_pvp_result(v: &serde_json::Value, switches: &[&str]) -> Result<(), RunError> {
+    let rows = crate::suite::pvp_rows(v);
+    if rows.is_empty() {
+        return Err(RunError::Failed("vhost-user PVP: bench/pvp-testpmd.sh reported no frame size".into()));
+    }
+    for row in &rows {
+        for switch in switches {
+            let column = match *switch {
+                "vmq" => 0,
+                "testpmd" => 1,
+                "ovs-dpdk" => 2,
+                other => return Err(RunError::Failed(format!("vhost-user PVP: unknown switch {other}"))),
+            };
+            match row.mpps[column] {
+                Some(mpps) if mpps > 0.0 => {}
+                Some(_) => {
+                    return Err(RunError::Failed(format!(
+                        "vhost-user PVP {} B: {switch} delivered nothing",
+                        row.frame_bytes
+                    )));
+                }
+                None => {
+                    return Err(RunError::Failed(format!(
+                        "vhost-user PVP {} B: no result for {switch}",
+                        row.frame_bytes
+                    )));
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -516,4 +558,30 @@ fn run_scaling(opts: &RunOptions, suite: &mut Suite) -> Result<(), RunError> {
 /// Now as RFC 3339 UTC, from `date` (std has no calendar).
 pub fn utc_now() -> String {
     first_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pvp_result_missing_a_switch_that_ran_fails() {
+        let all = serde_json::json!({"results": [
+            {"frame_bytes": 64, "vmq_mpps": 2.0, "testpmd_mpps": 3.0, "ovs_dpdk_mpps": 1.0},
+            {"frame_bytes": 1518, "vmq_mpps": 1.0, "testpmd_mpps": 1.5, "ovs_dpdk_mpps": 0.5},
+        ]});
+        check_pvp_result(&all, &["vmq", "testpmd", "ovs-dpdk"]).unwrap();
+        // OVS-DPDK was not run: its column may be absent.
+        let no_ovs = serde_json::json!({"results": [{"frame_bytes": 64, "vmq_mpps": 2.0, "testpmd_mpps": 3.0}]});
+        check_pvp_result(&no_ovs, &["vmq", "testpmd"]).unwrap();
+        // ...but not when it was.
+        let err = check_pvp_result(&no_ovs, &["vmq", "testpmd", "ovs-dpdk"]).unwrap_err().to_string();
+        assert!(err.contains("no result for ovs-dpdk"), "{err}");
+        let zero = serde_json::json!({"results": [{"frame_bytes": 64, "vmq_mpps": 0.0, "testpmd_mpps": 3.0}]});
+        let err = check_pvp_result(&zero, &["vmq", "testpmd"]).unwrap_err().to_string();
+        assert!(err.contains("vmq delivered nothing"), "{err}");
+        let empty = serde_json::json!({"results": []});
+        assert!(check_pvp_result(&empty, &["vmq"]).is_err());
+        assert!(check_pvp_result(&serde_json::json!({}), &["vmq"]).is_err());
+    }
 }
