@@ -457,75 +457,13 @@ fn run_scaling(opts: &RunOptions, suite: &mut Suite) -> Result<(), RunError> {
     );
     let mut runs: Vec<(ConfigKey, (usize, ScalingRun))> = Vec::new();
     for round in 0..opts.rounds {
-        // Configurations take turns going first.
+        // Configurations take turns going first, and within each so do the modes (one `vmq
+        // bench` per mode, the order rotated by round and configuration).
         let n = SCALING_CONFIGS.len();
         for k in 0..n {
             let (vms, queues) = SCALING_CONFIGS[(k + round as usize) % n];
-            let mut cmd = Command::new(&opts.vmq);
-            cmd.args([
-                "bench",
-                "--json",
-                "--no-tcp",
-                "--path",
-                "uplink-to-vm",
-                "--workers",
-                "2",
-                "--policy",
-                "dynamic",
-            ])
-            .args([
-                "--vms",
-                &vms.to_string(),
-                "--queues",
-                &queues.to_string(),
-                "--seconds",
-                &seconds.to_string(),
-            ]);
-            for len in frame_lens {
-                cmd.args(["--frame-len", &len.to_string()]);
-            }
-            let out = cmd.stderr(Stdio::inherit()).output().map_err(io("running vmq bench"))?;
-            if !out.status.success() {
-                return Err(RunError::Failed(format!(
-                    "vmq bench --vms {vms} --queues {queues} exited with {}",
-                    out.status
-                )));
-            }
-            let report: VmqBenchReport =
-                serde_json::from_slice(&out.stdout).map_err(|e| RunError::Failed(format!("vmq bench JSON: {e}")))?;
-            for r in report.results {
-                // Correctness (quick mode's assertion too): frames arrive, none dropped.
-                if r.delivered == 0 || r.drops != 0 {
-                    return Err(RunError::Failed(format!(
-                        "vmq bench {vms} VMs, budget {queues}, {} mode, {} B: delivered {}, drops {}",
-                        r.mode, r.frame_len, r.delivered, r.drops
-                    )));
-                }
-                println!(
-                    "  round {}: {vms:>2} VMs, budget {queues:>2}, {:<6} {:>4} B: {:>6.2} Mpps, {:>6.1} ns/frame, {} VMs queued, {:.0}% via default queue",
-                    round + 1,
-                    r.mode,
-                    r.frame_len,
-                    r.mpps,
-                    r.cpu_ns_per_frame,
-                    r.vms_with_queue,
-                    100.0 * r.default_queue_frames as f64 / r.delivered as f64
-                );
-                runs.push((
-                    (vms, queues, r.mode, r.frame_len),
-                    (
-                        report.workers,
-                        ScalingRun {
-                            mpps: r.mpps,
-                            cpu_ns_per_frame: r.cpu_ns_per_frame,
-                            busy_ns_per_frame: r.busy_ns_per_frame,
-                            delivered: r.delivered,
-                            drops: r.drops,
-                            vms_with_queue: r.vms_with_queue,
-                            default_queue_frames: r.default_queue_frames,
-                        },
-                    ),
-                ));
+            for mode in scaling_mode_order(round as usize + k) {
+                run_scaling_case(opts, round, vms, queues, mode, seconds, frame_lens, &mut runs)?;
             }
         }
     }
@@ -555,6 +493,91 @@ fn run_scaling(opts: &RunOptions, suite: &mut Suite) -> Result<(), RunError> {
     Ok(())
 }
 
+/// The order of the two modes in the `turn`-th run: vmq first on even turns, switch on odd.
+fn scaling_mode_order(turn: usize) -> [&'static str; 2] {
+    if turn.is_multiple_of(2) { ["vmq", "switch"] } else { ["switch", "vmq"] }
+}
+
+/// One `vmq bench` of one mode and configuration; its results go to `runs`.
+#[allow(clippy::too_many_arguments)]
+fn run_scaling_case(
+    opts: &RunOptions,
+    round: u32,
+    vms: usize,
+    queues: u16,
+    mode: &str,
+    seconds: f64,
+    frame_lens: &[usize],
+    runs: &mut Vec<(ConfigKey, (usize, ScalingRun))>,
+) -> Result<(), RunError> {
+    let mut cmd = Command::new(&opts.vmq);
+    cmd.args([
+        "bench",
+        "--json",
+        "--no-tcp",
+        "--path",
+        "uplink-to-vm",
+        "--workers",
+        "2",
+        "--policy",
+        "dynamic",
+        "--mode",
+        mode,
+    ])
+    .args(["--vms", &vms.to_string(), "--queues", &queues.to_string(), "--seconds", &seconds.to_string()]);
+    for len in frame_lens {
+        cmd.args(["--frame-len", &len.to_string()]);
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().map_err(io("running vmq bench"))?;
+    if !out.status.success() {
+        return Err(RunError::Failed(format!("vmq bench --vms {vms} --queues {queues} exited with {}", out.status)));
+    }
+    let report: VmqBenchReport =
+        serde_json::from_slice(&out.stdout).map_err(|e| RunError::Failed(format!("vmq bench JSON: {e}")))?;
+    let mut lens: Vec<usize> = report.results.iter().filter(|r| r.mode == mode).map(|r| r.frame_len).collect();
+    lens.sort_unstable();
+    if report.results.len() != frame_lens.len() || lens != frame_lens {
+        return Err(RunError::Failed(format!(
+            "vmq bench {vms} VMs, budget {queues}, {mode} mode: results for frame lengths {lens:?}, expected {frame_lens:?}"
+        )));
+    }
+    for r in report.results {
+        // Correctness (quick mode's assertion too): frames arrive, none dropped.
+        if r.delivered == 0 || r.drops != 0 {
+            return Err(RunError::Failed(format!(
+                "vmq bench {vms} VMs, budget {queues}, {} mode, {} B: delivered {}, drops {}",
+                r.mode, r.frame_len, r.delivered, r.drops
+            )));
+        }
+        println!(
+            "  round {}: {vms:>2} VMs, budget {queues:>2}, {:<6} {:>4} B: {:>6.2} Mpps, {:>6.1} ns/frame, {} VMs queued, {:.0}% via default queue",
+            round + 1,
+            r.mode,
+            r.frame_len,
+            r.mpps,
+            r.cpu_ns_per_frame,
+            r.vms_with_queue,
+            100.0 * r.default_queue_frames as f64 / r.delivered as f64
+        );
+        runs.push((
+            (vms, queues, r.mode, r.frame_len),
+            (
+                report.workers,
+                ScalingRun {
+                    mpps: r.mpps,
+                    cpu_ns_per_frame: r.cpu_ns_per_frame,
+                    busy_ns_per_frame: r.busy_ns_per_frame,
+                    delivered: r.delivered,
+                    drops: r.drops,
+                    vms_with_queue: r.vms_with_queue,
+                    default_queue_frames: r.default_queue_frames,
+                },
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Now as RFC 3339 UTC, from `date` (std has no calendar).
 pub fn utc_now() -> String {
     first_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default()
@@ -563,6 +586,13 @@ pub fn utc_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scaling_modes_take_turns_going_first() {
+        assert_eq!(scaling_mode_order(0), ["vmq", "switch"]);
+        assert_eq!(scaling_mode_order(1), ["switch", "vmq"]);
+        assert_eq!(scaling_mode_order(6), ["vmq", "switch"]);
+    }
 
     #[test]
     fn a_pvp_result_missing_a_switch_that_ran_fails() {

@@ -257,10 +257,10 @@ fn run_demo(args: &DemoArgs, stop: &AtomicBool) -> Result<Report, DemoError> {
     // k-th configuration starts with mode k mod 2), so that neither always runs on a hotter or
     // colder host. Reachability once per mode, first.
     let mut first_of_mode = [true, true];
-    let mut configuration = 0;
+    let mut configuration = 0usize;
     for &mtu in mtus.iter().rev() {
         for &offl in &offloads {
-            let order = if configuration % 2 == 0 { [0, 1] } else { [1, 0] };
+            let order = if configuration.is_multiple_of(2) { [0, 1] } else { [1, 0] };
             configuration += 1;
             for m in order {
                 let mode = modes[m];
