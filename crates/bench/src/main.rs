@@ -56,6 +56,10 @@ enum Cmd {
         /// Prefix of every namespace, interface, cgroup, DPDK file prefix and temp dir.
         #[arg(long, default_value = "vqb")]
         prefix: String,
+        /// Fail when a scenario or peer is skipped (also when VMQ_REQUIRE_ALL=1, as `.ci/run` sets
+        /// in CI): a skip must not pass for a run.
+        #[arg(long)]
+        require_all: bool,
     },
     /// Regenerate BENCHMARKS.md's generated tables and bench/plots/*.png from a result file.
     Report {
@@ -66,6 +70,9 @@ enum Cmd {
         #[arg(long)]
         no_plots: bool,
     },
+    /// Check that every ratio and percentage of BENCHMARKS.md's hand-written reading appears in
+    /// its generated tables, and that the reading names their result file (`report` checks too).
+    CheckProse,
 }
 
 fn repo_root() -> PathBuf {
@@ -83,7 +90,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let repo = repo_root();
     match cli.command {
-        Cmd::Run { quick, rounds, seconds, scenarios, vmq, out, report, prefix } => {
+        Cmd::Run { quick, rounds, seconds, scenarios, vmq, out, report, prefix, require_all } => {
             let vmq = vmq.unwrap_or_else(|| default_vmq(&repo));
             if !vmq.is_file() {
                 eprintln!(
@@ -141,11 +148,39 @@ fn main() -> ExitCode {
                 }
             }
             summarize(&suite);
-            if suite.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
+            let mut failed = false;
+            if !suite.failures.is_empty() {
                 eprintln!("vmq-bench: {} scenario(s) failed: {}", suite.failures.len(), suite.failures.join("; "));
-                ExitCode::FAILURE
+                failed = true;
+            }
+            if run::require_all(require_all) && !suite.skipped.is_empty() {
+                eprintln!(
+                    "vmq-bench: {} skip(s) where every scenario must run (--require-all or VMQ_REQUIRE_ALL=1): {}",
+                    suite.skipped.len(),
+                    suite.skipped.join("; ")
+                );
+                failed = true;
+            }
+            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+        Cmd::CheckProse => {
+            let path = repo.join("BENCHMARKS.md");
+            let doc = match std::fs::read_to_string(&path) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("vmq-bench: {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            };
+            match prose_problems(&doc) {
+                Ok(()) => {
+                    println!("vmq-bench: every figure of the hand-written reading is in the generated tables");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmq-bench: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Cmd::Report { results, no_plots } => {
@@ -239,9 +274,24 @@ fn make_report(repo: &Path, results: &Path, no_plots: bool) -> Result<(), String
     let doc_path = repo.join("BENCHMARKS.md");
     let doc = std::fs::read_to_string(&doc_path).unwrap_or_else(|_| "# vmq benchmarks\n\n".into());
     let new = report::splice(&doc, &generated).map_err(|e| e.to_string())?;
-    std::fs::write(&doc_path, new).map_err(|e| format!("{}: {e}", doc_path.display()))?;
+    std::fs::write(&doc_path, &new).map_err(|e| format!("{}: {e}", doc_path.display()))?;
     println!("vmq-bench: BENCHMARKS.md regenerated from {rel}");
-    Ok(())
+    prose_problems(&new)
+}
+
+/// The hand-written reading's figures that the generated tables do not hold, as one error.
+fn prose_problems(doc: &str) -> Result<(), String> {
+    let unbacked = report::check_prose(doc)?;
+    if unbacked.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = unbacked.iter().map(|u| format!("line {}: {}", u.line, u.figure)).collect();
+    Err(format!(
+        "BENCHMARKS.md: {} figure(s) of the hand-written reading are not in the generated tables of its result \
+         file (update the reading): {}",
+        unbacked.len(),
+        list.join("; ")
+    ))
 }
 
 fn summarize(suite: &Suite) {

@@ -372,7 +372,125 @@ pub fn generate(s: &Suite, result_file: &str, plots: &[(&str, &str)]) -> String 
             let _ = writeln!(md, "| {} | {} | {} | {} |", t.what, t.goal, t.measured, t.verdict);
         }
     }
-    md
+    with_machine_under_headings(&md, &machine_line(m, result_file))
+}
+
+/// Which machine said it, and from which file: under every table's heading, since figures of
+/// another CPU or kernel are not comparable.
+fn machine_line(m: &crate::suite::Machine, result_file: &str) -> String {
+    format!("Measured on {} ({} CPUs), kernel {}; from `{result_file}`.", m.cpu, m.cpus, m.kernel)
+}
+
+fn with_machine_under_headings(md: &str, line: &str) -> String {
+    let mut out = String::with_capacity(md.len() + 1024);
+    for l in md.lines() {
+        out.push_str(l);
+        out.push('\n');
+        if l.starts_with("### ") {
+            out.push('\n');
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A figure of the hand-written reading that no generated table holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnbackedFigure {
+    pub line: usize,
+    pub figure: String,
+}
+
+/// The hand-written reading of the suite run: from its heading to the next `## ` heading.
+pub const READING_HEADING: &str = "## Reading the suite run (hand-written)";
+
+/// Checks the hand-written reading of `doc` against its generated block: the reading must name
+/// the generated block's result file, and every ratio (`1.28x`) and percentage (`83 %`), also
+/// both ends of a range (`83 to 86 %`, `0.56 to 0.99x`), must appear in the generated tables
+/// with the same digits. Returns the figures that do not.
+pub fn check_prose(doc: &str) -> Result<Vec<UnbackedFigure>, String> {
+    let (Some(b), Some(e)) = (doc.find(BEGIN), doc.find(END)) else {
+        return Err("BENCHMARKS.md has no generated block".into());
+    };
+    let generated = &doc[b..e];
+    let Some(start) = doc.find(READING_HEADING) else {
+        return Err(format!("BENCHMARKS.md has no section {READING_HEADING:?}"));
+    };
+    let body_start = start + READING_HEADING.len();
+    let end = doc[body_start..].find("\n## ").map_or(doc.len(), |i| body_start + i);
+    let reading = &doc[body_start..end];
+    let first_line = doc[..body_start].lines().count();
+    let result_file = generated
+        .split("Generated from [`")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .ok_or("the generated block names no result file")?;
+    let mut unbacked = Vec::new();
+    if !reading.contains(result_file) {
+        unbacked
+            .push(UnbackedFigure { line: first_line, figure: format!("(the result file {result_file} is not named)") });
+    }
+    // Table cells as written: "0.75x", "83%".
+    for (i, line) in reading.lines().enumerate() {
+        for figure in figures(line) {
+            let cell = match &figure {
+                Figure::Ratio(n) => format!("{n}x"),
+                Figure::Percent(n) => format!("{n}%"),
+            };
+            if !generated.contains(&cell) {
+                unbacked.push(UnbackedFigure { line: first_line + i, figure: cell });
+            }
+        }
+    }
+    Ok(unbacked)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Figure {
+    Ratio(String),
+    Percent(String),
+}
+
+/// The ratios and percentages of one line of prose, with the first number of each range
+/// (`A to B x`, `A to B %`) given the range's unit.
+fn figures(line: &str) -> Vec<Figure> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut out = Vec::new();
+    let number = |w: &str| -> Option<String> {
+        let w = w.trim_start_matches(['(', '+', '-']);
+        let digits: String = w.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+        (!digits.is_empty() && digits.chars().next().is_some_and(|c| c.is_ascii_digit())).then_some(digits)
+    };
+    // The unit right after the number: "1.28x", "83%", "83 %".
+    let unit = |i: usize| -> Option<(String, char)> {
+        let w = words[i].trim_start_matches(['(', '+', '-']);
+        let n = number(words[i])?;
+        let rest = &w[n.len()..];
+        if rest.starts_with('x') && !rest[1..].starts_with(|c: char| c.is_alphanumeric()) {
+            return Some((n, 'x'));
+        }
+        if rest.starts_with('%') {
+            return Some((n, '%'));
+        }
+        if rest.is_empty() && words.get(i + 1).is_some_and(|n| n.starts_with('%')) {
+            return Some((n, '%'));
+        }
+        None
+    };
+    let make = |n: String, u: char| if u == 'x' { Figure::Ratio(n) } else { Figure::Percent(n) };
+    for i in 0..words.len() {
+        if let Some((n, u)) = unit(i) {
+            out.push(make(n, u));
+        } else if let Some(n) = number(words[i])
+            && words.get(i + 1) == Some(&"to")
+            && words.get(i + 2).is_some()
+            && let Some((_, u)) = unit(i + 2)
+        {
+            out.push(make(n, u));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -396,5 +514,112 @@ mod tests {
         assert!(out.starts_with("# T\n\n<!-- BEGIN"));
         assert!(out.ends_with("body\n"));
         assert!(splice(&format!("# T\n{BEGIN}\n"), "x").is_err());
+    }
+
+    /// A small result: PVP at two sizes, the in-process runs of 2 VMs in both modes (three
+    /// rounds each, medians precomputed as `run` does).
+    fn fixture() -> Suite {
+        let row = |mode: &str, mpps: [f64; 3], ns: [f64; 3]| crate::suite::ScalingRow {
+            vms: 2,
+            queues: 8,
+            policy: "dynamic".into(),
+            mode: mode.into(),
+            frame_len: 64,
+            workers: 2,
+            runs: mpps
+                .iter()
+                .zip(ns)
+                .map(|(&mpps, cpu)| crate::suite::ScalingRun {
+                    mpps,
+                    cpu_ns_per_frame: cpu,
+                    busy_ns_per_frame: cpu,
+                    delivered: 1000,
+                    drops: 0,
+                    vms_with_queue: if mode == "vmq" { 2 } else { 0 },
+                    default_queue_frames: if mode == "vmq" { 0 } else { 1000 },
+                })
+                .collect(),
+            median_mpps: crate::suite::median(mpps),
+            median_cpu_ns_per_frame: crate::suite::median(ns),
+            median_busy_ns_per_frame: crate::suite::median(ns),
+            median_default_share: if mode == "vmq" { 0.0 } else { 1.0 },
+            vms_with_queue: if mode == "vmq" { 2 } else { 0 },
+        };
+        let json = serde_json::json!({
+            "date": "2026-01-02T03:04:05Z",
+            "command": "vmq-bench run",
+            "quick": false,
+            "rounds": 3,
+            "seconds": 1.0,
+            "machine": {"cpu": "Test CPU 9000", "cpus": 2, "memory_gib": 4.0, "kernel": "6.1.0-test"},
+            "versions": {"vmq_git": "abc1234"},
+            "load": [{"when": "start", "loadavg": "0.10 0.20 0.30"}],
+            "peers": [],
+            "netns": null,
+            "pvp": {"results": [
+                {"frame_bytes": 64, "vmq_mpps": 3.0, "testpmd_mpps": 6.0, "ovs_dpdk_mpps": 4.0,
+                 "vmq_cpu_ns_per_frame": 300.0, "testpmd_cpu_ns_per_frame": 150.0, "ovs_dpdk_cpu_ns_per_frame": 200.0,
+                 "paired_ratios": [0.4, 0.5, 0.6], "paired_ratios_ovs_dpdk": [0.7, 0.75, 0.8]},
+                {"frame_bytes": 9000, "vmq_mpps": 0.75, "testpmd_mpps": 0.5,
+                 "vmq_cpu_ns_per_frame": 1300.0, "testpmd_cpu_ns_per_frame": 1700.0,
+                 "paired_ratios": [1.5], "paired_ratios_ovs_dpdk": []}
+            ]},
+            "scaling": [],
+            "skipped": [],
+            "failures": []
+        });
+        let mut suite: Suite = serde_json::from_value(json).unwrap();
+        suite.scaling = vec![
+            row("vmq", [10.0, 12.0, 11.0], [150.0, 170.0, 160.0]),
+            row("switch", [5.0, 4.0, 6.0], [200.0, 240.0, 220.0]),
+        ];
+        suite
+    }
+
+    #[test]
+    fn generated_tables_hold_the_medians_and_ratios_of_the_result() {
+        let md = generate(&fixture(), "bench/results/suite-test.json", &[]);
+        assert!(md.contains("Generated from [`bench/results/suite-test.json`]"), "{md}");
+        // PVP: 3.0 / 6.0 = 0.50x against testpmd (goal 1x at 64 B), 3.0 / 4.0 = 0.75x against
+        // OVS-DPDK; 3 Mpps of 64 B frames = 1.5 Gbit/s. At 9000 B 0.75 / 0.5 = 1.50x (goal 1.2x:
+        // met) and OVS-DPDK was not measured.
+        assert!(
+            md.contains("| 64 B | 3.00 | 6.00 | 4.00 | 1.5 | 0.50x (1x: **missed**) | 0.75x (**missed**) | 300 / 150 / 200 | 0.40, 0.50, 0.60; 0.70, 0.75, 0.80 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 9000 B | 0.75 | 0.50 | - | 54.0 | 1.50x (1.2x: met) | - (not measured) |"), "{md}");
+        // In-process: medians of the three rounds, 11 and 5 Mpps, 160 and 220 ns; 11 / 5 = 2.20x.
+        assert!(md.contains("| 64 B | 2 | 8 | vmq | 11.00 | 160.0 | 2 | 0% | 1.00x |"), "{md}");
+        assert!(md.contains("| 64 B | 2 | 8 | switch | 5.00 | 220.0 | 0 | 100% | 1.00x |"), "{md}");
+        assert!(md.contains("| in-process, Mpps | 2 | 8 | 64 B | 11.00 | 5.00 | 2.20x |"), "{md}");
+        assert!(md.contains("| vhost-user PVP 9000 B: vmq / dpdk-testpmd | 1.2x | 1.50x | met |"), "{md}");
+        // No netns result: no netns table, no invented figure.
+        assert!(!md.contains("### 1. netns TCP"), "{md}");
+        // Every table says which machine measured it and from which file.
+        let headings = md.lines().filter(|l| l.starts_with("### ")).count();
+        let machine = "Measured on Test CPU 9000 (2 CPUs), kernel 6.1.0-test; from `bench/results/suite-test.json`.";
+        assert!(headings >= 4, "{md}");
+        assert_eq!(md.matches(machine).count(), headings, "{md}");
+    }
+
+    #[test]
+    fn prose_figures_must_be_in_the_generated_tables() {
+        let generated = generate(&fixture(), "bench/results/suite-test.json", &[]);
+        let doc = |reading: &str| {
+            format!(
+                "# b\n\n{BEGIN}\n{generated}\n{END}\n\n{READING_HEADING}\n\n{reading}\n\n## Next\n\n9.99x elsewhere\n"
+            )
+        };
+        let good = doc("From `bench/results/suite-test.json`: PVP 0.50x at 64 B, 1.50x at 9000 B (0.50 to 1.50x), \
+             switch mode takes 100 % via default.");
+        assert_eq!(check_prose(&good).unwrap(), vec![]);
+        let bad = doc("From `bench/results/suite-test.json`: PVP 0.55x at 64 B, 0.50 to 1.25x, 3x faster, 83 % less.");
+        let figures: Vec<String> = check_prose(&bad).unwrap().into_iter().map(|u| u.figure).collect();
+        assert_eq!(figures, ["0.55x", "1.25x", "3x", "83%"]);
+        let unnamed = doc("PVP 0.50x at 64 B.");
+        let problems = check_prose(&unnamed).unwrap();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].figure.contains("is not named"), "{problems:?}");
+        assert!(check_prose("# no block\n").is_err());
     }
 }

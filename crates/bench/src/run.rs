@@ -50,6 +50,12 @@ pub struct RunOptions {
     pub command: String,
 }
 
+/// True when a skipped scenario must fail the run: `--require-all`, or `VMQ_REQUIRE_ALL=1` (set
+/// by `.ci/run` in CI and as root, like for the tests).
+pub fn require_all(flag: bool) -> bool {
+    flag || std::env::var("VMQ_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
 /// Where a program is, if on PATH (or an absolute path that exists).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     if name.starts_with('/') {
@@ -76,7 +82,8 @@ pub fn check_peers() -> Vec<PeerCheck> {
             &["ovsdb-tool", "ovsdb-server", "ovs-vswitchd", "ovs-vsctl"],
             "apt-get install openvswitch-switch",
         ),
-        ("dpdk-testpmd (vhost-user PVP)", &["dpdk-testpmd", "taskset", "stdbuf"], "apt-get install dpdk"),
+        // Debian ships dpdk-testpmd in dpdk-dev, not in dpdk (the libraries).
+        ("dpdk-testpmd (vhost-user PVP)", &["dpdk-testpmd", "taskset", "stdbuf"], "apt-get install dpdk-dev"),
         (
             "OVS-DPDK",
             &[OVS_DPDK_BINARY, "ovsdb-server", "ovs-vsctl", "ovs-ofctl"],
@@ -338,7 +345,10 @@ fn run_pvp(
     }
     if !peer_ok(peers, "dpdk-testpmd") {
         // The VM side is dpdk-testpmd too: without it nothing can be measured.
-        skip(suite, "vhost-user PVP (scenario 2): dpdk-testpmd is the VM and is missing (apt-get install dpdk)".into());
+        skip(
+            suite,
+            "vhost-user PVP (scenario 2): dpdk-testpmd is the VM and is missing (apt-get install dpdk-dev)".into(),
+        );
         return Ok(());
     }
     if suite.machine.cpus < 2 {
@@ -372,11 +382,43 @@ fn run_pvp(
         return Err(RunError::Failed(format!("bench/pvp-testpmd.sh exited with {status}")));
     }
     let v = read_json(&out)?;
-    let rows = crate::suite::pvp_rows(&v);
-    if rows.is_empty() || rows.iter().any(|r| r.mpps.iter().flatten().any(|m| *m <= 0.0)) {
-        return Err(RunError::Failed("vhost-user PVP: a switch delivered nothing".into()));
-    }
+    check_pvp_result(&v, &switches)?;
     suite.pvp = Some(v);
+    Ok(())
+}
+
+/// Correctness of a PVP result: a row per frame size, and in every row a rate above zero for
+/// every switch that was run (a switch whose figure is missing failed, it did not pass).
+fn check_pvp_result(v: &serde_json::Value, switches: &[&str]) -> Result<(), RunError> {
+    let rows = crate::suite::pvp_rows(v);
+    if rows.is_empty() {
+        return Err(RunError::Failed("vhost-user PVP: bench/pvp-testpmd.sh reported no frame size".into()));
+    }
+    for row in &rows {
+        for switch in switches {
+            let column = match *switch {
+                "vmq" => 0,
+                "testpmd" => 1,
+                "ovs-dpdk" => 2,
+                other => return Err(RunError::Failed(format!("vhost-user PVP: unknown switch {other}"))),
+            };
+            match row.mpps[column] {
+                Some(mpps) if mpps > 0.0 => {}
+                Some(_) => {
+                    return Err(RunError::Failed(format!(
+                        "vhost-user PVP {} B: {switch} delivered nothing",
+                        row.frame_bytes
+                    )));
+                }
+                None => {
+                    return Err(RunError::Failed(format!(
+                        "vhost-user PVP {} B: no result for {switch}",
+                        row.frame_bytes
+                    )));
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -415,75 +457,13 @@ fn run_scaling(opts: &RunOptions, suite: &mut Suite) -> Result<(), RunError> {
     );
     let mut runs: Vec<(ConfigKey, (usize, ScalingRun))> = Vec::new();
     for round in 0..opts.rounds {
-        // Configurations take turns going first.
+        // Configurations take turns going first, and within each so do the modes (one `vmq
+        // bench` per mode, the order rotated by round and configuration).
         let n = SCALING_CONFIGS.len();
         for k in 0..n {
             let (vms, queues) = SCALING_CONFIGS[(k + round as usize) % n];
-            let mut cmd = Command::new(&opts.vmq);
-            cmd.args([
-                "bench",
-                "--json",
-                "--no-tcp",
-                "--path",
-                "uplink-to-vm",
-                "--workers",
-                "2",
-                "--policy",
-                "dynamic",
-            ])
-            .args([
-                "--vms",
-                &vms.to_string(),
-                "--queues",
-                &queues.to_string(),
-                "--seconds",
-                &seconds.to_string(),
-            ]);
-            for len in frame_lens {
-                cmd.args(["--frame-len", &len.to_string()]);
-            }
-            let out = cmd.stderr(Stdio::inherit()).output().map_err(io("running vmq bench"))?;
-            if !out.status.success() {
-                return Err(RunError::Failed(format!(
-                    "vmq bench --vms {vms} --queues {queues} exited with {}",
-                    out.status
-                )));
-            }
-            let report: VmqBenchReport =
-                serde_json::from_slice(&out.stdout).map_err(|e| RunError::Failed(format!("vmq bench JSON: {e}")))?;
-            for r in report.results {
-                // Correctness (quick mode's assertion too): frames arrive, none dropped.
-                if r.delivered == 0 || r.drops != 0 {
-                    return Err(RunError::Failed(format!(
-                        "vmq bench {vms} VMs, budget {queues}, {} mode, {} B: delivered {}, drops {}",
-                        r.mode, r.frame_len, r.delivered, r.drops
-                    )));
-                }
-                println!(
-                    "  round {}: {vms:>2} VMs, budget {queues:>2}, {:<6} {:>4} B: {:>6.2} Mpps, {:>6.1} ns/frame, {} VMs queued, {:.0}% via default queue",
-                    round + 1,
-                    r.mode,
-                    r.frame_len,
-                    r.mpps,
-                    r.cpu_ns_per_frame,
-                    r.vms_with_queue,
-                    100.0 * r.default_queue_frames as f64 / r.delivered as f64
-                );
-                runs.push((
-                    (vms, queues, r.mode, r.frame_len),
-                    (
-                        report.workers,
-                        ScalingRun {
-                            mpps: r.mpps,
-                            cpu_ns_per_frame: r.cpu_ns_per_frame,
-                            busy_ns_per_frame: r.busy_ns_per_frame,
-                            delivered: r.delivered,
-                            drops: r.drops,
-                            vms_with_queue: r.vms_with_queue,
-                            default_queue_frames: r.default_queue_frames,
-                        },
-                    ),
-                ));
+            for mode in scaling_mode_order(round as usize + k) {
+                run_scaling_case(opts, round, vms, queues, mode, seconds, frame_lens, &mut runs)?;
             }
         }
     }
@@ -513,7 +493,125 @@ fn run_scaling(opts: &RunOptions, suite: &mut Suite) -> Result<(), RunError> {
     Ok(())
 }
 
+/// The order of the two modes in the `turn`-th run: vmq first on even turns, switch on odd.
+fn scaling_mode_order(turn: usize) -> [&'static str; 2] {
+    if turn.is_multiple_of(2) { ["vmq", "switch"] } else { ["switch", "vmq"] }
+}
+
+/// One `vmq bench` of one mode and configuration; its results go to `runs`.
+#[allow(clippy::too_many_arguments)]
+fn run_scaling_case(
+    opts: &RunOptions,
+    round: u32,
+    vms: usize,
+    queues: u16,
+    mode: &str,
+    seconds: f64,
+    frame_lens: &[usize],
+    runs: &mut Vec<(ConfigKey, (usize, ScalingRun))>,
+) -> Result<(), RunError> {
+    let mut cmd = Command::new(&opts.vmq);
+    cmd.args([
+        "bench",
+        "--json",
+        "--no-tcp",
+        "--path",
+        "uplink-to-vm",
+        "--workers",
+        "2",
+        "--policy",
+        "dynamic",
+        "--mode",
+        mode,
+    ])
+    .args(["--vms", &vms.to_string(), "--queues", &queues.to_string(), "--seconds", &seconds.to_string()]);
+    for len in frame_lens {
+        cmd.args(["--frame-len", &len.to_string()]);
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().map_err(io("running vmq bench"))?;
+    if !out.status.success() {
+        return Err(RunError::Failed(format!("vmq bench --vms {vms} --queues {queues} exited with {}", out.status)));
+    }
+    let report: VmqBenchReport =
+        serde_json::from_slice(&out.stdout).map_err(|e| RunError::Failed(format!("vmq bench JSON: {e}")))?;
+    let mut lens: Vec<usize> = report.results.iter().filter(|r| r.mode == mode).map(|r| r.frame_len).collect();
+    lens.sort_unstable();
+    if report.results.len() != frame_lens.len() || lens != frame_lens {
+        return Err(RunError::Failed(format!(
+            "vmq bench {vms} VMs, budget {queues}, {mode} mode: results for frame lengths {lens:?}, expected {frame_lens:?}"
+        )));
+    }
+    for r in report.results {
+        // Correctness (quick mode's assertion too): frames arrive, none dropped.
+        if r.delivered == 0 || r.drops != 0 {
+            return Err(RunError::Failed(format!(
+                "vmq bench {vms} VMs, budget {queues}, {} mode, {} B: delivered {}, drops {}",
+                r.mode, r.frame_len, r.delivered, r.drops
+            )));
+        }
+        println!(
+            "  round {}: {vms:>2} VMs, budget {queues:>2}, {:<6} {:>4} B: {:>6.2} Mpps, {:>6.1} ns/frame, {} VMs queued, {:.0}% via default queue",
+            round + 1,
+            r.mode,
+            r.frame_len,
+            r.mpps,
+            r.cpu_ns_per_frame,
+            r.vms_with_queue,
+            100.0 * r.default_queue_frames as f64 / r.delivered as f64
+        );
+        runs.push((
+            (vms, queues, r.mode, r.frame_len),
+            (
+                report.workers,
+                ScalingRun {
+                    mpps: r.mpps,
+                    cpu_ns_per_frame: r.cpu_ns_per_frame,
+                    busy_ns_per_frame: r.busy_ns_per_frame,
+                    delivered: r.delivered,
+                    drops: r.drops,
+                    vms_with_queue: r.vms_with_queue,
+                    default_queue_frames: r.default_queue_frames,
+                },
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Now as RFC 3339 UTC, from `date` (std has no calendar).
 pub fn utc_now() -> String {
     first_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaling_modes_take_turns_going_first() {
+        assert_eq!(scaling_mode_order(0), ["vmq", "switch"]);
+        assert_eq!(scaling_mode_order(1), ["switch", "vmq"]);
+        assert_eq!(scaling_mode_order(6), ["vmq", "switch"]);
+    }
+
+    #[test]
+    fn a_pvp_result_missing_a_switch_that_ran_fails() {
+        let all = serde_json::json!({"results": [
+            {"frame_bytes": 64, "vmq_mpps": 2.0, "testpmd_mpps": 3.0, "ovs_dpdk_mpps": 1.0},
+            {"frame_bytes": 1518, "vmq_mpps": 1.0, "testpmd_mpps": 1.5, "ovs_dpdk_mpps": 0.5},
+        ]});
+        check_pvp_result(&all, &["vmq", "testpmd", "ovs-dpdk"]).unwrap();
+        // OVS-DPDK was not run: its column may be absent.
+        let no_ovs = serde_json::json!({"results": [{"frame_bytes": 64, "vmq_mpps": 2.0, "testpmd_mpps": 3.0}]});
+        check_pvp_result(&no_ovs, &["vmq", "testpmd"]).unwrap();
+        // ...but not when it was.
+        let err = check_pvp_result(&no_ovs, &["vmq", "testpmd", "ovs-dpdk"]).unwrap_err().to_string();
+        assert!(err.contains("no result for ovs-dpdk"), "{err}");
+        let zero = serde_json::json!({"results": [{"frame_bytes": 64, "vmq_mpps": 0.0, "testpmd_mpps": 3.0}]});
+        let err = check_pvp_result(&zero, &["vmq", "testpmd"]).unwrap_err().to_string();
+        assert!(err.contains("vmq delivered nothing"), "{err}");
+        let empty = serde_json::json!({"results": []});
+        assert!(check_pvp_result(&empty, &["vmq"]).is_err());
+        assert!(check_pvp_result(&serde_json::json!({}), &["vmq"]).is_err());
+    }
 }

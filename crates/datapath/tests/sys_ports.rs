@@ -17,17 +17,10 @@ use vmq_sys::tap::{Tap, TapConfig};
 use vmq_wire::vnet::{FLAG_NEEDS_CSUM, GsoType};
 use vmq_wire::{MacAddr, VnetHdr};
 
+/// True when the test can run (root, `ip` present); else the test is recorded as skipped (a
+/// failure under `VMQ_REQUIRE_ALL=1`) and returns.
 fn can_run() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    if !status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")) {
-        println!("SKIPPED: needs root");
-        return false;
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        println!("SKIPPED: needs ip (iproute2)");
-        return false;
-    }
-    true
+    vmq_testkit::skip::root_with_tools_or_skip(&vmq_testkit::skip::current_test(), &["ip"])
 }
 
 fn unique(tag: &str) -> String {

@@ -6,6 +6,7 @@
 //! - [`link`]: interface index, MTU, MAC and up/down through ioctls;
 //! - [`tap`]: TAP interfaces with a 12-byte virtio-net header and kernel offloads;
 //! - [`packet`]: AF_PACKET uplink sockets (TPACKET_V3 RX ring, virtio-net header, fanout);
+//! - [`socket`]: options std's sockets lack (the IPv4 don't-fragment bit);
 //! - [`steering`]: the classic-BPF program that steers uplink frames to VM queues (pure logic).
 //!
 //! Every file descriptor is non-blocking and exposes `AsRawFd`, for the workers' epoll.
@@ -15,6 +16,7 @@ pub mod ifname;
 pub mod link;
 pub mod netns;
 pub mod packet;
+pub mod socket;
 pub mod steering;
 pub mod tap;
 

@@ -2,6 +2,11 @@
 //!
 //! - [`qemu`]: boots a Linux guest under QEMU (TCG) attached to a vhost-user socket and drives
 //!   its shell over the serial console.
+//! - [`skip`](mod@skip): the one way a test says it could not run here; counted by `.ci/run` and
+//!   fatal when `VMQ_REQUIRE_ALL=1`.
 #![forbid(unsafe_code)]
 
 pub mod qemu;
+pub mod skip;
+
+pub use skip::skip;

@@ -139,13 +139,14 @@ impl GuestImage {
     }
 }
 
-/// The guest image, or `None` after printing `SKIPPED: <test>: <reason>` when QEMU or the image
-/// is missing. Panics on an image of the wrong format: that is a broken setup, not a missing tool.
+/// The guest image, or `None` after [`crate::skip`] when QEMU or the image is missing (a panic
+/// when `VMQ_REQUIRE_ALL=1`). Panics on an image of the wrong format: that is a broken setup, not a
+/// missing tool.
 pub fn guest_image_or_skip(test: &str) -> Option<GuestImage> {
     match GuestImage::find(&GuestImage::default_dir()) {
         Ok(image) => Some(image),
         Err(Unavailable::Missing(reason)) => {
-            eprintln!("SKIPPED: {test}: {reason}");
+            crate::skip(test, &reason);
             None
         }
         Err(Unavailable::Stale(reason)) => panic!("{test}: {reason}"),

@@ -59,6 +59,8 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 
 #[derive(Serialize)]
 struct JsonReport {
+    /// The machine that measured: figures from another CPU or kernel are not comparable.
+    machine: Machine,
     memcpy_gbps: f64,
     workers: usize,
     vms: usize,
@@ -67,6 +69,32 @@ struct JsonReport {
     results: Vec<JsonResult>,
     /// VM-to-VM TCP with and without offloads (one worker): vmq's CPU per byte.
     tcp: Vec<JsonTcp>,
+}
+
+#[derive(Serialize)]
+struct Machine {
+    /// `model name` of /proc/cpuinfo.
+    cpu: String,
+    cpus: usize,
+    /// /proc/sys/kernel/osrelease.
+    kernel: String,
+}
+
+impl Machine {
+    fn this() -> Machine {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default();
+        Machine {
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -142,6 +170,8 @@ pub fn bench(args: &BenchArgs) -> ExitCode {
         policy: if args.policy == "dynamic" { QueuePolicy::Dynamic } else { QueuePolicy::Static },
     };
     if !args.json {
+        let machine = Machine::this();
+        eprintln!("vmq bench: on {} ({} CPUs), Linux {}", machine.cpu, machine.cpus, machine.kernel);
         eprintln!(
             "vmq bench: {} VMs, {} workers, queue budget {} ({}), {:.2} s per run (in-process virtio-net devices, no root needed)",
             opts.vms, opts.workers, opts.queues, args.policy, opts.seconds
@@ -164,6 +194,7 @@ pub fn bench(args: &BenchArgs) -> ExitCode {
     };
     if args.json {
         let report = JsonReport {
+            machine: Machine::this(),
             memcpy_gbps: memcpy,
             workers: opts.workers,
             vms: opts.vms,
@@ -254,7 +285,7 @@ fn print_table(memcpy: f64, results: &[BenchResult]) {
 
 fn print_tcp_table(results: &[TcpBenchResult]) {
     println!();
-    println!("VM-to-VM TCP, 1 worker saturated (CPU cost per KiB of payload delivered):");
+    println!("VM-to-VM TCP, 1 worker (its CPU time per KiB of payload delivered):");
     println!(
         "{:<15} {:>13} {:>12} {:>10} {:>10} {:>10} {:>14}",
         "case", "payload Gb/s", "ns/KiB", "frames", "segments", "coalesced", "CPU vs no-offl"

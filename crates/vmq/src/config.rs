@@ -405,8 +405,35 @@ mod tests {
 
     #[test]
     fn embedded_default_is_valid() {
+        // What the demo and the README rely on: vmq mode, 2 workers, 8 dynamic queues, a jumbo
+        // trunk uplink with native VLAN 10, and three jumbo TAP VMs, vm3 alone on VLAN 20.
         let c = parse(EMBEDDED_DEFAULT, "default").unwrap();
-        assert!(!c.ports.is_empty());
+        assert_eq!((c.mode, c.workers, c.vmq_queues, c.vmq_dynamic), (Mode::Vmq, 2, 8, true));
+        assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(c.metrics, Some(DEFAULT_METRICS.parse().unwrap()));
+        let summary: Vec<(&str, PortKind, u16, &VlanMode, Option<&str>)> = c
+            .ports
+            .iter()
+            .map(|p| {
+                let netns = match &p.backend {
+                    PortBackend::Uplink { netns, .. } | PortBackend::Tap { netns, .. } => netns.as_deref(),
+                    _ => None,
+                };
+                (p.spec.name.as_str(), p.spec.kind, p.spec.mtu, &p.spec.vlan, netns)
+            })
+            .collect();
+        let trunk = VlanMode::Trunk { allowed: vec![10, 20], native: Some(10) };
+        assert_eq!(
+            summary,
+            vec![
+                ("up0", PortKind::Uplink, 9000, &trunk, Some("vmq-demo-sw")),
+                ("vm1", PortKind::Tap, 9000, &VlanMode::Access(10), Some("vmq-demo-vm1")),
+                ("vm2", PortKind::Tap, 9000, &VlanMode::Access(10), Some("vmq-demo-vm2")),
+                ("vm3", PortKind::Tap, 9000, &VlanMode::Access(20), Some("vmq-demo-vm3")),
+            ]
+        );
+        let macs: Vec<Option<MacAddr>> = c.ports.iter().skip(1).map(|p| p.spec.mac).collect();
+        assert_eq!(macs, (1..=3).map(|i| Some(MacAddr([0x52, 0x54, 0, 0, 0, i]))).collect::<Vec<_>>());
     }
 
     #[test]

@@ -513,8 +513,8 @@ fn public_copy_of_vmq(dir: &TempDir) -> PathBuf {
 
 #[test]
 fn a_peer_that_is_not_root_nor_vmqs_user_is_denied() {
-    if !nix_is_root() {
-        println!("SKIPPED: needs root to run a client as uid 65534");
+    if !vmq_testkit::skip::is_root() {
+        vmq_testkit::skip(&vmq_testkit::skip::current_test(), "needs root to run a client as uid 65534");
         return;
     }
     // The socket file admits everybody, so only the peer credential check stands in the way.
@@ -532,14 +532,6 @@ fn a_peer_that_is_not_root_nor_vmqs_user_is_denied() {
     command.args(["ctl", "--socket", f.socket.to_str().unwrap(), "show"]);
     assert_eq!(run(command).code, 0);
     assert_eq!(f.seen(), vec![Request::Show]);
-}
-
-fn nix_is_root() -> bool {
-    // /proc/self/status: "Uid:\treal\teffective\t..."
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
-        .unwrap_or(false)
 }
 
 #[test]
@@ -585,7 +577,7 @@ fn top_without_vmq_exits_3() {
 fn interactive_top_quits_on_q_and_restores_the_terminal() {
     // `script` runs vmq top on a pseudo-terminal, so that the interactive mode is taken.
     if Command::new("script").arg("--version").output().is_err() {
-        println!("SKIPPED: `script` (util-linux) is not installed");
+        vmq_testkit::skip(&vmq_testkit::skip::current_test(), "`script` (util-linux) is not installed");
         return;
     }
     let f = Fixture::new("top-tty");

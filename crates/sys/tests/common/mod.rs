@@ -6,19 +6,10 @@ use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
 
-/// True when the test can run (root, `ip` present); else prints why and the test returns.
+/// True when the test can run (root, `ip` present); else the test is recorded as skipped (a
+/// failure under `VMQ_REQUIRE_ALL=1`) and returns.
 pub fn can_run() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-    if !root {
-        println!("SKIPPED: needs root");
-        return false;
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        println!("SKIPPED: needs ip (iproute2)");
-        return false;
-    }
-    true
+    vmq_testkit::skip::root_with_tools_or_skip(&vmq_testkit::skip::current_test(), &["ip"])
 }
 
 /// A name unique to this test and process: `vqs` + tag + pid.

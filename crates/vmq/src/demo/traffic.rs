@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmq_sys::netns;
+use vmq_sys::socket::set_dont_fragment;
 
 use super::lab::{Host, have, run};
 
@@ -83,18 +84,27 @@ pub fn reachable(tools: Tools, from: &Host, to: &Host, size: usize) -> Result<bo
 }
 
 /// A UDP echo in place of ping: the echo socket lives in `to`'s namespace, the probe in `from`'s.
+/// `size` bytes of UDP payload make an IPv4 packet as large as ping's ICMP one with `-s size`
+/// (both headers are 8 bytes), and both sockets set don't-fragment like `ping -M do`: a packet
+/// above the path MTU is refused at send, so it cannot pass as fragments.
 fn udp_echo(from: &Host, to: &Host, size: usize) -> Result<bool, TrafficError> {
     let server_addr = SocketAddr::from((to.ip, ECHO_PORT));
     let server = netns::run_in(&to.netns, || UdpSocket::bind(server_addr))?.map_err(io("echo socket"))?;
     server.set_read_timeout(Some(Duration::from_millis(200))).map_err(io("echo socket"))?;
+    set_dont_fragment(&server).map_err(io("echo socket: IP_MTU_DISCOVER"))?;
     let client = netns::run_in(&from.netns, || UdpSocket::bind((from.ip, 0)))?.map_err(io("probe socket"))?;
     client.set_read_timeout(Some(Duration::from_millis(200))).map_err(io("probe socket"))?;
-    let payload = vec![0x5a; size.min(1400)];
+    set_dont_fragment(&client).map_err(io("probe socket: IP_MTU_DISCOVER"))?;
+    let payload = vec![0x5a; size];
     let deadline = Instant::now() + Duration::from_secs(2);
-    let mut buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; size + 1];
     while Instant::now() < deadline {
-        // The first probe may be spent on ARP.
-        let _ = client.send_to(&payload, server_addr);
+        // The first probe may be spent on ARP. EMSGSIZE (above the MTU, DF set) is "unreachable".
+        if let Err(e) = client.send_to(&payload, server_addr)
+            && e.raw_os_error() == Some(nix::errno::Errno::EMSGSIZE as i32)
+        {
+            return Ok(false);
+        }
         if let Ok((n, peer)) = server.recv_from(&mut buf) {
             let _ = server.send_to(&buf[..n], peer);
         }

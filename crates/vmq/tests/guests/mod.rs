@@ -33,22 +33,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut ready: impl FnMut() -> Res
     }
 }
 
-/// True when the test can run here: root and `ip`. Otherwise prints `SKIPPED: ...`.
+/// True when the test can run here: root (namespaces, TAP, AF_PACKET), `ip`, `iperf3` and
+/// `ping`. Otherwise the test is recorded as skipped (a failure under `VMQ_REQUIRE_ALL=1`).
 pub fn root_or_skip(test: &str) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-    if !root {
-        eprintln!("SKIPPED: {test}: needs root (namespaces, TAP, AF_PACKET)");
-        return false;
-    }
-    for tool in ["ip", "iperf3", "ping"] {
-        if Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map_or(true, |o| !o.status.success())
-        {
-            eprintln!("SKIPPED: {test}: {tool} is not installed");
-            return false;
-        }
-    }
-    true
+    vmq_testkit::skip::root_with_tools_or_skip(test, &["ip", "iperf3", "ping"])
 }
 
 /// A directory for one test's files (configuration, sockets, vmq's log), removed on drop.

@@ -20,21 +20,10 @@ pub const VMQ: &str = env!("CARGO_BIN_EXE_vmq");
 /// Longest any single wait in these tests may take.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// True when the tests can run here (root, `ip`, `ping`, `timeout`); else prints why.
+/// True when the tests can run here (root, `ip`, `ping`, `timeout`); else the test is recorded
+/// as skipped (a failure under `VMQ_REQUIRE_ALL=1`) and returns.
 pub fn can_run() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-    if !root {
-        println!("SKIPPED: needs root");
-        return false;
-    }
-    for (tool, arg) in [("ip", "-V"), ("ping", "-V"), ("timeout", "--version")] {
-        if Command::new(tool).arg(arg).output().is_err() {
-            println!("SKIPPED: needs {tool}");
-            return false;
-        }
-    }
-    true
+    vmq_testkit::skip::root_with_tools_or_skip(&vmq_testkit::skip::current_test(), &["ip", "ping", "timeout"])
 }
 
 /// A name unique to this test and process: `vqn` + tag + 4 digits of the pid. Keep tags at
