@@ -7,6 +7,7 @@
 //! - [`tap`]: TAP interfaces with a 12-byte virtio-net header and kernel offloads;
 //! - [`packet`]: AF_PACKET uplink sockets (TPACKET_V3 RX ring, virtio-net header, fanout);
 //! - [`steering`]: the classic-BPF program that steers uplink frames to VM queues (pure logic).
+//! - [`unix_socket`]: listening Unix sockets with a set owner, group and mode; peer credentials.
 //!
 //! Every file descriptor is non-blocking and exposes `AsRawFd`, for the workers' epoll.
 
@@ -17,6 +18,7 @@ pub mod netns;
 pub mod packet;
 pub mod steering;
 pub mod tap;
+pub mod unix_socket;
 
 pub use ifname::IfNameError;
 
