@@ -148,6 +148,8 @@ pub fn port_counters(name: &str, s: &PortStatsSnapshot) -> PortCounters {
             gso_passed: s.offload_gso_passed,
         },
         fdb_full: s.fdb_full,
+        kernel_drops: s.kernel_drops,
+        corrupt_blocks: s.corrupt_blocks,
     }
 }
 
@@ -233,7 +235,10 @@ mod tests {
 
     #[test]
     fn counters_name_every_drop_reason() {
-        let c = port_counters("vm1", &PortStatsSnapshot { rx_packets: 3, fdb_full: 2, ..Default::default() });
+        let snapshot =
+            PortStatsSnapshot { rx_packets: 3, fdb_full: 2, kernel_drops: 7, corrupt_blocks: 1, ..Default::default() };
+        let c = port_counters("vm1", &snapshot);
+        assert_eq!((c.kernel_drops, c.corrupt_blocks), (7, 1));
         assert_eq!(c.drops.len(), DropReason::ALL.len());
         assert!(c.drops.contains_key("oversize") && c.drops.contains_key("no_buffer"));
         assert_eq!((c.rx_packets, c.fdb_full), (3, 2));
