@@ -77,6 +77,15 @@ pub fn port_config(new: &NewPort, existing: &[PortConfig]) -> Result<PortConfig,
         other => ControlError::internal(other.to_string()),
     })?;
     let mut port = parsed.ports.pop().ok_or_else(|| ControlError::internal("the port vanished in parsing"))?;
+    // The file's checks across ports, against the running ones (same socket, interface, or
+    // MAC on a shared VLAN).
+    if let Some((other, conflict)) = existing.iter().find_map(|o| Some((o, config::conflict(&port, o)?))) {
+        return Err(ControlError::invalid_value(format!(
+            "port {:?}: {}",
+            new.name,
+            conflict.describe(&other.spec.name)
+        )));
+    }
     if let Some(uplink) = &new.uplink {
         if !port.spec.kind.is_vm() {
             return Err(ControlError::invalid_value(format!(
@@ -231,6 +240,15 @@ mod tests {
         assert!(invalid(tap).contains("takes no `uplink`"));
         let e = port_config(&vm("up0"), &[uplink()]).unwrap_err();
         assert_eq!(e.code, ErrorCode::PortExists);
+        // Conflicts with running ports, as between ports of the file.
+        let vm3 = port_config(&vm("vm3"), &[uplink()]).unwrap();
+        let same_mac = NewPort { socket: Some("/run/vmq/other.sock".into()), ..vm("vm4") };
+        let e = port_config(&same_mac, &[uplink(), vm3.clone()]).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidValue);
+        assert!(e.message.contains("mac 52:54:00:00:00:03 on VLAN 0 is also port \"vm3\"'s"), "{}", e.message);
+        let same_socket = NewPort { mac: Some("52:54:00:00:00:04".into()), ..vm("vm4") };
+        let e = port_config(&NewPort { socket: Some("/run/vmq/vm3.sock".into()), ..same_socket }, &[vm3]).unwrap_err();
+        assert!(e.message.contains("socket /run/vmq/vm3.sock is also port \"vm3\"'s"), "{}", e.message);
     }
 
     #[test]
