@@ -97,7 +97,7 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let ports = &self.0.ports;
         type Get = fn(&PortMetrics) -> u64;
-        let per_port: [(&str, &str, Get); 9] = [
+        let per_port: [(&str, &str, Get); 11] = [
             ("vmq_port_rx_packets", "Frames received from the port", |p| p.counters.rx_packets),
             ("vmq_port_rx_bytes", "Bytes received from the port", |p| p.counters.rx_bytes),
             ("vmq_port_tx_packets", "Frames sent to the port", |p| p.counters.tx_packets),
@@ -115,6 +115,10 @@ impl Collector for SnapshotCollector {
                 p.counters.offload.gso_passed
             }),
             ("vmq_fdb_full", "MAC learning refused on the port because the table was full", |p| p.counters.fdb_full),
+            ("vmq_port_kernel_drops", "Frames the kernel dropped before vmq read them (AF_PACKET ring full)", |p| {
+                p.counters.kernel_drops
+            }),
+            ("vmq_port_corrupt_blocks", "AF_PACKET ring blocks skipped as corrupt", |p| p.counters.corrupt_blocks),
         ];
         for (name, help, get) in per_port {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

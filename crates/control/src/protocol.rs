@@ -432,6 +432,13 @@ pub struct PortCounters {
     pub offload: OffloadCounters,
     /// FDB learning refused because the table was full.
     pub fdb_full: u64,
+    /// Frames the kernel dropped before vmq read them (uplinks: a full AF_PACKET ring). Not in
+    /// `rx_packets` nor in `drops`.
+    #[serde(default)]
+    pub kernel_drops: u64,
+    /// AF_PACKET ring blocks skipped as corrupt (uplinks).
+    #[serde(default)]
+    pub corrupt_blocks: u64,
 }
 
 impl PortCounters {

@@ -305,6 +305,14 @@ fn stats(ports: &[PortCounters], out: &mut String) {
             let _ = writeln!(out, "  {}: {}", p.port, reasons.join(", "));
         }
     }
+    let with_kernel_losses: Vec<&PortCounters> =
+        ports.iter().filter(|p| p.kernel_drops > 0 || p.corrupt_blocks > 0).collect();
+    if !with_kernel_losses.is_empty() {
+        out.push_str("\nlost in the kernel (not in RX_PACKETS or DROPS):\n");
+        for p in with_kernel_losses {
+            let _ = writeln!(out, "  {}: ring full {}, corrupt blocks {}", p.port, p.kernel_drops, p.corrupt_blocks);
+        }
+    }
 }
 
 fn worker_table(workers: &[WorkerInfo], out: &mut String) {
@@ -438,6 +446,22 @@ mod tests {
             drops: [("oversize".to_string(), drops)].into(),
             ..PortCounters::default()
         }
+    }
+
+    #[test]
+    fn stats_show_kernel_losses_only_where_there_are_some() {
+        let quiet = counters("vm1", 5, 0);
+        let lossy = PortCounters { kernel_drops: 17, corrupt_blocks: 2, ..counters("up0", 9, 0) };
+        let mut out = String::new();
+        stats(std::slice::from_ref(&quiet), &mut out);
+        assert!(!out.contains("kernel"), "{out}");
+        out.clear();
+        stats(&[quiet, lossy], &mut out);
+        assert!(
+            out.contains("lost in the kernel (not in RX_PACKETS or DROPS):\n  up0: ring full 17, corrupt blocks 2\n"),
+            "{out}"
+        );
+        assert!(!out.contains("vm1: ring full"), "{out}");
     }
 
     #[test]

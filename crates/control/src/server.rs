@@ -16,7 +16,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{getsockopt, sockopt};
 
 use crate::lines::{self, LineError};
 use crate::protocol::{ControlError, ErrorCode, MAX_REQUEST_BYTES, Reply, Request, Response};
@@ -315,15 +314,15 @@ fn admit(shared: &Arc<Shared>, stream: UnixStream) -> Option<JoinHandle<()>> {
         let _ = s.write_all(Reply(Err(error)).to_line().as_bytes());
         let _ = stream.shutdown(std::net::Shutdown::Both);
     };
-    match getsockopt(&stream, sockopt::PeerCredentials) {
-        Ok(cred) if peer_allowed(cred.uid(), shared.euid) => {}
+    match vmq_sys::unix_socket::peer_credentials(&stream) {
+        Ok(cred) if peer_allowed(cred.uid, shared.euid) => {}
         Ok(cred) => {
-            tracing::warn!(uid = cred.uid(), pid = cred.pid(), "control socket: peer denied");
+            tracing::warn!(uid = cred.uid, pid = cred.pid, "control socket: peer denied");
             refuse(
                 &stream,
                 ControlError::new(
                     ErrorCode::Denied,
-                    format!("uid {} may not control vmq (only root and uid {})", cred.uid(), shared.euid),
+                    format!("uid {} may not control vmq (only root and uid {})", cred.uid, shared.euid),
                 ),
             );
             return None;

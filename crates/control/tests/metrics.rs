@@ -29,6 +29,8 @@ fn snapshot(scrape: u64) -> MetricsSnapshot {
                 gso_passed: base + 10,
             },
             fdb_full: base + 11,
+            kernel_drops: base + 12,
+            corrupt_blocks: base + 13,
         },
         up,
         queue_assigned: queue,
@@ -165,6 +167,8 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
             ("vmq_offload_coalesced_total", c.offload.coalesced),
             ("vmq_offload_gso_passed_total", c.offload.gso_passed),
             ("vmq_fdb_full_total", c.fdb_full),
+            ("vmq_port_kernel_drops_total", c.kernel_drops),
+            ("vmq_port_corrupt_blocks_total", c.corrupt_blocks),
             ("vmq_queue_assigned", u64::from(p.queue_assigned)),
             ("vmq_port_up", u64::from(p.up)),
         ] {
@@ -182,7 +186,7 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
         let counter = name.ends_with("_total");
         assert_eq!(kind, if counter { "counter" } else { "gauge" }, "{name}");
     }
-    assert_eq!(types.len(), 13);
+    assert_eq!(types.len(), 15);
 
     // The callback runs per scrape: the next scrape has the next snapshot's values.
     let (_, samples) = parse_exposition(&get(exporter.local_addr(), "/metrics?ignored=1").body);
@@ -234,5 +238,5 @@ fn shutdown_is_prompt_and_releases_the_port() {
     assert_eq!(again.local_addr(), addr);
     let (types, samples) = parse_exposition(&get(addr, "/metrics").body);
     assert!(samples.is_empty());
-    assert_eq!(types.len(), 13, "families are described even with no ports");
+    assert_eq!(types.len(), 15, "families are described even with no ports");
 }

@@ -61,6 +61,8 @@ fn counters(name: &str) -> PortCounters {
         drops: [("oversize".to_string(), 2), ("spoofed".to_string(), 0)].into(),
         offload: OffloadCounters { segments: 4, csum_finished: 5, coalesced: 6, gso_passed: 7 },
         fdb_full: 1,
+        kernel_drops: 8,
+        corrupt_blocks: 9,
     }
 }
 

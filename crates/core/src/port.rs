@@ -75,14 +75,28 @@ impl PortSpec {
 /// How a port is attached; what the data path needs besides [`PortSpec`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PortBackend {
-    /// vhost-user-net server socket (the VM connects to it).
-    VhostUser { socket: std::path::PathBuf },
+    /// vhost-user-net server socket (the VM connects to it), and who may use it.
+    VhostUser { socket: std::path::PathBuf, policy: SocketPolicy },
     /// A TAP interface vmq creates, optionally inside a network namespace (created if asked).
     Tap { ifname: String, netns: Option<String>, create_netns: bool },
     /// A host interface (in `netns`, if given) used through AF_PACKET.
     Uplink { ifname: String, netns: Option<String> },
     /// In-process virtio-net device (tests, bench).
     Mem,
+}
+
+/// Who may use a vhost-user socket, and how long a connection may take to start the protocol.
+/// `None` fields take the server's defaults (owner and group: vmq's; mode 0660; any peer that
+/// can open the file; 30 s).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketPolicy {
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    pub mode: Option<u32>,
+    /// Peer uids (`SO_PEERCRED`) allowed to connect; `None`: anyone the file mode lets in.
+    pub allowed_uids: Option<Vec<u32>>,
+    /// A connection that has not sent SET_OWNER after this long is closed.
+    pub setup_timeout: Option<std::time::Duration>,
 }
 
 /// A port as configured: the core's view plus the attachment. `uplink` names the uplink port

@@ -83,6 +83,11 @@ pub struct PortStats {
     pub offload_gso_passed: AtomicU64,
     /// FDB learning refused because the table was full (frame still forwarded).
     pub fdb_full: AtomicU64,
+    /// Frames the kernel dropped before vmq saw them (AF_PACKET ring full: `tp_drops`). Not
+    /// in `rx_packets` nor in the drops by reason, which count frames vmq received.
+    pub kernel_drops: AtomicU64,
+    /// AF_PACKET ring blocks skipped because the kernel's block header made no sense.
+    pub corrupt_blocks: AtomicU64,
 }
 
 /// A snapshot of [`PortStats`], plain numbers.
@@ -98,6 +103,8 @@ pub struct PortStatsSnapshot {
     pub offload_coalesced: u64,
     pub offload_gso_passed: u64,
     pub fdb_full: u64,
+    pub kernel_drops: u64,
+    pub corrupt_blocks: u64,
 }
 
 impl PortStatsSnapshot {
@@ -151,6 +158,8 @@ impl PortStats {
             offload_coalesced: self.offload_coalesced.load(Relaxed),
             offload_gso_passed: self.offload_gso_passed.load(Relaxed),
             fdb_full: self.fdb_full.load(Relaxed),
+            kernel_drops: self.kernel_drops.load(Relaxed),
+            corrupt_blocks: self.corrupt_blocks.load(Relaxed),
         }
     }
 }

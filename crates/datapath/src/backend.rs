@@ -32,7 +32,7 @@ impl Backends for DefaultBackends {
                 let (_guest, source, sink) = crate::mem::mem_port(config.spec.offloads, false);
                 Ok(Attachment::new(Box::new(sink), Some(Box::new(source))))
             }
-            PortBackend::VhostUser { socket } => {
+            PortBackend::VhostUser { socket, policy } => {
                 let mac = config.spec.mac.ok_or_else(|| DatapathError::Backend {
                     port: port.clone(),
                     message: "a vhost-user port needs a MAC".into(),
@@ -46,7 +46,7 @@ impl Backends for DefaultBackends {
                     port: port.clone(),
                     message: "vhost-user service unavailable".into(),
                 })?;
-                service.attach(&port, socket.clone(), device, ctx.handle)
+                service.attach(&port, socket.clone(), policy.clone(), device, ctx.handle)
             }
             PortBackend::Tap { ifname, netns, create_netns } => {
                 let cfg = TapConfig {

@@ -25,7 +25,7 @@ use vmq_wire::VnetHdr;
 use vmq_wire::ethernet::parse_l2;
 
 use crate::egress::{EgressScratch, EgressTally, OutPort, apply_edit, deliver, is_tcp_candidate};
-use crate::port::{BATCH, FrameSink, FrameSource, GuestTail, RecvError, Scratch};
+use crate::port::{BATCH, FrameSink, FrameSource, GuestTail, KernelCounters, RecvError, Scratch};
 use vmq_offload::Coalescer;
 
 /// How long a worker keeps polling after its last frame before it sleeps: long enough to catch
@@ -519,7 +519,17 @@ impl Worker {
     pub fn run_task(&mut self, task: &Task) -> usize {
         self.scratch.clear();
         self.errors.clear();
-        let n = lock(&task.source).recv(&mut self.scratch, BATCH, &mut self.errors);
+        let (n, kernel) = {
+            let mut source = lock(&task.source);
+            let n = source.recv(&mut self.scratch, BATCH, &mut self.errors);
+            (n, source.kernel_counters())
+        };
+        if kernel != KernelCounters::default()
+            && let Some(entry) = self.table.get(task.kind.in_port())
+        {
+            entry.stats.kernel_drops.fetch_add(kernel.drops, Ordering::Relaxed);
+            entry.stats.corrupt_blocks.fetch_add(kernel.corrupt_blocks, Ordering::Relaxed);
+        }
         let n = self.process(task, n);
         if self.scratch.has_tails() {
             // Everything is delivered: the sender may have its buffers back.

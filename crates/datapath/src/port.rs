@@ -29,6 +29,15 @@ pub enum RecvError {
     Gone,
 }
 
+/// What the kernel lost on a source's behalf, since the previous [`FrameSource::kernel_counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Frames dropped before vmq could read them (a full AF_PACKET ring).
+    pub drops: u64,
+    /// Ring blocks skipped as corrupt.
+    pub corrupt_blocks: u64,
+}
+
 pub trait FrameSource: Send {
     /// Moves up to `max` frames (header + frame each) into `scratch`; returns how many.
     /// Frames that could not be taken are reported in `errors`.
@@ -45,6 +54,12 @@ pub trait FrameSource: Send {
     /// sources are only polled when their wake fd reports something.
     fn polls_cheaply(&self) -> bool {
         true
+    }
+
+    /// The kernel's losses since the last call (deltas). Called after every batch, so a
+    /// source whose counters cost a syscall reads them only now and then.
+    fn kernel_counters(&mut self) -> KernelCounters {
+        KernelCounters::default()
     }
 
     /// The wake fd fired: consume the event (an eventfd must be read, or it stays readable).

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use vmq_core::vmq::{FilterKey, QueueId};
 use vmq_core::{DropReason, OffloadCaps};
@@ -18,7 +19,7 @@ use vmq_sys::steering::SteeringRule;
 use vmq_wire::VnetHdr;
 use vmq_wire::vnet::FLAG_NEEDS_CSUM;
 
-use crate::port::{FrameSink, FrameSource, NicSteering, RecvError, Scratch};
+use crate::port::{FrameSink, FrameSource, KernelCounters, NicSteering, RecvError, Scratch};
 
 const VLAN_HLEN: usize = 4;
 
@@ -59,13 +60,24 @@ pub fn write_rx_frame(out: &mut [u8], vnet_hdr: &[u8; 12], data: &[u8], vlan: Op
 pub struct UplinkQueue {
     socket: PacketSocket,
     queue: QueueId,
+    /// When the kernel's counters are read next (a syscall; they reset on each read).
+    next_stats: Instant,
+    /// Corrupt blocks already reported.
+    corrupt_reported: u64,
 }
+
+/// How often a queue reads its socket's kernel counters.
+const KERNEL_STATS_INTERVAL: Duration = Duration::from_millis(100);
 
 impl UplinkQueue {
     /// A lone receive socket as the default queue: the fallback when the kernel refuses fanout
     /// (everything then goes through the software switch).
     pub fn open_single(ifname: &str, netns: Option<&str>, ring: RingConfig) -> Result<UplinkQueue, PacketError> {
-        Ok(UplinkQueue { socket: PacketSocket::open_rx(ifname, netns, ring)?, queue: QueueId::DEFAULT })
+        Ok(UplinkQueue::new(PacketSocket::open_rx(ifname, netns, ring)?, QueueId::DEFAULT))
+    }
+
+    fn new(socket: PacketSocket, queue: QueueId) -> UplinkQueue {
+        UplinkQueue { socket, queue, next_stats: Instant::now(), corrupt_reported: 0 }
     }
 
     pub fn queue(&self) -> QueueId {
@@ -105,6 +117,25 @@ impl FrameSource for UplinkQueue {
 
     fn wake_fd(&mut self) -> Option<RawFd> {
         Some(self.raw_fd())
+    }
+
+    fn kernel_counters(&mut self) -> KernelCounters {
+        let now = Instant::now();
+        if now < self.next_stats {
+            return KernelCounters::default();
+        }
+        self.next_stats = now + KERNEL_STATS_INTERVAL;
+        let drops = match self.socket.stats() {
+            Ok(stats) => u64::from(stats.drops),
+            Err(e) => {
+                tracing::debug!(error = %e, "uplink: cannot read the ring's kernel counters");
+                0
+            }
+        };
+        let corrupt = self.socket.corrupt_blocks();
+        let corrupt_blocks = corrupt.saturating_sub(self.corrupt_reported);
+        self.corrupt_reported = corrupt;
+        KernelCounters { drops, corrupt_blocks }
     }
 }
 
@@ -237,11 +268,8 @@ impl Uplink {
         ring: RingConfig,
     ) -> Result<Uplink, PacketError> {
         let (group, sockets) = FanoutGroup::open(ifname, netns, usize::from(vm_queues) + 1, ring)?;
-        let queues = sockets
-            .into_iter()
-            .enumerate()
-            .map(|(k, socket)| UplinkQueue { socket, queue: QueueId(k as u16) })
-            .collect();
+        let queues =
+            sockets.into_iter().enumerate().map(|(k, socket)| UplinkQueue::new(socket, QueueId(k as u16))).collect();
         Ok(Uplink { queues, sink: UplinkSink::open(ifname, netns, offloads)?, steering: UplinkSteering::new(group) })
     }
 }

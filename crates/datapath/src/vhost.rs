@@ -18,7 +18,7 @@ use virtio_bindings::virtio_net::{
 };
 use vm_memory::GuestAddressSpace;
 use vmq_core::{DropReason, OffloadCaps};
-use vmq_vhost::server::VhostUserServer;
+use vmq_vhost::server::{SocketPolicy, VhostUserServer};
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
@@ -298,6 +298,7 @@ enum Command {
     Add {
         name: String,
         socket: PathBuf,
+        policy: SocketPolicy,
         config: NetDeviceConfig,
         device: Arc<NetDevice>,
         handle: PortHandle,
@@ -331,13 +332,13 @@ impl VhostService {
                     }
                     loop {
                         match rx.try_recv() {
-                            Ok(Command::Add { name, socket, config, device, handle, reply }) => {
+                            Ok(Command::Add { name, socket, policy, config, device, handle, reply }) => {
                                 let on_event = Box::new(move |event| match event {
                                     DeviceEvent::Started => handle.set_up(true),
                                     DeviceEvent::Stopped => handle.set_up(false),
                                 });
                                 let result = server
-                                    .add_port(&name, &socket, config, device, on_event)
+                                    .add_port_with(&name, &socket, &policy, config, device, on_event)
                                     .map_err(|e| e.to_string());
                                 let _ = reply.send(result);
                             }
@@ -361,6 +362,7 @@ impl VhostService {
         &self,
         name: &str,
         socket: PathBuf,
+        policy: SocketPolicy,
         config: NetDeviceConfig,
         handle: PortHandle,
     ) -> Result<Attachment, DatapathError> {
@@ -368,7 +370,15 @@ impl VhostService {
         let (reply, result) = channel();
         let backend_err = |message: String| DatapathError::Backend { port: name.to_string(), message };
         self.commands
-            .send(Command::Add { name: name.to_string(), socket, config, device: device.clone(), handle, reply })
+            .send(Command::Add {
+                name: name.to_string(),
+                socket,
+                policy,
+                config,
+                device: device.clone(),
+                handle,
+                reply,
+            })
             .map_err(|_| backend_err("the vhost-user service thread is gone".into()))?;
         result
             .recv_timeout(Duration::from_secs(10))

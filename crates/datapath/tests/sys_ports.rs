@@ -280,3 +280,54 @@ fn uplink_queues_follow_filters_carry_vlan_tags_and_transmit() {
         || replied.get(),
     );
 }
+
+#[test]
+fn a_full_uplink_ring_reports_the_kernels_drops() {
+    if !can_run() {
+        return;
+    }
+    let host = Netns::create(&unique("dkh")).expect("netns");
+    let sw = Netns::create(&unique("dks")).expect("netns");
+    ip_in(host.name(), &["link", "add", "vqs-kh0", "type", "veth", "peer", "name", "vqs-ku0", "netns", sw.name()]);
+    ip_in(host.name(), &["addr", "add", "10.73.0.1/24", "dev", "vqs-kh0"]);
+    ip_in(host.name(), &["link", "set", "vqs-kh0", "up"]);
+    ip_in(sw.name(), &["link", "set", "vqs-ku0", "up"]);
+    ip_in(host.name(), &["neigh", "replace", "10.73.0.2", "lladdr", "52:54:00:73:00:02", "dev", "vqs-kh0"]);
+    let udp = host.run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    // The smallest ring: two blocks, each holding a few hundred small frames.
+    let ring = RingConfig { block_size: 128 * 1024, block_count: 2, retire_timeout_ms: 2 };
+    let mut queue = vmq_datapath::uplink::UplinkQueue::open_single("vqs-ku0", Some(sw.name()), ring).expect("uplink");
+    // Nothing read yet: the kernel's counters start at zero.
+    assert_eq!(queue.kernel_counters().drops, 0);
+    // A stalled reader: flood without reading, far more frames than two blocks hold.
+    let sent = 20_000u64;
+    for _ in 0..sent {
+        udp.send_to(&[0u8; 64], SocketAddr::from(([10, 73, 0, 2], 9))).unwrap();
+    }
+    // The counters are read at most every 100 ms: poll (bounded) until the reading is due.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let kernel = loop {
+        let k = queue.kernel_counters();
+        if k.drops > 0 {
+            break k;
+        }
+        assert!(Instant::now() < deadline, "no kernel drops reported after a flood into a stalled 2-block ring");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Then the reader drains what the ring held: held + dropped never exceeds what was sent.
+    let mut scratch = Scratch::new();
+    let mut errors = Vec::new();
+    let mut received = 0u64;
+    loop {
+        scratch.clear();
+        let n = queue.recv(&mut scratch, 32, &mut errors) as u64;
+        if n == 0 && !vmq_sys::wait_readable(&Fd(queue.raw_fd()), Duration::from_millis(50)).unwrap() {
+            break;
+        }
+        received += n;
+    }
+    assert!(received > 0 && received < sent, "received {received} of {sent}");
+    assert!(received + kernel.drops <= sent, "received {received} + dropped {} > sent {sent}", kernel.drops);
+    assert_eq!(kernel.corrupt_blocks, 0);
+    println!("sent {sent}, kernel dropped {}, received {received}", kernel.drops);
+}

@@ -8,6 +8,7 @@
 //! - [`packet`]: AF_PACKET uplink sockets (TPACKET_V3 RX ring, virtio-net header, fanout);
 //! - [`socket`]: options std's sockets lack (the IPv4 don't-fragment bit);
 //! - [`steering`]: the classic-BPF program that steers uplink frames to VM queues (pure logic).
+//! - [`unix_socket`]: listening Unix sockets with a set owner, group and mode; peer credentials.
 //!
 //! Every file descriptor is non-blocking and exposes `AsRawFd`, for the workers' epoll.
 
@@ -19,6 +20,7 @@ pub mod packet;
 pub mod socket;
 pub mod steering;
 pub mod tap;
+pub mod unix_socket;
 
 pub use ifname::IfNameError;
 

@@ -5,6 +5,20 @@
 //! socket. A frontend that sends something malformed is disconnected with a logged reason;
 //! the other ports are not affected.
 //!
+//! Who may connect, per port ([`SocketPolicy`]): the socket file gets its owner, group and
+//! mode before the server listens (default mode 0660, never the umask's), and an optional list
+//! of peer uids is checked with `SO_PEERCRED` on every accept. A socket file something listens
+//! on (another vmq, or another port's) is never replaced; a stale one is.
+//!
+//! One frontend per socket, as in OVS/DPDK: while a frontend is connected, further connections
+//! are accepted and closed at once (counted as refused). A connection that has not sent
+//! SET_OWNER — the first request of QEMU, DPDK's virtio-user and cloud-hypervisor — within the
+//! port's setup timeout ([`SETUP_TIMEOUT`] by default) is closed, so a process that merely
+//! connects cannot hold the port; once the connection ends the port accepts again. A frontend
+//! past SET_OWNER keeps the port however long it idles: a VM may sit in its firmware or run
+//! without a virtio-net driver for any time before SET_MEM_TABLE, so idling there is legitimate,
+//! and keeping strangers from getting that far is the job of the socket's mode and uid list.
+//!
 //! The `vhost` crate reads and writes messages with retry loops that never give up on EAGAIN, so
 //! this thread only lets it run when it cannot loop: it hands over a message only once the whole
 //! message has arrived (peeked), and only while the socket can take a reply (otherwise the
@@ -14,7 +28,6 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,6 +35,8 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{BackendReqHandler, Error as ProtoError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+pub use vmq_core::SocketPolicy;
+use vmq_sys::unix_socket::{self, ListenError, SocketFileAccess};
 
 use crate::backend::{DeviceEvent, NetBackend, NetDeviceConfig, Refusal};
 use crate::device::NetDevice;
@@ -29,16 +44,18 @@ use crate::device::NetDevice;
 /// How long a frontend may leave a message incomplete or its replies unread (default of
 /// [`VhostUserServer::set_stall_timeout`]).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new connection may take to send SET_OWNER, unless its port's policy says.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pending connections the kernel queues per socket.
+const LISTEN_BACKLOG: i32 = 16;
 /// Messages handled per connection and turn: a frontend that floods requests (and reads the
 /// replies) gets its turn again after every other ready port.
 const MESSAGES_PER_TURN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("vhost-user socket {path}: {source}")]
-    Socket { path: PathBuf, source: io::Error },
-    #[error("vhost-user socket {0}: a file that is not a socket is in the way")]
-    NotASocket(PathBuf),
+    #[error("vhost-user socket: {0}")]
+    Listen(#[from] ListenError),
     #[error("epoll: {0}")]
     Epoll(io::Error),
     #[error("no vhost-user port named {0:?}")]
@@ -75,6 +92,8 @@ const MAX_BODY_LEN: usize = 0x1000;
 
 /// Requests this module handles itself instead of the `vhost` crate (see `Connection::intercept`).
 const SET_VRING_ENABLE: u32 = 18;
+/// The request that ends the setup timeout.
+const SET_OWNER: u32 = 3;
 const NET_SET_MTU: u32 = 20;
 const FLAG_VERSION_MASK: u32 = 0x3;
 const FLAG_VERSION_1: u32 = 0x1;
@@ -89,6 +108,8 @@ struct Connection {
     peek: UnixStream,
     /// Since when, and why, the connection cannot make progress.
     stalled: Option<(Instant, Stall)>,
+    /// Until when the frontend may take to send SET_OWNER; `None` once it has.
+    setup_deadline: Option<Instant>,
 }
 
 /// Why a connection waits for its frontend.
@@ -237,11 +258,18 @@ impl Connection {
 struct Port {
     name: String,
     path: PathBuf,
+    /// Device and inode of the socket file we made, so that we never remove somebody else's.
+    file_id: Option<(u64, u64)>,
     listener: UnixListener,
     backend: Arc<Mutex<NetBackend>>,
     connection: Option<Connection>,
     /// Connections accepted so far.
     connections: u64,
+    /// Connections closed at once: a frontend was connected already, or the peer's uid is not
+    /// allowed.
+    refused: u64,
+    allowed_uids: Option<Vec<u32>>,
+    setup_timeout: Duration,
 }
 
 /// Connection state of a port, for `vmq ctl` and tests.
@@ -252,6 +280,8 @@ pub struct PortStatus {
     pub running: bool,
     /// Frontend connections accepted since the port was added.
     pub connections: u64,
+    /// Connections refused: a second frontend, or a peer uid not allowed.
+    pub refused: u64,
 }
 
 pub struct VhostUserServer {
@@ -262,23 +292,6 @@ pub struct VhostUserServer {
     /// Connections that used up their turn with messages left (and whether the peer hung up):
     /// edge-triggered epoll will not report them again, so they are served on the next poll.
     backlog: Vec<(usize, bool)>,
-}
-
-fn bind(path: &Path) -> Result<UnixListener, ServerError> {
-    let socket_err = |source| ServerError::Socket { path: path.to_path_buf(), source };
-    // A socket file left by an earlier run is replaced; anything else is not ours to delete.
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(socket_err)?,
-        Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(socket_err(e)),
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(socket_err)?;
-    }
-    let listener = UnixListener::bind(path).map_err(socket_err)?;
-    listener.set_nonblocking(true).map_err(socket_err)?;
-    Ok(listener)
 }
 
 impl VhostUserServer {
@@ -297,8 +310,8 @@ impl VhostUserServer {
         self.stall_timeout = timeout;
     }
 
-    /// Listens on `path` for the VM of port `name`. `on_event` runs on this thread when the
-    /// device starts or stops.
+    /// Listens on `path` for the VM of port `name`, with the default [`SocketPolicy`].
+    /// `on_event` runs on this thread when the device starts or stops.
     pub fn add_port(
         &mut self,
         name: &str,
@@ -307,7 +320,23 @@ impl VhostUserServer {
         device: Arc<NetDevice>,
         on_event: Box<dyn FnMut(DeviceEvent) + Send>,
     ) -> Result<(), ServerError> {
-        let listener = bind(path)?;
+        self.add_port_with(name, path, &SocketPolicy::default(), config, device, on_event)
+    }
+
+    /// Like [`VhostUserServer::add_port`], with the socket's owner, group, mode, allowed peers
+    /// and setup timeout from `policy`.
+    pub fn add_port_with(
+        &mut self,
+        name: &str,
+        path: &Path,
+        policy: &SocketPolicy,
+        config: NetDeviceConfig,
+        device: Arc<NetDevice>,
+        on_event: Box<dyn FnMut(DeviceEvent) + Send>,
+    ) -> Result<(), ServerError> {
+        let access = SocketFileAccess { owner: policy.owner, group: policy.group, mode: policy.mode };
+        // Non-blocking already (the socket is created so).
+        let listener = unix_socket::listen(path, &access, LISTEN_BACKLOG)?;
         let index = self.ports.len();
         self.epoll
             .ctl(
@@ -320,10 +349,14 @@ impl VhostUserServer {
         self.ports.push(Some(Port {
             name: name.to_string(),
             path: path.to_path_buf(),
+            file_id: file_id(path),
             listener,
             backend,
             connection: None,
             connections: 0,
+            refused: 0,
+            allowed_uids: policy.allowed_uids.clone(),
+            setup_timeout: policy.setup_timeout.unwrap_or(SETUP_TIMEOUT),
         }));
         tracing::info!(port = name, socket = %path.display(), "vhost-user port listening");
         Ok(())
@@ -339,7 +372,7 @@ impl VhostUserServer {
         self.disconnect(index, "port removed");
         if let Some(port) = self.ports[index].take() {
             let _ = self.epoll.ctl(ControlOperation::Delete, port.listener.as_raw_fd(), EpollEvent::default());
-            let _ = std::fs::remove_file(&port.path);
+            port.remove_socket_file();
         }
         Ok(())
     }
@@ -353,6 +386,7 @@ impl VhostUserServer {
                 connected: p.connection.is_some(),
                 running: lock(&p.backend).device().is_running(),
                 connections: p.connections,
+                refused: p.refused,
             })
             .collect()
     }
@@ -365,9 +399,9 @@ impl VhostUserServer {
     /// Handles whatever is ready, waiting at most `timeout_ms` (-1: forever, 0: don't wait).
     /// Returns the number of events handled.
     pub fn poll(&mut self, timeout_ms: i32) -> Result<usize, ServerError> {
-        // Wake up in time to end stalled connections, and at once if some connection has
-        // messages left from its last turn.
-        let timeout_ms = match self.next_stall_deadline() {
+        // Wake up in time to end stalled or unset-up connections, and at once if some
+        // connection has messages left from its last turn.
+        let timeout_ms = match self.next_deadline() {
             _ if !self.backlog.is_empty() => 0,
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now()).as_millis();
@@ -408,24 +442,28 @@ impl VhostUserServer {
         Ok(n)
     }
 
-    fn next_stall_deadline(&self) -> Option<Instant> {
-        self.ports
+    fn next_deadline(&self) -> Option<Instant> {
+        let stalls = self
+            .ports
             .iter()
             .flatten()
             .filter_map(|p| Some(p.connection.as_ref()?.stalled?.0))
-            .min()
-            .map(|since| since + self.stall_timeout)
+            .map(|since| since + self.stall_timeout);
+        let setups = self.ports.iter().flatten().filter_map(|p| p.connection.as_ref()?.setup_deadline);
+        stalls.chain(setups).min()
     }
 
     fn end_stalled_connections(&mut self) {
         let now = Instant::now();
         for index in 0..self.ports.len() {
-            let stalled = self.ports[index]
-                .as_ref()
-                .and_then(|p| p.connection.as_ref()?.stalled)
-                .filter(|&(since, _)| now.duration_since(since) >= self.stall_timeout);
+            let Some(port) = self.ports[index].as_ref() else { continue };
+            let Some(conn) = port.connection.as_ref() else { continue };
+            let stalled = conn.stalled.filter(|&(since, _)| now.duration_since(since) >= self.stall_timeout);
             if let Some((_, why)) = stalled {
                 self.disconnect(index, why.reason());
+            } else if conn.setup_deadline.is_some_and(|deadline| now >= deadline) {
+                let reason = format!("no SET_OWNER within {:?} of connecting", port.setup_timeout);
+                self.disconnect(index, &reason);
             }
         }
     }
@@ -446,7 +484,25 @@ impl VhostUserServer {
             if port.connection.is_some() {
                 // One frontend per port; a second one is turned away, the first keeps running.
                 tracing::warn!(port = %port.name, "second vhost-user connection refused: port already connected");
+                port.refused += 1;
                 continue;
+            }
+            if let Some(allowed) = &port.allowed_uids {
+                match unix_socket::peer_credentials(&stream) {
+                    Ok(peer) if allowed.contains(&peer.uid) => {}
+                    Ok(peer) => {
+                        tracing::warn!(port = %port.name, uid = peer.uid, pid = peer.pid,
+                            "vhost-user connection refused: peer uid not in allowed_uids");
+                        port.refused += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(port = %port.name, error = %e,
+                            "vhost-user connection refused: cannot read the peer's credentials");
+                        port.refused += 1;
+                        continue;
+                    }
+                }
             }
             // The peek handle is non-blocking (the flag is shared with the handler's socket,
             // which only reads once a whole message is known to be there).
@@ -469,7 +525,8 @@ impl VhostUserServer {
                 continue;
             }
             tracing::info!(port = %port.name, "vhost-user frontend connected");
-            port.connection = Some(Connection { handler, peek, stalled: None });
+            let setup_deadline = Some(Instant::now() + port.setup_timeout);
+            port.connection = Some(Connection { handler, peek, stalled: None, setup_deadline });
             port.connections += 1;
         }
     }
@@ -515,6 +572,7 @@ impl VhostUserServer {
                 continue;
             }
             match conn.handler.handle_request() {
+                Ok(()) if request == SET_OWNER => conn.setup_deadline = None,
                 Ok(()) => {}
                 Err(ProtoError::Disconnected) => {
                     return self.disconnect(index, "frontend disconnected");
@@ -544,7 +602,20 @@ impl VhostUserServer {
 impl Drop for VhostUserServer {
     fn drop(&mut self) {
         for port in self.ports.iter().flatten() {
-            let _ = std::fs::remove_file(&port.path);
+            port.remove_socket_file();
+        }
+    }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Port {
+    fn remove_socket_file(&self) {
+        if self.file_id.is_some() && file_id(&self.path) == self.file_id {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 use vmq_core::port::{MAX_MTU, MIN_MTU};
-use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode};
+use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, SocketPolicy, VlanMode};
 use vmq_wire::MacAddr;
 
 /// The configuration `vmq demo` and the README start from when no file is given.
@@ -31,6 +31,8 @@ struct RawConfig {
     vmq: RawVmq,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    vhost: RawSocketPolicy,
     #[serde(default)]
     port: Vec<Spanned<RawPort>>,
 }
@@ -56,7 +58,7 @@ struct RawVmq {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawControl {
-    socket: Option<PathBuf>,
+    socket: Option<Spanned<PathBuf>>,
     metrics: Option<Spanned<String>>,
 }
 
@@ -65,7 +67,14 @@ struct RawControl {
 struct RawPort {
     name: Spanned<String>,
     kind: Spanned<String>,
-    socket: Option<PathBuf>,
+    socket: Option<Spanned<PathBuf>>,
+    // The keys of `[vhost]` (`RawSocketPolicy`), for this port alone; listed here because
+    // serde's `flatten` loses spans and unknown-key checks.
+    socket_owner: Option<Spanned<String>>,
+    socket_group: Option<Spanned<String>>,
+    socket_mode: Option<Spanned<String>>,
+    allowed_uids: Option<Spanned<Vec<i64>>>,
+    setup_timeout_secs: Option<Spanned<i64>>,
     ifname: Option<Spanned<String>>,
     netns: Option<Spanned<String>>,
     create_netns: Option<Spanned<bool>>,
@@ -77,6 +86,39 @@ struct RawPort {
     allow_mac_spoofing: Option<bool>,
     offloads: Option<bool>,
     uplink: Option<Spanned<String>>,
+}
+
+/// `[vhost]`, and the same keys on a vhost-user `[[port]]` (which override `[vhost]`'s).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSocketPolicy {
+    socket_owner: Option<Spanned<String>>,
+    socket_group: Option<Spanned<String>>,
+    socket_mode: Option<Spanned<String>>,
+    allowed_uids: Option<Spanned<Vec<i64>>>,
+    setup_timeout_secs: Option<Spanned<i64>>,
+}
+
+impl RawPort {
+    fn access(&self) -> RawSocketPolicy {
+        RawSocketPolicy {
+            socket_owner: self.socket_owner.clone(),
+            socket_group: self.socket_group.clone(),
+            socket_mode: self.socket_mode.clone(),
+            allowed_uids: self.allowed_uids.clone(),
+            setup_timeout_secs: self.setup_timeout_secs.clone(),
+        }
+    }
+}
+
+impl RawSocketPolicy {
+    fn is_empty(&self) -> bool {
+        self.socket_owner.is_none()
+            && self.socket_group.is_none()
+            && self.socket_mode.is_none()
+            && self.allowed_uids.is_none()
+            && self.setup_timeout_secs.is_none()
+    }
 }
 
 /// Validated configuration.
@@ -91,6 +133,9 @@ pub struct Config {
     pub rebalance_interval_ms: u64,
     pub hysteresis: f64,
     pub control_socket: PathBuf,
+    /// `[vhost]`: the socket policy of vhost-user ports that set none of their own (also those
+    /// added with `vmq ctl add-port`).
+    pub vhost: SocketPolicy,
     /// `None` when metrics are off.
     pub metrics: Option<std::net::SocketAddr>,
     pub ports: Vec<PortConfig>,
@@ -186,6 +231,10 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         ),
     };
 
+    let vhost = socket_policy(&loc, &raw.vhost, &SocketPolicy::default())?;
+    let control_socket =
+        raw.control.socket.as_ref().map_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET), |s| s.get_ref().clone());
+
     let mut names = HashSet::new();
     let mut ports = Vec::with_capacity(raw.port.len());
     for port in &raw.port {
@@ -197,7 +246,22 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         if !names.insert(name.clone()) {
             return Err(loc.at(&p.name, format!("duplicate port name {name:?}")));
         }
-        ports.push(port_config(&loc, port)?);
+        let config = port_config(&loc, port, &vhost)?;
+        if let PortBackend::VhostUser { socket, .. } = &config.backend
+            && *socket == control_socket
+        {
+            return Err(at_socket(&loc, port, format!("socket {} is the control socket", socket.display())));
+        }
+        if let Some((other, conflict)) = ports.iter().find_map(|o| Some((o, conflict(&config, o)?))) {
+            let message = format!("port {name:?}: {}", conflict.describe(&other.spec.name));
+            let p = port.get_ref();
+            return Err(match conflict {
+                Conflict::Socket(_) => at_socket(&loc, port, message),
+                Conflict::Ifname(_) => loc.at(p.ifname.as_ref().unwrap_or(&p.name), message),
+                Conflict::MacVlan(..) => p.mac.as_ref().map_or_else(|| loc.at(port, &message), |m| loc.at(m, &message)),
+            });
+        }
+        ports.push(config);
     }
     // Uplink references resolve to uplink ports.
     for (port, raw_port) in ports.iter().zip(&raw.port) {
@@ -220,7 +284,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         vmq_dynamic,
         rebalance_interval_ms: rebalance_interval_ms as u64,
         hysteresis,
-        control_socket: raw.control.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        control_socket,
+        vhost,
         metrics,
         ports,
     })
@@ -241,7 +306,114 @@ fn int_in(
     }
 }
 
-fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig, ConfigError> {
+fn at_socket(loc: &Locator<'_>, port: &Spanned<RawPort>, message: String) -> ConfigError {
+    match &port.get_ref().socket {
+        Some(s) => loc.at(s, message),
+        None => loc.at(port, message),
+    }
+}
+
+/// Why two ports cannot both be configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conflict {
+    /// The same vhost-user socket path (compared as written, component by component).
+    Socket(PathBuf),
+    /// The same interface name in the same namespace (TAP or uplink).
+    Ifname(String),
+    /// The same MAC address on a VLAN both ports carry.
+    MacVlan(MacAddr, u16),
+}
+
+impl Conflict {
+    pub fn describe(&self, other: &str) -> String {
+        match self {
+            Conflict::Socket(path) => format!("socket {} is also port {other:?}'s", path.display()),
+            Conflict::Ifname(name) => format!("interface {name:?} is also port {other:?}'s (same namespace)"),
+            Conflict::MacVlan(mac, vlan) => format!("mac {mac} on VLAN {vlan} is also port {other:?}'s"),
+        }
+    }
+}
+
+/// What keeps `a` and `b` from being ports of one switch, if anything.
+pub fn conflict(a: &PortConfig, b: &PortConfig) -> Option<Conflict> {
+    match (&a.backend, &b.backend) {
+        (PortBackend::VhostUser { socket: x, .. }, PortBackend::VhostUser { socket: y, .. }) if x == y => {
+            return Some(Conflict::Socket(x.clone()));
+        }
+        (
+            PortBackend::Tap { ifname: x, netns: nx, .. } | PortBackend::Uplink { ifname: x, netns: nx },
+            PortBackend::Tap { ifname: y, netns: ny, .. } | PortBackend::Uplink { ifname: y, netns: ny },
+        ) if x == y && nx == ny => return Some(Conflict::Ifname(x.clone())),
+        _ => {}
+    }
+    let (Some(mac), Some(other_mac)) = (a.spec.mac, b.spec.mac) else { return None };
+    if mac != other_mac {
+        return None;
+    }
+    let vlans = |v: &VlanMode| -> Vec<u16> {
+        match v {
+            VlanMode::Access(id) => vec![*id],
+            VlanMode::Trunk { allowed, native } => allowed.iter().copied().chain(*native).collect(),
+        }
+    };
+    let theirs = vlans(&b.spec.vlan);
+    vlans(&a.spec.vlan).into_iter().find(|v| theirs.contains(v)).map(|v| Conflict::MacVlan(mac, v))
+}
+
+/// `raw` over `defaults`: owner and group are user/group names or numeric ids, the mode an
+/// octal string.
+fn socket_policy(
+    loc: &Locator<'_>,
+    raw: &RawSocketPolicy,
+    defaults: &SocketPolicy,
+) -> Result<SocketPolicy, ConfigError> {
+    let id = |v: &Spanned<String>, what: &str, lookup: &dyn Fn(&str) -> Option<u32>| -> Result<u32, ConfigError> {
+        let s = v.get_ref();
+        if let Ok(id) = s.parse::<u32>() {
+            return Ok(id);
+        }
+        lookup(s).ok_or_else(|| loc.at(v, format!("no {what} named {s:?} on this host")))
+    };
+    let user = |name: &str| nix::unistd::User::from_name(name).ok().flatten().map(|u| u.uid.as_raw());
+    let group = |name: &str| nix::unistd::Group::from_name(name).ok().flatten().map(|g| g.gid.as_raw());
+    let mut policy = defaults.clone();
+    if let Some(v) = &raw.socket_owner {
+        policy.owner = Some(id(v, "user", &user)?);
+    }
+    if let Some(v) = &raw.socket_group {
+        policy.group = Some(id(v, "group", &group)?);
+    }
+    if let Some(v) = &raw.socket_mode {
+        let s = v.get_ref();
+        let mode = u32::from_str_radix(s, 8).ok().filter(|m| (3..=4).contains(&s.len()) && *m <= 0o777);
+        policy.mode = Some(mode.ok_or_else(|| {
+            loc.at(v, format!("socket_mode must be an octal mode from \"000\" to \"0777\" (e.g. \"0660\"), not {s:?}"))
+        })?);
+    }
+    if let Some(v) = &raw.allowed_uids {
+        let mut uids = Vec::new();
+        for uid in v.get_ref() {
+            let uid = u32::try_from(*uid)
+                .ok()
+                .filter(|u| *u != u32::MAX)
+                .ok_or_else(|| loc.at(v, format!("allowed_uids: {uid} is not a uid")))?;
+            if !uids.contains(&uid) {
+                uids.push(uid);
+            }
+        }
+        if uids.is_empty() {
+            return Err(loc.at(v, "allowed_uids is empty: no frontend could connect (leave it out to allow any)"));
+        }
+        policy.allowed_uids = Some(uids);
+    }
+    if let Some(v) = &raw.setup_timeout_secs {
+        let secs = int_in(loc, Some(v), 30, 1, 3600, "setup_timeout_secs")?;
+        policy.setup_timeout = Some(std::time::Duration::from_secs(secs as u64));
+    }
+    Ok(policy)
+}
+
+fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy) -> Result<PortConfig, ConfigError> {
     let p = port.get_ref();
     let name = p.name.get_ref().clone();
     let kind = match p.kind.get_ref().as_str() {
@@ -283,11 +455,12 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
 
     let backend = match kind {
         PortKind::VhostUser => {
-            let socket = p.socket.clone().ok_or_else(|| needs("socket"))?;
+            let socket = p.socket.as_ref().ok_or_else(|| needs("socket"))?.get_ref().clone();
             if p.ifname.is_some() {
                 return Err(refuses("ifname"));
             }
-            PortBackend::VhostUser { socket }
+            let policy = socket_policy(loc, &p.access(), vhost)?;
+            PortBackend::VhostUser { socket, policy }
         }
         PortKind::Tap => {
             let ifname = match &p.ifname {
@@ -312,6 +485,9 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>) -> Result<PortConfig,
         }
         PortKind::Mem => PortBackend::Mem,
     };
+    if kind != PortKind::VhostUser && !p.access().is_empty() {
+        return Err(refuses("socket_owner/socket_group/socket_mode/allowed_uids/setup_timeout_secs"));
+    }
     if !matches!(kind, PortKind::Tap | PortKind::Uplink) && p.netns.is_some() {
         return Err(refuses("netns"));
     }
@@ -467,7 +643,10 @@ trunk = [20, 10, 10]
         assert_eq!(c.vmq_queues, 8);
         assert_eq!(c.ports[0].spec.mtu, 9000);
         assert_eq!(c.ports[0].spec.vlan, VlanMode::Access(10));
-        assert_eq!(c.ports[0].backend, PortBackend::VhostUser { socket: "/run/vmq/vm1.sock".into() });
+        assert_eq!(
+            c.ports[0].backend,
+            PortBackend::VhostUser { socket: "/run/vmq/vm1.sock".into(), policy: SocketPolicy::default() }
+        );
         assert_eq!(c.ports[1].spec.vlan, VlanMode::Trunk { allowed: vec![10, 20], native: None });
         assert_eq!(c.ports[1].spec.mtu, 1500);
     }
@@ -518,6 +697,115 @@ trunk = [20, 10, 10]
         assert!(m.contains("metrics"), "{m}");
         let (_, _, m) = err("this is not toml");
         assert!(!m.is_empty());
+    }
+
+    fn vm(name: &str, socket: &str, mac: &str, extra: &str) -> String {
+        format!("[[port]]\nname = \"{name}\"\nkind = \"vhost-user\"\nsocket = \"{socket}\"\nmac = \"{mac}\"\n{extra}")
+    }
+
+    #[test]
+    fn duplicate_socket_paths_point_at_the_second_socket() {
+        let text = format!(
+            "{}{}",
+            vm("a", "/run/vmq/a.sock", "52:54:00:00:00:01", ""),
+            vm("b", "/run/vmq/a.sock", "52:54:00:00:00:02", "")
+        );
+        let (line, column, m) = err(&text);
+        assert_eq!((line, column), (9, 10), "{m}");
+        assert!(m.contains("socket /run/vmq/a.sock is also port \"a\"'s"), "{m}");
+        // Written differently, the same path.
+        let text = format!(
+            "{}{}",
+            vm("a", "/run/vmq/a.sock", "52:54:00:00:00:01", ""),
+            vm("b", "/run/vmq//a.sock", "52:54:00:00:00:02", "")
+        );
+        assert!(err(&text).2.contains("is also port"));
+    }
+
+    #[test]
+    fn socket_path_equal_to_the_control_socket_is_refused() {
+        let text =
+            format!("[control]\nsocket = \"/run/vmq/x.sock\"\n{}", vm("a", "/run/vmq/x.sock", "52:54:00:00:00:01", ""));
+        let (line, column, m) = err(&text);
+        assert_eq!((line, column), (6, 10), "{m}");
+        assert!(m.contains("is the control socket"), "{m}");
+        // The default control socket, too.
+        assert!(err(&vm("a", DEFAULT_CONTROL_SOCKET, "52:54:00:00:00:01", "")).2.contains("control socket"));
+    }
+
+    #[test]
+    fn duplicate_interface_names_in_one_namespace() {
+        let up = "[[port]]\nname = \"up\"\nkind = \"uplink\"\nifname = \"eth0\"\n";
+        let tap = "[[port]]\nname = \"t\"\nkind = \"tap\"\nifname = \"eth0\"\n";
+        let (line, column, m) = err(&format!("{up}{tap}"));
+        assert_eq!((line, column), (8, 10), "{m}");
+        assert!(m.contains("interface \"eth0\" is also port \"up\"'s"), "{m}");
+        // A TAP named after its port, without `ifname`: the error points at the name.
+        let (line, _, m) =
+            err("[[port]]\nname = \"t0\"\nkind = \"tap\"\n[[port]]\nname = \"x\"\nkind = \"tap\"\nifname = \"t0\"\n");
+        assert_eq!(line, 7, "{m}");
+        // The same name in different namespaces is fine (the embedded default does that).
+        parse(&format!("{up}{tap}netns = \"ns1\"\n"), "t").unwrap();
+    }
+
+    #[test]
+    fn duplicate_mac_on_a_shared_vlan() {
+        let a = vm("a", "/run/vmq/a.sock", "52:54:00:00:00:01", "vlan = 10\n");
+        let (line, column, m) = err(&format!("{a}{}", vm("b", "/run/vmq/b.sock", "52:54:00:00:00:01", "vlan = 10\n")));
+        assert_eq!((line, column), (11, 7), "{m}");
+        assert!(m.contains("mac 52:54:00:00:00:01 on VLAN 10 is also port \"a\"'s"), "{m}");
+        // A trunk carrying VLAN 10 (as its native VLAN) overlaps too.
+        let b = vm("b", "/run/vmq/b.sock", "52:54:00:00:00:01", "trunk = [20]\nnative_vlan = 10\n");
+        assert!(err(&format!("{a}{b}")).2.contains("on VLAN 10"));
+        // Same MAC on different VLANs is allowed.
+        parse(&format!("{a}{}", vm("b", "/run/vmq/b.sock", "52:54:00:00:00:01", "vlan = 20\n")), "t").unwrap();
+    }
+
+    #[test]
+    fn socket_policy_global_and_per_port() {
+        let text = format!(
+            "[vhost]\nsocket_owner = \"root\"\nsocket_group = \"107\"\nsocket_mode = \"0660\"\nallowed_uids = [0, 64055, 0]\nsetup_timeout_secs = 5\n{}{}",
+            vm("a", "/run/vmq/a.sock", "52:54:00:00:00:01", ""),
+            vm(
+                "b",
+                "/run/vmq/b.sock",
+                "52:54:00:00:00:02",
+                "socket_mode = \"600\"\nallowed_uids = [1000]\nsocket_group = \"root\"\n"
+            ),
+        );
+        let c = parse(&text, "t").unwrap();
+        let global = SocketPolicy {
+            owner: Some(0),
+            group: Some(107),
+            mode: Some(0o660),
+            allowed_uids: Some(vec![0, 64055]),
+            setup_timeout: Some(std::time::Duration::from_secs(5)),
+        };
+        assert_eq!(c.vhost, global);
+        assert_eq!(
+            c.ports[0].backend,
+            PortBackend::VhostUser { socket: "/run/vmq/a.sock".into(), policy: global.clone() }
+        );
+        let own = SocketPolicy { group: Some(0), mode: Some(0o600), allowed_uids: Some(vec![1000]), ..global };
+        assert_eq!(c.ports[1].backend, PortBackend::VhostUser { socket: "/run/vmq/b.sock".into(), policy: own });
+    }
+
+    #[test]
+    fn socket_policy_errors_point_at_the_value() {
+        let (line, column, m) = err("[vhost]\nsocket_mode = \"0669\"\n");
+        assert_eq!((line, column), (2, 15), "{m}");
+        assert!(m.contains("socket_mode"), "{m}");
+        assert!(err("[vhost]\nsocket_mode = \"1777\"\n").2.contains("socket_mode"));
+        let (line, _, m) = err("[vhost]\nsocket_group = \"no-such-group-here\"\n");
+        assert_eq!(line, 2);
+        assert!(m.contains("no group named"), "{m}");
+        assert!(err("[vhost]\nsocket_owner = \"no-such-user-here\"\n").2.contains("no user named"));
+        assert!(err("[vhost]\nallowed_uids = []\n").2.contains("empty"));
+        assert!(err("[vhost]\nallowed_uids = [-1]\n").2.contains("not a uid"));
+        assert!(err("[vhost]\nsetup_timeout_secs = 0\n").2.contains("setup_timeout_secs"));
+        assert!(err("[vhost]\nsocket = \"x\"\n").2.contains("unknown field"));
+        let (_, _, m) = err("[[port]]\nname = \"t\"\nkind = \"tap\"\nsocket_mode = \"0660\"\n");
+        assert!(m.contains("takes no `socket_owner"), "{m}");
     }
 
     #[test]

@@ -77,6 +77,15 @@ pub fn port_config(new: &NewPort, existing: &[PortConfig]) -> Result<PortConfig,
         other => ControlError::internal(other.to_string()),
     })?;
     let mut port = parsed.ports.pop().ok_or_else(|| ControlError::internal("the port vanished in parsing"))?;
+    // The file's checks across ports, against the running ones (same socket, interface, or
+    // MAC on a shared VLAN).
+    if let Some((other, conflict)) = existing.iter().find_map(|o| Some((o, config::conflict(&port, o)?))) {
+        return Err(ControlError::invalid_value(format!(
+            "port {:?}: {}",
+            new.name,
+            conflict.describe(&other.spec.name)
+        )));
+    }
     if let Some(uplink) = &new.uplink {
         if !port.spec.kind.is_vm() {
             return Err(ControlError::invalid_value(format!(
@@ -107,7 +116,7 @@ pub fn switch_mode(mode: Mode) -> SwitchMode {
 pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps) -> PortInfo {
     let spec = &port.spec;
     let (socket, ifname, netns) = match &port.backend {
-        PortBackend::VhostUser { socket } => (Some(socket.display().to_string()), None, None),
+        PortBackend::VhostUser { socket, .. } => (Some(socket.display().to_string()), None, None),
         PortBackend::Tap { ifname, netns, .. } | PortBackend::Uplink { ifname, netns } => {
             (None, Some(ifname.clone()), netns.clone())
         }
@@ -148,6 +157,8 @@ pub fn port_counters(name: &str, s: &PortStatsSnapshot) -> PortCounters {
             gso_passed: s.offload_gso_passed,
         },
         fdb_full: s.fdb_full,
+        kernel_drops: s.kernel_drops,
+        corrupt_blocks: s.corrupt_blocks,
     }
 }
 
@@ -177,7 +188,10 @@ mod tests {
         assert_eq!(p.spec.vlan, VlanMode::Access(0));
         assert_eq!(p.spec.offloads, OffloadCaps::ALL);
         assert!(!p.spec.allow_mac_spoofing);
-        assert_eq!(p.backend, PortBackend::VhostUser { socket: "/run/vmq/vm3.sock".into() });
+        assert_eq!(
+            p.backend,
+            PortBackend::VhostUser { socket: "/run/vmq/vm3.sock".into(), policy: Default::default() }
+        );
         let tap = port_config(&NewPort { name: "t1".into(), kind: Kind::Tap, ..NewPort::default() }, &[]).unwrap();
         assert_eq!(tap.backend, PortBackend::Tap { ifname: "t1".into(), netns: None, create_netns: false });
     }
@@ -226,11 +240,23 @@ mod tests {
         assert!(invalid(tap).contains("takes no `uplink`"));
         let e = port_config(&vm("up0"), &[uplink()]).unwrap_err();
         assert_eq!(e.code, ErrorCode::PortExists);
+        // Conflicts with running ports, as between ports of the file.
+        let vm3 = port_config(&vm("vm3"), &[uplink()]).unwrap();
+        let same_mac = NewPort { socket: Some("/run/vmq/other.sock".into()), ..vm("vm4") };
+        let e = port_config(&same_mac, &[uplink(), vm3.clone()]).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidValue);
+        assert!(e.message.contains("mac 52:54:00:00:00:03 on VLAN 0 is also port \"vm3\"'s"), "{}", e.message);
+        let same_socket = NewPort { mac: Some("52:54:00:00:00:04".into()), ..vm("vm4") };
+        let e = port_config(&NewPort { socket: Some("/run/vmq/vm3.sock".into()), ..same_socket }, &[vm3]).unwrap_err();
+        assert!(e.message.contains("socket /run/vmq/vm3.sock is also port \"vm3\"'s"), "{}", e.message);
     }
 
     #[test]
     fn counters_name_every_drop_reason() {
-        let c = port_counters("vm1", &PortStatsSnapshot { rx_packets: 3, fdb_full: 2, ..Default::default() });
+        let snapshot =
+            PortStatsSnapshot { rx_packets: 3, fdb_full: 2, kernel_drops: 7, corrupt_blocks: 1, ..Default::default() };
+        let c = port_counters("vm1", &snapshot);
+        assert_eq!((c.kernel_drops, c.corrupt_blocks), (7, 1));
         assert_eq!(c.drops.len(), DropReason::ALL.len());
         assert!(c.drops.contains_key("oversize") && c.drops.contains_key("no_buffer"));
         assert_eq!((c.rx_packets, c.fdb_full), (3, 2));

@@ -11,7 +11,7 @@ use vmq_control::protocol::{
     WorkerInfo,
 };
 use vmq_core::vmq::QueuePolicy as CorePolicy;
-use vmq_core::{PortConfig, VlanMode};
+use vmq_core::{PortBackend, PortConfig, SocketPolicy, VlanMode};
 use vmq_datapath::{Datapath, DatapathError, NoQueueReason, PortInfo};
 
 use crate::control::{port_config, port_counters, port_info, switch_mode};
@@ -21,11 +21,19 @@ const MAX_FDB_ROWS: usize = 4096;
 
 pub struct DatapathHandler {
     dp: Arc<Datapath>,
+    /// `[vhost]` of the configuration: the socket policy of vhost-user ports added at run time.
+    socket_defaults: SocketPolicy,
 }
 
 impl DatapathHandler {
     pub fn new(dp: Arc<Datapath>) -> DatapathHandler {
-        DatapathHandler { dp }
+        DatapathHandler { dp, socket_defaults: SocketPolicy::default() }
+    }
+
+    /// Gives vhost-user ports added with `add-port` this socket policy (`[vhost]`).
+    pub fn with_socket_defaults(mut self, policy: SocketPolicy) -> DatapathHandler {
+        self.socket_defaults = policy;
+        self
     }
 
     fn port_infos(&self) -> Vec<vmq_control::protocol::PortInfo> {
@@ -218,7 +226,10 @@ impl ControlHandler for DatapathHandler {
             Request::Fdb => Ok(Response::Fdb(self.fdb())),
             Request::Stats { port } => Ok(Response::Stats(self.stats(port)?)),
             Request::AddPort(new) => {
-                let config = port_config(&new, &self.configs())?;
+                let mut config = port_config(&new, &self.configs())?;
+                if let PortBackend::VhostUser { policy, .. } = &mut config.backend {
+                    *policy = self.socket_defaults.clone();
+                }
                 let name = config.spec.name.clone();
                 self.dp.add_port(config).map_err(datapath_error)?;
                 let port = self.dp.ports().iter().find(|p| p.config.spec.name == name).map(info);

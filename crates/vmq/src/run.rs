@@ -69,7 +69,7 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
-    let ready = Arc::new(DatapathHandler::new(datapath.clone()));
+    let ready = Arc::new(DatapathHandler::new(datapath.clone()).with_socket_defaults(config.vhost.clone()));
     let _ = handler.ready.set(ready.clone());
     let metrics = match control::metrics_config(&config) {
         Some(cfg) => {

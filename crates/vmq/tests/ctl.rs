@@ -73,6 +73,8 @@ fn stats_at(n: u64) -> StatsReport {
         drops: [("oversize".to_string(), 10 * n), ("spoofed".to_string(), 0)].into(),
         offload: OffloadCounters { segments: 1, csum_finished: 2, coalesced: 3, gso_passed: 4 },
         fdb_full: 0,
+        kernel_drops: 3 * n,
+        corrupt_blocks: 0,
     };
     let vm2 =
         PortCounters { port: "vm2".into(), drops: [("oversize".to_string(), 0)].into(), ..PortCounters::default() };
@@ -319,6 +321,12 @@ MAC                VLAN  PORT     AGE
     // Second call, n = 1: 1e6 packets, 1.5e9 bytes, 10 oversize drops listed by reason.
     assert!(one.contains("vm1      1000000  1500000000         500     32000     10         1"), "{one}");
     assert!(one.contains("drops by reason:\n  vm1: oversize 10\n"), "{one}");
+    // Kernel losses (an uplink's full AF_PACKET ring) are listed apart, only where there are some.
+    assert!(
+        one.contains("lost in the kernel (not in RX_PACKETS or DROPS):\n  vm1: ring full 3, corrupt blocks 0\n"),
+        "{one}"
+    );
+    assert!(!stats.contains("lost in the kernel"), "{stats}");
     assert!(!one.contains("vm2"), "{one}");
 
     assert_eq!(

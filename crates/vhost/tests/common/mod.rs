@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmq_vhost::server::{PortStatus, VhostUserServer};
+use vmq_vhost::server::{PortStatus, SocketPolicy, VhostUserServer};
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,12 +81,23 @@ impl TestServer {
 
     /// Like `start`, with another timeout for stalled connections.
     pub fn start_with(dir: &Path, ports: &[(&str, NetDeviceConfig)], stall_timeout: Option<Duration>) -> TestServer {
+        let ports: Vec<_> =
+            ports.iter().map(|(name, config)| (*name, config.clone(), SocketPolicy::default())).collect();
+        TestServer::start_with_policies(dir, &ports, stall_timeout)
+    }
+
+    /// Like `start_with`, each port with its socket policy.
+    pub fn start_with_policies(
+        dir: &Path,
+        ports: &[(&str, NetDeviceConfig, SocketPolicy)],
+        stall_timeout: Option<Duration>,
+    ) -> TestServer {
         let stop = Arc::new(AtomicBool::new(false));
         let polls = Arc::new(AtomicU64::new(0));
         let status = Arc::new(Mutex::new(Vec::new()));
         let mut test_ports = Vec::new();
         let mut setup = Vec::new();
-        for (name, config) in ports {
+        for (name, config, policy) in ports {
             let (tx, rx) = channel();
             let device = NetDevice::new();
             let socket = dir.join(format!("{name}.sock"));
@@ -96,7 +107,7 @@ impl TestServer {
                 device: device.clone(),
                 events: rx,
             });
-            setup.push((name.to_string(), socket, config.clone(), device, tx));
+            setup.push((name.to_string(), socket, policy.clone(), config.clone(), device, tx));
         }
         let (ready_tx, ready_rx) = channel();
         let thread = {
@@ -106,12 +117,12 @@ impl TestServer {
                 if let Some(timeout) = stall_timeout {
                     server.set_stall_timeout(timeout);
                 }
-                for (name, socket, config, device, tx) in setup {
+                for (name, socket, policy, config, device, tx) in setup {
                     let tx = Mutex::new(tx);
                     let on_event = Box::new(move |e| {
                         let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(e);
                     });
-                    server.add_port(&name, &socket, config, device, on_event).expect("add port");
+                    server.add_port_with(&name, &socket, &policy, config, device, on_event).expect("add port");
                 }
                 let _ = ready_tx.send(());
                 while !stop.load(Ordering::Relaxed) {
