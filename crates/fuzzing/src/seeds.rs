@@ -126,10 +126,29 @@ pub fn control_line() -> Seeds {
     ]
 }
 
+/// `split_ring` seeds: direct chains, an indirect table, a loop, a bogus avail index.
+pub fn split_ring() -> Seeds {
+    use crate::ring::{Desc, encode};
+    let d = |addr: u64, len: u32, flags: u16, next: u16| Desc { addr, len, flags, next };
+    let chain = vec![d(0x3000, 12, 1, 1), d(0x3100, 1500, 0, 0), d(0x3800, 2048, 2, 0), d(0x1f00, 64, 4, 0)];
+    let table = vec![d(0x3000, 12, 1, 1), d(0x3200, 100, 3, 2), d(0x3400, 100, 2, 0), d(0, 0, 0, 0)];
+    vec![
+        ("direct-chains", encode(8, 0, &chain, &[0, 2], &[])),
+        ("indirect", encode(3, 65530, &[d(0x3c00, 64, 4, 0), d(0x3000, 64, 0, 0)], &[0, 1], &[(0x3c00, table)])),
+        ("loop", encode(2, 0, &[d(0x3000, 1, 1, 1), d(0x3000, 1, 1, 0)], &[0], &[])),
+        ("wrapped-start", encode(1, 65535, &chain, &[1, 0], &[])),
+        ("bad-avail-index", {
+            let mut s = encode(2, 0, &chain, &[0], &[]);
+            s[3 + 0x1002] = 200;
+            s
+        }),
+    ]
+}
+
 /// Named seed inputs of one target.
 pub type Seeds = Vec<(&'static str, Vec<u8>)>;
 
 /// Every target's seeds.
 pub fn all() -> Vec<(&'static str, Seeds)> {
-    vec![("vnet_offload", vnet_offload()), ("control_line", control_line())]
+    vec![("vnet_offload", vnet_offload()), ("control_line", control_line()), ("split_ring", split_ring())]
 }
