@@ -1,0 +1,154 @@
+//! Seed inputs for each target, built from real frames and messages (etherparse, the
+//! protocol's own types), written to `fuzz/corpus/<target>/` by the `corpus` test.
+
+use etherparse::PacketBuilder;
+use vmq_control::Request;
+use vmq_control::protocol::{NewPort, PortKind, Setting};
+use vmq_offload::OffloadCaps;
+use vmq_wire::VnetHdr;
+use vmq_wire::checksum::fold;
+use vmq_wire::ip::locate;
+use vmq_wire::vnet::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GsoType};
+
+/// An Ethernet/IP/TCP frame (ACK set; PSH optional) with `payload`.
+pub fn tcp_frame(v6: bool, seq: u32, payload: &[u8], psh: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let b = if v6 { b.ipv6([0xfd; 16], [0xfe; 16], 64) } else { b.ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64) };
+    let mut b = b.tcp(40000, 5201, seq, 65000).ack(12345);
+    if psh {
+        b = b.psh();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build TCP frame");
+    out
+}
+
+/// An Ethernet/IPv4/UDP frame.
+pub fn udp_frame(payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+        .udp(4000, 53);
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build UDP frame");
+    out
+}
+
+/// A guest's GSO frame: one big TCP packet with a partial checksum (pseudo-header sum in the
+/// field, NEEDS_CSUM), as virtio-net drivers hand them over.
+pub fn gso_frame(v6: bool, payload: &[u8], mss: u16) -> (VnetHdr, Vec<u8>) {
+    let (hdr, f) = partial_csum_frame(v6, payload);
+    let gso = if v6 { GsoType::TcpV6 } else { GsoType::TcpV4 };
+    (VnetHdr { gso_type: gso.to_raw(), gso_size: mss, ..hdr }, f)
+}
+
+/// A TCP frame with a partial checksum and no GSO.
+pub fn partial_csum_frame(v6: bool, payload: &[u8]) -> (VnetHdr, Vec<u8>) {
+    let mut f = tcp_frame(v6, 1000, payload, true);
+    let l = locate(&f).expect("locate built frame");
+    let l4_len = f.len() - l.l4;
+    let pseudo = fold(l.pseudo_header(&f, l4_len));
+    f[l.l4 + 16..l.l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+    let hdr = VnetHdr {
+        flags: FLAG_NEEDS_CSUM,
+        gso_type: 0,
+        hdr_len: l.payload as u16,
+        gso_size: 0,
+        csum_start: l.l4 as u16,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
+    (hdr, f)
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+/// `vnet_offload` seeds: GSO v4/v6 toward receivers with and without TSO, a partial checksum
+/// toward a receiver without checksum offload, a complete UDP frame, an oversize frame.
+pub fn vnet_offload() -> Seeds {
+    use crate::offload::encode;
+    let (g4, f4) = gso_frame(false, &pattern(4000), 1448);
+    let (g6, f6) = gso_frame(true, &pattern(3000), 1440);
+    let (p, pf) = partial_csum_frame(false, &pattern(300));
+    let udp = udp_frame(&pattern(100));
+    vec![
+        ("gso-v4-to-no-tso", encode(OffloadCaps::NONE, 1500, &g4, &f4)),
+        ("gso-v4-to-csum-only", encode(OffloadCaps { csum: true, ..OffloadCaps::NONE }, 1500, &g4, &f4)),
+        ("gso-v6-to-tso", encode(OffloadCaps::ALL, 1500, &g6, &f6)),
+        ("gso-v6-small-mss", encode(OffloadCaps::NONE, 9000, &VnetHdr { gso_size: 64, ..g6 }, &f6)),
+        ("partial-csum-to-no-csum", encode(OffloadCaps::NONE, 1500, &p, &pf)),
+        (
+            "udp-data-valid",
+            encode(OffloadCaps::NONE, 1500, &VnetHdr { flags: FLAG_DATA_VALID, ..VnetHdr::default() }, &udp),
+        ),
+        (
+            "tcp-oversize",
+            encode(OffloadCaps::NONE, 68, &VnetHdr::default(), &tcp_frame(false, 1, &pattern(500), false)),
+        ),
+    ]
+}
+
+/// `control_line` seeds: every command, good and bad lines, several lines per connection.
+pub fn control_line() -> Seeds {
+    let add = Request::AddPort(NewPort {
+        name: "vm1".into(),
+        kind: PortKind::VhostUser,
+        socket: Some("/run/vmq/vm1.sock".into()),
+        mac: Some("52:54:00:00:00:01".into()),
+        mtu: Some(1500),
+        vlan: Some(10),
+        ..NewPort::default()
+    });
+    let all: String = [
+        Request::Show,
+        Request::Ports,
+        Request::Queues,
+        Request::Fdb,
+        Request::Stats { port: Some("vm1".into()) },
+        Request::DelPort { name: "vm1".into() },
+        Request::Set(Setting::PortMtu { port: "vm1".into(), mtu: 9000 }),
+        Request::Rebalance,
+        Request::Workers,
+    ]
+    .iter()
+    .map(Request::to_line)
+    .collect();
+    vec![
+        ("add-port", add.to_line().into_bytes()),
+        ("every-command", all.into_bytes()),
+        (
+            "bad-lines",
+            b"{\"command\":\"show\",\"port\":\"x\"}\r\n\n   \n{\"command\":42}\nnot json\n{\"command\":\"reboot\"}"
+                .to_vec(),
+        ),
+        ("too-long", format!("{{\"command\":\"stats\",\"port\":\"{}\"}}\n", "p".repeat(600)).into_bytes()),
+    ]
+}
+
+/// `split_ring` seeds: direct chains, an indirect table, a loop, a bogus avail index.
+pub fn split_ring() -> Seeds {
+    use crate::ring::{Desc, encode};
+    let d = |addr: u64, len: u32, flags: u16, next: u16| Desc { addr, len, flags, next };
+    let chain = vec![d(0x3000, 12, 1, 1), d(0x3100, 1500, 0, 0), d(0x3800, 2048, 2, 0), d(0x1f00, 64, 4, 0)];
+    let table = vec![d(0x3000, 12, 1, 1), d(0x3200, 100, 3, 2), d(0x3400, 100, 2, 0), d(0, 0, 0, 0)];
+    vec![
+        ("direct-chains", encode(8, 0, &chain, &[0, 2], &[])),
+        ("indirect", encode(3, 65530, &[d(0x3c00, 64, 4, 0), d(0x3000, 64, 0, 0)], &[0, 1], &[(0x3c00, table)])),
+        ("loop", encode(2, 0, &[d(0x3000, 1, 1, 1), d(0x3000, 1, 1, 0)], &[0], &[])),
+        ("wrapped-start", encode(1, 65535, &chain, &[1, 0], &[])),
+        ("bad-avail-index", {
+            let mut s = encode(2, 0, &chain, &[0], &[]);
+            s[3 + 0x1002] = 200;
+            s
+        }),
+    ]
+}
+
+/// Named seed inputs of one target.
+pub type Seeds = Vec<(&'static str, Vec<u8>)>;
+
+/// Every target's seeds.
+pub fn all() -> Vec<(&'static str, Seeds)> {
+    vec![("vnet_offload", vnet_offload()), ("control_line", control_line()), ("split_ring", split_ring())]
+}
