@@ -29,13 +29,18 @@ fn snapshot(scrape: u64) -> MetricsSnapshot {
                 gso_passed: base + 10,
             },
             fdb_full: base + 11,
+            fdb_moves: base + 12,
+            fdb_limit: base + 13,
         },
         up,
         queue_assigned: queue,
     };
     MetricsSnapshot {
         ports: vec![port("vm1", 1000 * scrape, true, true), port("up0", 100_000 + scrape, false, false)],
-        workers: vec![WorkerMetrics { worker: 0, busy_ratio: 0.25 }, WorkerMetrics { worker: 1, busy_ratio: 0.875 }],
+        workers: vec![
+            WorkerMetrics { worker: 0, busy_ratio: 0.25, panics: 0 },
+            WorkerMetrics { worker: 1, busy_ratio: 0.875, panics: 2 },
+        ],
     }
 }
 
@@ -165,6 +170,8 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
             ("vmq_offload_coalesced_total", c.offload.coalesced),
             ("vmq_offload_gso_passed_total", c.offload.gso_passed),
             ("vmq_fdb_full_total", c.fdb_full),
+            ("vmq_fdb_moves_total", c.fdb_moves),
+            ("vmq_fdb_limit_total", c.fdb_limit),
             ("vmq_queue_assigned", u64::from(p.queue_assigned)),
             ("vmq_port_up", u64::from(p.up)),
         ] {

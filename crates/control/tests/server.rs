@@ -61,6 +61,8 @@ fn counters(name: &str) -> PortCounters {
         drops: [("oversize".to_string(), 2), ("spoofed".to_string(), 0)].into(),
         offload: OffloadCounters { segments: 4, csum_finished: 5, coalesced: 6, gso_passed: 7 },
         fdb_full: 1,
+        fdb_moves: 2,
+        fdb_limit: 3,
     }
 }
 
@@ -122,7 +124,7 @@ fn answer(request: &Request) -> Result<Response, ControlError> {
             changes: vec![QueueChange { port: "vm2".into(), queue: 0, action: QueueAction::Granted }],
         },
         Request::Workers => Response::Workers {
-            workers: vec![WorkerInfo { worker: 0, busy_ratio: 0.25, tasks: vec!["vm1 tx".into()] }],
+            workers: vec![WorkerInfo { worker: 0, busy_ratio: 0.25, panics: 1, tasks: vec!["vm1 tx".into()] }],
         },
     })
 }

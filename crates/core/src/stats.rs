@@ -83,6 +83,11 @@ pub struct PortStats {
     pub offload_gso_passed: AtomicU64,
     /// FDB learning refused because the table was full (frame still forwarded).
     pub fdb_full: AtomicU64,
+    /// Addresses that moved to this port from another (VM migration, or a loop / spoofing).
+    pub fdb_moves: AtomicU64,
+    /// FDB learning refused because the port reached its `max_learned_macs` (frame still
+    /// forwarded).
+    pub fdb_limit: AtomicU64,
 }
 
 /// A snapshot of [`PortStats`], plain numbers.
@@ -98,6 +103,8 @@ pub struct PortStatsSnapshot {
     pub offload_coalesced: u64,
     pub offload_gso_passed: u64,
     pub fdb_full: u64,
+    pub fdb_moves: u64,
+    pub fdb_limit: u64,
 }
 
 impl PortStatsSnapshot {
@@ -151,6 +158,8 @@ impl PortStats {
             offload_coalesced: self.offload_coalesced.load(Relaxed),
             offload_gso_passed: self.offload_gso_passed.load(Relaxed),
             fdb_full: self.fdb_full.load(Relaxed),
+            fdb_moves: self.fdb_moves.load(Relaxed),
+            fdb_limit: self.fdb_limit.load(Relaxed),
         }
     }
 }

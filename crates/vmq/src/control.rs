@@ -148,6 +148,8 @@ pub fn port_counters(name: &str, s: &PortStatsSnapshot) -> PortCounters {
             gso_passed: s.offload_gso_passed,
         },
         fdb_full: s.fdb_full,
+        fdb_moves: s.fdb_moves,
+        fdb_limit: s.fdb_limit,
     }
 }
 
@@ -230,10 +232,13 @@ mod tests {
 
     #[test]
     fn counters_name_every_drop_reason() {
-        let c = port_counters("vm1", &PortStatsSnapshot { rx_packets: 3, fdb_full: 2, ..Default::default() });
+        let c = port_counters(
+            "vm1",
+            &PortStatsSnapshot { rx_packets: 3, fdb_full: 2, fdb_moves: 4, fdb_limit: 5, ..Default::default() },
+        );
         assert_eq!(c.drops.len(), DropReason::ALL.len());
         assert!(c.drops.contains_key("oversize") && c.drops.contains_key("no_buffer"));
-        assert_eq!((c.rx_packets, c.fdb_full), (3, 2));
+        assert_eq!((c.rx_packets, c.fdb_full, c.fdb_moves, c.fdb_limit), (3, 2, 4, 5));
     }
 
     #[test]

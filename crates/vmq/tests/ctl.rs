@@ -73,6 +73,8 @@ fn stats_at(n: u64) -> StatsReport {
         drops: [("oversize".to_string(), 10 * n), ("spoofed".to_string(), 0)].into(),
         offload: OffloadCounters { segments: 1, csum_finished: 2, coalesced: 3, gso_passed: 4 },
         fdb_full: 0,
+        fdb_moves: 0,
+        fdb_limit: 0,
     };
     let vm2 =
         PortCounters { port: "vm2".into(), drops: [("oversize".to_string(), 0)].into(), ..PortCounters::default() };
@@ -154,8 +156,13 @@ impl ControlHandler for Mock {
             },
             Request::Workers => Response::Workers {
                 workers: vec![
-                    WorkerInfo { worker: 0, busy_ratio: 0.125, tasks: vec!["up0 default".into(), "vm2 tx".into()] },
-                    WorkerInfo { worker: 1, busy_ratio: 0.5, tasks: vec!["up0 queue 0 -> vm1".into()] },
+                    WorkerInfo {
+                        worker: 0,
+                        busy_ratio: 0.125,
+                        panics: 0,
+                        tasks: vec!["up0 default".into(), "vm2 tx".into()],
+                    },
+                    WorkerInfo { worker: 1, busy_ratio: 0.5, panics: 3, tasks: vec!["up0 queue 0 -> vm1".into()] },
                 ],
             },
         })
