@@ -16,6 +16,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -114,6 +115,13 @@ impl Connection {
             _ => self.stalled = Some((Instant::now(), why)),
         }
     }
+}
+
+/// Why handling a message failed.
+enum Handled {
+    /// Refused by this module (`Connection::intercept`).
+    Refused(String),
+    Protocol(ProtoError),
 }
 
 /// What is waiting on a connection.
@@ -242,6 +250,8 @@ struct Port {
     connection: Option<Connection>,
     /// Connections accepted so far.
     connections: u64,
+    /// Panics caught while handling this port's messages (each ended its connection).
+    panics: u64,
 }
 
 /// Connection state of a port, for `vmq ctl` and tests.
@@ -252,6 +262,8 @@ pub struct PortStatus {
     pub running: bool,
     /// Frontend connections accepted since the port was added.
     pub connections: u64,
+    /// Panics caught while handling its frontend's messages; each dropped that connection.
+    pub panics: u64,
 }
 
 pub struct VhostUserServer {
@@ -324,6 +336,7 @@ impl VhostUserServer {
             backend,
             connection: None,
             connections: 0,
+            panics: 0,
         }));
         tracing::info!(port = name, socket = %path.display(), "vhost-user port listening");
         Ok(())
@@ -353,6 +366,7 @@ impl VhostUserServer {
                 connected: p.connection.is_some(),
                 running: lock(&p.backend).device().is_running(),
                 connections: p.connections,
+                panics: p.panics,
             })
             .collect()
     }
@@ -507,19 +521,35 @@ impl VhostUserServer {
             }
             conn.stalled = None;
             tracing::debug!(port = %port.name, request, flags, size, "vhost-user request");
-            if request == SET_VRING_ENABLE || request == NET_SET_MTU {
-                let backend = port.backend.clone();
-                if let Err(reason) = conn.intercept(&backend, request, flags, size) {
+            // A panic while handling one frontend's message (a bug) ends that connection only:
+            // this thread serves every other VM too.
+            let backend = port.backend.clone();
+            let handled = catch_unwind(AssertUnwindSafe(|| {
+                if request == SET_VRING_ENABLE || request == NET_SET_MTU {
+                    conn.intercept(&backend, request, flags, size).map_err(Handled::Refused)
+                } else {
+                    conn.handler.handle_request().map_err(Handled::Protocol)
+                }
+            }));
+            let handled = match handled {
+                Ok(result) => result,
+                Err(_) => {
+                    port.panics += 1;
+                    // The `vhost` crate unwraps the backend's lock: clear the poison so that the
+                    // frontend's next connection is served.
+                    backend.clear_poison();
+                    let reason = format!("panic while handling request {request}");
+                    tracing::error!(port = %port.name, request, "vhost-user request handler panicked");
                     return self.disconnect(index, &reason);
                 }
-                continue;
-            }
-            match conn.handler.handle_request() {
+            };
+            match handled {
                 Ok(()) => {}
-                Err(ProtoError::Disconnected) => {
+                Err(Handled::Refused(reason)) => return self.disconnect(index, &reason),
+                Err(Handled::Protocol(ProtoError::Disconnected)) => {
                     return self.disconnect(index, "frontend disconnected");
                 }
-                Err(e) => {
+                Err(Handled::Protocol(e)) => {
                     let reason = format!("protocol error (request {request}): {e}");
                     return self.disconnect(index, &reason);
                 }
