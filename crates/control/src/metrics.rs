@@ -167,7 +167,6 @@ impl Collector for SnapshotCollector {
             let labels = [("worker", worker.as_str())];
             ConstGauge::new(w.busy_ratio).encode(busy.encode_family(&labels)?)?;
         }
-        drop(busy);
         let mut panics = encoder.encode_descriptor(
             "vmq_worker_panics",
             "Panics caught in the worker, each followed by a restart",

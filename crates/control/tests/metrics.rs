@@ -183,13 +183,14 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
     }
     for w in &expected.workers {
         wanted.insert(key("vmq_worker_busy_ratio", &[("worker", &w.worker.to_string())]), w.busy_ratio);
+        wanted.insert(key("vmq_worker_panics_total", &[("worker", &w.worker.to_string())]), w.panics as f64);
     }
     assert_eq!(samples, wanted);
     for (name, kind) in &types {
         let counter = name.ends_with("_total");
         assert_eq!(kind, if counter { "counter" } else { "gauge" }, "{name}");
     }
-    assert_eq!(types.len(), 13);
+    assert_eq!(types.len(), 16);
 
     // The callback runs per scrape: the next scrape has the next snapshot's values.
     let (_, samples) = parse_exposition(&get(exporter.local_addr(), "/metrics?ignored=1").body);
@@ -241,5 +242,5 @@ fn shutdown_is_prompt_and_releases_the_port() {
     assert_eq!(again.local_addr(), addr);
     let (types, samples) = parse_exposition(&get(addr, "/metrics").body);
     assert!(samples.is_empty());
-    assert_eq!(types.len(), 13, "families are described even with no ports");
+    assert_eq!(types.len(), 16, "families are described even with no ports");
 }

@@ -318,7 +318,7 @@ MAC                VLAN  PORT     AGE
     let mut lines = stats.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "PORT  RX_PACKETS  RX_BYTES  TX_PACKETS  TX_BYTES  DROPS  SEGMENTS  CSUM_FINISHED  COALESCED  GSO_PASSED  FDB_FULL"
+        "PORT  RX_PACKETS  RX_BYTES  TX_PACKETS  TX_BYTES  DROPS  SEGMENTS  CSUM_FINISHED  COALESCED  GSO_PASSED  FDB_FULL  FDB_MOVES  FDB_LIMIT"
     );
     // First stats call: n = 0, all zero.
     assert!(lines.next().unwrap().starts_with("vm1            0"), "{stats}");
@@ -331,9 +331,9 @@ MAC                VLAN  PORT     AGE
     assert_eq!(
         ok(&f.socket, &["workers"]),
         "\
-WORKER   BUSY  TASKS
-     0  12.5%  up0 default, vm2 tx
-     1  50.0%  up0 queue 0 -> vm1
+WORKER   BUSY  PANICS  TASKS
+     0  12.5%       0  up0 default, vm2 tx
+     1  50.0%       3  up0 queue 0 -> vm1
 "
     );
     assert_eq!(
