@@ -53,6 +53,8 @@ pub struct WorkerMetrics {
     pub worker: u32,
     /// 0.0 to 1.0.
     pub busy_ratio: f64,
+    /// Panics caught in the worker (each followed by a restart).
+    pub panics: u64,
 }
 
 /// The snapshot callback: called once per scrape, on the exporter thread.
@@ -97,7 +99,7 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let ports = &self.0.ports;
         type Get = fn(&PortMetrics) -> u64;
-        let per_port: [(&str, &str, Get); 11] = [
+        let per_port: [(&str, &str, Get); 13] = [
             ("vmq_port_rx_packets", "Frames received from the port", |p| p.counters.rx_packets),
             ("vmq_port_rx_bytes", "Bytes received from the port", |p| p.counters.rx_bytes),
             ("vmq_port_tx_packets", "Frames sent to the port", |p| p.counters.tx_packets),
@@ -119,6 +121,10 @@ impl Collector for SnapshotCollector {
                 p.counters.kernel_drops
             }),
             ("vmq_port_corrupt_blocks", "AF_PACKET ring blocks skipped as corrupt", |p| p.counters.corrupt_blocks),
+            ("vmq_fdb_moves", "Addresses that moved to the port from another", |p| p.counters.fdb_moves),
+            ("vmq_fdb_limit", "MAC learning refused on the port because it reached max_learned_macs", |p| {
+                p.counters.fdb_limit
+            }),
         ];
         for (name, help, get) in per_port {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -164,6 +170,17 @@ impl Collector for SnapshotCollector {
             let worker = w.worker.to_string();
             let labels = [("worker", worker.as_str())];
             ConstGauge::new(w.busy_ratio).encode(busy.encode_family(&labels)?)?;
+        }
+        let mut panics = encoder.encode_descriptor(
+            "vmq_worker_panics",
+            "Panics caught in the worker, each followed by a restart",
+            None,
+            MetricType::Counter,
+        )?;
+        for w in &self.0.workers {
+            let worker = w.worker.to_string();
+            let labels = [("worker", worker.as_str())];
+            ConstCounter::new(w.panics).encode(panics.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -439,6 +439,10 @@ pub struct PortCounters {
     /// AF_PACKET ring blocks skipped as corrupt (uplinks).
     #[serde(default)]
     pub corrupt_blocks: u64,
+    /// Addresses that moved to this port from another.
+    pub fdb_moves: u64,
+    /// FDB learning refused because the port reached its `max_learned_macs`.
+    pub fdb_limit: u64,
 }
 
 impl PortCounters {
@@ -480,6 +484,8 @@ pub struct WorkerInfo {
     pub worker: u32,
     /// Share of the last interval spent doing work, 0.0 to 1.0.
     pub busy_ratio: f64,
+    /// Panics caught in the worker (each followed by a restart).
+    pub panics: u64,
     /// What the worker serves ("vm1 tx", "up0 queue 3", ...).
     pub tasks: Vec<String>,
 }
@@ -750,7 +756,7 @@ mod tests {
     #[test]
     fn a_non_finite_ratio_becomes_an_internal_error_not_a_broken_line() {
         let reply = Reply(Ok(Response::Workers {
-            workers: vec![WorkerInfo { worker: 0, busy_ratio: f64::NAN, tasks: vec![] }],
+            workers: vec![WorkerInfo { worker: 0, busy_ratio: f64::NAN, panics: 0, tasks: vec![] }],
         }));
         let parsed = Reply::from_line(reply.to_line().as_bytes()).unwrap();
         assert_eq!(parsed.0.unwrap_err().code, ErrorCode::Internal);

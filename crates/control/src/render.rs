@@ -279,6 +279,8 @@ fn stats(ports: &[PortCounters], out: &mut String) {
         ("COALESCED", R),
         ("GSO_PASSED", R),
         ("FDB_FULL", R),
+        ("FDB_MOVES", R),
+        ("FDB_LIMIT", R),
     ]);
     for p in ports {
         t.row(vec![
@@ -293,6 +295,8 @@ fn stats(ports: &[PortCounters], out: &mut String) {
             p.offload.coalesced.to_string(),
             p.offload.gso_passed.to_string(),
             p.fdb_full.to_string(),
+            p.fdb_moves.to_string(),
+            p.fdb_limit.to_string(),
         ]);
     }
     t.render(out);
@@ -316,10 +320,10 @@ fn stats(ports: &[PortCounters], out: &mut String) {
 }
 
 fn worker_table(workers: &[WorkerInfo], out: &mut String) {
-    let mut t = Table::new(&[("WORKER", R), ("BUSY", R), ("TASKS", L)]);
+    let mut t = Table::new(&[("WORKER", R), ("BUSY", R), ("PANICS", R), ("TASKS", L)]);
     for w in workers {
         let tasks = if w.tasks.is_empty() { "-".to_string() } else { w.tasks.join(", ") };
-        t.row(vec![w.worker.to_string(), format!("{:.1}%", w.busy_ratio * 100.0), tasks]);
+        t.row(vec![w.worker.to_string(), format!("{:.1}%", w.busy_ratio * 100.0), w.panics.to_string(), tasks]);
     }
     t.render(out);
 }

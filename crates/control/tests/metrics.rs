@@ -31,13 +31,18 @@ fn snapshot(scrape: u64) -> MetricsSnapshot {
             fdb_full: base + 11,
             kernel_drops: base + 12,
             corrupt_blocks: base + 13,
+            fdb_moves: base + 14,
+            fdb_limit: base + 15,
         },
         up,
         queue_assigned: queue,
     };
     MetricsSnapshot {
         ports: vec![port("vm1", 1000 * scrape, true, true), port("up0", 100_000 + scrape, false, false)],
-        workers: vec![WorkerMetrics { worker: 0, busy_ratio: 0.25 }, WorkerMetrics { worker: 1, busy_ratio: 0.875 }],
+        workers: vec![
+            WorkerMetrics { worker: 0, busy_ratio: 0.25, panics: 0 },
+            WorkerMetrics { worker: 1, busy_ratio: 0.875, panics: 2 },
+        ],
     }
 }
 
@@ -169,6 +174,8 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
             ("vmq_fdb_full_total", c.fdb_full),
             ("vmq_port_kernel_drops_total", c.kernel_drops),
             ("vmq_port_corrupt_blocks_total", c.corrupt_blocks),
+            ("vmq_fdb_moves_total", c.fdb_moves),
+            ("vmq_fdb_limit_total", c.fdb_limit),
             ("vmq_queue_assigned", u64::from(p.queue_assigned)),
             ("vmq_port_up", u64::from(p.up)),
         ] {
@@ -180,13 +187,14 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
     }
     for w in &expected.workers {
         wanted.insert(key("vmq_worker_busy_ratio", &[("worker", &w.worker.to_string())]), w.busy_ratio);
+        wanted.insert(key("vmq_worker_panics_total", &[("worker", &w.worker.to_string())]), w.panics as f64);
     }
     assert_eq!(samples, wanted);
     for (name, kind) in &types {
         let counter = name.ends_with("_total");
         assert_eq!(kind, if counter { "counter" } else { "gauge" }, "{name}");
     }
-    assert_eq!(types.len(), 15);
+    assert_eq!(types.len(), 18);
 
     // The callback runs per scrape: the next scrape has the next snapshot's values.
     let (_, samples) = parse_exposition(&get(exporter.local_addr(), "/metrics?ignored=1").body);
@@ -238,5 +246,5 @@ fn shutdown_is_prompt_and_releases_the_port() {
     assert_eq!(again.local_addr(), addr);
     let (types, samples) = parse_exposition(&get(addr, "/metrics").body);
     assert!(samples.is_empty());
-    assert_eq!(types.len(), 15, "families are described even with no ports");
+    assert_eq!(types.len(), 18, "families are described even with no ports");
 }

@@ -63,6 +63,8 @@ fn counters(name: &str) -> PortCounters {
         fdb_full: 1,
         kernel_drops: 8,
         corrupt_blocks: 9,
+        fdb_moves: 2,
+        fdb_limit: 3,
     }
 }
 
@@ -124,7 +126,7 @@ fn answer(request: &Request) -> Result<Response, ControlError> {
             changes: vec![QueueChange { port: "vm2".into(), queue: 0, action: QueueAction::Granted }],
         },
         Request::Workers => Response::Workers {
-            workers: vec![WorkerInfo { worker: 0, busy_ratio: 0.25, tasks: vec!["vm1 tx".into()] }],
+            workers: vec![WorkerInfo { worker: 0, busy_ratio: 0.25, panics: 1, tasks: vec!["vm1 tx".into()] }],
         },
     })
 }

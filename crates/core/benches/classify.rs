@@ -21,6 +21,7 @@ fn bench(c: &mut Criterion) {
         mtu: 9000,
         vlan: VlanMode::Trunk { allowed: vec![10], native: None },
         allow_mac_spoofing: false,
+        max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
         offloads: OffloadCaps::NONE,
     });
     sw.set_port_up(up, true);
@@ -33,6 +34,7 @@ fn bench(c: &mut Criterion) {
             mtu: 9000,
             vlan: VlanMode::Access(10),
             allow_mac_spoofing: false,
+            max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
             offloads: OffloadCaps::NONE,
         });
         sw.set_port_up(p, true);

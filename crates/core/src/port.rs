@@ -56,6 +56,9 @@ pub struct PortSpec {
     pub mtu: u16,
     pub vlan: VlanMode,
     pub allow_mac_spoofing: bool,
+    /// Most addresses the switch learns on this port (MAC-flood protection; beyond it, frames
+    /// from new sources still pass but their addresses are not learned, counted as `fdb_limit`).
+    pub max_learned_macs: u32,
     /// Offloads the port may use, before negotiation narrows them.
     pub offloads: OffloadCaps,
 }

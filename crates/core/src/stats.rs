@@ -88,6 +88,11 @@ pub struct PortStats {
     pub kernel_drops: AtomicU64,
     /// AF_PACKET ring blocks skipped because the kernel's block header made no sense.
     pub corrupt_blocks: AtomicU64,
+    /// Addresses that moved to this port from another (VM migration, or a loop / spoofing).
+    pub fdb_moves: AtomicU64,
+    /// FDB learning refused because the port reached its `max_learned_macs` (frame still
+    /// forwarded).
+    pub fdb_limit: AtomicU64,
 }
 
 /// A snapshot of [`PortStats`], plain numbers.
@@ -105,6 +110,8 @@ pub struct PortStatsSnapshot {
     pub fdb_full: u64,
     pub kernel_drops: u64,
     pub corrupt_blocks: u64,
+    pub fdb_moves: u64,
+    pub fdb_limit: u64,
 }
 
 impl PortStatsSnapshot {
@@ -160,6 +167,8 @@ impl PortStats {
             fdb_full: self.fdb_full.load(Relaxed),
             kernel_drops: self.kernel_drops.load(Relaxed),
             corrupt_blocks: self.corrupt_blocks.load(Relaxed),
+            fdb_moves: self.fdb_moves.load(Relaxed),
+            fdb_limit: self.fdb_limit.load(Relaxed),
         }
     }
 }

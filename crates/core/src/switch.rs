@@ -36,6 +36,10 @@ pub struct LearnRequest {
     pub mac: MacAddr,
     pub vlan: u16,
     pub port: PortId,
+    /// The port was at its learning limit when the frame was classified: the request will
+    /// most likely be refused, so the caller may count it without taking the write lock (and
+    /// take it now and then, so that the aging sweep can free places).
+    pub at_limit: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,14 +145,17 @@ impl Switch {
 
     /// Adds a port (down until [`Switch::set_port_up`]); ids are dense and reused.
     pub fn add_port(&mut self, spec: PortSpec) -> PortId {
+        let limit = spec.max_learned_macs;
         let state = Some(PortState { spec, up: false });
-        if let Some(i) = self.ports.iter().position(Option::is_none) {
+        let id = if let Some(i) = self.ports.iter().position(Option::is_none) {
             self.ports[i] = state;
             PortId(i as u16)
         } else {
             self.ports.push(state);
             PortId((self.ports.len() - 1) as u16)
-        }
+        };
+        self.fdb.set_port_limit(id, limit);
+        id
     }
 
     pub fn remove_port(&mut self, port: PortId) {
@@ -184,6 +191,7 @@ impl Switch {
     pub fn update_port(&mut self, port: PortId, spec: PortSpec) -> bool {
         match self.ports.get_mut(port.0 as usize) {
             Some(Some(s)) => {
+                self.fdb.set_port_limit(port, spec.max_learned_macs);
                 s.spec = spec;
                 self.fdb.forget_learned(port);
                 true
@@ -244,7 +252,7 @@ impl Switch {
         let learn = if self.fdb.refresh(l2.src, vlan, in_port, now_ns) {
             None
         } else {
-            Some(LearnRequest { mac: l2.src, vlan, port: in_port })
+            Some(LearnRequest { mac: l2.src, vlan, port: in_port, at_limit: self.fdb.at_limit(in_port) })
         };
         let dst = if l2.dst.is_multicast() {
             Dest::Flood
@@ -311,6 +319,7 @@ mod tests {
             mtu,
             vlan,
             allow_mac_spoofing: false,
+            max_learned_macs: crate::fdb::DEFAULT_MAX_LEARNED_MACS,
             offloads: OffloadCaps::NONE,
         }
     }
@@ -406,6 +415,22 @@ mod tests {
         let mut group_src = frame(m(2), m(1), None, 46);
         group_src[6] |= 1;
         assert_eq!(sw.classify(up, &group_src, None, 0), Verdict::Drop(DropReason::Malformed));
+    }
+
+    #[test]
+    fn the_port_limit_comes_from_the_spec() {
+        let (mut sw, [up, a, _, _]) = topology();
+        let mut s = sw.port(up).unwrap().clone();
+        s.max_learned_macs = 1;
+        assert!(sw.update_port(up, s));
+        assert_eq!(sw.learn(LearnRequest { mac: m(7), vlan: 10, port: up, at_limit: false }, 0), LearnOutcome::New);
+        assert_eq!(
+            sw.learn(LearnRequest { mac: m(8), vlan: 10, port: up, at_limit: true }, 0),
+            LearnOutcome::LimitReached
+        );
+        assert_eq!(sw.learn(LearnRequest { mac: m(1), vlan: 10, port: a, at_limit: false }, 0), LearnOutcome::New);
+        let f = frame(m(2), m(9), Some(10), 46);
+        assert!(matches!(sw.classify(up, &f, None, 0), Verdict::Forward { learn: Some(r), .. } if r.at_limit));
     }
 
     #[test]

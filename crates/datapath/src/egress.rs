@@ -253,6 +253,7 @@ mod tests {
             mtu: 1500,
             vlan: VlanMode::Access(0),
             allow_mac_spoofing: false,
+            max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
             offloads: OffloadCaps::ALL,
         };
         let out = OutPort { caps: OffloadCaps::ALL, spec: &spec };

@@ -36,6 +36,9 @@ const SPIN_TIME: Duration = Duration::from_micros(50);
 const POLL_SLEEP: Duration = Duration::from_millis(1);
 /// Longest sleep otherwise: a backstop, every source that matters wakes the worker.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// How often a port at its learning limit may take the switch's write lock (see
+/// `Worker::apply_learning`).
+const LIMITED_LEARN_INTERVAL_NS: u64 = 1_000_000;
 /// Event token of a worker's wake-up eventfd.
 const WAKE_TOKEN: u64 = 0;
 
@@ -125,6 +128,27 @@ pub(crate) struct WorkerStats {
     /// Time spent in loop rounds that moved frames.
     pub busy_ns: AtomicU64,
     pub frames: AtomicU64,
+    /// Panics caught in this worker (see `supervise`).
+    pub panics: AtomicU64,
+    /// How long learning held the switch's write lock (every other worker waits meanwhile).
+    pub learn_lock: LockHold,
+}
+
+/// Time a lock was held, per batch: count, total and longest.
+#[derive(Default)]
+pub(crate) struct LockHold {
+    pub batches: AtomicU64,
+    pub total_ns: AtomicU64,
+    pub max_ns: AtomicU64,
+}
+
+impl LockHold {
+    fn record(&self, held: Duration) {
+        let ns = held.as_nanos() as u64;
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.total_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
 }
 
 pub(crate) struct Shared {
@@ -137,6 +161,9 @@ pub(crate) struct Shared {
     pub worker_stats: Vec<WorkerStats>,
     pub stop: AtomicBool,
     pub epoch: Instant,
+    /// Test hook: the next batch of any worker panics (holding the switch's write lock).
+    #[cfg(test)]
+    pub inject_panic: AtomicBool,
 }
 
 impl Shared {
@@ -151,6 +178,8 @@ impl Shared {
             worker_stats: (0..workers).map(|_| WorkerStats::default()).collect(),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
+            #[cfg(test)]
+            inject_panic: AtomicBool::new(false),
         })
     }
 
@@ -356,6 +385,8 @@ pub(crate) struct Worker {
     errors: Vec<RecvError>,
     deliveries: Vec<Delivery>,
     learn: Vec<LearnRequest>,
+    /// When learning last took the write lock for a port at its limit.
+    last_limited_learn: u64,
     flood: Vec<PortId>,
     hdrs: Vec<VnetHdr>,
     coalescer: Coalescer,
@@ -388,6 +419,7 @@ impl Worker {
             errors: Vec::new(),
             deliveries: Vec::with_capacity(BATCH * 4),
             learn: Vec::new(),
+            last_limited_learn: 0,
             flood: Vec::new(),
             hdrs: Vec::with_capacity(BATCH),
             coalescer: Coalescer::new(),
@@ -562,6 +594,11 @@ impl Worker {
             return 0;
         }
         task.frames.fetch_add(n as u64, Ordering::Relaxed);
+        #[cfg(test)]
+        if self.shared.inject_panic.swap(false, Ordering::Relaxed) {
+            let _poisoned = self.shared.switch_write();
+            panic!("injected worker panic");
+        }
         let now = self.shared.now_ns();
         self.deliveries.clear();
         self.hdrs.clear();
@@ -609,12 +646,33 @@ impl Worker {
         if self.learn.is_empty() {
             return;
         }
-        let mut sw = self.shared.switch_write();
-        for req in self.learn.drain(..) {
-            if sw.learn(req, now) == vmq_core::fdb::LearnOutcome::Full {
-                in_entry.stats.fdb_full.fetch_add(1, Ordering::Relaxed);
+        use vmq_core::fdb::LearnOutcome;
+        let stats = &in_entry.stats;
+        // A port at its learning limit (a MAC flood) takes the write lock at most once per
+        // interval, for the aging sweep to free places; its other requests are counted only.
+        if now.saturating_sub(self.last_limited_learn) < LIMITED_LEARN_INTERVAL_NS {
+            let before = self.learn.len();
+            self.learn.retain(|r| !r.at_limit);
+            stats.fdb_limit.fetch_add((before - self.learn.len()) as u64, Ordering::Relaxed);
+            if self.learn.is_empty() {
+                return;
             }
+        } else if self.learn.iter().any(|r| r.at_limit) {
+            self.last_limited_learn = now;
         }
+        let mut sw = self.shared.switch_write();
+        let held = Instant::now();
+        for req in self.learn.drain(..) {
+            let counter = match sw.learn(req, now) {
+                LearnOutcome::Full => &stats.fdb_full,
+                LearnOutcome::LimitReached => &stats.fdb_limit,
+                LearnOutcome::Moved => &stats.fdb_moves,
+                LearnOutcome::New | LearnOutcome::Refreshed | LearnOutcome::Static => continue,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(sw);
+        self.shared.worker_stats[self.index].learn_lock.record(held.elapsed());
     }
 
     /// Sends every decided delivery, one sink lock per destination per batch.

@@ -19,6 +19,7 @@ pub mod mem;
 pub mod nic;
 pub mod port;
 pub mod ring;
+mod supervise;
 pub mod tap;
 pub mod uplink;
 pub mod vhost;
@@ -37,7 +38,7 @@ use vmq_core::vmq::{FilterKey, QueueChange, QueueId, QueuePolicy, Vmq, VmqConfig
 use vmq_core::{Mode, PortConfig, PortId, PortKind, PortSpec, VlanMode};
 use vmq_wire::MacAddr;
 
-use engine::{PortEntry, PortTable, Shared, Task, TaskKind, Worker, local_key, lock};
+use engine::{PortEntry, PortTable, Shared, Task, TaskKind, local_key, lock};
 pub use port::{FrameSink, FrameSource, NicSteering};
 
 #[derive(Debug, Clone)]
@@ -475,6 +476,8 @@ pub struct WorkerInfo {
     pub index: usize,
     pub busy_ratio: f64,
     pub frames: u64,
+    /// Panics caught in it (each followed by a restart).
+    pub panics: u64,
     /// Tasks it serves: "vm1 tx", "up0 queue 3", "up0 default".
     pub tasks: Vec<String>,
 }
@@ -517,10 +520,10 @@ impl Datapath {
         }));
         let mut threads = Vec::new();
         for i in 0..cfg.workers {
-            let worker = Worker::new(shared.clone(), i).map_err(DatapathError::Thread)?;
+            let worker_shared = shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vmq-worker-{i}"))
-                .spawn(move || worker.run())
+                .spawn(move || supervise::run_supervised(worker_shared, i))
                 .map_err(DatapathError::Thread)?;
             threads.push(t);
         }
@@ -994,6 +997,7 @@ impl Datapath {
                 index: i,
                 busy_ratio: st.busy.get(i).copied().unwrap_or(0.0),
                 frames: self.shared.worker_stats[i].frames.load(Ordering::Relaxed),
+                panics: self.shared.worker_stats[i].panics.load(Ordering::Relaxed),
                 tasks: lock(&l.tasks)
                     .iter()
                     .map(|t| match t.kind {

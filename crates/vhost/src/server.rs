@@ -29,6 +29,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -135,6 +136,13 @@ impl Connection {
             _ => self.stalled = Some((Instant::now(), why)),
         }
     }
+}
+
+/// Why handling a message failed.
+enum Handled {
+    /// Refused by this module (`Connection::intercept`).
+    Refused(String),
+    Protocol(ProtoError),
 }
 
 /// What is waiting on a connection.
@@ -270,6 +278,8 @@ struct Port {
     refused: u64,
     allowed_uids: Option<Vec<u32>>,
     setup_timeout: Duration,
+    /// Panics caught while handling this port's messages (each ended its connection).
+    panics: u64,
 }
 
 /// Connection state of a port, for `vmq ctl` and tests.
@@ -282,6 +292,8 @@ pub struct PortStatus {
     pub connections: u64,
     /// Connections refused: a second frontend, or a peer uid not allowed.
     pub refused: u64,
+    /// Panics caught while handling its frontend's messages; each dropped that connection.
+    pub panics: u64,
 }
 
 pub struct VhostUserServer {
@@ -357,6 +369,7 @@ impl VhostUserServer {
             refused: 0,
             allowed_uids: policy.allowed_uids.clone(),
             setup_timeout: policy.setup_timeout.unwrap_or(SETUP_TIMEOUT),
+            panics: 0,
         }));
         tracing::info!(port = name, socket = %path.display(), "vhost-user port listening");
         Ok(())
@@ -387,6 +400,7 @@ impl VhostUserServer {
                 running: lock(&p.backend).device().is_running(),
                 connections: p.connections,
                 refused: p.refused,
+                panics: p.panics,
             })
             .collect()
     }
@@ -564,20 +578,36 @@ impl VhostUserServer {
             }
             conn.stalled = None;
             tracing::debug!(port = %port.name, request, flags, size, "vhost-user request");
-            if request == SET_VRING_ENABLE || request == NET_SET_MTU {
-                let backend = port.backend.clone();
-                if let Err(reason) = conn.intercept(&backend, request, flags, size) {
+            // A panic while handling one frontend's message (a bug) ends that connection only:
+            // this thread serves every other VM too.
+            let backend = port.backend.clone();
+            let handled = catch_unwind(AssertUnwindSafe(|| {
+                if request == SET_VRING_ENABLE || request == NET_SET_MTU {
+                    conn.intercept(&backend, request, flags, size).map_err(Handled::Refused)
+                } else {
+                    conn.handler.handle_request().map_err(Handled::Protocol)
+                }
+            }));
+            let handled = match handled {
+                Ok(result) => result,
+                Err(_) => {
+                    port.panics += 1;
+                    // The `vhost` crate unwraps the backend's lock: clear the poison so that the
+                    // frontend's next connection is served.
+                    backend.clear_poison();
+                    let reason = format!("panic while handling request {request}");
+                    tracing::error!(port = %port.name, request, "vhost-user request handler panicked");
                     return self.disconnect(index, &reason);
                 }
-                continue;
-            }
-            match conn.handler.handle_request() {
+            };
+            match handled {
                 Ok(()) if request == SET_OWNER => conn.setup_deadline = None,
                 Ok(()) => {}
-                Err(ProtoError::Disconnected) => {
+                Err(Handled::Refused(reason)) => return self.disconnect(index, &reason),
+                Err(Handled::Protocol(ProtoError::Disconnected)) => {
                     return self.disconnect(index, "frontend disconnected");
                 }
-                Err(e) => {
+                Err(Handled::Protocol(e)) => {
                     let reason = format!("protocol error (request {request}): {e}");
                     return self.disconnect(index, &reason);
                 }

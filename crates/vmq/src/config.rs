@@ -84,6 +84,7 @@ struct RawPort {
     trunk: Option<Spanned<Vec<i64>>>,
     native_vlan: Option<Spanned<i64>>,
     allow_mac_spoofing: Option<bool>,
+    max_learned_macs: Option<Spanned<i64>>,
     offloads: Option<bool>,
     uplink: Option<Spanned<String>>,
 }
@@ -510,6 +511,14 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
         None => None,
     };
     let mtu = int_in(loc, p.mtu.as_ref(), 1500, MIN_MTU as i64, MAX_MTU as i64, "mtu")? as u16;
+    let max_learned_macs = int_in(
+        loc,
+        p.max_learned_macs.as_ref(),
+        i64::from(vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS),
+        0,
+        1 << 24,
+        "max_learned_macs",
+    )? as u32;
 
     let vlan_id = |v: &Spanned<i64>, allow_zero: bool| -> Result<u16, ConfigError> {
         let lo = if allow_zero { 0 } else { 1 };
@@ -561,6 +570,7 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
             mtu,
             vlan,
             allow_mac_spoofing: p.allow_mac_spoofing.unwrap_or(false),
+            max_learned_macs,
             offloads: if p.offloads.unwrap_or(true) { OffloadCaps::ALL } else { OffloadCaps::NONE },
         },
         backend,

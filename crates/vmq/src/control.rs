@@ -159,6 +159,8 @@ pub fn port_counters(name: &str, s: &PortStatsSnapshot) -> PortCounters {
         fdb_full: s.fdb_full,
         kernel_drops: s.kernel_drops,
         corrupt_blocks: s.corrupt_blocks,
+        fdb_moves: s.fdb_moves,
+        fdb_limit: s.fdb_limit,
     }
 }
 
@@ -253,13 +255,20 @@ mod tests {
 
     #[test]
     fn counters_name_every_drop_reason() {
-        let snapshot =
-            PortStatsSnapshot { rx_packets: 3, fdb_full: 2, kernel_drops: 7, corrupt_blocks: 1, ..Default::default() };
+        let snapshot = PortStatsSnapshot {
+            rx_packets: 3,
+            fdb_full: 2,
+            fdb_moves: 4,
+            fdb_limit: 5,
+            kernel_drops: 7,
+            corrupt_blocks: 1,
+            ..Default::default()
+        };
         let c = port_counters("vm1", &snapshot);
         assert_eq!((c.kernel_drops, c.corrupt_blocks), (7, 1));
         assert_eq!(c.drops.len(), DropReason::ALL.len());
         assert!(c.drops.contains_key("oversize") && c.drops.contains_key("no_buffer"));
-        assert_eq!((c.rx_packets, c.fdb_full), (3, 2));
+        assert_eq!((c.rx_packets, c.fdb_full, c.fdb_moves, c.fdb_limit), (3, 2, 4, 5));
     }
 
     #[test]

@@ -188,7 +188,7 @@ impl DatapathHandler {
                 .dp
                 .workers()
                 .iter()
-                .map(|w| WorkerMetrics { worker: w.index as u32, busy_ratio: w.busy_ratio })
+                .map(|w| WorkerMetrics { worker: w.index as u32, busy_ratio: w.busy_ratio, panics: w.panics })
                 .collect(),
         }
     }
@@ -261,6 +261,7 @@ impl ControlHandler for DatapathHandler {
                     .map(|w| WorkerInfo {
                         worker: w.index as u32,
                         busy_ratio: if w.busy_ratio.is_finite() { w.busy_ratio } else { 0.0 },
+                        panics: w.panics,
                         tasks: w.tasks,
                     })
                     .collect(),

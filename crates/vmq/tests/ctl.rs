@@ -75,6 +75,8 @@ fn stats_at(n: u64) -> StatsReport {
         fdb_full: 0,
         kernel_drops: 3 * n,
         corrupt_blocks: 0,
+        fdb_moves: 0,
+        fdb_limit: 0,
     };
     let vm2 =
         PortCounters { port: "vm2".into(), drops: [("oversize".to_string(), 0)].into(), ..PortCounters::default() };
@@ -156,8 +158,13 @@ impl ControlHandler for Mock {
             },
             Request::Workers => Response::Workers {
                 workers: vec![
-                    WorkerInfo { worker: 0, busy_ratio: 0.125, tasks: vec!["up0 default".into(), "vm2 tx".into()] },
-                    WorkerInfo { worker: 1, busy_ratio: 0.5, tasks: vec!["up0 queue 0 -> vm1".into()] },
+                    WorkerInfo {
+                        worker: 0,
+                        busy_ratio: 0.125,
+                        panics: 0,
+                        tasks: vec!["up0 default".into(), "vm2 tx".into()],
+                    },
+                    WorkerInfo { worker: 1, busy_ratio: 0.5, panics: 3, tasks: vec!["up0 queue 0 -> vm1".into()] },
                 ],
             },
         })
@@ -313,7 +320,7 @@ MAC                VLAN  PORT     AGE
     let mut lines = stats.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "PORT  RX_PACKETS  RX_BYTES  TX_PACKETS  TX_BYTES  DROPS  SEGMENTS  CSUM_FINISHED  COALESCED  GSO_PASSED  FDB_FULL"
+        "PORT  RX_PACKETS  RX_BYTES  TX_PACKETS  TX_BYTES  DROPS  SEGMENTS  CSUM_FINISHED  COALESCED  GSO_PASSED  FDB_FULL  FDB_MOVES  FDB_LIMIT"
     );
     // First stats call: n = 0, all zero.
     assert!(lines.next().unwrap().starts_with("vm1            0"), "{stats}");
@@ -332,9 +339,9 @@ MAC                VLAN  PORT     AGE
     assert_eq!(
         ok(&f.socket, &["workers"]),
         "\
-WORKER   BUSY  TASKS
-     0  12.5%  up0 default, vm2 tx
-     1  50.0%  up0 queue 0 -> vm1
+WORKER   BUSY  PANICS  TASKS
+     0  12.5%       0  up0 default, vm2 tx
+     1  50.0%       3  up0 queue 0 -> vm1
 "
     );
     assert_eq!(
