@@ -28,10 +28,15 @@ pub enum DropReason {
     NoDestination,
     /// Offload processing failed (a GSO frame that cannot be segmented as described).
     Offload,
+    /// A guest ring is broken (an available index more than a ring ahead, ring areas outside
+    /// guest memory): it is no longer served until the frontend resets it. Counted once when a
+    /// TX ring breaks (no frame can be read from it, so `rx_packets` does not include it), and
+    /// once per frame that finds a broken RX ring.
+    RingBroken,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Oversize,
         DropReason::Spoofed,
         DropReason::Vlan,
@@ -42,6 +47,7 @@ impl DropReason {
         DropReason::PortDown,
         DropReason::NoDestination,
         DropReason::Offload,
+        DropReason::RingBroken,
     ];
 
     /// Stable lowercase name, used in metrics labels and `vmq ctl stats`.
@@ -57,6 +63,7 @@ impl DropReason {
             DropReason::PortDown => "port_down",
             DropReason::NoDestination => "no_destination",
             DropReason::Offload => "offload",
+            DropReason::RingBroken => "ring_broken",
         }
     }
 

@@ -125,6 +125,9 @@ pub(crate) struct WorkerStats {
     /// Time spent in loop rounds that moved frames.
     pub busy_ns: AtomicU64,
     pub frames: AtomicU64,
+    /// Times the worker ran out of work and tried to sleep: about ten a second when idle (the
+    /// backstop timeout), thousands when a source keeps it awake without giving it frames.
+    pub sleeps: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -502,6 +505,7 @@ impl Worker {
 
     /// Arms notifications and sleeps until a source or the control plane wakes the worker.
     fn sleep(&mut self) {
+        self.shared.worker_stats[self.index].sleeps.fetch_add(1, Ordering::Relaxed);
         let mut pending = false;
         for task in &self.tasks {
             pending |= lock(&task.source).prepare_sleep();
@@ -541,6 +545,10 @@ impl Worker {
                 RecvError::Drop(r) => {
                     in_entry.stats.add_rx(1, 0);
                     in_entry.stats.add_drop(r, 1);
+                }
+                RecvError::RingBroken => {
+                    tracing::warn!(port = %in_entry.spec.name, "guest broke its TX ring; not served until it resets it");
+                    in_entry.stats.add_drop(DropReason::RingBroken, 1);
                 }
                 RecvError::Gone => {
                     tracing::warn!(port = %in_entry.spec.name, "attachment gone; port down");

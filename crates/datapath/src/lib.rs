@@ -475,6 +475,9 @@ pub struct WorkerInfo {
     pub index: usize,
     pub busy_ratio: f64,
     pub frames: u64,
+    /// Times it ran out of work and tried to sleep (~10/s idle; a source that keeps it awake
+    /// without frames makes thousands a second).
+    pub sleeps: u64,
     /// Tasks it serves: "vm1 tx", "up0 queue 3", "up0 default".
     pub tasks: Vec<String>,
 }
@@ -994,6 +997,7 @@ impl Datapath {
                 index: i,
                 busy_ratio: st.busy.get(i).copied().unwrap_or(0.0),
                 frames: self.shared.worker_stats[i].frames.load(Ordering::Relaxed),
+                sleeps: self.shared.worker_stats[i].sleeps.load(Ordering::Relaxed),
                 tasks: lock(&l.tasks)
                     .iter()
                     .map(|t| match t.kind {

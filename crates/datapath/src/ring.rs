@@ -44,6 +44,10 @@ pub enum RingError {
     BadChain { head: u16 },
     #[error("available ring index jumped by more than the ring size")]
     BadAvailIndex,
+    /// Reported after [`RingError::BadRing`] or [`RingError::BadAvailIndex`]: the ring is not
+    /// served again until the driver resets it (a fresh [`RingState`]).
+    #[error("ring is broken until the driver resets it")]
+    Broken,
 }
 
 /// One buffer of a descriptor chain.
@@ -67,6 +71,10 @@ pub struct RingState {
     pub event_idx: bool,
     /// The used index at the last interrupt decision (EVENT_IDX), None before the first.
     signalled_used: Option<Wrapping<u16>>,
+    /// The driver broke the ring (bad index, areas outside memory). Nothing it writes can be
+    /// trusted until it resets the queue, so the ring is left alone: otherwise every poll
+    /// reports the same error again and the worker never sleeps.
+    broken: bool,
 }
 
 impl RingState {
@@ -80,6 +88,7 @@ impl RingState {
             next_used: Wrapping(0),
             event_idx: false,
             signalled_used: None,
+            broken: false,
         }
     }
 
@@ -94,7 +103,13 @@ impl RingState {
             next_used: Wrapping(queue.next_used()),
             event_idx: queue.event_idx_enabled(),
             signalled_used: None,
+            broken: false,
         }
+    }
+
+    /// See [`RingError::Broken`].
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Writes the device's position back (GET_VRING_BASE reads it there).
@@ -119,7 +134,21 @@ pub struct Ring<'a, 'm> {
 }
 
 impl<'a, 'm> Ring<'a, 'm> {
+    /// Opens the ring for a batch. The first failure is [`RingError::BadRing`] and marks the
+    /// ring broken; later attempts are [`RingError::Broken`] until the state is replaced.
     pub fn open(mem: &'m Memory, state: &'a mut RingState) -> Result<Ring<'a, 'm>, RingError> {
+        if state.broken {
+            return Err(RingError::Broken);
+        }
+        let result = Self::open_areas(mem, state);
+        if result.is_err() {
+            state.broken = true;
+        }
+        let (desc, avail, used) = result?;
+        Ok(Ring { desc, avail, used, avail_seen: state.next_avail, mem, state, unpublished: false })
+    }
+
+    fn open_areas(mem: &'m Memory, state: &RingState) -> Result<(Slice<'m>, Slice<'m>, Slice<'m>), RingError> {
         let size = usize::from(state.size);
         if size == 0 || !size.is_power_of_two() {
             return Err(RingError::BadRing);
@@ -132,15 +161,11 @@ impl<'a, 'm> Ring<'a, 'm> {
             return Err(RingError::BadRing);
         }
         let area = |addr: GuestAddress, len: usize| mem.get_slice(addr, len).map_err(|_| RingError::BadRing);
-        Ok(Ring {
-            desc: area(state.desc_table, DESC_LEN * size)?,
-            avail: area(state.avail_ring, 6 + 2 * size)?,
-            used: area(state.used_ring, 6 + 8 * size)?,
-            avail_seen: state.next_avail,
-            mem,
-            state,
-            unpublished: false,
-        })
+        Ok((
+            area(state.desc_table, DESC_LEN * size)?,
+            area(state.avail_ring, 6 + 2 * size)?,
+            area(state.used_ring, 6 + 8 * size)?,
+        ))
     }
 
     pub fn memory(&self) -> &'m Memory {
@@ -160,13 +185,18 @@ impl<'a, 'm> Ring<'a, 'm> {
         Wrapping(Self::load16(&self.avail, 2, Ordering::Acquire))
     }
 
-    /// Frames the driver has made available and the device has not taken yet.
+    /// Frames the driver has made available and the device has not taken yet. An index more
+    /// than a ring ahead is reported once ([`RingError::BadAvailIndex`]) and breaks the ring.
     pub fn pending(&mut self) -> Result<u16, RingError> {
+        if self.state.broken {
+            return Err(RingError::Broken);
+        }
         if self.avail_seen == self.state.next_avail {
             self.avail_seen = self.avail_idx();
         }
         let n = (self.avail_seen - self.state.next_avail).0;
         if n > self.state.size {
+            self.state.broken = true;
             return Err(RingError::BadAvailIndex);
         }
         Ok(n)
@@ -342,8 +372,12 @@ impl<'a, 'm> Ring<'a, 'm> {
         (new - used_event - Wrapping(1)) < (new - old)
     }
 
-    /// Asks the driver to kick on new buffers. True if some arrived meanwhile (don't sleep).
+    /// Asks the driver to kick on new buffers. True if some arrived meanwhile (don't sleep);
+    /// never for a broken ring, whatever its index says.
     pub fn enable_notification(&mut self) -> bool {
+        if self.state.broken {
+            return false;
+        }
         if self.state.event_idx {
             let offset = 4 + 8 * usize::from(self.state.size);
             Self::store16(&self.used, offset, self.state.next_avail.0, Ordering::Relaxed);
@@ -586,11 +620,17 @@ mod tests {
         mem.store(100u16.to_le(), GuestAddress(state.avail_ring.0 + 2), Ordering::Release).unwrap();
         let mut ring = Ring::open(&mem, &mut state).unwrap();
         assert_eq!(ring.pending(), Err(RingError::BadAvailIndex));
-        assert_eq!(ring.pop(&mut segs), Err(RingError::BadAvailIndex));
+        // Reported once: the ring is broken now, and stays so whatever the driver writes.
+        assert_eq!(ring.pop(&mut segs), Err(RingError::Broken));
+        assert!(!ring.enable_notification(), "a broken ring does not keep the worker awake");
         drop(ring);
+        assert!(state.is_broken());
+        mem.store(2u16.to_le(), GuestAddress(state.avail_ring.0 + 2), Ordering::Release).unwrap();
+        assert!(matches!(Ring::open(&mem, &mut state), Err(RingError::Broken)));
         // Rings outside memory, and sizes that are not a power of two.
         let mut outside = RingState::new(8, GuestAddress(1 << 40), GuestAddress(0), GuestAddress(0x400));
         assert!(matches!(Ring::open(&mem, &mut outside), Err(RingError::BadRing)));
+        assert!(matches!(Ring::open(&mem, &mut outside), Err(RingError::Broken)), "reported once");
         let mut odd = RingState::new(6, GuestAddress(0), GuestAddress(0x100), GuestAddress(0x400));
         assert!(matches!(Ring::open(&mem, &mut odd), Err(RingError::BadRing)));
         let mut misaligned = RingState::new(8, GuestAddress(0), GuestAddress(0x100), GuestAddress(0x402));
