@@ -38,7 +38,9 @@ impl Backends for DefaultBackends {
                     message: "a vhost-user port needs a MAC".into(),
                 })?;
                 let offloads = config.spec.offloads.accepts_gso() || config.spec.offloads.csum;
-                let device = NetDeviceConfig { mac, mtu: config.spec.mtu, offloads };
+                // Guest memory must be sealed against shrinking (QEMU's memfd backend default);
+                // no configuration key trusts a frontend's unsealed memory yet.
+                let device = NetDeviceConfig { mac, mtu: config.spec.mtu, offloads, trust_unsealed_memory: false };
                 if self.vhost.is_none() {
                     self.vhost = Some(VhostService::start()?);
                 }
