@@ -26,7 +26,8 @@ pub enum DropReason {
     PortDown,
     /// The destination is the port the frame came from (hairpin), or a frame with no receiver.
     NoDestination,
-    /// Offload processing failed (a GSO frame that cannot be segmented as described).
+    /// Offload processing failed (a GSO frame that cannot be segmented as described, or whose
+    /// `gso_size` is below the minimum vmq accepts).
     Offload,
     /// A guest ring is broken (an available index more than a ring ahead, ring areas outside
     /// guest memory): it is no longer served until the frontend resets it. Counted once when a

@@ -577,6 +577,11 @@ impl Worker {
                 }
             };
             self.hdrs.push(hdr);
+            if !vmq_offload::gso_size_acceptable(&hdr) {
+                // A tiny gso_size multiplies the work of every hop after this one.
+                in_entry.stats.add_drop(DropReason::Offload, 1);
+                continue;
+            }
             let head = &raw[VnetHdr::LEN..];
             let len = raw_len - VnetHdr::LEN;
             let f =

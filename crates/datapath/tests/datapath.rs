@@ -696,3 +696,20 @@ fn a_huge_looping_indirect_table_costs_one_bad_descriptor() {
     let s = r.dp.stats("vm1").unwrap();
     assert_eq!((s.drops(DropReason::BadDescriptor), s.total_drops(), s.rx_packets), (1, 1, 2), "{s:?}");
 }
+
+#[test]
+fn a_tiny_gso_size_is_dropped_at_ingress_not_amplified() {
+    // gso_size 16 would make 500 segments of an 8000-byte frame (4096 of a 64 KiB one).
+    let r = rig(Mode::Vmq, &[vm(10, 9000, OffloadCaps::ALL), vm(10, 9000, OffloadCaps::NONE)], 8, vec![]);
+    let (tiny, f) = gso_tcp(mac(2), mac(1), 8000, 16);
+    assert!(r.guests[0].send(&tiny, &f));
+    let (good, f) = gso_tcp(mac(2), mac(1), 3000, 1448);
+    assert!(r.guests[0].send(&good, &f));
+    let got = collect(&r.guests[1], 3);
+    assert!(wait_until(|| r.dp.stats("vm1").unwrap().rx_packets == 2));
+    let s = r.dp.stats("vm1").unwrap();
+    assert_eq!((s.drops(DropReason::Offload), s.total_drops()), (1, 1), "{s:?}");
+    assert_eq!(got.len(), 3, "only the 1448-byte MSS frame's 3 segments arrive");
+    assert_eq!(got.iter().filter(|g| g.frame.len() > 1448).count(), 2, "two full 1448-byte segments");
+    assert_eq!(r.dp.stats("vm2").unwrap().offload_segments, 3);
+}
