@@ -630,7 +630,7 @@ impl Datapath {
         let stats = Arc::new(PortStats::default());
         let mut tasks = Vec::new();
         if let Some(source) = att.source {
-            tasks.push(Task::new(TaskKind::PortTx { port: id }, source));
+            tasks.push(Task::new(TaskKind::PortTx { port: id }, source, stats.clone()));
         }
         let mut nic_queue_count = 0u16;
         for (queue, source) in att.nic_queues {
@@ -640,7 +640,7 @@ impl Datapath {
                 nic_queue_count = nic_queue_count.max(queue.0);
                 TaskKind::VmQueue { uplink: id, queue }
             };
-            tasks.push(Task::new(kind, source));
+            tasks.push(Task::new(kind, source, stats.clone()));
         }
         let record = PortRecord {
             config: config.clone(),
