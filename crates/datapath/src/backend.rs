@@ -32,15 +32,20 @@ impl Backends for DefaultBackends {
                 let (_guest, source, sink) = crate::mem::mem_port(config.spec.offloads, false);
                 Ok(Attachment::new(Box::new(sink), Some(Box::new(source))))
             }
-            PortBackend::VhostUser { socket } => {
+            PortBackend::VhostUser { socket, trust_frontend_memory } => {
                 let mac = config.spec.mac.ok_or_else(|| DatapathError::Backend {
                     port: port.clone(),
                     message: "a vhost-user port needs a MAC".into(),
                 })?;
                 let offloads = config.spec.offloads.accepts_gso() || config.spec.offloads.csum;
-                // Guest memory must be sealed against shrinking (QEMU's memfd backend default);
-                // no configuration key trusts a frontend's unsealed memory yet.
-                let device = NetDeviceConfig { mac, mtu: config.spec.mtu, offloads, trust_unsealed_memory: false };
+                // Guest memory must be sealed against shrinking (QEMU's memfd backend default)
+                // unless the port trusts its frontend.
+                let device = NetDeviceConfig {
+                    mac,
+                    mtu: config.spec.mtu,
+                    offloads,
+                    trust_unsealed_memory: *trust_frontend_memory,
+                };
                 if self.vhost.is_none() {
                     self.vhost = Some(VhostService::start()?);
                 }

@@ -107,7 +107,7 @@ pub fn switch_mode(mode: Mode) -> SwitchMode {
 pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps) -> PortInfo {
     let spec = &port.spec;
     let (socket, ifname, netns) = match &port.backend {
-        PortBackend::VhostUser { socket } => (Some(socket.display().to_string()), None, None),
+        PortBackend::VhostUser { socket, .. } => (Some(socket.display().to_string()), None, None),
         PortBackend::Tap { ifname, netns, .. } | PortBackend::Uplink { ifname, netns } => {
             (None, Some(ifname.clone()), netns.clone())
         }
@@ -177,7 +177,10 @@ mod tests {
         assert_eq!(p.spec.vlan, VlanMode::Access(0));
         assert_eq!(p.spec.offloads, OffloadCaps::ALL);
         assert!(!p.spec.allow_mac_spoofing);
-        assert_eq!(p.backend, PortBackend::VhostUser { socket: "/run/vmq/vm3.sock".into() });
+        assert_eq!(
+            p.backend,
+            PortBackend::VhostUser { socket: "/run/vmq/vm3.sock".into(), trust_frontend_memory: false }
+        );
         let tap = port_config(&NewPort { name: "t1".into(), kind: Kind::Tap, ..NewPort::default() }, &[]).unwrap();
         assert_eq!(tap.backend, PortBackend::Tap { ifname: "t1".into(), netns: None, create_netns: false });
     }
