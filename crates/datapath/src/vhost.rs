@@ -434,3 +434,50 @@ impl Drop for Registration {
         let _ = self.commands.send(Command::Remove { name: std::mem::take(&mut self.name) });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{BufferSpec, SplitRingDriver};
+    use vm_memory::GuestAddress;
+
+    /// A device whose TX ring a driver (this test) set up in guest memory, as after a
+    /// vhost-user frontend started it.
+    fn running_tx(size: u16) -> (Arc<NetDevice>, Arc<Memory>, SplitRingDriver) {
+        let device = NetDevice::new();
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (mut driver, _) = SplitRingDriver::new(size, GuestAddress(0));
+        driver.init(&mem).unwrap();
+        {
+            let mut vring = device.vring(TX_QUEUE);
+            driver.configure(&mut vring.queue);
+            vring.started = true;
+            vring.enabled = true;
+        }
+        device.mem.lock().unwrap().replace(mem);
+        let mem = device.mem.memory().into_inner();
+        (device, mem, driver)
+    }
+
+    #[test]
+    fn a_bogus_avail_index_is_reported_once_and_lets_the_worker_sleep() {
+        let (device, mem, mut driver) = running_tx(16);
+        let mut source = VhostTxSource::new(device);
+        let mut scratch = Scratch::new();
+        let mut errors = Vec::new();
+        let frame = BufferSpec { addr: GuestAddress(0x8_0000), len: 100, device_writes: false };
+        driver.add_chain(&*mem, &[frame]);
+        driver.publish(&*mem);
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 1);
+        assert!(errors.is_empty());
+        driver.write_raw_avail_idx(&*mem, 1 + 16 + 5);
+        for round in 0..100 {
+            scratch.clear();
+            errors.clear();
+            assert_eq!(source.recv(&mut scratch, 32, &mut errors), 0);
+            let expected: &[RecvError] = if round == 0 { &[RecvError::RingBroken] } else { &[] };
+            assert_eq!(errors, expected, "round {round}");
+            assert!(!source.prepare_sleep(), "round {round}: a broken ring keeps the worker awake");
+        }
+    }
+}
