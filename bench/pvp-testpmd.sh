@@ -293,6 +293,7 @@ metrics = "off"
 name = "a"
 kind = "vhost-user"
 socket = "$work/a.sock"
+trust_frontend_memory = true   # testpmd's hugetlbfs files cannot be sealed
 mac = "$mac_a"
 mtu = 9000
 
@@ -300,6 +301,7 @@ mtu = 9000
 name = "b"
 kind = "vhost-user"
 socket = "$work/b.sock"
+trust_frontend_memory = true
 mac = "$mac_b"
 mtu = 9000
 EOF

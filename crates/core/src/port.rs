@@ -79,7 +79,10 @@ impl PortSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PortBackend {
     /// vhost-user-net server socket (the VM connects to it), and who may use it.
-    VhostUser { socket: std::path::PathBuf, policy: SocketPolicy },
+    /// `trust_frontend_memory`: accept guest memory the frontend could shrink under vmq (not
+    /// sealed with F_SEAL_SHRINK, e.g. DPDK virtio-user's hugepage files); such a frontend can
+    /// crash vmq, so only for frontends as trusted as vmq itself.
+    VhostUser { socket: std::path::PathBuf, policy: SocketPolicy, trust_frontend_memory: bool },
     /// A TAP interface vmq creates, optionally inside a network namespace (created if asked).
     Tap { ifname: String, netns: Option<String>, create_netns: bool },
     /// A host interface (in `netns`, if given) used through AF_PACKET.

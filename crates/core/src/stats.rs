@@ -26,12 +26,18 @@ pub enum DropReason {
     PortDown,
     /// The destination is the port the frame came from (hairpin), or a frame with no receiver.
     NoDestination,
-    /// Offload processing failed (a GSO frame that cannot be segmented as described).
+    /// Offload processing failed (a GSO frame that cannot be segmented as described, or whose
+    /// `gso_size` is below the minimum vmq accepts).
     Offload,
+    /// A guest ring is broken (an available index more than a ring ahead, ring areas outside
+    /// guest memory): it is no longer served until the frontend resets it. Counted once when a
+    /// TX ring breaks (no frame can be read from it, so `rx_packets` does not include it), and
+    /// once per frame that finds a broken RX ring.
+    RingBroken,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Oversize,
         DropReason::Spoofed,
         DropReason::Vlan,
@@ -42,6 +48,7 @@ impl DropReason {
         DropReason::PortDown,
         DropReason::NoDestination,
         DropReason::Offload,
+        DropReason::RingBroken,
     ];
 
     /// Stable lowercase name, used in metrics labels and `vmq ctl stats`.
@@ -57,6 +64,7 @@ impl DropReason {
             DropReason::PortDown => "port_down",
             DropReason::NoDestination => "no_destination",
             DropReason::Offload => "offload",
+            DropReason::RingBroken => "ring_broken",
         }
     }
 

@@ -32,13 +32,20 @@ impl Backends for DefaultBackends {
                 let (_guest, source, sink) = crate::mem::mem_port(config.spec.offloads, false);
                 Ok(Attachment::new(Box::new(sink), Some(Box::new(source))))
             }
-            PortBackend::VhostUser { socket, policy } => {
+            PortBackend::VhostUser { socket, policy, trust_frontend_memory } => {
                 let mac = config.spec.mac.ok_or_else(|| DatapathError::Backend {
                     port: port.clone(),
                     message: "a vhost-user port needs a MAC".into(),
                 })?;
                 let offloads = config.spec.offloads.accepts_gso() || config.spec.offloads.csum;
-                let device = NetDeviceConfig { mac, mtu: config.spec.mtu, offloads };
+                // Guest memory must be sealed against shrinking (QEMU's memfd backend default)
+                // unless the port trusts its frontend.
+                let device = NetDeviceConfig {
+                    mac,
+                    mtu: config.spec.mtu,
+                    offloads,
+                    trust_unsealed_memory: *trust_frontend_memory,
+                };
                 if self.vhost.is_none() {
                     self.vhost = Some(VhostService::start()?);
                 }

@@ -165,6 +165,20 @@ impl SplitRingDriver {
         self.write_desc(mem, id, Descriptor::new(addr, len, flags, next));
     }
 
+    /// Writes the available index as is (a driver gone wrong), for hostile-ring tests.
+    pub fn write_raw_avail_idx<M: GuestMemory>(&mut self, mem: &M, idx: u16) {
+        mem.store(idx, GuestAddress(self.avail_ring.0 + 2), Ordering::Release).expect("avail ring in guest memory");
+    }
+
+    /// Starts over as a freshly reset device would find the ring: empty, indexes at 0.
+    pub fn reset<M: GuestMemory>(&mut self, mem: &M) -> Result<(), vm_memory::GuestMemoryError> {
+        self.next_avail = 0;
+        self.last_used = 0;
+        self.free = (0..self.size).rev().collect();
+        self.chain_len.iter_mut().for_each(|n| *n = 0);
+        self.init(mem)
+    }
+
     /// Posts `head` as an available chain without bookkeeping, for hostile-chain tests.
     pub fn post_raw<M: GuestMemory>(&mut self, mem: &M, head: u16) {
         self.free.retain(|&d| d != head);

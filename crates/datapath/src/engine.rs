@@ -99,11 +99,14 @@ pub(crate) struct Task {
     pub source: Mutex<Box<dyn FrameSource>>,
     /// Frames this task took in (for load-based placement).
     pub frames: AtomicU64,
+    /// The counters of the port frames of this task enter by: frames taken while the port is
+    /// already gone from the worker's port table (removed mid-batch) are counted there.
+    pub stats: Arc<PortStats>,
 }
 
 impl Task {
-    pub fn new(kind: TaskKind, source: Box<dyn FrameSource>) -> Arc<Task> {
-        Arc::new(Task { kind, source: Mutex::new(source), frames: AtomicU64::new(0) })
+    pub fn new(kind: TaskKind, source: Box<dyn FrameSource>, stats: Arc<PortStats>) -> Arc<Task> {
+        Arc::new(Task { kind, source: Mutex::new(source), frames: AtomicU64::new(0), stats })
     }
 }
 
@@ -132,6 +135,9 @@ pub(crate) struct WorkerStats {
     pub panics: AtomicU64,
     /// How long learning held the switch's write lock (every other worker waits meanwhile).
     pub learn_lock: LockHold,
+    /// Times the worker ran out of work and tried to sleep: about ten a second when idle (the
+    /// backstop timeout), thousands when a source keeps it awake without giving it frames.
+    pub sleeps: AtomicU64,
 }
 
 /// Time a lock was held, per batch: count, total and longest.
@@ -534,6 +540,7 @@ impl Worker {
 
     /// Arms notifications and sleeps until a source or the control plane wakes the worker.
     fn sleep(&mut self) {
+        self.shared.worker_stats[self.index].sleeps.fetch_add(1, Ordering::Relaxed);
         let mut pending = false;
         for task in &self.tasks {
             pending |= lock(&task.source).prepare_sleep();
@@ -576,6 +583,22 @@ impl Worker {
         let in_port = task.kind.in_port();
         let table = self.table.clone();
         let Some(in_entry) = table.get(in_port) else {
+            // The port was removed while this task still ran: its frames go nowhere, but every
+            // frame taken is counted (on the port's own counters, which the task holds).
+            let stats = &task.stats;
+            for e in self.errors.drain(..) {
+                match e {
+                    RecvError::Drop(r) => {
+                        stats.add_rx(1, 0);
+                        stats.add_drop(r, 1);
+                    }
+                    RecvError::RingBroken => stats.add_drop(DropReason::RingBroken, 1),
+                    RecvError::Gone => {}
+                }
+            }
+            let bytes = (0..n).map(|i| self.scratch.frame_len(i).saturating_sub(VnetHdr::LEN) as u64).sum();
+            stats.add_rx(n as u64, bytes);
+            stats.add_drop(DropReason::PortDown, n as u64);
             return n;
         };
         for e in self.errors.drain(..) {
@@ -583,6 +606,10 @@ impl Worker {
                 RecvError::Drop(r) => {
                     in_entry.stats.add_rx(1, 0);
                     in_entry.stats.add_drop(r, 1);
+                }
+                RecvError::RingBroken => {
+                    tracing::warn!(port = %in_entry.spec.name, "guest broke its TX ring; not served until it resets it");
+                    in_entry.stats.add_drop(DropReason::RingBroken, 1);
                 }
                 RecvError::Gone => {
                     tracing::warn!(port = %in_entry.spec.name, "attachment gone; port down");
@@ -616,6 +643,11 @@ impl Worker {
                 }
             };
             self.hdrs.push(hdr);
+            if !vmq_offload::gso_size_acceptable(&hdr) {
+                // A tiny gso_size multiplies the work of every hop after this one.
+                in_entry.stats.add_drop(DropReason::Offload, 1);
+                continue;
+            }
             let head = &raw[VnetHdr::LEN..];
             let len = raw_len - VnetHdr::LEN;
             let f =
@@ -743,5 +775,29 @@ impl Worker {
             i = j;
         }
         self.deliveries.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::udp_frame;
+    use vmq_core::switch::SwitchConfig;
+    use vmq_wire::MacAddr;
+
+    #[test]
+    fn frames_of_a_port_removed_mid_batch_are_counted_on_it() {
+        // The worker's port table no longer has port 3 (removed), its task still runs once.
+        let shared = Arc::new(Shared::new(Mode::Switch, Switch::new(SwitchConfig::default()), 1).unwrap());
+        let mut worker = Worker::new(shared, 0).unwrap();
+        let (guest, source, _sink) = crate::mem::mem_port(vmq_core::OffloadCaps::NONE, false);
+        let frame = udp_frame(MacAddr([2, 0, 0, 0, 0, 2]), MacAddr([2, 0, 0, 0, 0, 1]), None, 100, 1);
+        assert!(guest.send(&VnetHdr::default(), &frame));
+        assert!(guest.send(&VnetHdr::default(), &frame));
+        let stats = Arc::new(PortStats::default());
+        let task = Task::new(TaskKind::PortTx { port: PortId(3) }, Box::new(source), stats.clone());
+        assert_eq!(worker.run_task(&task), 2);
+        let s = stats.snapshot();
+        assert_eq!((s.rx_packets, s.drops(DropReason::PortDown), s.total_drops()), (2, 2, 2), "{s:?}");
     }
 }

@@ -478,6 +478,9 @@ pub struct WorkerInfo {
     pub frames: u64,
     /// Panics caught in it (each followed by a restart).
     pub panics: u64,
+    /// Times it ran out of work and tried to sleep (~10/s idle; a source that keeps it awake
+    /// without frames makes thousands a second).
+    pub sleeps: u64,
     /// Tasks it serves: "vm1 tx", "up0 queue 3", "up0 default".
     pub tasks: Vec<String>,
 }
@@ -630,7 +633,7 @@ impl Datapath {
         let stats = Arc::new(PortStats::default());
         let mut tasks = Vec::new();
         if let Some(source) = att.source {
-            tasks.push(Task::new(TaskKind::PortTx { port: id }, source));
+            tasks.push(Task::new(TaskKind::PortTx { port: id }, source, stats.clone()));
         }
         let mut nic_queue_count = 0u16;
         for (queue, source) in att.nic_queues {
@@ -640,7 +643,7 @@ impl Datapath {
                 nic_queue_count = nic_queue_count.max(queue.0);
                 TaskKind::VmQueue { uplink: id, queue }
             };
-            tasks.push(Task::new(kind, source));
+            tasks.push(Task::new(kind, source, stats.clone()));
         }
         let record = PortRecord {
             config: config.clone(),
@@ -998,6 +1001,7 @@ impl Datapath {
                 busy_ratio: st.busy.get(i).copied().unwrap_or(0.0),
                 frames: self.shared.worker_stats[i].frames.load(Ordering::Relaxed),
                 panics: self.shared.worker_stats[i].panics.load(Ordering::Relaxed),
+                sleeps: self.shared.worker_stats[i].sleeps.load(Ordering::Relaxed),
                 tasks: lock(&l.tasks)
                     .iter()
                     .map(|t| match t.kind {

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
@@ -18,7 +19,7 @@ use vmq_wire::VnetHdr;
 
 use crate::driver::{BufferSpec, SplitRingDriver};
 use crate::port::{FrameSink, FrameSource, FrameWriter, GuestTail, RecvError, Refuse, Scratch};
-use crate::ring::{Ring, RingState, Segment};
+use crate::ring::{Ring, RingError, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -69,6 +70,10 @@ pub struct MemShared {
     kick: EventFd,
     rx: Mutex<RxGuest>,
     tx: Mutex<TxGuest>,
+    /// Bumped by [`MemGuest::reset_tx`] (a device reset): the device side starts over.
+    tx_generation: AtomicU64,
+    /// Where the TX ring lives, for the device side to start over from.
+    tx_ring: RingState,
     pub caps: OffloadCaps,
 }
 
@@ -124,11 +129,14 @@ pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, Mem
             free_slots: (0..QUEUE_SIZE as u32).rev().collect(),
             slot_of_head: vec![0; QUEUE_SIZE as usize],
         }),
+        tx_generation: AtomicU64::new(0),
+        tx_ring: RingState::from_queue(&tx_queue),
         caps,
     });
     let guest = MemGuest { shared: shared.clone() };
     let source = MemTxSource {
         ring: RingState::from_queue(&tx_queue),
+        generation: 0,
         segments: Vec::new(),
         deferred: Vec::new(),
         shared: shared.clone(),
@@ -182,6 +190,24 @@ impl MemGuest {
     /// Chains the guest got back that it could not make sense of (should stay 0).
     pub fn malformed(&self) -> u64 {
         lock(&self.shared.rx).malformed
+    }
+
+    /// Kicks the device (as after posting buffers), for tests that post raw chains.
+    pub fn kick(&self) {
+        let _ = self.shared.kick.write(1);
+    }
+
+    /// Resets the TX queue as a virtio driver does after a device error: the ring is emptied,
+    /// both sides start over at index 0.
+    pub fn reset_tx(&self) {
+        let mem = &*self.shared.mem;
+        let mut tx = lock(&self.shared.tx);
+        tx.ring.reset(mem).expect("rings inside guest memory");
+        tx.replay = false;
+        tx.free_slots = (0..QUEUE_SIZE as u32).rev().collect();
+        self.shared.tx_generation.fetch_add(1, Ordering::Release);
+        drop(tx);
+        self.kick();
     }
 
     /// Direct ring access for hostile-descriptor tests: (guest memory, TX ring driver).
@@ -291,6 +317,8 @@ impl RxGuest {
 /// Device side of the guest's TX queue.
 pub struct MemTxSource {
     ring: RingState,
+    /// The [`MemShared::tx_generation`] `ring` was set up for.
+    generation: u64,
     segments: Vec<Segment>,
     /// Chains whose frames are still being delivered from guest memory.
     deferred: Vec<u16>,
@@ -300,9 +328,19 @@ pub struct MemTxSource {
 impl FrameSource for MemTxSource {
     fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize {
         let mem = &self.shared.mem;
-        let Ok(mut ring) = Ring::open(mem, &mut self.ring) else {
-            errors.push(RecvError::Drop(DropReason::BadDescriptor));
-            return 0;
+        let generation = self.shared.tx_generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.generation = generation;
+            self.ring = self.shared.tx_ring.clone();
+            self.deferred.clear();
+        }
+        let mut ring = match Ring::open(mem, &mut self.ring) {
+            Ok(ring) => ring,
+            Err(RingError::Broken) => return 0,
+            Err(_) => {
+                errors.push(RecvError::RingBroken);
+                return 0;
+            }
         };
         let mut n = 0;
         while n < max {
@@ -319,6 +357,10 @@ impl FrameSource for MemTxSource {
                     n += 1;
                 }
                 Ok(None) => break,
+                Err(VirtioError::RingBroken) => {
+                    errors.push(RecvError::RingBroken);
+                    break;
+                }
                 Err(e) => errors.push(RecvError::Drop(e.drop_reason())),
             }
         }
@@ -348,6 +390,18 @@ impl FrameSource for MemTxSource {
 
     fn on_wake(&mut self) {
         let _ = self.shared.kick.read();
+    }
+
+    /// As a vhost-user ring: re-arm kicks, and stay awake if the driver added chains meanwhile
+    /// (the same `enable_notification` a VM's ring goes through, broken rings included).
+    fn prepare_sleep(&mut self) -> bool {
+        Ring::open(&self.shared.mem, &mut self.ring).is_ok_and(|mut ring| ring.enable_notification())
+    }
+
+    fn wake_up(&mut self) {
+        if let Ok(mut ring) = Ring::open(&self.shared.mem, &mut self.ring) {
+            ring.disable_notification();
+        }
     }
 }
 
@@ -412,7 +466,7 @@ impl FrameSink for MemRxSink {
                 // Interrupt suppression is honoured even though this guest polls.
                 let _ = batch.ring.needs_notification();
             }
-            Err(_) => write(&mut Refuse(DropReason::BadDescriptor)),
+            Err(_) => write(&mut Refuse(DropReason::RingBroken)),
         }
         lock(&shared.rx).reclaim(&shared.mem);
     }

@@ -23,8 +23,11 @@ pub const BATCH: usize = 32;
 /// A source-side problem, to be counted against the port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecvError {
-    /// One frame could not be taken.
+    /// One frame could not be taken (a chain was consumed: it counts as a frame received).
     Drop(DropReason),
+    /// The source's ring broke (reported once per breakage, no frame taken): counted under
+    /// [`DropReason::RingBroken`], not in `rx_packets`; the source stays quiet until reset.
+    RingBroken,
     /// The attachment is gone (TAP deleted, socket error): the port goes down.
     Gone,
 }

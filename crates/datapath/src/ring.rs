@@ -44,6 +44,10 @@ pub enum RingError {
     BadChain { head: u16 },
     #[error("available ring index jumped by more than the ring size")]
     BadAvailIndex,
+    /// Reported after [`RingError::BadRing`] or [`RingError::BadAvailIndex`]: the ring is not
+    /// served again until the driver resets it (a fresh [`RingState`]).
+    #[error("ring is broken until the driver resets it")]
+    Broken,
 }
 
 /// One buffer of a descriptor chain.
@@ -67,6 +71,10 @@ pub struct RingState {
     pub event_idx: bool,
     /// The used index at the last interrupt decision (EVENT_IDX), None before the first.
     signalled_used: Option<Wrapping<u16>>,
+    /// The driver broke the ring (bad index, areas outside memory). Nothing it writes can be
+    /// trusted until it resets the queue, so the ring is left alone: otherwise every poll
+    /// reports the same error again and the worker never sleeps.
+    broken: bool,
 }
 
 impl RingState {
@@ -80,6 +88,7 @@ impl RingState {
             next_used: Wrapping(0),
             event_idx: false,
             signalled_used: None,
+            broken: false,
         }
     }
 
@@ -94,7 +103,13 @@ impl RingState {
             next_used: Wrapping(queue.next_used()),
             event_idx: queue.event_idx_enabled(),
             signalled_used: None,
+            broken: false,
         }
+    }
+
+    /// See [`RingError::Broken`].
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Writes the device's position back (GET_VRING_BASE reads it there).
@@ -119,7 +134,21 @@ pub struct Ring<'a, 'm> {
 }
 
 impl<'a, 'm> Ring<'a, 'm> {
+    /// Opens the ring for a batch. The first failure is [`RingError::BadRing`] and marks the
+    /// ring broken; later attempts are [`RingError::Broken`] until the state is replaced.
     pub fn open(mem: &'m Memory, state: &'a mut RingState) -> Result<Ring<'a, 'm>, RingError> {
+        if state.broken {
+            return Err(RingError::Broken);
+        }
+        let result = Self::open_areas(mem, state);
+        if result.is_err() {
+            state.broken = true;
+        }
+        let (desc, avail, used) = result?;
+        Ok(Ring { desc, avail, used, avail_seen: state.next_avail, mem, state, unpublished: false })
+    }
+
+    fn open_areas(mem: &'m Memory, state: &RingState) -> Result<(Slice<'m>, Slice<'m>, Slice<'m>), RingError> {
         let size = usize::from(state.size);
         if size == 0 || !size.is_power_of_two() {
             return Err(RingError::BadRing);
@@ -132,15 +161,11 @@ impl<'a, 'm> Ring<'a, 'm> {
             return Err(RingError::BadRing);
         }
         let area = |addr: GuestAddress, len: usize| mem.get_slice(addr, len).map_err(|_| RingError::BadRing);
-        Ok(Ring {
-            desc: area(state.desc_table, DESC_LEN * size)?,
-            avail: area(state.avail_ring, 6 + 2 * size)?,
-            used: area(state.used_ring, 6 + 8 * size)?,
-            avail_seen: state.next_avail,
-            mem,
-            state,
-            unpublished: false,
-        })
+        Ok((
+            area(state.desc_table, DESC_LEN * size)?,
+            area(state.avail_ring, 6 + 2 * size)?,
+            area(state.used_ring, 6 + 8 * size)?,
+        ))
     }
 
     pub fn memory(&self) -> &'m Memory {
@@ -160,13 +185,18 @@ impl<'a, 'm> Ring<'a, 'm> {
         Wrapping(Self::load16(&self.avail, 2, Ordering::Acquire))
     }
 
-    /// Frames the driver has made available and the device has not taken yet.
+    /// Frames the driver has made available and the device has not taken yet. An index more
+    /// than a ring ahead is reported once ([`RingError::BadAvailIndex`]) and breaks the ring.
     pub fn pending(&mut self) -> Result<u16, RingError> {
+        if self.state.broken {
+            return Err(RingError::Broken);
+        }
         if self.avail_seen == self.state.next_avail {
             self.avail_seen = self.avail_idx();
         }
         let n = (self.avail_seen - self.state.next_avail).0;
         if n > self.state.size {
+            self.state.broken = true;
             return Err(RingError::BadAvailIndex);
         }
         Ok(n)
@@ -186,6 +216,11 @@ impl<'a, 'm> Ring<'a, 'm> {
         let head = Self::load16(&self.avail, 4 + 2 * slot, Ordering::Relaxed);
         self.state.next_avail += Wrapping(1);
         segments.clear();
+        // A walk adds at most `size` segments; more room than that is left over from a larger
+        // ring (before a reconnect) and is given back rather than kept for the port's life.
+        if segments.capacity() > 2 * usize::from(size) {
+            segments.shrink_to(usize::from(size));
+        }
         match self.walk(head, segments) {
             Ok(()) => Ok(Some(head)),
             Err(()) => Err(RingError::BadChain { head }),
@@ -250,23 +285,33 @@ impl<'a, 'm> Ring<'a, 'm> {
         Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
     }
 
+    /// Follows chain `head` into `segments`. The virtio spec (2.7.5.3.1) bounds the work a
+    /// guest can ask for: a chain has at most queue-size descriptors in total, direct and
+    /// indirect together, and an indirect table at most queue-size entries. Every step here
+    /// spends one of those `size` descriptors, so a looping or oversized chain costs at most
+    /// `size` reads and `size` segments, never the length the guest wrote into a descriptor.
     fn walk(&self, head: u16, segments: &mut Vec<Segment>) -> Result<(), ()> {
         let size = usize::from(self.state.size);
         let mut index = usize::from(head);
         if index >= size {
             return Err(());
         }
-        // A chain has at most `size` descriptors: more means a loop.
-        for _ in 0..size {
+        let mut budget = size;
+        while budget > 0 {
+            budget -= 1;
             let (addr, len, flags, next) = Self::read_desc(&self.desc, index).ok_or(())?;
             if flags & F_INDIRECT != 0 {
-                if flags & F_NEXT != 0 || len == 0 || !(len as usize).is_multiple_of(DESC_LEN) {
+                let len = len as usize;
+                if flags & F_NEXT != 0 || len == 0 || !len.is_multiple_of(DESC_LEN) || len / DESC_LEN > size {
                     return Err(());
                 }
-                let entries = len as usize / DESC_LEN;
-                let table = self.mem.get_slice(GuestAddress(addr), len as usize).map_err(|_| ())?;
+                let entries = len / DESC_LEN;
+                let table = self.mem.get_slice(GuestAddress(addr), len).map_err(|_| ())?;
                 let mut i = 0usize;
-                for _ in 0..entries {
+                // The indirect descriptor itself counted as one step; its entries replace it.
+                budget += 1;
+                while budget > 0 {
+                    budget -= 1;
                     let (addr, len, flags, next) = Self::read_desc(&table, i).ok_or(())?;
                     if flags & F_INDIRECT != 0 {
                         return Err(()); // nested indirect tables are forbidden
@@ -327,8 +372,12 @@ impl<'a, 'm> Ring<'a, 'm> {
         (new - used_event - Wrapping(1)) < (new - old)
     }
 
-    /// Asks the driver to kick on new buffers. True if some arrived meanwhile (don't sleep).
+    /// Asks the driver to kick on new buffers. True if some arrived meanwhile (don't sleep);
+    /// never for a broken ring, whatever its index says.
     pub fn enable_notification(&mut self) -> bool {
+        if self.state.broken {
+            return false;
+        }
         if self.state.event_idx {
             let offset = 4 + 8 * usize::from(self.state.size);
             Self::store16(&self.used, offset, self.state.next_avail.0, Ordering::Relaxed);
@@ -462,6 +511,72 @@ mod tests {
     }
 
     #[test]
+    fn huge_looping_indirect_table_is_refused_with_bounded_work() {
+        // A guest's worst case: an indirect table as large as memory allows (here 8 MiB, 512 Ki
+        // entries) whose first entry loops on itself. The spec bounds an indirect table by the
+        // queue size: the chain is refused without walking it, and the reused segment vector
+        // stays small.
+        const TABLE: u64 = 0x10_0000;
+        const TABLE_LEN: u32 = 8 << 20;
+        let mem = Memory::from_ranges(&[(GuestAddress(0), TABLE as usize + TABLE_LEN as usize)]).unwrap();
+        let (mut driver, _) = SplitRingDriver::new(SIZE, GuestAddress(0));
+        driver.init(&mem).unwrap();
+        let mut queue = Queue::new(SIZE).unwrap();
+        driver.configure(&mut queue);
+        let mut state = RingState::from_queue(&queue);
+        write_desc(&mem, TABLE, BUFS, 64, F_NEXT, 0);
+        driver.write_raw_desc(&mem, 0, TABLE, TABLE_LEN, F_INDIRECT, 0);
+        driver.post_raw(&mem, 0);
+        let mut ring = Ring::open(&mem, &mut state).unwrap();
+        let mut segs = Vec::new();
+        assert_eq!(ring.pop(&mut segs), Err(RingError::BadChain { head: 0 }));
+        assert!(segs.len() <= usize::from(SIZE), "walked {} entries of a {SIZE}-entry queue", segs.len());
+        assert!(segs.capacity() <= 2 * usize::from(SIZE), "segment vector grew to {}", segs.capacity());
+    }
+
+    #[test]
+    fn chains_are_bounded_by_the_queue_size_direct_and_indirect_together() {
+        let (mem, mut driver, mut state) = setup();
+        // A table of exactly SIZE entries is allowed, if its chain is SIZE long in total.
+        for i in 0..u64::from(SIZE) {
+            let last = i + 1 == u64::from(SIZE);
+            write_desc(&mem, 0x8000 + 16 * i, BUFS, 8, if last { 0 } else { F_NEXT }, i as u16 + 1);
+        }
+        driver.write_raw_desc(&mem, 1, 0x8000, 16 * u32::from(SIZE), F_INDIRECT, 0);
+        driver.post_raw(&mem, 1);
+        // One table entry more than the queue size: refused.
+        driver.write_raw_desc(&mem, 2, 0x8000, 16 * (u32::from(SIZE) + 1), F_INDIRECT, 0);
+        driver.post_raw(&mem, 2);
+        // Two direct descriptors then a full-size table: SIZE + 2 descriptors in the chain.
+        driver.write_raw_desc(&mem, 3, BUFS, 8, F_NEXT, 4);
+        driver.write_raw_desc(&mem, 4, BUFS, 8, F_NEXT, 5);
+        driver.write_raw_desc(&mem, 5, 0x8000, 16 * u32::from(SIZE), F_INDIRECT, 0);
+        driver.post_raw(&mem, 3);
+        // A table length that is not a whole number of descriptors.
+        driver.write_raw_desc(&mem, 6, 0x8000, 24, F_INDIRECT, 0);
+        driver.post_raw(&mem, 6);
+        let mut ring = Ring::open(&mem, &mut state).unwrap();
+        let mut segs = Vec::new();
+        assert_eq!(ring.pop(&mut segs), Ok(Some(1)));
+        assert_eq!(segs.len(), usize::from(SIZE));
+        for head in [2, 3, 6] {
+            assert_eq!(ring.pop(&mut segs), Err(RingError::BadChain { head }), "chain {head}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_segment_vector_is_shrunk() {
+        let (mem, mut driver, mut state) = setup();
+        driver.add_chain(&mem, &[BufferSpec { addr: GuestAddress(BUFS), len: 10, device_writes: false }]);
+        driver.publish(&mem);
+        let mut ring = Ring::open(&mem, &mut state).unwrap();
+        // Left over from a ring that was larger before a reconnect.
+        let mut segs = Vec::with_capacity(4096);
+        assert_eq!(ring.pop(&mut segs), Ok(Some(0)));
+        assert!(segs.capacity() <= 2 * usize::from(SIZE), "capacity {}", segs.capacity());
+    }
+
+    #[test]
     fn prefetching_ahead_survives_hostile_entries() {
         // Heads beyond the ring and buffers outside guest memory, more of them than the
         // prefetch distances: the hints skip them, each chain is still reported as bad.
@@ -505,11 +620,17 @@ mod tests {
         mem.store(100u16.to_le(), GuestAddress(state.avail_ring.0 + 2), Ordering::Release).unwrap();
         let mut ring = Ring::open(&mem, &mut state).unwrap();
         assert_eq!(ring.pending(), Err(RingError::BadAvailIndex));
-        assert_eq!(ring.pop(&mut segs), Err(RingError::BadAvailIndex));
+        // Reported once: the ring is broken now, and stays so whatever the driver writes.
+        assert_eq!(ring.pop(&mut segs), Err(RingError::Broken));
+        assert!(!ring.enable_notification(), "a broken ring does not keep the worker awake");
         drop(ring);
+        assert!(state.is_broken());
+        mem.store(2u16.to_le(), GuestAddress(state.avail_ring.0 + 2), Ordering::Release).unwrap();
+        assert!(matches!(Ring::open(&mem, &mut state), Err(RingError::Broken)));
         // Rings outside memory, and sizes that are not a power of two.
         let mut outside = RingState::new(8, GuestAddress(1 << 40), GuestAddress(0), GuestAddress(0x400));
         assert!(matches!(Ring::open(&mem, &mut outside), Err(RingError::BadRing)));
+        assert!(matches!(Ring::open(&mem, &mut outside), Err(RingError::Broken)), "reported once");
         let mut odd = RingState::new(6, GuestAddress(0), GuestAddress(0x100), GuestAddress(0x400));
         assert!(matches!(Ring::open(&mem, &mut odd), Err(RingError::BadRing)));
         let mut misaligned = RingState::new(8, GuestAddress(0), GuestAddress(0x100), GuestAddress(0x402));

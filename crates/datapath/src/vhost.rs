@@ -23,7 +23,7 @@ use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
 use crate::port::{FrameSink, FrameSource, FrameWriter, GuestTail, RecvError, Refuse, Scratch};
-use crate::ring::{Memory, Ring, RingState, Segment};
+use crate::ring::{Memory, Ring, RingError, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
 use crate::{Attachment, DatapathError, PortHandle};
 
@@ -41,8 +41,18 @@ pub fn guest_caps(features: u64) -> OffloadCaps {
     }
 }
 
+/// Why a ring could not be served this time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unserved {
+    /// Not started (VM not connected, or stopping).
+    NotLive,
+    /// Broken by the driver (see [`RingError::Broken`]); `now`: it broke on this attempt.
+    Broken { now: bool },
+}
+
 /// The device's view of one of the guest's rings, rebuilt from the protocol's `Queue` whenever
-/// the device (re)starts.
+/// the device (re)starts: that is also how a broken ring recovers, when the frontend stops and
+/// restarts it (GET_VRING_BASE, then SET_VRING_BASE/ADDR/KICK) or reconnects.
 struct DeviceRing {
     index: usize,
     state: Option<RingState>,
@@ -56,7 +66,7 @@ impl DeviceRing {
 
     /// Runs `f` on the ring if it is live, then stores the position back into the `Queue`
     /// (GET_VRING_BASE reads it there).
-    fn with<R>(&mut self, device: &NetDevice, f: impl FnOnce(&mut Ring<'_, '_>) -> R) -> Option<R> {
+    fn with<R>(&mut self, device: &NetDevice, f: impl FnOnce(&mut Ring<'_, '_>) -> R) -> Result<R, Unserved> {
         self.with_memory(device, |ring, _| f(ring))
     }
 
@@ -65,24 +75,29 @@ impl DeviceRing {
         &mut self,
         device: &NetDevice,
         f: impl FnOnce(&mut Ring<'_, '_>, &Arc<Memory>) -> R,
-    ) -> Option<R> {
+    ) -> Result<R, Unserved> {
         let mut vring = device.vring(self.index);
         if !vring.is_live() {
-            return None;
+            return Err(Unserved::NotLive);
         }
         let generation = device.generation();
         if generation != self.generation || self.state.is_none() {
             self.generation = generation;
             self.state = Some(RingState::from_queue(&vring.queue));
         }
-        let state = self.state.as_mut()?;
+        let Some(state) = self.state.as_mut() else { return Err(Unserved::NotLive) };
         let mem = device.mem.memory().into_inner();
         let result = match Ring::open(&mem, state) {
-            Ok(mut ring) => Some(f(&mut ring, &mem)),
-            Err(_) => None,
+            Ok(mut ring) => Ok(f(&mut ring, &mem)),
+            Err(RingError::Broken) => Err(Unserved::Broken { now: false }),
+            Err(_) => Err(Unserved::Broken { now: true }),
         };
         state.store_position(&mut vring.queue);
         result
+    }
+
+    fn is_broken(&self) -> bool {
+        self.state.as_ref().is_some_and(RingState::is_broken)
     }
 
     fn signal(&self, device: &NetDevice) {
@@ -144,6 +159,10 @@ impl FrameSource for VhostTxSource {
                         n += 1;
                     }
                     Ok(None) => break,
+                    Err(VirtioError::RingBroken) => {
+                        errors.push(RecvError::RingBroken);
+                        break;
+                    }
                     Err(e) => {
                         used = true;
                         errors.push(RecvError::Drop(e.drop_reason()));
@@ -157,7 +176,14 @@ impl FrameSource for VhostTxSource {
             ring.publish();
             (n, used && ring.needs_notification())
         });
-        let Some((n, notify)) = result else { return 0 };
+        let (n, notify) = match result {
+            Ok(r) => r,
+            Err(Unserved::Broken { now: true }) => {
+                errors.push(RecvError::RingBroken);
+                return 0;
+            }
+            Err(_) => return 0,
+        };
         if notify {
             self.ring.signal(&self.device);
         }
@@ -182,7 +208,7 @@ impl FrameSource for VhostTxSource {
             ring.needs_notification()
         });
         self.deferred.clear();
-        if notify == Some(true) {
+        if notify == Ok(true) {
             self.ring.signal(&self.device);
         }
     }
@@ -212,7 +238,7 @@ impl FrameSource for VhostTxSource {
     }
 
     fn wake_up(&mut self) {
-        self.ring.with(&self.device, |ring| ring.disable_notification());
+        let _ = self.ring.with(&self.device, |ring| ring.disable_notification());
     }
 }
 
@@ -271,20 +297,24 @@ impl FrameSink for VhostRxSink {
     fn batch(&mut self, write: &mut dyn FnMut(&mut dyn FrameWriter)) {
         self.writer.mrg_rxbuf = has(self.device.acked_features(), VIRTIO_NET_F_MRG_RXBUF);
         let writer = &mut self.writer;
-        let mut ran = false;
+        let was_broken = self.ring.is_broken();
         let notify = self.ring.with(&self.device, |ring| {
             let mut batch = VhostRxBatch { ring, writer, used: false };
             write(&mut batch);
-            ran = true;
             let used = batch.used;
             ring.publish();
             used && ring.needs_notification()
         });
-        if !ran {
+        match notify {
             // Not running (VM not connected or stopping): the frames are dropped and counted.
-            write(&mut Refuse(DropReason::PortDown));
+            Err(Unserved::NotLive) => write(&mut Refuse(DropReason::PortDown)),
+            Err(Unserved::Broken { .. }) => write(&mut Refuse(DropReason::RingBroken)),
+            Ok(_) => {}
         }
-        if notify == Some(true) {
+        if !was_broken && self.ring.is_broken() {
+            tracing::warn!(queue = RX_QUEUE, "guest broke its RX ring; not served until it resets it");
+        }
+        if notify == Ok(true) {
             self.ring.signal(&self.device);
         }
     }
@@ -412,5 +442,52 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let _ = self.commands.send(Command::Remove { name: std::mem::take(&mut self.name) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{BufferSpec, SplitRingDriver};
+    use vm_memory::GuestAddress;
+
+    /// A device whose TX ring a driver (this test) set up in guest memory, as after a
+    /// vhost-user frontend started it.
+    fn running_tx(size: u16) -> (Arc<NetDevice>, Arc<Memory>, SplitRingDriver) {
+        let device = NetDevice::new();
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (mut driver, _) = SplitRingDriver::new(size, GuestAddress(0));
+        driver.init(&mem).unwrap();
+        {
+            let mut vring = device.vring(TX_QUEUE);
+            driver.configure(&mut vring.queue);
+            vring.started = true;
+            vring.enabled = true;
+        }
+        device.mem.lock().unwrap().replace(mem);
+        let mem = device.mem.memory().into_inner();
+        (device, mem, driver)
+    }
+
+    #[test]
+    fn a_bogus_avail_index_is_reported_once_and_lets_the_worker_sleep() {
+        let (device, mem, mut driver) = running_tx(16);
+        let mut source = VhostTxSource::new(device);
+        let mut scratch = Scratch::new();
+        let mut errors = Vec::new();
+        let frame = BufferSpec { addr: GuestAddress(0x8_0000), len: 100, device_writes: false };
+        driver.add_chain(&*mem, &[frame]);
+        driver.publish(&*mem);
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 1);
+        assert!(errors.is_empty());
+        driver.write_raw_avail_idx(&*mem, 1 + 16 + 5);
+        for round in 0..100 {
+            scratch.clear();
+            errors.clear();
+            assert_eq!(source.recv(&mut scratch, 32, &mut errors), 0);
+            let expected: &[RecvError] = if round == 0 { &[RecvError::RingBroken] } else { &[] };
+            assert_eq!(errors, expected, "round {round}");
+            assert!(!source.prepare_sleep(), "round {round}: a broken ring keeps the worker awake");
+        }
     }
 }

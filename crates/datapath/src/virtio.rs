@@ -26,6 +26,9 @@ pub enum VirtioError {
     NoBuffer,
     #[error("virtio-net header missing or invalid")]
     BadHeader,
+    /// The ring itself is unusable (see [`RingError::Broken`]); reported once when it breaks.
+    #[error("the ring is broken until the driver resets it")]
+    RingBroken,
 }
 
 impl VirtioError {
@@ -36,6 +39,7 @@ impl VirtioError {
             VirtioError::TooLong => DropReason::Oversize,
             VirtioError::BadHeader => DropReason::Malformed,
             VirtioError::BadDescriptor => DropReason::BadDescriptor,
+            VirtioError::RingBroken => DropReason::RingBroken,
         }
     }
 }
@@ -64,6 +68,7 @@ pub struct SplitTx {
 /// its first [`SPLIT_HEAD`] bytes, the rest described in `tail` (in `mem`, the ring's memory)
 /// and the chain kept until delivery. `Ok(None)`: nothing available. A bad chain is returned to
 /// the guest too (so the ring keeps moving) and reported as an error for the caller to count.
+/// A ring that breaks is reported once ([`VirtioError::RingBroken`]), then reads as empty.
 pub fn pop_tx_split(
     ring: &mut Ring<'_, '_>,
     mem: &Arc<Memory>,
@@ -79,7 +84,8 @@ pub fn pop_tx_split(
             ring.add_used(head, 0);
             return Err(VirtioError::BadDescriptor);
         }
-        Err(_) => return Err(VirtioError::BadDescriptor),
+        Err(RingError::Broken) => return Ok(None),
+        Err(RingError::BadAvailIndex | RingError::BadRing) => return Err(VirtioError::RingBroken),
     };
     let total: usize = segments.iter().map(|s| s.len as usize).sum();
     let fail = |ring: &mut Ring<'_, '_>, e: VirtioError| {
@@ -197,7 +203,10 @@ impl RxWriter {
                     }
                     return Err(VirtioError::BadDescriptor);
                 }
-                Err(_) => return Err(VirtioError::BadDescriptor),
+                Err(RingError::BadAvailIndex | RingError::BadRing | RingError::Broken) => {
+                    // Nothing taken from a broken ring can be trusted: give nothing back either.
+                    return Err(VirtioError::RingBroken);
+                }
             };
             let mut chain_room = 0u32;
             let mut bad = false;

@@ -603,3 +603,119 @@ fn big_frames_cross_guest_to_guest_and_to_the_wire_intact() {
         }
     }
 }
+
+/// Two mem VMs on a switch, nothing else: every task sleeps on a kick fd, so an idle worker
+/// makes no rounds (a 100 ms backstop timeout aside).
+fn two_vms() -> Rig {
+    let ports = (1..=2u8)
+        .map(|i| PortConfig {
+            spec: PortSpec {
+                name: format!("vm{i}"),
+                kind: PortKind::Mem,
+                mac: Some(mac(i)),
+                mtu: 1500,
+                vlan: VlanMode::Access(10),
+                allow_mac_spoofing: false,
+                offloads: OffloadCaps::NONE,
+                max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+            },
+            backend: PortBackend::Mem,
+            uplink: None,
+        })
+        .collect();
+    let cfg = DatapathConfig {
+        mode: Mode::Switch,
+        workers: 2,
+        vmq: VmqConfig { queues: 0, policy: QueuePolicy::Static, workers: 2, hysteresis: 1.5 },
+        switch: SwitchConfig::default(),
+        ports,
+        rebalance_interval_ms: 1000,
+    };
+    let mut b = DatapathBuilder::new(cfg).unwrap();
+    let mut guests = Vec::new();
+    for i in 1..=2 {
+        let (g, source, sink) = mem_port(OffloadCaps::NONE, true);
+        b.attach(&format!("vm{i}"), Box::new(sink), Some(Box::new(source))).unwrap();
+        guests.push(g);
+    }
+    let (_, kept) = WireSink::keeping(OffloadCaps::NONE);
+    Rig { dp: b.start().unwrap(), guests, wire: kept }
+}
+
+fn total_sleeps(dp: &Datapath) -> u64 {
+    dp.workers().iter().map(|w| w.sleeps).sum()
+}
+
+#[test]
+fn a_bogus_avail_index_breaks_the_ring_once_and_the_worker_sleeps_until_a_reset() {
+    let r = two_vms();
+    let g = &r.guests[0];
+    let frame = || udp_frame(mac(2), mac(1), None, 100, 1);
+    assert!(g.send(&VnetHdr::default(), &frame()));
+    assert_eq!(collect(&r.guests[1], 1).len(), 1);
+    // The device has taken 1 chain; the driver claims 1 + 256 + 5 are available.
+    g.with_tx_ring(|mem, ring| ring.write_raw_avail_idx(mem, 1 + vmq_datapath::mem::QUEUE_SIZE + 5));
+    g.kick();
+    assert!(wait_until(|| r.dp.stats("vm1").unwrap().drops(DropReason::RingBroken) >= 1), "{:?}", r.dp.stats("vm1"));
+    // Idle again: over a window the workers wake only on their 100 ms backstop, a few sleeps
+    // each (a worker kept awake by the ring tries to sleep every 50 µs: thousands).
+    let before = total_sleeps(&r.dp);
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_millis(300) {
+        std::thread::yield_now();
+    }
+    let sleeps = total_sleeps(&r.dp) - before;
+    assert!(sleeps < 50, "{sleeps} sleep attempts in 300 ms after the ring broke");
+    let s = r.dp.stats("vm1").unwrap();
+    assert_eq!(s.drops(DropReason::RingBroken), 1, "counted once: {s:?}");
+    assert_eq!(s.total_drops(), 1, "{s:?}");
+    assert_eq!(s.rx_packets, 1, "errors are not frames: {s:?}");
+    // The guest resets its TX queue: frames flow again.
+    g.reset_tx();
+    assert!(g.send(&VnetHdr::default(), &frame()));
+    assert_eq!(collect(&r.guests[1], 1).len(), 1, "after the reset");
+    let s = r.dp.stats("vm1").unwrap();
+    assert_eq!((s.rx_packets, s.drops(DropReason::RingBroken)), (2, 1), "{s:?}");
+}
+
+#[test]
+fn a_huge_looping_indirect_table_costs_one_bad_descriptor() {
+    let r = two_vms();
+    let g = &r.guests[0];
+    // 16 MiB of TX buffer space as one indirect table (1 Mi entries), entry 0 looping on itself.
+    const TABLE: u64 = 0x30_0000;
+    const TABLE_LEN: u32 = 16 << 20;
+    g.with_tx_ring(|mem, ring| {
+        use vm_memory::Bytes;
+        let mut looping = [0u8; 16];
+        looping[..8].copy_from_slice(&TABLE.to_le_bytes());
+        looping[8..12].copy_from_slice(&64u32.to_le_bytes());
+        looping[12..14].copy_from_slice(&1u16.to_le_bytes()); // NEXT, next = 0
+        mem.write_slice(&looping, vm_memory::GuestAddress(TABLE)).unwrap();
+        ring.write_raw_desc(mem, 200, TABLE, TABLE_LEN, 4, 0); // INDIRECT
+        ring.post_raw(mem, 200);
+    });
+    g.kick();
+    assert!(wait_until(|| r.dp.stats("vm1").unwrap().drops(DropReason::BadDescriptor) >= 1));
+    assert!(g.send(&VnetHdr::default(), &udp_frame(mac(2), mac(1), None, 100, 1)));
+    assert_eq!(collect(&r.guests[1], 1).len(), 1, "the port keeps working");
+    let s = r.dp.stats("vm1").unwrap();
+    assert_eq!((s.drops(DropReason::BadDescriptor), s.total_drops(), s.rx_packets), (1, 1, 2), "{s:?}");
+}
+
+#[test]
+fn a_tiny_gso_size_is_dropped_at_ingress_not_amplified() {
+    // gso_size 16 would make 500 segments of an 8000-byte frame (4096 of a 64 KiB one).
+    let r = rig(Mode::Vmq, &[vm(10, 9000, OffloadCaps::ALL), vm(10, 9000, OffloadCaps::NONE)], 8, vec![]);
+    let (tiny, f) = gso_tcp(mac(2), mac(1), 8000, 16);
+    assert!(r.guests[0].send(&tiny, &f));
+    let (good, f) = gso_tcp(mac(2), mac(1), 3000, 1448);
+    assert!(r.guests[0].send(&good, &f));
+    let got = collect(&r.guests[1], 3);
+    assert!(wait_until(|| r.dp.stats("vm1").unwrap().rx_packets == 2));
+    let s = r.dp.stats("vm1").unwrap();
+    assert_eq!((s.drops(DropReason::Offload), s.total_drops()), (1, 1), "{s:?}");
+    assert_eq!(got.len(), 3, "only the 1448-byte MSS frame's 3 segments arrive");
+    assert_eq!(got.iter().filter(|g| g.frame.len() > 1448).count(), 2, "two full 1448-byte segments");
+    assert_eq!(r.dp.stats("vm2").unwrap().offload_segments, 3);
+}

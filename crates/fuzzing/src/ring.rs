@@ -42,7 +42,8 @@ pub fn guest_memory(image: &[u8]) -> Memory {
 pub enum Limits {
     /// Direct chain ≤ queue size, an indirect table ≤ its own len/16 entries.
     Permissive,
-    /// At most queue-size descriptors in all, indirect ones included.
+    /// At most queue-size descriptors in all, indirect ones included, and an indirect table of
+    /// at most queue-size entries (what vmq enforces, after virtio 2.7.5.3.1).
     Spec,
 }
 
@@ -69,6 +70,9 @@ pub fn reference_walk(image: &[u8], size: u16, head: u16, limits: Limits) -> Opt
                 return None;
             }
             let entries = len as usize / 16;
+            if limits == Limits::Spec && entries > size {
+                return None;
+            }
             if addr.checked_add(u64::from(len))? > image.len() as u64 {
                 return None;
             }
@@ -152,6 +156,7 @@ pub fn run_split_ring(data: &[u8]) -> RingOutcome {
                 Ok(Some(head)) => {
                     assert!(n < u32::from(size), "more chains than the ring holds");
                     assert_eq!(head, expected_head, "pop returned another head than the avail ring's");
+                    assert!(segments.len() <= usize::from(size), "a chain longer than the queue size");
                     let reference = reference_walk(&image, size, head, Limits::Permissive);
                     assert_eq!(
                         reference.as_deref(),
@@ -176,6 +181,7 @@ pub fn run_split_ring(data: &[u8]) -> RingOutcome {
                     break;
                 }
                 Err(RingError::BadRing) => panic!("BadRing from pop"),
+                Err(RingError::Broken) => panic!("the ring reported broken before any bad index"),
             }
         }
         for &head in &heads {

@@ -76,7 +76,8 @@ pub fn vnet_offload() -> Seeds {
         ("gso-v4-to-no-tso", encode(OffloadCaps::NONE, 1500, &g4, &f4)),
         ("gso-v4-to-csum-only", encode(OffloadCaps { csum: true, ..OffloadCaps::NONE }, 1500, &g4, &f4)),
         ("gso-v6-to-tso", encode(OffloadCaps::ALL, 1500, &g6, &f6)),
-        ("gso-v6-small-mss", encode(OffloadCaps::NONE, 9000, &VnetHdr { gso_size: 64, ..g6 }, &f6)),
+        ("gso-v6-min-mss", encode(OffloadCaps::NONE, 9000, &VnetHdr { gso_size: 88, ..g6 }, &f6)),
+        ("gso-v6-below-min-mss", encode(OffloadCaps::NONE, 9000, &VnetHdr { gso_size: 87, ..g6 }, &f6)),
         ("partial-csum-to-no-csum", encode(OffloadCaps::NONE, 1500, &p, &pf)),
         (
             "udp-data-valid",

@@ -56,7 +56,8 @@ fn seeds_reach_each_outcome() {
     assert_eq!(outcome("gso-v4-to-no-tso"), OffloadOutcome::Segmented(3));
     assert_eq!(outcome("gso-v4-to-csum-only"), OffloadOutcome::Segmented(3));
     assert_eq!(outcome("gso-v6-to-tso"), OffloadOutcome::Passed);
-    assert_eq!(outcome("gso-v6-small-mss"), OffloadOutcome::Segmented(47));
+    assert_eq!(outcome("gso-v6-min-mss"), OffloadOutcome::Segmented(35));
+    assert_eq!(outcome("gso-v6-below-min-mss"), OffloadOutcome::Refused(vmq_offload::OffloadError::GsoSizeTooSmall));
     assert_eq!(outcome("partial-csum-to-no-csum"), OffloadOutcome::CsumFinished);
     assert_eq!(outcome("udp-data-valid"), OffloadOutcome::Passed);
     assert_eq!(outcome("tcp-oversize"), OffloadOutcome::Oversize);

@@ -32,7 +32,14 @@ mod coalesce;
 mod segment;
 
 pub use coalesce::Coalescer;
-pub use segment::segment;
+pub use segment::{MAX_SEGMENTS, MIN_GSO_SIZE, segment};
+
+/// Is this frame's `gso_size` one vmq accepts at ingress? Non-GSO frames always are; GSO frames
+/// need at least [`MIN_GSO_SIZE`], whether they would be segmented or passed on as they are
+/// (a receiving guest or kernel would do the same amplified work).
+pub fn gso_size_acceptable(hdr: &VnetHdr) -> bool {
+    !hdr.is_gso() || hdr.gso_size >= MIN_GSO_SIZE
+}
 
 use vmq_wire::VnetHdr;
 use vmq_wire::checksum::{fold, sum};
@@ -48,6 +55,8 @@ pub enum OffloadError {
     Malformed,
     #[error("gso_size too small for the frame: too many segments")]
     TooManySegments,
+    #[error("gso_size below the minimum vmq accepts (MIN_GSO_SIZE)")]
+    GsoSizeTooSmall,
 }
 
 /// What egress must do for a frame with header `hdr` toward a receiver that accepts `caps`.

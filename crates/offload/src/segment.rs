@@ -7,8 +7,17 @@ use vmq_wire::vnet::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GsoType};
 
 use crate::OffloadError;
 
-/// Most segments one GSO frame may produce (64 KiB at an MSS of 16 bytes).
-pub const MAX_SEGMENTS: usize = 4096;
+/// Smallest `gso_size` (segment payload) vmq accepts. A guest chooses it freely, and each
+/// segment costs vmq a header copy and a delivery: at 16 bytes one 64 KiB frame became 4096
+/// frames. 88 is Linux's `TCP_MIN_MSS` (include/net/tcp.h), the smallest MSS a Linux socket can
+/// be set to; every real path has an MSS of at least 536 (IPv4's 576-byte minimum datagram,
+/// RFC 879/1122) or 1220 (IPv6's 1280-byte minimum MTU). Only a peer that advertises an MSS near
+/// Linux's own floor for peers (`net.ipv4.tcp_min_snd_mss`, 48, a CVE-2019-11479 defence) makes
+/// a guest build smaller segments: such frames are dropped and counted (`offload`).
+pub const MIN_GSO_SIZE: u16 = 88;
+
+/// Most segments one GSO frame may produce (64 KiB at [`MIN_GSO_SIZE`]).
+pub const MAX_SEGMENTS: usize = 65_536usize.div_ceil(MIN_GSO_SIZE as usize);
 
 /// Cuts a TCP GSO frame into MSS-sized segments: sequence numbers advance by payload, IPv4 ids
 /// by one per segment, IP lengths and checksums are rewritten, FIN/PSH stay on the last segment
@@ -38,6 +47,9 @@ pub fn segment(
     let mss = usize::from(hdr.gso_size);
     if mss == 0 {
         return Err(OffloadError::Malformed);
+    }
+    if hdr.gso_size < MIN_GSO_SIZE {
+        return Err(OffloadError::GsoSizeTooSmall);
     }
     let end = layers.l4 + layers.l4_len(frame);
     if end > frame.len() || end < layers.payload {

@@ -109,6 +109,26 @@ fn finish_csum_makes_a_valid_frame() {
 }
 
 #[test]
+fn gso_size_has_a_floor_that_bounds_segments_per_frame() {
+    use vmq_offload::{MAX_SEGMENTS, MIN_GSO_SIZE, gso_size_acceptable};
+    let mut s = Vec::new();
+    let mut made = 0usize;
+    let mut sink = |_: &VnetHdr, _: &[u8]| made += 1;
+    // 16 bytes: 4096 segments of a 64 KiB frame before the floor.
+    let (h, f) = gso_frame(false, &[7; 65_000], 16, false);
+    assert!(!gso_size_acceptable(&h));
+    assert_eq!(segment(&h, &f, false, &mut s, &mut sink), Err(OffloadError::GsoSizeTooSmall));
+    let below = VnetHdr { gso_size: MIN_GSO_SIZE - 1, ..h };
+    assert_eq!(segment(&below, &f, false, &mut s, &mut sink), Err(OffloadError::GsoSizeTooSmall));
+    // At the floor: accepted, and a maximal frame stays within MAX_SEGMENTS.
+    let at = VnetHdr { gso_size: MIN_GSO_SIZE, ..h };
+    assert!(gso_size_acceptable(&at));
+    assert_eq!(segment(&at, &f, false, &mut s, &mut sink), Ok(65_000usize.div_ceil(usize::from(MIN_GSO_SIZE))));
+    assert!(made <= MAX_SEGMENTS && MAX_SEGMENTS <= 745, "{made} segments, bound {MAX_SEGMENTS}");
+    assert!(gso_size_acceptable(&VnetHdr::default()), "not GSO");
+}
+
+#[test]
 fn bogus_gso_frames_are_errors_not_panics() {
     let (h, f) = gso_frame(false, &[1; 3000], 1448, false);
     let mut s = Vec::new();
@@ -125,7 +145,7 @@ fn bogus_gso_frames_are_errors_not_panics() {
     let (hb, fb) = gso_frame(false, &[1; 5000], 1448, false);
     assert_eq!(
         segment(&VnetHdr { gso_size: 1, ..hb }, &fb, false, &mut s, &mut sink),
-        Err(OffloadError::TooManySegments)
+        Err(OffloadError::GsoSizeTooSmall)
     );
     assert_eq!(segment(&h, &f[..40], false, &mut s, &mut sink), Err(OffloadError::Malformed));
     let mut lying = f.clone();

@@ -4,6 +4,7 @@
 //! - [`cpu`]: cache prefetch hints for the ring code;
 //! - [`netns`]: named network namespaces (as `ip netns` makes them) and running code inside one;
 //! - [`link`]: interface index, MTU, MAC and up/down through ioctls;
+//! - [`memfd`]: memory files and their seals (vhost-user guest memory must not shrink);
 //! - [`tap`]: TAP interfaces with a 12-byte virtio-net header and kernel offloads;
 //! - [`packet`]: AF_PACKET uplink sockets (TPACKET_V3 RX ring, virtio-net header, fanout);
 //! - [`socket`]: options std's sockets lack (the IPv4 don't-fragment bit);
@@ -15,6 +16,7 @@
 pub mod cpu;
 pub mod ifname;
 pub mod link;
+pub mod memfd;
 pub mod netns;
 pub mod packet;
 pub mod socket;

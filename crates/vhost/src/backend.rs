@@ -6,8 +6,9 @@
 //! usually the end of the connection), never a panic.
 //!
 //! Everything the frontend hands over is checked before the data path can touch it: memory
-//! regions must be regular files (memfd, hugetlbfs, tmpfs) at least as large as the region, must
-//! not overlap or wrap and must stay within [`MAX_GUEST_MEMORY`]; ring addresses must lie in the
+//! regions must be regular files (memfd, hugetlbfs, tmpfs) at least as large as the region,
+//! sealed against shrinking (unless the port trusts its frontend's memory), must not overlap or
+//! wrap and must stay within [`MAX_GUEST_MEMORY`]; ring addresses must lie in the
 //! memory table, be aligned, and the whole ring must be inside guest memory; kick and call fds
 //! must be eventfds and are made non-blocking, so that a worker can neither block on them nor be
 //! handed a pipe that never drains; a ring that runs cannot be resized, moved or rewound.
@@ -53,6 +54,12 @@ pub struct NetDeviceConfig {
     pub mtu: u16,
     /// Offer checksum and TSO offloads (both directions).
     pub offloads: bool,
+    /// Accept guest memory that can shrink under vmq's mapping (files without `F_SEAL_SHRINK`:
+    /// unsealed memfds, hugetlbfs or tmpfs files, as DPDK's virtio-user or a file-backed QEMU
+    /// hands over). Such a frontend can kill vmq with SIGBUS by truncating the file, so this is
+    /// for frontends as trusted as vmq itself. Off by default: QEMU's `memory-backend-memfd`
+    /// seals its memory (`seal=on` is its default).
+    pub trust_unsealed_memory: bool,
 }
 
 impl NetDeviceConfig {
@@ -149,8 +156,11 @@ fn invalid(reason: &'static str) -> ProtoError {
 
 /// A memory region's fd must be a regular file (memfd, hugetlbfs or tmpfs file) that covers
 /// the region: mapping a device could have side effects, and touching a mapping beyond the end
-/// of its file kills the process (SIGBUS).
-fn check_region_file(file: &File, offset: u64, size: u64) -> ProtoResult<()> {
+/// of its file kills the process (SIGBUS). The file must also stay that large: a frontend
+/// that truncates it later causes the same SIGBUS, so it must be sealed with `F_SEAL_SHRINK`
+/// (a memfd; checking the size again before each access would still race the truncation),
+/// unless `trust_unsealed` (see [`NetDeviceConfig::trust_unsealed_memory`]).
+fn check_region_file(file: &File, offset: u64, size: u64, trust_unsealed: bool) -> ProtoResult<()> {
     let stat = fstat(file).map_err(|_| invalid("cannot stat a memory region fd"))?;
     if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Err(invalid("memory region fd is not a regular file (memfd, hugetlbfs or tmpfs)"));
@@ -158,6 +168,13 @@ fn check_region_file(file: &File, offset: u64, size: u64) -> ProtoResult<()> {
     let end = offset.checked_add(size).ok_or_else(|| invalid("memory region offset overflows"))?;
     if end > u64::try_from(stat.st_size).unwrap_or(0) {
         return Err(invalid("memory region extends beyond the end of its file"));
+    }
+    let sealed = matches!(vmq_sys::memfd::seals(file), Ok(Some(s)) if s & vmq_sys::memfd::SEAL_SHRINK != 0);
+    if !sealed && !trust_unsealed {
+        return Err(invalid(
+            "memory region file can shrink (no F_SEAL_SHRINK): use a sealed memfd (QEMU memory-backend-memfd, \
+             seal=on is its default) or trust this port's frontend memory",
+        ));
     }
     Ok(())
 }
@@ -409,7 +426,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             if region.user_addr.checked_add(region.memory_size).is_none() {
                 return Err(invalid("memory region wraps the frontend's address space"));
             }
-            check_region_file(&file, region.mmap_offset, region.memory_size)?;
+            check_region_file(&file, region.mmap_offset, region.memory_size, self.config.trust_unsealed_memory)?;
             let mmap = region.mmap_region::<()>(file)?;
             let guest_region = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
                 .ok_or_else(|| invalid("memory region wraps the guest address space"))?;
@@ -659,7 +676,12 @@ mod tests {
     use super::*;
 
     fn backend(mtu: u16) -> NetBackend {
-        let config = NetDeviceConfig { mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]), mtu, offloads: true };
+        let config = NetDeviceConfig {
+            mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+            mtu,
+            offloads: true,
+            trust_unsealed_memory: false,
+        };
         NetBackend::new(config, NetDevice::new(), Box::new(|_| {}))
     }
 
@@ -712,11 +734,17 @@ mod tests {
         let path = dir.join("mem");
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         file.set_len(1 << 20).unwrap();
-        assert!(check_region_file(&file, 0, 1 << 20).is_ok());
-        assert!(check_region_file(&file, 4096, 1 << 20).is_err(), "beyond the end of the file");
-        assert!(check_region_file(&file, u64::MAX, 2).is_err(), "offset overflow");
-        assert!(check_region_file(&File::open(&dir).unwrap(), 0, 1).is_err(), "a directory");
-        assert!(check_region_file(&File::open("/dev/zero").unwrap(), 0, 1).is_err(), "a device");
+        // A plain file can be truncated: only for a trusted frontend.
+        assert!(check_region_file(&file, 0, 1 << 20, true).is_ok());
+        assert!(check_region_file(&file, 0, 1 << 20, false).is_err(), "unsealed");
+        assert!(check_region_file(&file, 4096, 1 << 20, true).is_err(), "beyond the end of the file");
+        assert!(check_region_file(&file, u64::MAX, 2, true).is_err(), "offset overflow");
+        assert!(check_region_file(&File::open(&dir).unwrap(), 0, 1, true).is_err(), "a directory");
+        assert!(check_region_file(&File::open("/dev/zero").unwrap(), 0, 1, true).is_err(), "a device");
+        use vmq_sys::memfd::{SEAL_GROW, SEAL_SHRINK, create};
+        assert!(check_region_file(&create("m", 1 << 20, SEAL_SHRINK).unwrap(), 0, 1 << 20, false).is_ok());
+        assert!(check_region_file(&create("m", 1 << 20, SEAL_GROW).unwrap(), 0, 1 << 20, false).is_err());
+        assert!(check_region_file(&create("m", 1 << 20, 0).unwrap(), 0, 1 << 20, false).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

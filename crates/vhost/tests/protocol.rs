@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     MEM_SIZE, RING_STRIDE, TIMEOUT, TempDir, TestServer, VMM_BASE, assert_ports_still_work, bring_up,
-    guest_memory_file, init_tracing, net_config,
+    guest_memory_file, init_tracing, net_config, plain_memory_file,
 };
 use nix::sys::eventfd::EventFd;
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
@@ -593,6 +593,52 @@ fn bogus_memory_regions() {
         let table = mem_table(&[(0, 1 << 41, VMM_BASE, 0)]);
         let _ = raw.request(SET_MEM_TABLE, &table, &[memory.as_raw_fd()]);
     });
+}
+
+#[test]
+fn guest_memory_that_can_shrink_is_refused() {
+    // A frontend that truncates such a file after SET_MEM_TABLE kills vmq with SIGBUS on its next
+    // access to that memory: refused up front.
+    let table = || mem_table(&[(0, MEM_SIZE, VMM_BASE, 0)]);
+    attack_closes_connection("region-unsealed-memfd", |raw, _| {
+        raw.negotiate();
+        let memory = vmq_sys::memfd::create("guest", MEM_SIZE, 0).unwrap();
+        let _ = raw.request(SET_MEM_TABLE, &table(), &[memory.as_raw_fd()]);
+    });
+    attack_closes_connection("region-sealed-but-not-shrink", |raw, _| {
+        use vmq_sys::memfd::{SEAL_GROW, SEAL_SEAL};
+        raw.negotiate();
+        let memory = vmq_sys::memfd::create("guest", MEM_SIZE, SEAL_GROW | SEAL_SEAL).unwrap();
+        let _ = raw.request(SET_MEM_TABLE, &table(), &[memory.as_raw_fd()]);
+    });
+    attack_closes_connection("region-plain-file", |raw, dir| {
+        raw.negotiate();
+        let memory = plain_memory_file(dir, "mem");
+        let _ = raw.request(SET_MEM_TABLE, &table(), &[memory.as_raw_fd()]);
+    });
+}
+
+#[test]
+fn sealed_guest_memory_is_accepted_and_cannot_shrink() {
+    let (dir, server) = two_ports("sealed");
+    let session = bring_up(server.port(0), dir.path());
+    assert!(server.port(0).device.is_running());
+    // What makes the SIGBUS impossible: the frontend cannot truncate it either.
+    let err = session.memory.set_len(4096).expect_err("a shrink-sealed memfd cannot be truncated");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EPERM), "{err}");
+}
+
+#[test]
+fn a_trusted_frontend_may_hand_over_memory_that_can_shrink() {
+    init_tracing();
+    let dir = TempDir::new("trusted");
+    let mut config = net_config("52:54:00:00:00:01", 1500);
+    config.trust_unsealed_memory = true;
+    let server = TestServer::start(dir.path(), &[("vm1", config)]);
+    let raw = Raw::connect(&server.port(0).socket);
+    let mut notifiers = Vec::new();
+    raw.bring_up(&plain_memory_file(dir.path(), "mem"), &mut notifiers);
+    server.port(0).expect_event(DeviceEvent::Started, TIMEOUT);
 }
 
 #[test]

@@ -78,6 +78,8 @@ struct RawPort {
     ifname: Option<Spanned<String>>,
     netns: Option<Spanned<String>>,
     create_netns: Option<Spanned<bool>>,
+    /// vhost-user: accept unsealed guest memory (see `PortBackend::VhostUser`).
+    trust_frontend_memory: Option<Spanned<bool>>,
     mac: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     vlan: Option<Spanned<i64>>,
@@ -461,7 +463,8 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
                 return Err(refuses("ifname"));
             }
             let policy = socket_policy(loc, &p.access(), vhost)?;
-            PortBackend::VhostUser { socket, policy }
+            let trust_frontend_memory = p.trust_frontend_memory.as_ref().is_some_and(|t| *t.get_ref());
+            PortBackend::VhostUser { socket, policy, trust_frontend_memory }
         }
         PortKind::Tap => {
             let ifname = match &p.ifname {
@@ -491,6 +494,9 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
     }
     if !matches!(kind, PortKind::Tap | PortKind::Uplink) && p.netns.is_some() {
         return Err(refuses("netns"));
+    }
+    if kind != PortKind::VhostUser && p.trust_frontend_memory.is_some() {
+        return Err(refuses("trust_frontend_memory"));
     }
     if kind != PortKind::Tap && p.create_netns.is_some() {
         return Err(refuses("create_netns"));
@@ -655,7 +661,11 @@ trunk = [20, 10, 10]
         assert_eq!(c.ports[0].spec.vlan, VlanMode::Access(10));
         assert_eq!(
             c.ports[0].backend,
-            PortBackend::VhostUser { socket: "/run/vmq/vm1.sock".into(), policy: SocketPolicy::default() }
+            PortBackend::VhostUser {
+                socket: "/run/vmq/vm1.sock".into(),
+                policy: SocketPolicy::default(),
+                trust_frontend_memory: false
+            }
         );
         assert_eq!(c.ports[1].spec.vlan, VlanMode::Trunk { allowed: vec![10, 20], native: None });
         assert_eq!(c.ports[1].spec.mtu, 1500);
@@ -684,6 +694,32 @@ trunk = [20, 10, 10]
         assert!(message.contains("unicast"));
         let (_, _, message) = err("[[port]]\nname = \"a\"\nkind = \"mem\"\nmac = \"zz\"\n");
         assert!(message.contains("invalid MAC"));
+    }
+
+    #[test]
+    fn trust_frontend_memory_is_a_vhost_user_opt_in() {
+        let vhost =
+            "[[port]]\nname = \"v\"\nkind = \"vhost-user\"\nsocket = \"/run/v.sock\"\nmac = \"52:54:00:00:00:01\"\n";
+        let c = parse(vhost, "t.toml").unwrap();
+        assert_eq!(
+            c.ports[0].backend,
+            PortBackend::VhostUser {
+                socket: "/run/v.sock".into(),
+                policy: SocketPolicy::default(),
+                trust_frontend_memory: false
+            }
+        );
+        let c = parse(&format!("{vhost}trust_frontend_memory = true\n"), "t.toml").unwrap();
+        assert_eq!(
+            c.ports[0].backend,
+            PortBackend::VhostUser {
+                socket: "/run/v.sock".into(),
+                policy: SocketPolicy::default(),
+                trust_frontend_memory: true
+            }
+        );
+        let (_, _, m) = err("[[port]]\nname = \"t\"\nkind = \"tap\"\ntrust_frontend_memory = true\n");
+        assert!(m.contains("trust_frontend_memory"), "{m}");
     }
 
     #[test]
@@ -794,10 +830,17 @@ trunk = [20, 10, 10]
         assert_eq!(c.vhost, global);
         assert_eq!(
             c.ports[0].backend,
-            PortBackend::VhostUser { socket: "/run/vmq/a.sock".into(), policy: global.clone() }
+            PortBackend::VhostUser {
+                socket: "/run/vmq/a.sock".into(),
+                policy: global.clone(),
+                trust_frontend_memory: false
+            }
         );
         let own = SocketPolicy { group: Some(0), mode: Some(0o600), allowed_uids: Some(vec![1000]), ..global };
-        assert_eq!(c.ports[1].backend, PortBackend::VhostUser { socket: "/run/vmq/b.sock".into(), policy: own });
+        assert_eq!(
+            c.ports[1].backend,
+            PortBackend::VhostUser { socket: "/run/vmq/b.sock".into(), policy: own, trust_frontend_memory: false }
+        );
     }
 
     #[test]

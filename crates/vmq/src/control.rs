@@ -192,7 +192,11 @@ mod tests {
         assert!(!p.spec.allow_mac_spoofing);
         assert_eq!(
             p.backend,
-            PortBackend::VhostUser { socket: "/run/vmq/vm3.sock".into(), policy: Default::default() }
+            PortBackend::VhostUser {
+                socket: "/run/vmq/vm3.sock".into(),
+                policy: Default::default(),
+                trust_frontend_memory: false
+            }
         );
         let tap = port_config(&NewPort { name: "t1".into(), kind: Kind::Tap, ..NewPort::default() }, &[]).unwrap();
         assert_eq!(tap.backend, PortBackend::Tap { ifname: "t1".into(), netns: None, create_netns: false });

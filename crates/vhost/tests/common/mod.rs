@@ -184,7 +184,7 @@ impl Drop for TestServer {
 }
 
 pub fn net_config(mac: &str, mtu: u16) -> NetDeviceConfig {
-    NetDeviceConfig { mac: mac.parse().expect("MAC"), mtu, offloads: true }
+    NetDeviceConfig { mac: mac.parse().expect("MAC"), mtu, offloads: true, trust_unsealed_memory: false }
 }
 
 /// Size of the guest memory the in-process frontends hand over.
@@ -195,8 +195,16 @@ pub const VMM_BASE: u64 = 0x7f00_0000_0000;
 /// used ring 8 KiB further (room for 256 entries each).
 pub const RING_STRIDE: u64 = 0x10000;
 
-/// A file to back guest memory (a regular file, as memfds and hugetlbfs files are).
-pub fn guest_memory_file(dir: &Path, name: &str) -> std::fs::File {
+/// Guest memory as QEMU's `memory-backend-memfd` makes it: a memfd sealed against growing and
+/// shrinking (its default, `seal=on`).
+pub fn guest_memory_file(_dir: &Path, name: &str) -> std::fs::File {
+    use vmq_sys::memfd::{SEAL_GROW, SEAL_SEAL, SEAL_SHRINK, create};
+    create(name, MEM_SIZE, SEAL_GROW | SEAL_SHRINK | SEAL_SEAL).expect("sealed memfd")
+}
+
+/// A plain file as guest memory (as a file-backed or hugetlbfs backend hands over): it can be
+/// truncated under the backend's mapping.
+pub fn plain_memory_file(dir: &Path, name: &str) -> std::fs::File {
     let path = dir.join(name);
     let f = std::fs::OpenOptions::new()
         .read(true)
