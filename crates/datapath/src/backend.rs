@@ -6,10 +6,11 @@ use vmq_sys::packet::RingConfig;
 use vmq_sys::tap::{Tap, TapConfig};
 use vmq_vhost::NetDeviceConfig;
 
+use crate::attach::{AttachContext, Attachment, Backends, PortControl};
+use crate::error::DatapathError;
 use crate::tap::TapPort;
 use crate::uplink::{Uplink, UplinkQueue, UplinkSink};
 use crate::vhost::VhostService;
-use crate::{AttachContext, Attachment, Backends, DatapathError, PortControl};
 
 /// Attaches every port kind: `mem` (an idle in-process virtio-net device), vhost-user (one
 /// protocol thread for all VM sockets, started with the first), TAP and AF_PACKET uplinks.

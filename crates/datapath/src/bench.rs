@@ -10,9 +10,11 @@ use vmq_core::vmq::{QueuePolicy, VmqConfig};
 use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode};
 use vmq_wire::{MacAddr, VnetHdr};
 
+use crate::builder::DatapathBuilder;
+use crate::config::DatapathConfig;
+use crate::error::DatapathError;
 use crate::mem::{MemGuest, mem_port};
 use crate::nic::{StandInNic, WireSink};
-use crate::{DatapathBuilder, DatapathConfig, DatapathError};
 use vmq_core::vmq::{FilterKey, QueueId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

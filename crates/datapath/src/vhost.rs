@@ -22,10 +22,11 @@ use vmq_vhost::server::VhostUserServer;
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
+use crate::attach::{Attachment, PortHandle};
+use crate::error::DatapathError;
 use crate::port::{FrameSink, FrameSource, FrameWriter, GuestTail, RecvError, Refuse, Scratch};
 use crate::ring::{Memory, Ring, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
-use crate::{Attachment, DatapathError, PortHandle};
 
 fn has(features: u64, bit: u32) -> bool {
     features & (1u64 << bit) != 0
