@@ -10,13 +10,13 @@ use vmq_core::vmq::QueueId;
 use vmq_core::{Mode, PortConfig, PortId};
 
 use crate::engine::Shared;
-use crate::error::DatapathError;
+use crate::error::{BackendError, DatapathError};
 use crate::port::{FrameSink, FrameSource, NicSteering};
 
 /// Run-time changes a backend applies to its attachment (the kernel side of a TAP, say).
 pub trait PortControl: Send {
     /// The port's MTU changed.
-    fn set_mtu(&mut self, mtu: u16) -> Result<(), String>;
+    fn set_mtu(&mut self, mtu: u16) -> Result<(), BackendError>;
 }
 
 /// How a port is attached: everything the data path needs to move its frames.

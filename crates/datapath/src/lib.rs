@@ -47,7 +47,7 @@ use state::ControlState;
 pub use attach::{AttachContext, Attachment, Backends, PendingAttach, PortControl, PortHandle};
 pub use builder::{DatapathBuilder, NicQueueTarget};
 pub use config::DatapathConfig;
-pub use error::DatapathError;
+pub use error::{BackendError, DatapathError};
 pub use info::{FdbRow, NoQueueReason, PortInfo, QueueStats, WorkerInfo};
 pub use port::{FrameSink, FrameSource, NicSteering};
 
@@ -154,14 +154,10 @@ impl Datapath {
             config,
             move |ctx| {
                 let mut backends = lock(&control).backends.take();
-                let port = ctx.handle.port;
                 let config = ctx.config.clone();
                 let result = match backends.as_mut() {
                     Some(b) => b.attach(&config, ctx.into_context()),
-                    None => Err(DatapathError::Backend {
-                        port: format!("{}", port.0),
-                        message: "this data path has no backends for run-time ports".into(),
-                    }),
+                    None => Err(DatapathError::NoBackends { port: config.spec.name.clone() }),
                 };
                 lock(&control).backends = backends;
                 result
@@ -259,17 +255,13 @@ impl Datapath {
     /// Changes a port's MTU (68..=9000).
     pub fn set_port_mtu(&self, name: &str, mtu: u16) -> Result<(), DatapathError> {
         if !(vmq_core::port::MIN_MTU..=vmq_core::port::MAX_MTU).contains(&mtu) {
-            return Err(DatapathError::Invalid(format!(
-                "MTU {mtu} is outside {}..={}",
-                vmq_core::port::MIN_MTU,
-                vmq_core::port::MAX_MTU
-            )));
+            return Err(DatapathError::InvalidMtu { mtu, min: vmq_core::port::MIN_MTU, max: vmq_core::port::MAX_MTU });
         }
         let mut st = self.lock();
         let id = st.id(name)?;
         let rec = st.ports[id.0 as usize].as_mut().ok_or_else(|| DatapathError::NoSuchPort(name.to_string()))?;
         if let Some(c) = rec.control.as_mut() {
-            c.set_mtu(mtu).map_err(|message| DatapathError::Backend { port: name.to_string(), message })?;
+            c.set_mtu(mtu).map_err(|source| DatapathError::Backend { port: name.to_string(), source })?;
         }
         rec.config.spec.mtu = mtu;
         let spec = rec.config.spec.clone();
@@ -288,7 +280,7 @@ impl Datapath {
             }
         };
         if !ok {
-            return Err(DatapathError::Invalid(format!("invalid VLAN setting {vlan:?}")));
+            return Err(DatapathError::InvalidVlan(vlan));
         }
         self.lock().set_vlan(&self.shared, name, vlan)
     }
@@ -298,9 +290,7 @@ impl Datapath {
         let mut st = self.lock();
         let max = st.queue_budget_max(self.queue_budget_max);
         if queues > max {
-            return Err(DatapathError::Invalid(format!(
-                "queue budget {queues} exceeds the {max} VM queues the uplinks have"
-            )));
+            return Err(DatapathError::QueueBudget { requested: queues, max });
         }
         let changes = st.vmq.set_queues(queues);
         st.apply_queue_changes(&changes);

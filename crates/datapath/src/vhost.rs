@@ -18,12 +18,12 @@ use virtio_bindings::virtio_net::{
 };
 use vm_memory::GuestAddressSpace;
 use vmq_core::{DropReason, OffloadCaps};
-use vmq_vhost::server::VhostUserServer;
+use vmq_vhost::server::{ServerError, VhostUserServer};
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
 use crate::attach::{Attachment, PortHandle};
-use crate::error::DatapathError;
+use crate::error::{BackendError, DatapathError};
 use crate::port::{FrameSink, FrameSource, FrameWriter, GuestTail, RecvError, Refuse, Scratch};
 use crate::ring::{Memory, Ring, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
@@ -302,7 +302,7 @@ enum Command {
         config: NetDeviceConfig,
         device: Arc<NetDevice>,
         handle: PortHandle,
-        reply: Sender<Result<(), String>>,
+        reply: Sender<Result<(), ServerError>>,
     },
     Remove {
         name: String,
@@ -321,7 +321,7 @@ const COMMAND_POLL: Duration = Duration::from_millis(20);
 impl VhostService {
     pub fn start() -> Result<VhostService, DatapathError> {
         let mut server = VhostUserServer::new()
-            .map_err(|e| DatapathError::Backend { port: "vhost-user".into(), message: e.to_string() })?;
+            .map_err(|e| DatapathError::Backend { port: "vhost-user".into(), source: BackendError::Vhost(e) })?;
         let (commands, rx): (Sender<Command>, Receiver<Command>) = channel();
         let thread = std::thread::Builder::new()
             .name("vmq-vhost".into())
@@ -337,9 +337,7 @@ impl VhostService {
                                     DeviceEvent::Started => handle.set_up(true),
                                     DeviceEvent::Stopped => handle.set_up(false),
                                 });
-                                let result = server
-                                    .add_port(&name, &socket, config, device, on_event)
-                                    .map_err(|e| e.to_string());
+                                let result = server.add_port(&name, &socket, config, device, on_event);
                                 let _ = reply.send(result);
                             }
                             Ok(Command::Remove { name }) => {
@@ -367,14 +365,14 @@ impl VhostService {
     ) -> Result<Attachment, DatapathError> {
         let device = NetDevice::new();
         let (reply, result) = channel();
-        let backend_err = |message: String| DatapathError::Backend { port: name.to_string(), message };
+        let backend_err = |source: BackendError| DatapathError::Backend { port: name.to_string(), source };
         self.commands
             .send(Command::Add { name: name.to_string(), socket, config, device: device.clone(), handle, reply })
-            .map_err(|_| backend_err("the vhost-user service thread is gone".into()))?;
+            .map_err(|_| backend_err(BackendError::VhostServiceGone))?;
         result
             .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| backend_err("the vhost-user service did not answer".into()))?
-            .map_err(backend_err)?;
+            .map_err(|_| backend_err(BackendError::VhostServiceTimeout))?
+            .map_err(|e| backend_err(BackendError::Vhost(e)))?;
         let mut att =
             Attachment::new(Box::new(VhostRxSink::new(device.clone())), Some(Box::new(VhostTxSource::new(device))));
         att.up = false;
