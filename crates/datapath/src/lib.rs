@@ -1,6 +1,7 @@
 //! vmq's data path: worker threads that move frames between ports, using the sans-IO core for
 //! every decision. Ports plug in as a [`FrameSource`] and a [`FrameSink`]; the in-process
-//! virtio-net device ([`mem`]) and NIC stand-in ([`nic`]) serve tests and `vmq bench`.
+//! virtio-net device ([`mem`]) and, with the `testing` feature, the NIC stand-in (`nic`) serve
+//! tests and `vmq bench`.
 //!
 //! The running data path can be changed without a restart: ports are added and removed, their
 //! MTU and VLAN changed, the VM queue budget and policy set. This module is the facade,
@@ -11,16 +12,16 @@
 #![forbid(unsafe_code)]
 
 mod attach;
-pub mod backend;
-pub mod bench;
+mod backend;
 mod builder;
 mod config;
-pub mod driver;
+mod driver;
 mod egress;
 mod engine;
 mod error;
 mod info;
 pub mod mem;
+#[cfg(feature = "testing")]
 pub mod nic;
 pub mod port;
 mod rebalance;
@@ -28,7 +29,7 @@ pub mod ring;
 mod state;
 pub mod tap;
 pub mod uplink;
-pub mod vhost;
+mod vhost;
 pub mod virtio;
 
 use std::collections::HashMap;
@@ -320,6 +321,11 @@ impl Datapath {
     /// Nanoseconds since the data path started (a monotonic clock for rates).
     pub fn uptime_ns(&self) -> u64 {
         self.shared.now_ns()
+    }
+
+    /// Time the workers spent in rounds that moved frames, summed over workers (nanoseconds).
+    pub fn busy_ns(&self) -> u64 {
+        self.shared.worker_stats.iter().map(|w| w.busy_ns.load(Ordering::Relaxed)).sum()
     }
 
     /// Most entries the FDB learns.

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use vmq_core::switch::SwitchConfig;
 use vmq_core::vmq::{QueuePolicy, VmqConfig};
 use vmq_core::{DropReason, Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode};
-use vmq_datapath::bench::udp_frame;
 use vmq_datapath::mem::{GuestFrame, MemGuest, mem_port};
 use vmq_datapath::nic::{KeptFrames, OnceQueue, WireSink};
 use vmq_datapath::{Datapath, DatapathBuilder, DatapathConfig, NicQueueTarget};
@@ -16,6 +15,29 @@ use vmq_wire::vnet::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GsoType};
 use vmq_wire::{MacAddr, VnetHdr};
 
 const EXT: MacAddr = MacAddr([0x02, 0, 0, 0, 0xee, 1]);
+
+/// An Ethernet + IPv4 + UDP frame of `len` bytes (at least the headers), tagged if `tag`;
+/// `flow` picks the source port.
+fn udp_frame(dst: MacAddr, src: MacAddr, tag: Option<u16>, len: usize, flow: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&dst.0);
+    f.extend_from_slice(&src.0);
+    if let Some(t) = tag {
+        f.extend_from_slice(&[0x81, 0x00]);
+        f.extend_from_slice(&t.to_be_bytes());
+    }
+    let l3 = f.len();
+    let ip_len = len.saturating_sub(l3).max(28);
+    let b = etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(1000 + flow, 5201);
+    let payload = vec![0x5a; ip_len - 28];
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = Vec::new();
+    if b.write(&mut ip, &payload).is_ok() {
+        f.extend_from_slice(&ip);
+    }
+    f.truncate(len.max(l3 + 2));
+    f
+}
 
 fn mac(i: u8) -> MacAddr {
     MacAddr([0x52, 0x54, 0, 0, 0, i])

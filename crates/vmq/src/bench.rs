@@ -1,14 +1,15 @@
 //! `vmq bench`: the in-process data-path benchmark, printed as a table or one JSON object.
 
+mod harness;
+
 use std::process::ExitCode;
 
 use clap::Args;
 use serde::Serialize;
 use vmq_core::Mode;
 use vmq_core::vmq::QueuePolicy;
-use vmq_datapath::bench::{
-    BenchOptions, BenchPath, BenchResult, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench,
-};
+
+use harness::{BenchOptions, BenchPath, BenchResult, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench};
 
 use crate::cli::exit;
 
@@ -34,7 +35,7 @@ pub struct BenchArgs {
     path: Option<String>,
     /// VM queue budget (and the stand-in NIC's VM queue count); VMs beyond it share the default
     /// queue and the switch.
-    #[arg(long, default_value_t = vmq_datapath::bench::DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, default_value_t = harness::DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(1..=256))]
     queues: u16,
     /// VM queue policy: static (first come, first served) or dynamic (the rebalancer moves
     /// queues to the busiest VMs every 100 ms).
@@ -259,7 +260,7 @@ fn print_tcp_table(results: &[TcpBenchResult]) {
         "{:<15} {:>13} {:>12} {:>10} {:>10} {:>10} {:>14}",
         "case", "payload Gb/s", "ns/KiB", "frames", "segments", "coalesced", "CPU vs no-offl"
     );
-    let off = results.iter().find(|r| r.case == vmq_datapath::bench::TcpCase::OffloadsOff).map(|r| r.cpu_ns_per_kib);
+    let off = results.iter().find(|r| r.case == harness::TcpCase::OffloadsOff).map(|r| r.cpu_ns_per_kib);
     for r in results {
         let rel = off
             .filter(|o| o.is_finite() && *o > 0.0)

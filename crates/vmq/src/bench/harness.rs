@@ -10,12 +10,10 @@ use vmq_core::vmq::{QueuePolicy, VmqConfig};
 use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode};
 use vmq_wire::{MacAddr, VnetHdr};
 
-use crate::builder::DatapathBuilder;
-use crate::config::DatapathConfig;
-use crate::error::DatapathError;
-use crate::mem::{MemGuest, mem_port};
-use crate::nic::{StandInNic, WireSink};
 use vmq_core::vmq::{FilterKey, QueueId};
+use vmq_datapath::mem::{MemGuest, mem_port};
+use vmq_datapath::nic::{StandInNic, WireSink};
+use vmq_datapath::{Datapath, DatapathBuilder, DatapathConfig, DatapathError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BenchPath {
@@ -205,7 +203,7 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
             let vm_len = wire_len.saturating_sub(4).max(60);
             for (i, g) in guests.iter().enumerate() {
                 let dst = vm_mac((i + 1) % vms);
-                let frames: Vec<(VnetHdr, Vec<u8>)> = (0..crate::mem::QUEUE_SIZE)
+                let frames: Vec<(VnetHdr, Vec<u8>)> = (0..vmq_datapath::mem::QUEUE_SIZE)
                     .map(|f| (VnetHdr::default(), udp_frame(dst, vm_mac(i), None, vm_len, f)))
                     .collect();
                 g.start_replay(&frames);
@@ -214,14 +212,12 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
     }
     let dp = b.start()?;
     let received = |gs: &[MemGuest]| gs.iter().map(|g| g.received().0).sum::<u64>();
-    let totals = |dp: &crate::Datapath| {
+    let totals = |dp: &Datapath| {
         dp.port_stats().iter().fold((0u64, 0u64), |(d, s), (_, st)| (d + st.total_drops(), s + st.offload_segments))
     };
     let default_frames =
-        |dp: &crate::Datapath| dp.queue_stats().iter().filter(|q| q.queue.is_none()).map(|q| q.rx_packets).sum::<u64>();
-    let busy = |dp: &crate::Datapath| {
-        dp.shared.worker_stats.iter().map(|w| w.busy_ns.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>()
-    };
+        |dp: &Datapath| dp.queue_stats().iter().filter(|q| q.queue.is_none()).map(|q| q.rx_packets).sum::<u64>();
+    let busy = |dp: &Datapath| dp.busy_ns();
     // Warm up (page faults, caches, the first rebalances), then measure.
     std::thread::sleep(Duration::from_secs_f64((opts.seconds * 0.1).min(0.2)));
     let (d0, s0) = totals(&dp);
@@ -390,14 +386,15 @@ fn run_tcp_case(case: TcpCase, seconds: f64) -> Result<TcpBenchResult, DatapathE
     b.attach("vm1", Box::new(sink1), Some(Box::new(source1)))?;
     // 64000-byte GSO frames (a typical TSO size), or MSS segments with consecutive sequence
     // numbers so that coalescing can merge them.
-    let (per_frame, count) = if sender_gso { (64_000usize, 128usize) } else { (MSS, crate::mem::QUEUE_SIZE as usize) };
+    let (per_frame, count) =
+        if sender_gso { (64_000usize, 128usize) } else { (MSS, vmq_datapath::mem::QUEUE_SIZE as usize) };
     let frames: Vec<(VnetHdr, Vec<u8>)> = (0..count)
         .map(|i| tcp_frame(vm_mac(0), vm_mac(1), 1 + (i * per_frame) as u32, per_frame, sender_gso))
         .collect();
     sender.start_replay(&frames);
     let dp = b.start()?;
     std::thread::sleep(Duration::from_secs_f64((seconds * 0.1).min(0.2)));
-    let snap = |dp: &crate::Datapath| dp.stats("vm1").unwrap_or_default();
+    let snap = |dp: &Datapath| dp.stats("vm1").unwrap_or_default();
     let (f0, b0) = receiver.received();
     let s0 = snap(&dp);
     let t0 = Instant::now();
