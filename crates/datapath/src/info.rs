@@ -1,6 +1,7 @@
 //! What the data path reports about itself (`vmq ctl show`, `queues`, `fdb`, `workers`): the
 //! info types and how they are read out of the control state.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -78,6 +79,22 @@ pub struct WorkerInfo {
     pub frames: u64,
     /// Tasks it serves: "vm1 tx", "up0 queue 3", "up0 default".
     pub tasks: Vec<String>,
+}
+
+/// Counters of every port, by name, in port id order.
+pub(crate) fn port_stats(st: &ControlState) -> Vec<(String, PortStatsSnapshot)> {
+    st.ports.iter().flatten().map(|r| (r.config.spec.name.clone(), r.stats.snapshot())).collect()
+}
+
+pub(crate) fn stats(st: &ControlState, name: &str) -> Option<PortStatsSnapshot> {
+    let id = st.names.get(name)?;
+    st.record(*id).map(|r| r.stats.snapshot())
+}
+
+/// VM queue assignments: (port name, queue; None = default queue).
+pub(crate) fn queue_assignments(st: &ControlState) -> Vec<(String, Option<QueueId>)> {
+    let names: HashMap<PortId, String> = st.names_by_id().into_iter().collect();
+    st.vmq.assignments().filter_map(|(p, q)| names.get(&p).map(|n| (n.clone(), q))).collect()
 }
 
 /// Why a port has no VM queue, or None if it has one (or no port has that name).

@@ -32,7 +32,6 @@ pub mod uplink;
 mod vhost;
 pub mod virtio;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -40,7 +39,7 @@ use std::thread::JoinHandle;
 use vmq_core::stats::PortStatsSnapshot;
 use vmq_core::switch::Switch;
 use vmq_core::vmq::{QueueChange, QueueId, QueuePolicy, VmqConfig};
-use vmq_core::{Mode, PortConfig, PortId, PortKind, VlanMode};
+use vmq_core::{Mode, PortConfig, PortId, VlanMode};
 
 use engine::{Shared, Task, Worker, lock};
 use state::ControlState;
@@ -181,36 +180,15 @@ impl Datapath {
         let name = config.spec.name.clone();
         // Reserve the name and the id, then attach without holding the control lock (a backend
         // may take a while, e.g. creating a TAP in a namespace).
-        let (id, removed) = {
-            let mut st = self.lock();
-            if st.names.contains_key(&name) {
-                return Err(DatapathError::DuplicatePort(name));
-            }
-            if let Some(u) = config.uplink.as_ref().filter(|_| check_uplink)
-                && !st
-                    .names
-                    .get(u)
-                    .and_then(|id| st.record(*id))
-                    .is_some_and(|r| r.config.spec.kind == PortKind::Uplink)
-            {
-                return Err(DatapathError::BadUplink { port: name, uplink: u.clone() });
-            }
-            if st.ports.iter().filter(|p| p.is_some()).count() >= u16::MAX as usize {
-                return Err(DatapathError::TooManyPorts(u16::MAX as usize));
-            }
-            let id = self.shared.switch_write().add_port(config.spec.clone());
-            st.names.insert(name.clone(), id);
-            (id, Arc::new(AtomicBool::new(false)))
-        };
+        let id = self.lock().reserve(&self.shared, &config, check_uplink)?;
+        let removed = Arc::new(AtomicBool::new(false));
         let handle = PortHandle { shared: self.shared.clone(), port: id, removed: removed.clone() };
         let pending =
             PendingAttach { config: config.clone(), handle, nic_queues: self.queue_budget_max, mode: self.shared.mode };
         let att = match attach(pending) {
             Ok(a) => a,
             Err(e) => {
-                let mut st = self.lock();
-                st.names.remove(&name);
-                self.shared.switch_write().remove_port(id);
+                self.lock().unreserve(&self.shared, &name, id);
                 return Err(e);
             }
         };
@@ -339,21 +317,16 @@ impl Datapath {
 
     /// Counters of every port, by name, in port id order.
     pub fn port_stats(&self) -> Vec<(String, PortStatsSnapshot)> {
-        let st = self.lock();
-        st.ports.iter().flatten().map(|r| (r.config.spec.name.clone(), r.stats.snapshot())).collect()
+        info::port_stats(&self.lock())
     }
 
     pub fn stats(&self, name: &str) -> Option<PortStatsSnapshot> {
-        let st = self.lock();
-        let id = st.names.get(name)?;
-        st.record(*id).map(|r| r.stats.snapshot())
+        info::stats(&self.lock(), name)
     }
 
     /// VM queue assignments: (port name, queue; None = default queue).
     pub fn queue_assignments(&self) -> Vec<(String, Option<QueueId>)> {
-        let st = self.lock();
-        let names: HashMap<PortId, String> = st.names_by_id().into_iter().collect();
-        st.vmq.assignments().filter_map(|(p, q)| names.get(&p).map(|n| (n.clone(), q))).collect()
+        info::queue_assignments(&self.lock())
     }
 
     /// Why a port has no VM queue, or None if it has one.

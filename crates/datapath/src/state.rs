@@ -146,6 +146,41 @@ impl ControlState {
         Some(FilterKey { mac, vlan })
     }
 
+    /// Reserves the port's name and id (the switch numbers ports), so that the attach step can
+    /// run without the control lock.
+    pub fn reserve(
+        &mut self,
+        shared: &Shared,
+        config: &PortConfig,
+        check_uplink: bool,
+    ) -> Result<PortId, DatapathError> {
+        let name = &config.spec.name;
+        if self.names.contains_key(name) {
+            return Err(DatapathError::DuplicatePort(name.clone()));
+        }
+        if let Some(u) = config.uplink.as_ref().filter(|_| check_uplink)
+            && !self
+                .names
+                .get(u)
+                .and_then(|id| self.record(*id))
+                .is_some_and(|r| r.config.spec.kind == PortKind::Uplink)
+        {
+            return Err(DatapathError::BadUplink { port: name.clone(), uplink: u.clone() });
+        }
+        if self.ports.iter().filter(|p| p.is_some()).count() >= u16::MAX as usize {
+            return Err(DatapathError::TooManyPorts(u16::MAX as usize));
+        }
+        let id = shared.switch_write().add_port(config.spec.clone());
+        self.names.insert(name.clone(), id);
+        Ok(id)
+    }
+
+    /// Gives back what [`ControlState::reserve`] took, when the attach step failed.
+    pub fn unreserve(&mut self, shared: &Shared, name: &str, id: PortId) {
+        self.names.remove(name);
+        shared.switch_write().remove_port(id);
+    }
+
     /// Records an attached port and hands its address, VLAN and VM queue to the switch, the
     /// VMQ allocator and the NIC filters. Returns the port's tasks, for the caller to place.
     pub fn install(
