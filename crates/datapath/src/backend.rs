@@ -6,10 +6,11 @@ use vmq_sys::packet::RingConfig;
 use vmq_sys::tap::{Tap, TapConfig};
 use vmq_vhost::NetDeviceConfig;
 
+use crate::attach::{AttachContext, Attachment, Backends, PortControl};
+use crate::error::{BackendError, DatapathError};
 use crate::tap::TapPort;
 use crate::uplink::{Uplink, UplinkQueue, UplinkSink};
 use crate::vhost::VhostService;
-use crate::{AttachContext, Attachment, Backends, DatapathError, PortControl};
 
 /// Attaches every port kind: `mem` (an idle in-process virtio-net device), vhost-user (one
 /// protocol thread for all VM sockets, started with the first), TAP and AF_PACKET uplinks.
@@ -35,7 +36,7 @@ impl Backends for DefaultBackends {
             PortBackend::VhostUser { socket, policy, trust_frontend_memory } => {
                 let mac = config.spec.mac.ok_or_else(|| DatapathError::Backend {
                     port: port.clone(),
-                    message: "a vhost-user port needs a MAC".into(),
+                    source: BackendError::VhostNeedsMac,
                 })?;
                 let offloads = config.spec.offloads.accepts_gso() || config.spec.offloads.csum;
                 // Guest memory must be sealed against shrinking (QEMU's memfd backend default)
@@ -51,7 +52,7 @@ impl Backends for DefaultBackends {
                 }
                 let service = self.vhost.as_ref().ok_or_else(|| DatapathError::Backend {
                     port: port.clone(),
-                    message: "vhost-user service unavailable".into(),
+                    source: BackendError::VhostServiceUnavailable,
                 })?;
                 service.attach(&port, socket.clone(), policy.clone(), device, ctx.handle)
             }
@@ -66,7 +67,7 @@ impl Backends for DefaultBackends {
                     up: true,
                 };
                 let tap = Tap::create(&cfg)
-                    .map_err(|e| DatapathError::Backend { port: port.clone(), message: e.to_string() })?;
+                    .map_err(|e| DatapathError::Backend { port: port.clone(), source: BackendError::Tap(e) })?;
                 let tap = TapPort::new(tap);
                 let mut att = Attachment::new(Box::new(tap.clone()), Some(Box::new(tap.clone())));
                 att.control = Some(Box::new(TapControl(tap)));
@@ -75,10 +76,10 @@ impl Backends for DefaultBackends {
             PortBackend::Uplink { ifname, netns } => {
                 let err = |e: vmq_sys::packet::PacketError| DatapathError::Backend {
                     port: port.clone(),
-                    message: e.to_string(),
+                    source: BackendError::Packet(e),
                 };
                 raise_mtu(ifname, netns.as_deref(), config.spec.mtu)
-                    .map_err(|e| DatapathError::Backend { port: port.clone(), message: e.to_string() })?;
+                    .map_err(|e| DatapathError::Backend { port: port.clone(), source: BackendError::Link(e) })?;
                 let offloads = config.spec.offloads.accepts_gso();
                 // In switch mode the NIC gets no VM queues: everything on the default queue.
                 let vm_queues = if ctx.mode == Mode::Vmq { ctx.nic_queues } else { 0 };
@@ -133,8 +134,8 @@ struct UplinkControl {
 }
 
 impl PortControl for UplinkControl {
-    fn set_mtu(&mut self, mtu: u16) -> Result<(), String> {
-        raise_mtu(&self.ifname, self.netns.as_deref(), mtu).map_err(|e| e.to_string())
+    fn set_mtu(&mut self, mtu: u16) -> Result<(), BackendError> {
+        raise_mtu(&self.ifname, self.netns.as_deref(), mtu).map_err(BackendError::Link)
     }
 }
 
@@ -142,8 +143,8 @@ impl PortControl for UplinkControl {
 struct TapControl(TapPort);
 
 impl PortControl for TapControl {
-    fn set_mtu(&mut self, mtu: u16) -> Result<(), String> {
+    fn set_mtu(&mut self, mtu: u16) -> Result<(), BackendError> {
         let tap = self.0.tap();
-        tap.link().and_then(|l| l.set_mtu(tap.name(), u32::from(mtu))).map_err(|e| e.to_string())
+        tap.link().and_then(|l| l.set_mtu(tap.name(), u32::from(mtu))).map_err(BackendError::Link)
     }
 }

@@ -781,7 +781,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::udp_frame;
+    use crate::nic::udp_frame;
     use vmq_core::switch::SwitchConfig;
     use vmq_wire::MacAddr;
 

@@ -14,6 +14,29 @@ use vmq_wire::VnetHdr;
 
 use crate::port::{FrameSink, FrameSource, NicSteering, RecvError, Scratch};
 
+/// A UDP/IPv4 frame of `len` bytes (no FCS; at least the headers), tagged if `tag`; `flow`
+/// picks the source port. What the stand-in's wire and the tests send.
+pub fn udp_frame(dst: vmq_wire::MacAddr, src: vmq_wire::MacAddr, tag: Option<u16>, len: usize, flow: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&dst.0);
+    f.extend_from_slice(&src.0);
+    if let Some(t) = tag {
+        f.extend_from_slice(&vmq_wire::ethernet::ETHERTYPE_VLAN.to_be_bytes());
+        f.extend_from_slice(&t.to_be_bytes());
+    }
+    let l3 = f.len();
+    let ip_len = len.saturating_sub(l3).max(28);
+    let b = etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(1000 + flow, 5201);
+    let payload = vec![0x5a; ip_len - 28];
+    f.extend_from_slice(&vmq_wire::ethernet::ETHERTYPE_IPV4.to_be_bytes());
+    let mut ip = Vec::new();
+    if b.write(&mut ip, &payload).is_ok() {
+        f.extend_from_slice(&ip);
+    }
+    f.truncate(len.max(l3 + 2));
+    f
+}
+
 fn with_zero_hdr(f: &[u8]) -> Arc<[u8]> {
     let mut v = Vec::with_capacity(VnetHdr::LEN + f.len());
     v.extend_from_slice(&VnetHdr::default().to_bytes());

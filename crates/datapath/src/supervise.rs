@@ -76,8 +76,8 @@ mod tests {
     use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode};
     use vmq_wire::{MacAddr, VnetHdr};
 
-    use crate::bench::udp_frame;
     use crate::mem::mem_port;
+    use crate::nic::udp_frame;
     use crate::{DatapathBuilder, DatapathConfig};
 
     fn mac(i: u8) -> MacAddr {

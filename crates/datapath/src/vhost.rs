@@ -18,14 +18,15 @@ use virtio_bindings::virtio_net::{
 };
 use vm_memory::GuestAddressSpace;
 use vmq_core::{DropReason, OffloadCaps};
-use vmq_vhost::server::{SocketPolicy, VhostUserServer};
+use vmq_vhost::server::{ServerError, SocketPolicy, VhostUserServer};
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
+use crate::attach::{Attachment, PortHandle};
+use crate::error::{BackendError, DatapathError};
 use crate::port::{FrameSink, FrameSource, FrameWriter, GuestTail, RecvError, Refuse, Scratch};
 use crate::ring::{Memory, Ring, RingError, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
-use crate::{Attachment, DatapathError, PortHandle};
 
 fn has(features: u64, bit: u32) -> bool {
     features & (1u64 << bit) != 0
@@ -332,7 +333,7 @@ enum Command {
         config: NetDeviceConfig,
         device: Arc<NetDevice>,
         handle: PortHandle,
-        reply: Sender<Result<(), String>>,
+        reply: Sender<Result<(), ServerError>>,
     },
     Remove {
         name: String,
@@ -351,7 +352,7 @@ const COMMAND_POLL: Duration = Duration::from_millis(20);
 impl VhostService {
     pub fn start() -> Result<VhostService, DatapathError> {
         let mut server = VhostUserServer::new()
-            .map_err(|e| DatapathError::Backend { port: "vhost-user".into(), message: e.to_string() })?;
+            .map_err(|e| DatapathError::Backend { port: "vhost-user".into(), source: BackendError::Vhost(e) })?;
         let (commands, rx): (Sender<Command>, Receiver<Command>) = channel();
         let thread = std::thread::Builder::new()
             .name("vmq-vhost".into())
@@ -367,9 +368,7 @@ impl VhostService {
                                     DeviceEvent::Started => handle.set_up(true),
                                     DeviceEvent::Stopped => handle.set_up(false),
                                 });
-                                let result = server
-                                    .add_port_with(&name, &socket, &policy, config, device, on_event)
-                                    .map_err(|e| e.to_string());
+                                let result = server.add_port_with(&name, &socket, &policy, config, device, on_event);
                                 let _ = reply.send(result);
                             }
                             Ok(Command::Remove { name }) => {
@@ -398,7 +397,7 @@ impl VhostService {
     ) -> Result<Attachment, DatapathError> {
         let device = NetDevice::new();
         let (reply, result) = channel();
-        let backend_err = |message: String| DatapathError::Backend { port: name.to_string(), message };
+        let backend_err = |source: BackendError| DatapathError::Backend { port: name.to_string(), source };
         self.commands
             .send(Command::Add {
                 name: name.to_string(),
@@ -409,11 +408,11 @@ impl VhostService {
                 handle,
                 reply,
             })
-            .map_err(|_| backend_err("the vhost-user service thread is gone".into()))?;
+            .map_err(|_| backend_err(BackendError::VhostServiceGone))?;
         result
             .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| backend_err("the vhost-user service did not answer".into()))?
-            .map_err(backend_err)?;
+            .map_err(|_| backend_err(BackendError::VhostServiceTimeout))?
+            .map_err(|e| backend_err(BackendError::Vhost(e)))?;
         let mut att =
             Attachment::new(Box::new(VhostRxSink::new(device.clone())), Some(Box::new(VhostTxSource::new(device))));
         att.up = false;

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use vmq_core::switch::SwitchConfig;
 use vmq_core::vmq::{QueuePolicy, VmqConfig};
 use vmq_core::{DropReason, Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode};
-use vmq_datapath::bench::udp_frame;
 use vmq_datapath::mem::{GuestFrame, MemGuest, mem_port};
 use vmq_datapath::nic::{KeptFrames, OnceQueue, WireSink};
 use vmq_datapath::{Datapath, DatapathBuilder, DatapathConfig, NicQueueTarget};
@@ -16,6 +15,8 @@ use vmq_wire::vnet::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GsoType};
 use vmq_wire::{MacAddr, VnetHdr};
 
 const EXT: MacAddr = MacAddr([0x02, 0, 0, 0, 0xee, 1]);
+
+use vmq_datapath::nic::udp_frame;
 
 fn mac(i: u8) -> MacAddr {
     MacAddr([0x52, 0x54, 0, 0, 0, i])
@@ -718,4 +719,46 @@ fn a_tiny_gso_size_is_dropped_at_ingress_not_amplified() {
     assert_eq!(got.len(), 3, "only the 1448-byte MSS frame's 3 segments arrive");
     assert_eq!(got.iter().filter(|g| g.frame.len() > 1448).count(), 2, "two full 1448-byte segments");
     assert_eq!(r.dp.stats("vm2").unwrap().offload_segments, 3);
+}
+
+/// Errors across the data path's API are typed: a caller can tell a bad MTU, VLAN or budget
+/// apart by variant, and a backend's own error (here the TAP's) is its `source`, not a string.
+#[test]
+fn runtime_change_errors_are_typed_with_their_sources() {
+    use std::error::Error as _;
+    use vmq_datapath::{BackendError, DatapathError};
+    let r = rig(Mode::Vmq, &[vm(10, 9000, OffloadCaps::NONE)], 2, Vec::new());
+    let dp = &r.dp;
+    assert!(matches!(dp.set_port_mtu("vm1", 9001), Err(DatapathError::InvalidMtu { mtu: 9001, min: 68, max: 9000 })));
+    assert!(matches!(
+        dp.set_port_vlan("vm1", VlanMode::Access(4095)),
+        Err(DatapathError::InvalidVlan(VlanMode::Access(4095)))
+    ));
+    assert!(matches!(dp.set_queue_budget(3), Err(DatapathError::QueueBudget { requested: 3, max: 2 })));
+    // The rig's data path was built without backends: a run-time port cannot be attached.
+    let err = dp.add_port(mem_port_config("vm7", 7, 10)).unwrap_err();
+    assert!(matches!(&err, DatapathError::NoBackends { port } if port == "vm7"), "{err}");
+    assert!(dp.stats("vm7").is_none(), "the failed port left nothing behind");
+
+    // The real backends: a TAP name longer than the kernel's 15 bytes is refused by the TAP
+    // layer before anything is created (no root needed), and its error is kept as the source.
+    let mut tap = mem_port_config("t0", 3, 10);
+    tap.spec.kind = PortKind::Tap;
+    tap.backend = PortBackend::Tap { ifname: "a-name-far-too-long".into(), netns: None, create_netns: false };
+    let cfg = DatapathConfig {
+        mode: Mode::Switch,
+        workers: 1,
+        vmq: VmqConfig::default(),
+        switch: SwitchConfig::default(),
+        ports: vec![tap],
+        rebalance_interval_ms: 1000,
+    };
+    let err = Datapath::start(cfg).err().expect("an overlong TAP name is refused");
+    let DatapathError::Backend { port, source: BackendError::Tap(tap_err) } = &err else {
+        panic!("expected a TAP backend error, got {err:?}")
+    };
+    assert_eq!(port, "t0");
+    let source = err.source().expect("the backend error is the source");
+    assert_eq!(source.to_string(), tap_err.to_string());
+    assert!(source.source().is_some(), "the TAP error keeps its own cause (the name rule): {tap_err:?}");
 }

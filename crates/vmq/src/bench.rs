@@ -1,14 +1,15 @@
 //! `vmq bench`: the in-process data-path benchmark, printed as a table or one JSON object.
 
+mod harness;
+
 use std::process::ExitCode;
 
 use clap::Args;
 use serde::Serialize;
 use vmq_core::Mode;
 use vmq_core::vmq::QueuePolicy;
-use vmq_datapath::bench::{
-    BenchOptions, BenchPath, BenchResult, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench,
-};
+
+use harness::{BenchOptions, BenchPath, BenchResult, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench};
 
 use crate::cli::exit;
 
@@ -34,7 +35,7 @@ pub struct BenchArgs {
     path: Option<String>,
     /// VM queue budget (and the stand-in NIC's VM queue count); VMs beyond it share the default
     /// queue and the switch.
-    #[arg(long, default_value_t = vmq_datapath::bench::DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, default_value_t = harness::DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(1..=256))]
     queues: u16,
     /// VM queue policy: static (first come, first served) or dynamic (the rebalancer moves
     /// queues to the busiest VMs every 100 ms).
@@ -46,6 +47,60 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Instead: the MAC-flood measurement. Two VMs forward through the switch while the uplink
+    /// takes 1M random source addresses (each port limited to its default `max_learned_macs`);
+    /// prints their rate against the same load from one address, and how long learning held
+    /// the switch's write lock. 3 rounds of `--seconds` per case.
+    #[arg(long, conflicts_with_all = ["mode", "path", "frame_lens", "no_tcp"])]
+    mac_flood: bool,
+}
+
+fn mac_flood(args: &BenchArgs) -> ExitCode {
+    let r = match harness::run_mac_flood_bench(args.seconds, 3, 1_000_000, vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmq bench: {e}");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    if args.json {
+        let report = serde_json::json!({
+            "machine": Machine::this(),
+            "idle_mpps": r.idle_mpps,
+            "same_load_mpps": r.same_load_mpps,
+            "flood_mpps": r.flood_mpps,
+            "rate_ratio": r.rate_ratio(),
+            "flood_frames": r.flood_frames,
+            "lock_batches": r.lock_batches,
+            "lock_max_ns": r.lock_max_ns,
+            "lock_mean_ns": r.lock_mean_ns,
+            "fdb_limit": r.fdb_limit,
+            "fdb_full": r.fdb_full,
+            "fdb_entries": r.fdb_entries,
+        });
+        println!("{report}");
+    } else {
+        let m = Machine::this();
+        println!("vmq bench --mac-flood: on {} ({} CPUs), Linux {}", m.cpu, m.cpus, m.kernel);
+        println!(
+            "vm0->vm1: idle {:.3} Mpps, uplink busy from one address {:.3}, uplink flooded {:.3} (flood / same load {:.3})",
+            r.idle_mpps,
+            r.same_load_mpps,
+            r.flood_mpps,
+            r.rate_ratio()
+        );
+        println!(
+            "learning's write lock: {} batches, mean {:.1} us, longest {:.1} us; flood frames {}, refused at the port limit {}, table full {}, FDB entries {}",
+            r.lock_batches,
+            r.lock_mean_ns / 1e3,
+            r.lock_max_ns as f64 / 1e3,
+            r.flood_frames,
+            r.fdb_limit,
+            r.fdb_full,
+            r.fdb_entries
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -146,6 +201,9 @@ fn path_name(path: BenchPath) -> &'static str {
 }
 
 pub fn bench(args: &BenchArgs) -> ExitCode {
+    if args.mac_flood {
+        return mac_flood(args);
+    }
     let frame_lens = if args.frame_lens.is_empty() {
         vec![64, 1518, 9018]
     } else {
@@ -290,7 +348,7 @@ fn print_tcp_table(results: &[TcpBenchResult]) {
         "{:<15} {:>13} {:>12} {:>10} {:>10} {:>10} {:>14}",
         "case", "payload Gb/s", "ns/KiB", "frames", "segments", "coalesced", "CPU vs no-offl"
     );
-    let off = results.iter().find(|r| r.case == vmq_datapath::bench::TcpCase::OffloadsOff).map(|r| r.cpu_ns_per_kib);
+    let off = results.iter().find(|r| r.case == harness::TcpCase::OffloadsOff).map(|r| r.cpu_ns_per_kib);
     for r in results {
         let rel = off
             .filter(|o| o.is_finite() && *o > 0.0)

@@ -209,10 +209,13 @@ fn datapath_error(e: DatapathError) -> ControlError {
             ControlError::new(ErrorCode::PortExists, format!("a port named {name:?} exists already"))
         }
         DatapathError::Unsupported { .. } => ControlError::new(ErrorCode::Unsupported, e.to_string()),
-        DatapathError::Invalid(_) | DatapathError::BadUplink { .. } => ControlError::invalid_value(e.to_string()),
+        DatapathError::InvalidMtu { .. }
+        | DatapathError::InvalidVlan(_)
+        | DatapathError::QueueBudget { .. }
+        | DatapathError::BadUplink { .. } => ControlError::invalid_value(e.to_string()),
         // The attachment could not be made (TAP name in use, socket path not writable, ...):
         // the request is refused, the switch runs on unchanged.
-        DatapathError::Backend { .. } => ControlError::invalid_value(e.to_string()),
+        DatapathError::Backend { .. } | DatapathError::NoBackends { .. } => ControlError::invalid_value(e.to_string()),
         _ => ControlError::internal(e.to_string()),
     }
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use vmq_core::PortId;
 use vmq_core::vmq::place_by_load;
 
-use crate::ControlState;
 use crate::engine::{Shared, Task, lock};
+use crate::state::ControlState;
 
 pub(crate) struct Rebalancer {
     shared: Arc<Shared>,

@@ -10,10 +10,10 @@ use vmq_core::vmq::{QueuePolicy, VmqConfig};
 use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, VlanMode};
 use vmq_wire::{MacAddr, VnetHdr};
 
-use crate::mem::{MemGuest, mem_port};
-use crate::nic::{StandInNic, WireSink};
-use crate::{DatapathBuilder, DatapathConfig, DatapathError};
 use vmq_core::vmq::{FilterKey, QueueId};
+use vmq_datapath::mem::{MemGuest, mem_port};
+use vmq_datapath::nic::{StandInNic, WireSink};
+use vmq_datapath::{Datapath, DatapathBuilder, DatapathConfig, DatapathError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BenchPath {
@@ -92,27 +92,7 @@ fn vm_mac(i: usize) -> MacAddr {
     MacAddr([0x52, 0x54, 0, 0, (i >> 8) as u8, i as u8])
 }
 
-/// A UDP/IPv4 frame of `len` bytes (no FCS), optionally tagged.
-pub fn udp_frame(dst: MacAddr, src: MacAddr, tag: Option<u16>, len: usize, flow: u16) -> Vec<u8> {
-    let mut f = Vec::with_capacity(len);
-    f.extend_from_slice(&dst.0);
-    f.extend_from_slice(&src.0);
-    if let Some(t) = tag {
-        f.extend_from_slice(&[0x81, 0x00]);
-        f.extend_from_slice(&t.to_be_bytes());
-    }
-    let l3 = f.len();
-    let ip_len = len.saturating_sub(l3).max(28);
-    let b = etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(1000 + flow, 5201);
-    let payload = vec![0x5a; ip_len - 28];
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = Vec::new();
-    if b.write(&mut ip, &payload).is_ok() {
-        f.extend_from_slice(&ip);
-    }
-    f.truncate(len.max(l3 + 2));
-    f
-}
+pub use vmq_datapath::nic::udp_frame;
 
 fn config(mode: Mode, vms: usize, workers: usize, queues: u16, policy: QueuePolicy) -> DatapathConfig {
     let mut ports = vec![PortConfig {
@@ -218,7 +198,7 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
             let vm_len = wire_len.saturating_sub(4).max(60);
             for (i, g) in guests.iter().enumerate() {
                 let dst = vm_mac((i + 1) % vms);
-                let frames: Vec<(VnetHdr, Vec<u8>)> = (0..crate::mem::QUEUE_SIZE)
+                let frames: Vec<(VnetHdr, Vec<u8>)> = (0..vmq_datapath::mem::QUEUE_SIZE)
                     .map(|f| (VnetHdr::default(), udp_frame(dst, vm_mac(i), None, vm_len, f)))
                     .collect();
                 g.start_replay(&frames);
@@ -227,14 +207,12 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
     }
     let dp = b.start()?;
     let received = |gs: &[MemGuest]| gs.iter().map(|g| g.received().0).sum::<u64>();
-    let totals = |dp: &crate::Datapath| {
+    let totals = |dp: &Datapath| {
         dp.port_stats().iter().fold((0u64, 0u64), |(d, s), (_, st)| (d + st.total_drops(), s + st.offload_segments))
     };
     let default_frames =
-        |dp: &crate::Datapath| dp.queue_stats().iter().filter(|q| q.queue.is_none()).map(|q| q.rx_packets).sum::<u64>();
-    let busy = |dp: &crate::Datapath| {
-        dp.shared.worker_stats.iter().map(|w| w.busy_ns.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>()
-    };
+        |dp: &Datapath| dp.queue_stats().iter().filter(|q| q.queue.is_none()).map(|q| q.rx_packets).sum::<u64>();
+    let busy = |dp: &Datapath| dp.busy_ns();
     // Warm up (page faults, caches, the first rebalances), then measure.
     std::thread::sleep(Duration::from_secs_f64((opts.seconds * 0.1).min(0.2)));
     let (d0, s0) = totals(&dp);
@@ -404,14 +382,15 @@ fn run_tcp_case(case: TcpCase, seconds: f64) -> Result<TcpBenchResult, DatapathE
     b.attach("vm1", Box::new(sink1), Some(Box::new(source1)))?;
     // 64000-byte GSO frames (a typical TSO size), or MSS segments with consecutive sequence
     // numbers so that coalescing can merge them.
-    let (per_frame, count) = if sender_gso { (64_000usize, 128usize) } else { (MSS, crate::mem::QUEUE_SIZE as usize) };
+    let (per_frame, count) =
+        if sender_gso { (64_000usize, 128usize) } else { (MSS, vmq_datapath::mem::QUEUE_SIZE as usize) };
     let frames: Vec<(VnetHdr, Vec<u8>)> = (0..count)
         .map(|i| tcp_frame(vm_mac(0), vm_mac(1), 1 + (i * per_frame) as u32, per_frame, sender_gso))
         .collect();
     sender.start_replay(&frames);
     let dp = b.start()?;
     std::thread::sleep(Duration::from_secs_f64((seconds * 0.1).min(0.2)));
-    let snap = |dp: &crate::Datapath| dp.stats("vm1").unwrap_or_default();
+    let snap = |dp: &Datapath| dp.stats("vm1").unwrap_or_default();
     let (f0, b0) = receiver.received();
     let s0 = snap(&dp);
     let cpu0 = worker_cpu_ns();
@@ -489,8 +468,13 @@ impl MacFloodSource {
     }
 }
 
-impl crate::port::FrameSource for MacFloodSource {
-    fn recv(&mut self, scratch: &mut crate::port::Scratch, max: usize, _: &mut Vec<crate::port::RecvError>) -> usize {
+impl vmq_datapath::port::FrameSource for MacFloodSource {
+    fn recv(
+        &mut self,
+        scratch: &mut vmq_datapath::port::Scratch,
+        max: usize,
+        _: &mut Vec<vmq_datapath::port::RecvError>,
+    ) -> usize {
         let mode = self.mode.load(std::sync::atomic::Ordering::Relaxed);
         if mode == FLOOD_OFF {
             return 0;
@@ -541,23 +525,20 @@ pub fn run_mac_flood_bench(
     template.extend(udp_frame(MacAddr([0x02, 0xf2, 0, 0, 0, 1]), EXTERNAL_MAC, Some(FLOOD_VLAN), 64, 0));
     let flood = MacFloodSource { mode: on.clone(), macs, next: 0, template };
     b.attach_nic_queue_id("up0", QueueId::DEFAULT, Box::new(flood))?;
-    let frames: Vec<(VnetHdr, Vec<u8>)> = (0..crate::mem::QUEUE_SIZE)
+    let frames: Vec<(VnetHdr, Vec<u8>)> = (0..vmq_datapath::mem::QUEUE_SIZE)
         .map(|f| (VnetHdr::default(), udp_frame(vm_mac(1), vm_mac(0), None, 60, f)))
         .collect();
     guests[0].start_replay(&frames);
     let dp = b.start()?;
-    let lock_stats = |dp: &crate::Datapath| {
-        dp.shared.worker_stats.iter().fold((0u64, 0u64), |(b, t), w| {
-            (b + w.learn_lock.batches.load(Relaxed), t + w.learn_lock.total_ns.load(Relaxed))
-        })
+    let lock_stats = |dp: &Datapath| {
+        let hold = dp.learn_lock_hold();
+        (hold.batches, hold.total_ns)
     };
-    let up_rx = |dp: &crate::Datapath| dp.stats("up0").map_or(0, |s| s.rx_packets);
+    let up_rx = |dp: &Datapath| dp.stats("up0").map_or(0, |s| s.rx_packets);
     std::thread::sleep(Duration::from_secs_f64((seconds * 0.2).min(0.2)));
     let mut rates = [0.0f64; 3];
     let (mut lock_batches, mut lock_ns, mut flood_frames) = (0u64, 0u64, 0u64);
-    for w in &dp.shared.worker_stats {
-        w.learn_lock.max_ns.store(0, Relaxed);
-    }
+    dp.reset_learn_lock_max();
     for _ in 0..rounds {
         for mode in [FLOOD_OFF, FLOOD_FIXED, FLOOD_RANDOM] {
             on.store(mode, Relaxed);
@@ -576,7 +557,7 @@ pub fn run_mac_flood_bench(
     }
     on.store(FLOOD_OFF, Relaxed);
     let up = dp.stats("up0").unwrap_or_default();
-    let lock_max_ns = dp.shared.worker_stats.iter().map(|w| w.learn_lock.max_ns.load(Relaxed)).max().unwrap_or(0);
+    let lock_max_ns = dp.learn_lock_hold().max_ns;
     let fdb_entries = dp.fdb().len();
     dp.shutdown();
     Ok(MacFloodResult {

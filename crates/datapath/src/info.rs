@@ -1,0 +1,227 @@
+//! What the data path reports about itself (`vmq ctl show`, `queues`, `fdb`, `workers`): the
+//! info types and how they are read out of the control state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use vmq_core::stats::PortStatsSnapshot;
+use vmq_core::vmq::QueueId;
+use vmq_core::{Mode, PortConfig, PortId, PortKind};
+use vmq_wire::MacAddr;
+
+use crate::engine::{Shared, Task, TaskKind, lock};
+use crate::state::ControlState;
+
+/// Frames taken from one NIC queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStats {
+    pub uplink: String,
+    /// None: the default queue.
+    pub queue: Option<QueueId>,
+    /// The VM port a VM queue feeds.
+    pub port: Option<String>,
+    pub rx_packets: u64,
+}
+
+/// A port as `vmq ctl show` reports it.
+#[derive(Debug, Clone)]
+pub struct PortInfo {
+    pub config: PortConfig,
+    pub up: bool,
+    /// What the attached receiver accepts (negotiated offloads).
+    pub caps: vmq_core::OffloadCaps,
+    /// Its VM queue (None: the default queue).
+    pub queue: Option<QueueId>,
+    /// The worker serving its traffic into vmq (its own TX, or its VM queue on the NIC).
+    pub worker: Option<usize>,
+    /// Frames per second delivered to it at the last measurement.
+    pub rx_rate: u64,
+    /// Bytes per second delivered to it at the last measurement.
+    pub rx_byte_rate: u64,
+    pub stats: PortStatsSnapshot,
+}
+
+/// Why a port has no VM queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoQueueReason {
+    SwitchMode,
+    NotAVmPort,
+    NoMac,
+    BudgetExhausted,
+}
+
+impl NoQueueReason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            NoQueueReason::SwitchMode => "switch mode (VMQ off)",
+            NoQueueReason::NotAVmPort => "not a VM port",
+            NoQueueReason::NoMac => "no MAC configured",
+            NoQueueReason::BudgetExhausted => "queue budget exhausted",
+        }
+    }
+}
+
+/// One learned or static FDB entry, by port name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FdbRow {
+    pub mac: MacAddr,
+    pub vlan: u16,
+    pub port: String,
+    /// None for static entries.
+    pub age_secs: Option<f64>,
+}
+
+/// Time a lock was held by the workers: batches that took it, total and longest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LockHoldStats {
+    pub batches: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    pub index: usize,
+    pub busy_ratio: f64,
+    pub frames: u64,
+    /// Panics caught in it (each followed by a restart).
+    pub panics: u64,
+    /// Times it ran out of work and tried to sleep (~10/s idle; a source that keeps it awake
+    /// without frames makes thousands a second).
+    pub sleeps: u64,
+    /// Tasks it serves: "vm1 tx", "up0 queue 3", "up0 default".
+    pub tasks: Vec<String>,
+}
+
+/// Counters of every port, by name, in port id order.
+pub(crate) fn port_stats(st: &ControlState) -> Vec<(String, PortStatsSnapshot)> {
+    st.ports.iter().flatten().map(|r| (r.config.spec.name.clone(), r.stats.snapshot())).collect()
+}
+
+pub(crate) fn stats(st: &ControlState, name: &str) -> Option<PortStatsSnapshot> {
+    let id = st.names.get(name)?;
+    st.record(*id).map(|r| r.stats.snapshot())
+}
+
+/// VM queue assignments: (port name, queue; None = default queue).
+pub(crate) fn queue_assignments(st: &ControlState) -> Vec<(String, Option<QueueId>)> {
+    let names: HashMap<PortId, String> = st.names_by_id().into_iter().collect();
+    st.vmq.assignments().filter_map(|(p, q)| names.get(&p).map(|n| (n.clone(), q))).collect()
+}
+
+/// Why a port has no VM queue, or None if it has one (or no port has that name).
+pub(crate) fn no_queue_reason(st: &ControlState, name: &str) -> Option<NoQueueReason> {
+    let id = *st.names.get(name)?;
+    let rec = st.record(id)?;
+    if st.mode == Mode::Switch {
+        Some(NoQueueReason::SwitchMode)
+    } else if rec.config.spec.kind == PortKind::Uplink {
+        Some(NoQueueReason::NotAVmPort)
+    } else if ControlState::filter_key(&rec.config.spec).is_none() {
+        Some(NoQueueReason::NoMac)
+    } else if st.vmq.queue_of(id).is_none() {
+        Some(NoQueueReason::BudgetExhausted)
+    } else {
+        None
+    }
+}
+
+/// Per NIC queue counters.
+pub(crate) fn queue_stats(st: &ControlState) -> Vec<QueueStats> {
+    let name = |p: PortId| st.name_of(p);
+    let mut out = Vec::new();
+    for rec in st.ports.iter().flatten() {
+        for t in &rec.tasks {
+            let rx_packets = t.frames.load(Ordering::Relaxed);
+            match t.kind {
+                TaskKind::VmQueue { uplink, queue } => out.push(QueueStats {
+                    uplink: name(uplink),
+                    queue: Some(queue),
+                    port: st
+                        .vmq
+                        .assignments()
+                        .find(|(p, q)| *q == Some(queue) && st.uplink_of(*p) == Some(uplink))
+                        .map(|(p, _)| name(p)),
+                    rx_packets,
+                }),
+                TaskKind::DefaultQueue { uplink } => {
+                    out.push(QueueStats { uplink: name(uplink), queue: None, port: None, rx_packets })
+                }
+                TaskKind::PortTx { .. } => {}
+            }
+        }
+    }
+    out
+}
+
+/// Every port with its state, negotiated offloads, queue and worker.
+pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
+    let worker_of =
+        |task: &Arc<Task>| shared.lists.iter().position(|l| lock(&l.tasks).iter().any(|t| Arc::ptr_eq(t, task)));
+    let sw = shared.switch_read();
+    let mut out = Vec::new();
+    for (i, rec) in st.ports.iter().enumerate() {
+        let Some(rec) = rec else { continue };
+        let id = PortId(i as u16);
+        let queue = st.vmq.queue_of(id);
+        // The worker that brings its traffic in: its VM queue's, else its own TX task's.
+        let queue_task = queue.and_then(|q| {
+            let uplink = st.uplink_of(id)?;
+            st.record(uplink)?.tasks.iter().find(|t| t.kind == TaskKind::VmQueue { uplink, queue: q }).cloned()
+        });
+        let worker = queue_task.or_else(|| rec.tasks.first().cloned()).and_then(|t| worker_of(&t));
+        out.push(PortInfo {
+            config: rec.config.clone(),
+            up: sw.is_up(id),
+            caps: lock(&rec.sink).caps(),
+            queue,
+            worker,
+            rx_rate: st.rates.get(&id).copied().unwrap_or(0),
+            rx_byte_rate: st.byte_rates.get(&id).copied().unwrap_or(0),
+            stats: rec.stats.snapshot(),
+        });
+    }
+    out
+}
+
+/// The FDB, static and learned entries.
+pub(crate) fn fdb(st: &ControlState, shared: &Shared) -> Vec<FdbRow> {
+    let now = shared.now_ns();
+    let sw = shared.switch_read();
+    let mut rows: Vec<FdbRow> = sw
+        .fdb()
+        .entries(now)
+        .filter_map(|e| {
+            let port = st.record(e.port)?.config.spec.name.clone();
+            Some(FdbRow { mac: e.mac, vlan: e.vlan, port, age_secs: (!e.is_static).then(|| e.age_ns as f64 / 1e9) })
+        })
+        .collect();
+    rows.sort_by_key(|r| (r.vlan, r.mac.0));
+    rows
+}
+
+/// Per worker: busy ratio at the last measurement, frames, tasks.
+pub(crate) fn workers(st: &ControlState, shared: &Shared) -> Vec<WorkerInfo> {
+    let name = |p: PortId| st.name_of(p);
+    shared
+        .lists
+        .iter()
+        .enumerate()
+        .map(|(i, l)| WorkerInfo {
+            index: i,
+            busy_ratio: st.busy.get(i).copied().unwrap_or(0.0),
+            frames: shared.worker_stats[i].frames.load(Ordering::Relaxed),
+            panics: shared.worker_stats[i].panics.load(Ordering::Relaxed),
+            sleeps: shared.worker_stats[i].sleeps.load(Ordering::Relaxed),
+            tasks: lock(&l.tasks)
+                .iter()
+                .map(|t| match t.kind {
+                    TaskKind::PortTx { port } => format!("{} tx", name(port)),
+                    TaskKind::VmQueue { uplink, queue } => format!("{} queue {}", name(uplink), queue.0),
+                    TaskKind::DefaultQueue { uplink } => format!("{} default", name(uplink)),
+                })
+                .collect(),
+        })
+        .collect()
+}
