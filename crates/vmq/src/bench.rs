@@ -10,7 +10,7 @@ use vmq_datapath::bench::{
     BenchOptions, BenchPath, BenchResult, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench,
 };
 
-use crate::cli::exit;
+use crate::exit;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
