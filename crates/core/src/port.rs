@@ -1,6 +1,8 @@
 //! What the core knows about a port: identity, addressing, VLAN mode, MTU and offload abilities.
 
 use vmq_wire::MacAddr;
+use vmq_wire::ethernet::HEADER_LEN;
+use vmq_wire::vlan::TAG_LEN;
 
 /// Dense port index, stable for the life of the port. Index into per-port tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,8 +45,6 @@ pub use vmq_offload::OffloadCaps;
 /// Largest MTU vmq supports (jumbo frames). Ethernet frame = MTU + 14 (+ 4 with a VLAN tag).
 pub const MAX_MTU: u16 = 9000;
 pub const MIN_MTU: u16 = 68;
-pub const ETH_HLEN: usize = 14;
-pub const VLAN_HLEN: usize = 4;
 
 /// Configured properties of a port, as the core sees them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,10 +68,10 @@ impl PortSpec {
     /// on the port itself: MTU + Ethernet header, + a VLAN tag on trunk ports.
     pub fn max_frame_len(&self) -> usize {
         let tag = match self.vlan {
-            VlanMode::Trunk { .. } => VLAN_HLEN,
+            VlanMode::Trunk { .. } => TAG_LEN,
             VlanMode::Access(_) => 0,
         };
-        self.mtu as usize + ETH_HLEN + tag
+        self.mtu as usize + HEADER_LEN + tag
     }
 }
 

@@ -6,10 +6,11 @@
 
 use vmq_wire::MacAddr;
 use vmq_wire::WireError;
-use vmq_wire::ethernet::{L2Info, parse_l2};
+use vmq_wire::ethernet::{HEADER_LEN, L2Info, TAGGED_HEADER_LEN, parse_l2};
+use vmq_wire::vlan::TAG_LEN;
 
 use crate::fdb::{DEFAULT_AGING_NS, DEFAULT_CAPACITY, Fdb, LearnOutcome};
-use crate::port::{ETH_HLEN, PortId, PortKind, PortSpec, VlanMode};
+use crate::port::{PortId, PortKind, PortSpec, VlanMode};
 use crate::stats::DropReason;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +62,8 @@ impl TagEdit {
     pub fn len_after(self, len: usize) -> usize {
         match self {
             TagEdit::Keep => len,
-            TagEdit::Strip => len.saturating_sub(4),
-            TagEdit::Push(_) => len + 4,
+            TagEdit::Strip => len.saturating_sub(TAG_LEN),
+            TagEdit::Push(_) => len + TAG_LEN,
         }
     }
 }
@@ -283,7 +284,7 @@ impl Switch {
     /// Does a frame of `frame_len` (after the tag edit) fit the out port's MTU?
     pub fn egress_fits(&self, out: PortId, frame_len: usize, tagged: bool, segment_len: Option<usize>) -> bool {
         self.state(out).is_some_and(|s| {
-            let hdr = if tagged { ETH_HLEN + 4 } else { ETH_HLEN };
+            let hdr = if tagged { TAGGED_HEADER_LEN } else { HEADER_LEN };
             fits_mtu(frame_len, hdr, segment_len, s.spec.mtu)
         })
     }
@@ -408,7 +409,7 @@ mod tests {
         assert!(matches!(sw.classify(b, &frame(m(1), m(2), None, 60000), Some(1514), 0), Verdict::Forward { .. }));
         assert_eq!(sw.classify(a, &[0u8; 13], None, 0), Verdict::Drop(DropReason::Malformed));
         let mut qinq = frame(m(2), m(1), Some(10), 46);
-        qinq[12..14].copy_from_slice(&[0x88, 0xa8]);
+        qinq[12..14].copy_from_slice(&vmq_wire::ethernet::ETHERTYPE_QINQ[0].to_be_bytes());
         assert_eq!(sw.classify(up, &qinq, None, 0), Verdict::Drop(DropReason::Unsupported));
         forward(&mut sw, a, &frame(m(2), m(1), None, 46), 0);
         assert_eq!(sw.classify(a, &frame(m(1), m(1), None, 46), None, 0), Verdict::Drop(DropReason::NoDestination));

@@ -8,8 +8,9 @@ use vmq_core::stats::PortStats;
 use vmq_core::switch::{TagEdit, fits_mtu};
 use vmq_core::{DropReason, OffloadCaps, PortSpec};
 use vmq_offload::{EgressPlan, finish_csum, plan_egress, segment};
-use vmq_wire::VnetHdr;
+use vmq_wire::ethernet::{HEADER_LEN, TAGGED_HEADER_LEN};
 use vmq_wire::vnet::{FLAG_NEEDS_CSUM, GSO_ECN};
+use vmq_wire::{VnetHdr, vlan};
 
 use crate::port::{FrameWriter, GuestTail};
 
@@ -21,22 +22,35 @@ pub struct EgressScratch {
     seg: Vec<u8>,
 }
 
-/// Tag-edited view of a frame as up to three slices, without copying.
-fn edited_parts<'a>(frame: &'a [u8], edit: TagEdit, tag: &'a [u8; 4]) -> ([&'a [u8]; 3], usize) {
-    match edit {
+/// Tag-edited view of a frame as up to three slices, without copying; None when the frame
+/// cannot take the edit (no whole tag to strip, no MAC addresses to push one after).
+fn edited_parts<'a>(frame: &'a [u8], edit: TagEdit, tag: &'a [u8; vlan::TAG_LEN]) -> Option<([&'a [u8]; 3], usize)> {
+    Some(match edit {
         TagEdit::Keep => ([frame, &[], &[]], 1),
-        TagEdit::Strip => ([&frame[..12], &frame[16..], &[]], 2),
-        TagEdit::Push(_) => ([&frame[..12], tag, &frame[12..]], 3),
+        TagEdit::Strip => {
+            let [macs, rest] = vlan::strip_parts(frame)?;
+            ([macs, rest, &[]], 2)
+        }
+        TagEdit::Push(_) => (vlan::push_parts(frame, tag)?, 3),
+    })
+}
+
+/// The tag a `Push` edit inserts (zeros otherwise, unused).
+fn pushed_tag(edit: TagEdit) -> [u8; vlan::TAG_LEN] {
+    match edit {
+        TagEdit::Push(tci) => vlan::tag(tci),
+        _ => [0; vlan::TAG_LEN],
     }
 }
 
 /// Header offsets move by the tag edit.
 fn shift_hdr(hdr: &VnetHdr, edit: TagEdit) -> VnetHdr {
     let mut h = *hdr;
+    const TAG: i32 = vlan::TAG_LEN as i32;
     let delta: i32 = match edit {
         TagEdit::Keep => 0,
-        TagEdit::Strip => -4,
-        TagEdit::Push(_) => 4,
+        TagEdit::Strip => -TAG,
+        TagEdit::Push(_) => TAG,
     };
     if h.flags & FLAG_NEEDS_CSUM != 0 {
         h.csum_start = (i32::from(h.csum_start) + delta).clamp(0, i32::from(u16::MAX)) as u16;
@@ -100,29 +114,20 @@ pub fn deliver(
     let caps = out.caps;
     // `frame` is the whole frame, or its head when `tail` holds the rest in guest memory.
     let frame_len = frame.len() + tail.map_or(0, GuestTail::len);
-    if matches!(edit, TagEdit::Strip) && frame.len() < 18 {
-        return Err(DropReason::Malformed);
-    }
-    let tag_bytes = match edit {
-        TagEdit::Push(tci) => {
-            let t = tci.to_be_bytes();
-            [0x81, 0x00, t[0], t[1]]
-        }
-        _ => [0; 4],
-    };
+    let tag_bytes = pushed_tag(edit);
+    let (parts, n) = edited_parts(frame, edit, &tag_bytes).ok_or(DropReason::Malformed)?;
     let hdr = shift_hdr(hdr, edit);
     let out_len = edit.len_after(frame_len);
     let tagged_out = match edit {
         TagEdit::Push(_) => true,
         TagEdit::Strip => false,
-        TagEdit::Keep => frame.len() >= 14 && frame[12..14] == [0x81, 0x00],
+        TagEdit::Keep => vlan::is_tagged(frame),
     };
-    let l2_len = if tagged_out { 18 } else { 14 };
+    let l2_len = if tagged_out { TAGGED_HEADER_LEN } else { HEADER_LEN };
     let segment_len = vmq_offload::gso_segment_len_in(&hdr, frame, frame_len).map(|l| edit.len_after(l));
     if !fits_mtu(out_len, l2_len, segment_len, out.spec.mtu) {
         return Err(DropReason::Oversize);
     }
-    let (parts, n) = edited_parts(frame, edit, &tag_bytes);
     let plan = plan_egress(&hdr, caps);
     if plan == EgressPlan::AsIs {
         match tail {
@@ -195,39 +200,19 @@ fn assemble(buf: &mut Vec<u8>, parts: &[&[u8]]) {
     }
 }
 
-/// Copies `frame` with the tag edit applied into `out`.
+/// Copies `frame` with the tag edit applied into `out` (as it is when it cannot take the edit).
 pub fn apply_edit(frame: &[u8], edit: TagEdit, out: &mut Vec<u8>) {
-    let tag = match edit {
-        TagEdit::Push(tci) => {
-            let t = tci.to_be_bytes();
-            [0x81, 0x00, t[0], t[1]]
-        }
-        _ => [0; 4],
-    };
-    if matches!(edit, TagEdit::Strip) && frame.len() < 18 {
-        out.clear();
-        out.extend_from_slice(frame);
-        return;
+    let tag = pushed_tag(edit);
+    match edited_parts(frame, edit, &tag) {
+        Some((parts, n)) => assemble(out, &parts[..n]),
+        None => assemble(out, &[frame]),
     }
-    let (parts, n) = edited_parts(frame, edit, &tag);
-    assemble(out, &parts[..n]);
 }
 
 /// Cheap pre-check before coalescing: a plain (non-GSO) TCP segment over IPv4/IPv6, possibly
 /// tagged. The coalescer checks the rest.
 pub fn is_tcp_candidate(frame: &[u8], hdr: &VnetHdr) -> bool {
-    if hdr.is_gso() || frame.len() < 54 {
-        return false;
-    }
-    let (ethertype, l3) = match u16::from_be_bytes([frame[12], frame[13]]) {
-        0x8100 => (u16::from_be_bytes([frame[16], frame[17]]), 18),
-        t => (t, 14),
-    };
-    match ethertype {
-        0x0800 => frame.get(l3 + 9) == Some(&6),
-        0x86dd => frame.get(l3 + 6) == Some(&6),
-        _ => false,
-    }
+    !hdr.is_gso() && vmq_wire::ip::looks_like_tcp(frame)
 }
 
 #[cfg(test)]

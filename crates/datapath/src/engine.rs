@@ -23,6 +23,7 @@ use vmq_core::vmq::QueueId;
 use vmq_core::{DropReason, Mode, PortId, PortSpec};
 use vmq_wire::VnetHdr;
 use vmq_wire::ethernet::parse_l2;
+use vmq_wire::vlan;
 
 use crate::egress::{EgressScratch, EgressTally, OutPort, apply_edit, deliver, is_tcp_candidate};
 use crate::port::{BATCH, FrameSink, FrameSource, GuestTail, KernelCounters, RecvError, Scratch};
@@ -339,7 +340,7 @@ impl Decisions<'_> {
                 if let Some(req) = learn {
                     self.learn.push(req);
                 }
-                let tagged = f.head.len() >= 14 && f.head[12..14] == [0x81, 0x00];
+                let tagged = vlan::is_tagged(f.head);
                 match dst {
                     Dest::Port(p) => {
                         let Some(edit) = sw.egress(p, vlan, tagged) else {

@@ -18,7 +18,7 @@ use vmq_core::{DropReason, OffloadCaps};
 use vmq_wire::VnetHdr;
 
 use crate::driver::{BufferSpec, SplitRingDriver};
-use crate::port::{FrameSink, FrameSource, FrameWriter, GuestTail, RecvError, Refuse, Scratch};
+use crate::port::{FrameSink, FrameSource, FrameWriter, GuestRxWriter, GuestTail, RecvError, Refuse, Scratch};
 use crate::ring::{Ring, RingError, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
 
@@ -419,7 +419,7 @@ struct MemRxBatch<'a, 'm> {
     shared: &'m MemShared,
 }
 
-impl MemRxBatch<'_, '_> {
+impl GuestRxWriter for MemRxBatch<'_, '_> {
     fn push(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: Option<&GuestTail>) -> Result<(), DropReason> {
         let mut result = self.writer.push_with_tail(&mut self.ring, hdr, parts, tail);
         if result == Err(VirtioError::NoBuffer) {
@@ -430,20 +430,6 @@ impl MemRxBatch<'_, '_> {
             result = self.writer.push_with_tail(&mut self.ring, hdr, parts, tail);
         }
         result.map_err(VirtioError::drop_reason)
-    }
-}
-
-impl FrameWriter for MemRxBatch<'_, '_> {
-    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
-        self.push(hdr, parts, None)
-    }
-
-    fn takes_guest_tail(&self) -> bool {
-        true
-    }
-
-    fn send_with_tail(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: &GuestTail) -> Result<(), DropReason> {
-        self.push(hdr, parts, Some(tail))
     }
 }
 

@@ -100,6 +100,27 @@ pub trait FrameWriter {
     }
 }
 
+/// A guest's RX ring opened for one batch (in-process or vhost-user): writes one frame, whose
+/// end may still be in the sending guest's memory. Each is a [`FrameWriter`] that takes guest
+/// tails, through the one impl below.
+pub(crate) trait GuestRxWriter {
+    fn push(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: Option<&GuestTail>) -> Result<(), DropReason>;
+}
+
+impl<W: GuestRxWriter> FrameWriter for W {
+    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+        self.push(hdr, parts, None)
+    }
+
+    fn takes_guest_tail(&self) -> bool {
+        true
+    }
+
+    fn send_with_tail(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: &GuestTail) -> Result<(), DropReason> {
+        self.push(hdr, parts, Some(tail))
+    }
+}
+
 pub trait FrameSink: Send {
     /// Delivers one frame: `hdr` then the concatenation of `parts` (an Ethernet frame).
     fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason>;

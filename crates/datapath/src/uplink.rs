@@ -17,11 +17,10 @@ use vmq_core::{DropReason, OffloadCaps};
 use vmq_sys::packet::{FanoutGroup, PacketError, PacketSocket, RingConfig, TxError};
 use vmq_sys::steering::SteeringRule;
 use vmq_wire::VnetHdr;
+use vmq_wire::vlan::{TAG_LEN, insert_tag_into};
 use vmq_wire::vnet::FLAG_NEEDS_CSUM;
 
 use crate::port::{FrameSink, FrameSource, KernelCounters, NicSteering, RecvError, Scratch};
-
-const VLAN_HLEN: usize = 4;
 
 /// Writes vmq's form of a received frame into `out`: the 12-byte header, then the frame with
 /// the removed VLAN tag (`(tpid, tci)`) put back after the MAC addresses. Returns the length, or
@@ -34,26 +33,18 @@ pub fn write_rx_frame(out: &mut [u8], vnet_hdr: &[u8; 12], data: &[u8], vlan: Op
         out.get_mut(VnetHdr::LEN..len)?.copy_from_slice(data);
         return Some(len);
     };
-    if data.len() < 12 {
-        return None;
-    }
     let mut hdr = VnetHdr::parse(vnet_hdr).ok()?;
     // Offsets count from the start of the frame: everything after the MACs moves by the tag.
     if hdr.flags & FLAG_NEEDS_CSUM != 0 {
-        hdr.csum_start = hdr.csum_start.checked_add(VLAN_HLEN as u16)?;
+        hdr.csum_start = hdr.csum_start.checked_add(TAG_LEN as u16)?;
     }
     if hdr.hdr_len != 0 {
-        hdr.hdr_len = hdr.hdr_len.checked_add(VLAN_HLEN as u16)?;
+        hdr.hdr_len = hdr.hdr_len.checked_add(TAG_LEN as u16)?;
     }
-    let len = VnetHdr::LEN + data.len() + VLAN_HLEN;
-    let out = out.get_mut(..len)?;
-    out[..VnetHdr::LEN].copy_from_slice(&hdr.to_bytes());
-    let frame = &mut out[VnetHdr::LEN..];
-    frame[..12].copy_from_slice(&data[..12]);
-    frame[12..14].copy_from_slice(&tpid.to_be_bytes());
-    frame[14..16].copy_from_slice(&tci.to_be_bytes());
-    frame[16..].copy_from_slice(&data[12..]);
-    Some(len)
+    let (head, frame) = out.split_at_mut_checked(VnetHdr::LEN)?;
+    let frame_len = insert_tag_into(data, frame, tpid, tci)?;
+    head.copy_from_slice(&hdr.to_bytes());
+    Some(VnetHdr::LEN + frame_len)
 }
 
 /// One receive queue of an uplink (a fanout member, or a lone socket).
@@ -277,6 +268,7 @@ impl Uplink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmq_wire::ethernet::{ETHERTYPE_QINQ, ETHERTYPE_VLAN};
 
     fn frame() -> Vec<u8> {
         let mut f = vec![0x52, 0x54, 0, 0, 0, 1, 0x52, 0x54, 0, 0, 0, 2, 0x08, 0x00];
@@ -308,7 +300,7 @@ mod tests {
         };
         let f = frame();
         let mut out = vec![0u8; 256];
-        let len = write_rx_frame(&mut out, &hdr.to_bytes(), &f, Some((0x8100, 0x2064))).unwrap();
+        let len = write_rx_frame(&mut out, &hdr.to_bytes(), &f, Some((ETHERTYPE_VLAN, 0x2064))).unwrap();
         assert_eq!(len, 12 + f.len() + 4);
         let h = VnetHdr::parse(&out).unwrap();
         assert_eq!((h.csum_start, h.csum_offset, h.hdr_len, h.gso_size), (38, 16, 70, 1448));
@@ -318,7 +310,7 @@ mod tests {
         assert_eq!(&t[16..], &f[12..]);
         // Without NEEDS_CSUM the checksum offsets are not offsets: left alone.
         let plain = VnetHdr::default();
-        write_rx_frame(&mut out, &plain.to_bytes(), &f, Some((0x88a8, 5))).unwrap();
+        write_rx_frame(&mut out, &plain.to_bytes(), &f, Some((ETHERTYPE_QINQ[0], 5))).unwrap();
         assert_eq!(VnetHdr::parse(&out).unwrap(), plain);
         assert_eq!(&out[24..28], &[0x88, 0xa8, 0, 5]);
     }
@@ -327,10 +319,10 @@ mod tests {
     fn bad_inputs_are_refused_not_panics() {
         let mut small = vec![0u8; 20];
         assert_eq!(write_rx_frame(&mut small, &[0; 12], &frame(), None), None);
-        assert_eq!(write_rx_frame(&mut small, &[0; 12], &frame(), Some((0x8100, 1))), None);
+        assert_eq!(write_rx_frame(&mut small, &[0; 12], &frame(), Some((ETHERTYPE_VLAN, 1))), None);
         let mut out = vec![0u8; 256];
-        assert_eq!(write_rx_frame(&mut out, &[0; 12], &[1, 2, 3], Some((0x8100, 1))), None);
+        assert_eq!(write_rx_frame(&mut out, &[0; 12], &[1, 2, 3], Some((ETHERTYPE_VLAN, 1))), None);
         let hdr = VnetHdr { flags: FLAG_NEEDS_CSUM, csum_start: u16::MAX - 1, ..Default::default() };
-        assert_eq!(write_rx_frame(&mut out, &hdr.to_bytes(), &frame(), Some((0x8100, 1))), None);
+        assert_eq!(write_rx_frame(&mut out, &hdr.to_bytes(), &frame(), Some((ETHERTYPE_VLAN, 1))), None);
     }
 }

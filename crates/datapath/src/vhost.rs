@@ -24,7 +24,7 @@ use vmq_wire::VnetHdr;
 
 use crate::attach::{Attachment, PortHandle};
 use crate::error::{BackendError, DatapathError};
-use crate::port::{FrameSink, FrameSource, FrameWriter, GuestTail, RecvError, Refuse, Scratch};
+use crate::port::{FrameSink, FrameSource, FrameWriter, GuestRxWriter, GuestTail, RecvError, Refuse, Scratch};
 use crate::ring::{Memory, Ring, RingError, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
 
@@ -263,25 +263,11 @@ struct VhostRxBatch<'a, 'r, 'm> {
     used: bool,
 }
 
-impl VhostRxBatch<'_, '_, '_> {
+impl GuestRxWriter for VhostRxBatch<'_, '_, '_> {
     fn push(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: Option<&GuestTail>) -> Result<(), DropReason> {
         let result = self.writer.push_with_tail(self.ring, hdr, parts, tail);
         self.used |= !matches!(result, Err(VirtioError::NoBuffer));
         result.map_err(VirtioError::drop_reason)
-    }
-}
-
-impl FrameWriter for VhostRxBatch<'_, '_, '_> {
-    fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
-        self.push(hdr, parts, None)
-    }
-
-    fn takes_guest_tail(&self) -> bool {
-        true
-    }
-
-    fn send_with_tail(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: &GuestTail) -> Result<(), DropReason> {
-        self.push(hdr, parts, Some(tail))
     }
 }
 

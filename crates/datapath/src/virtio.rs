@@ -290,13 +290,13 @@ struct RegionCursor<'a, 'm> {
 }
 
 impl<'a, 'm> RegionCursor<'a, 'm> {
-    /// Copies `src` (another guest's memory) across regions, guest to guest.
-    fn write_from_guest(&mut self, src: &VolatileSlice<'_, ()>) -> bool {
-        let mut done = 0usize;
-        while done < src.len() {
-            let Some(r) = self.regions.get(self.index) else {
-                return false;
-            };
+    /// Room left in the current buffer and where in guest memory the write goes, moving on to
+    /// the next buffer when one is full and resolving each buffer once (`current`, None when it
+    /// straddles two memory regions); None when the chain is used up.
+    #[inline]
+    fn room(&mut self) -> Option<(usize, Option<GuestAddress>)> {
+        loop {
+            let r = self.regions.get(self.index)?;
             let avail = r.len as usize - self.offset;
             if avail == 0 {
                 self.index += 1;
@@ -307,6 +307,17 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
             if self.current.is_none() {
                 self.current = self.mem.get_slice(r.addr, r.len as usize).ok();
             }
+            return Some((avail, r.addr.0.checked_add(self.offset as u64).map(GuestAddress)));
+        }
+    }
+
+    /// Copies `src` (another guest's memory) across regions, guest to guest.
+    fn write_from_guest(&mut self, src: &VolatileSlice<'_, ()>) -> bool {
+        let mut done = 0usize;
+        while done < src.len() {
+            let Some((avail, _)) = self.room() else {
+                return false;
+            };
             let n = avail.min(src.len() - done);
             let (Some(dst), Ok(piece)) = (&self.current, src.subslice(done, n)) else {
                 return false;
@@ -326,20 +337,10 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
     /// Writes `data` across regions; false if guest memory rejected a write.
     fn write(&mut self, mut data: &[u8]) -> bool {
         while !data.is_empty() {
-            let Some(r) = self.regions.get(self.index) else {
+            let Some((avail, at)) = self.room() else {
                 return false;
             };
-            let avail = r.len as usize - self.offset;
-            if avail == 0 {
-                self.index += 1;
-                self.offset = 0;
-                self.current = None;
-                continue;
-            }
             let n = avail.min(data.len());
-            if self.current.is_none() {
-                self.current = self.mem.get_slice(r.addr, r.len as usize).ok();
-            }
             match &self.current {
                 Some(slice) => {
                     if slice.write_slice(&data[..n], self.offset).is_err() {
@@ -348,10 +349,10 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
                 }
                 // The buffer straddles two memory regions (rare): the general path.
                 None => {
-                    let Some(addr) = r.addr.0.checked_add(self.offset as u64) else {
+                    let Some(addr) = at else {
                         return false;
                     };
-                    if !write_guest(self.mem, GuestAddress(addr), &data[..n]) {
+                    if !write_guest(self.mem, addr, &data[..n]) {
                         return false;
                     }
                 }

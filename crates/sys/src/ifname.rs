@@ -12,8 +12,8 @@ pub struct IfNameError {
 /// Longest interface name (IFNAMSIZ - 1).
 pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
 
-/// Checks `name` and returns it as the NUL-padded array `struct ifreq` carries.
-pub fn to_ifr_name(name: &str) -> Result<[libc::c_char; libc::IFNAMSIZ], IfNameError> {
+/// Checks `name` against the kernel's rule: the one check for configuration and ioctls alike.
+pub fn check(name: &str) -> Result<(), IfNameError> {
     let bad = |reason| Err(IfNameError { name: name.to_string(), reason });
     if name.is_empty() {
         return bad("is empty");
@@ -27,6 +27,12 @@ pub fn to_ifr_name(name: &str) -> Result<[libc::c_char; libc::IFNAMSIZ], IfNameE
     if name.bytes().any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace()) {
         return bad("contains '/', ':', NUL or whitespace");
     }
+    Ok(())
+}
+
+/// Checks `name` and returns it as the NUL-padded array `struct ifreq` carries.
+pub fn to_ifr_name(name: &str) -> Result<[libc::c_char; libc::IFNAMSIZ], IfNameError> {
+    check(name)?;
     let mut out = [0 as libc::c_char; libc::IFNAMSIZ];
     for (o, b) in out.iter_mut().zip(name.bytes()) {
         *o = b as libc::c_char;

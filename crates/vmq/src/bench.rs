@@ -11,7 +11,7 @@ use vmq_core::vmq::QueuePolicy;
 
 use harness::{BenchOptions, BenchPath, BenchResult, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench};
 
-use crate::cli::exit;
+use crate::exit;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

@@ -5,18 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{bench, config, ctl, demo, run, top};
-
-/// Exit codes that mean something to scripts.
-pub mod exit {
-    /// Bad usage or invalid configuration.
-    pub const CONFIG: u8 = 2;
-    /// A runtime failure (a port could not be created, the data path failed); for `vmq ctl`:
-    /// vmq refused or failed the request.
-    pub const RUNTIME: u8 = 1;
-    /// `vmq ctl`/`vmq top`: vmq cannot be reached (not running, wrong socket, no answer).
-    pub const UNREACHABLE: u8 = 3;
-}
+use crate::{bench, config, ctl, demo, exit, run, top};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 use vmq_core::port::{MAX_MTU, MIN_MTU};
+use vmq_core::switch::SwitchConfig;
+use vmq_core::vmq::{QueuePolicy, VmqConfig};
 use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, SocketPolicy, VlanMode};
+use vmq_datapath::DatapathConfig;
 use vmq_wire::MacAddr;
 
 /// The configuration `vmq demo` and the README start from when no file is given.
@@ -144,12 +147,29 @@ pub struct Config {
     pub ports: Vec<PortConfig>,
 }
 
+impl Config {
+    /// The data-path configuration this validated configuration describes.
+    pub fn datapath_config(&self) -> DatapathConfig {
+        DatapathConfig {
+            mode: self.mode,
+            workers: self.workers,
+            vmq: VmqConfig {
+                queues: self.vmq_queues,
+                policy: if self.vmq_dynamic { QueuePolicy::Dynamic } else { QueuePolicy::Static },
+                workers: self.workers as u16,
+                hysteresis: self.hysteresis,
+            },
+            switch: SwitchConfig { fdb_capacity: self.fdb_capacity, fdb_aging_ns: self.fdb_aging_secs * 1_000_000_000 },
+            ports: self.ports.clone(),
+            rebalance_interval_ms: self.rebalance_interval_ms,
+        }
+    }
+}
+
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/vmq/vmq.sock";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 const MAX_WORKERS: i64 = 64;
 const MAX_QUEUES: i64 = 1024;
-/// Linux limits interface names to IFNAMSIZ - 1 bytes.
-const MAX_IFNAME: usize = 15;
 
 /// Turns byte spans into line/column for messages.
 struct Locator<'a> {
@@ -435,14 +455,7 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
 
     let ifname = |v: &Spanned<String>| -> Result<String, ConfigError> {
         let s = v.get_ref();
-        if s.is_empty() || s.len() > MAX_IFNAME || s.contains(['/', ' ', ':']) || s == "." || s == ".." {
-            return Err(loc.at(
-                v,
-                format!(
-                    "port {name:?}: interface name {s:?} must be 1 to {MAX_IFNAME} bytes without '/', ':' or spaces"
-                ),
-            ));
-        }
+        vmq_sys::ifname::check(s).map_err(|e| loc.at(v, format!("port {name:?}: {e}")))?;
         Ok(s.clone())
     };
 

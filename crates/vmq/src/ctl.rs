@@ -12,9 +12,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 use vmq_control::protocol::{NewPort, PortKind, QueuePolicy, Request, Setting};
 use vmq_control::server::DEFAULT_SOCKET;
-use vmq_control::{Client, ClientError, render};
+use vmq_control::{Client, render};
 
-use crate::cli::exit;
+use crate::exit;
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
@@ -187,11 +187,6 @@ impl CtlCommand {
     }
 }
 
-/// The exit code for a failed exchange with vmq.
-pub fn client_error_exit(e: &ClientError) -> u8 {
-    if e.is_unreachable() { exit::UNREACHABLE } else { exit::RUNTIME }
-}
-
 pub fn ctl(args: CtlArgs) -> ExitCode {
     let timeout = Duration::from_millis(args.timeout_ms);
     let request = args.command.request();
@@ -200,7 +195,7 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vmq ctl: {e}");
-            return ExitCode::from(client_error_exit(&e));
+            return ExitCode::from(exit::for_client_error(&e));
         }
     };
     let mut stdout = std::io::stdout().lock();

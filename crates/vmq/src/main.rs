@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod ctl;
 mod demo;
+mod exit;
 mod handler;
 mod run;
 mod top;

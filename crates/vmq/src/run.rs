@@ -6,33 +6,14 @@ use std::sync::{Arc, OnceLock};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use vmq_core::switch::SwitchConfig;
-use vmq_core::vmq::{QueuePolicy, VmqConfig};
-use vmq_datapath::{Datapath, DatapathConfig};
+use vmq_datapath::Datapath;
 
 use vmq_control::{ControlError, ControlHandler, ControlServer, ErrorCode, MetricsExporter, Request, Response};
 
-use crate::cli::exit;
-use crate::config::{self, Config};
+use crate::config;
 use crate::control;
+use crate::exit;
 use crate::handler::DatapathHandler;
-
-/// The data-path configuration a validated [`Config`] describes.
-pub fn datapath_config(c: &Config) -> DatapathConfig {
-    DatapathConfig {
-        mode: c.mode,
-        workers: c.workers,
-        vmq: VmqConfig {
-            queues: c.vmq_queues,
-            policy: if c.vmq_dynamic { QueuePolicy::Dynamic } else { QueuePolicy::Static },
-            workers: c.workers as u16,
-            hysteresis: c.hysteresis,
-        },
-        switch: SwitchConfig { fdb_capacity: c.fdb_capacity, fdb_aging_ns: c.fdb_aging_secs * 1_000_000_000 },
-        ports: c.ports.clone(),
-        rebalance_interval_ms: c.rebalance_interval_ms,
-    }
-}
 
 pub fn run(path: &Path) -> ExitCode {
     init_logging();
@@ -61,7 +42,7 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
-    let datapath = match Datapath::start(datapath_config(&config)) {
+    let datapath = match Datapath::start(config.datapath_config()) {
         Ok(d) => Arc::new(d),
         Err(e) => {
             eprintln!("vmq: {e}");

@@ -15,8 +15,7 @@ use vmq_control::protocol::{QueueReport, Request, Response, StatsReport};
 use vmq_control::server::DEFAULT_SOCKET;
 use vmq_control::{Client, ClientError, render};
 
-use crate::cli::exit;
-use crate::ctl::client_error_exit;
+use crate::exit;
 
 #[derive(Debug, Args)]
 pub struct TopArgs {
@@ -72,7 +71,7 @@ pub fn top(args: TopArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(TopError::Client(e)) => {
             eprintln!("vmq top: {e}");
-            ExitCode::from(client_error_exit(&e))
+            ExitCode::from(exit::for_client_error(&e))
         }
         Err(TopError::Terminal(e)) => {
             eprintln!("vmq top: terminal: {e}");

@@ -1,4 +1,4 @@
-//! Ethernet II addresses and frame view.
+//! Ethernet II: MAC addresses, EtherTypes, and the fixed-offset header reads every frame gets.
 
 use core::fmt;
 use core::str::FromStr;
@@ -150,35 +150,17 @@ pub fn parse_l2(frame: &[u8]) -> Result<L2Info, WireError> {
     })
 }
 
-/// A checked view over an Ethernet II frame.
-#[derive(Debug, Clone)]
-pub struct EthernetFrame<T: AsRef<[u8]>> {
-    buffer: T,
-}
-
-impl<T: AsRef<[u8]>> EthernetFrame<T> {
-    pub fn new_checked(buffer: T) -> Result<Self, WireError> {
-        if buffer.as_ref().len() < HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        Ok(EthernetFrame { buffer })
+/// The EtherType a frame carries and the offset of what follows it: the outer one, or the one
+/// after a single 802.1Q tag. Unlike [`parse_l2`] it reads two fields and judges nothing (a
+/// service tag or a second tag comes back as the EtherType); None if the frame is too short.
+#[inline]
+pub fn ethertype_and_l3(frame: &[u8]) -> Option<(u16, usize)> {
+    let outer = u16::from_be_bytes(frame.get(12..HEADER_LEN)?.try_into().ok()?);
+    if outer != ETHERTYPE_VLAN {
+        return Some((outer, HEADER_LEN));
     }
-
-    pub fn dst(&self) -> MacAddr {
-        MacAddr::from_bytes(self.buffer.as_ref()).unwrap_or_default()
-    }
-
-    pub fn src(&self) -> MacAddr {
-        MacAddr::from_bytes(&self.buffer.as_ref()[6..]).unwrap_or_default()
-    }
-
-    pub fn ethertype(&self) -> u16 {
-        be16(self.buffer.as_ref(), 12)
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
+    let inner = u16::from_be_bytes(frame.get(16..TAGGED_HEADER_LEN)?.try_into().ok()?);
+    Some((inner, TAGGED_HEADER_LEN))
 }
 
 #[cfg(test)]
@@ -224,11 +206,24 @@ mod tests {
         assert_eq!(parse_l2(&frame(&[(ETHERTYPE_VLAN, 1)], 0)[..16]), Err(WireError::Truncated));
     }
 
+    #[test]
+    fn ethertype_probe_reads_through_one_tag_only() {
+        assert_eq!(ethertype_and_l3(&frame(&[], ETHERTYPE_IPV6)), Some((ETHERTYPE_IPV6, 14)));
+        assert_eq!(ethertype_and_l3(&frame(&[(ETHERTYPE_VLAN, 3)], ETHERTYPE_IPV4)), Some((ETHERTYPE_IPV4, 18)));
+        let stacked = frame(&[(ETHERTYPE_VLAN, 1), (ETHERTYPE_VLAN, 2)], ETHERTYPE_IPV4);
+        assert_eq!(ethertype_and_l3(&stacked), Some((ETHERTYPE_VLAN, 18)));
+        assert_eq!(ethertype_and_l3(&frame(&[(0x88a8, 1)], ETHERTYPE_IPV4)), Some((0x88a8, 14)));
+        assert_eq!(ethertype_and_l3(&[0u8; 13]), None);
+        assert_eq!(ethertype_and_l3(&frame(&[(ETHERTYPE_VLAN, 1)], 0)[..17]), None);
+    }
+
     proptest::proptest! {
         #[test]
         fn parse_l2_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
             let _ = parse_l2(&bytes);
-            let _ = EthernetFrame::new_checked(&bytes[..]).map(|f| (f.dst(), f.src(), f.ethertype()));
+            if let (Ok(l2), Some((ethertype, l3))) = (parse_l2(&bytes), ethertype_and_l3(&bytes)) {
+                proptest::prop_assert_eq!((l2.ethertype, l2.header_len), (ethertype, l3));
+            }
         }
     }
 }

@@ -3,12 +3,10 @@
 //! write fields at known offsets.
 
 use crate::WireError;
-use crate::ethernet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, parse_l2};
+use crate::ethernet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, HEADER_LEN, ethertype_and_l3, parse_l2};
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_ICMPV6: u8 = 58;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -35,6 +33,24 @@ pub struct Layers {
 
 fn be16(b: &[u8], at: usize) -> Result<u16, WireError> {
     b.get(at..at + 2).map(|s| u16::from_be_bytes([s[0], s[1]])).ok_or(WireError::Truncated)
+}
+
+/// Shortest frame [`looks_like_tcp`] accepts: Ethernet, IPv4 and TCP headers without options.
+pub const MIN_TCP_FRAME_LEN: usize = HEADER_LEN + 20 + 20;
+
+/// Cheap probe: an IPv4 or IPv6 frame (behind at most one 802.1Q tag) of at least
+/// [`MIN_TCP_FRAME_LEN`] bytes whose IP header names TCP as its protocol (IPv6: as its first
+/// next header). It reads those fields and validates nothing else; [`locate`] does.
+#[inline]
+pub fn looks_like_tcp(frame: &[u8]) -> bool {
+    if frame.len() < MIN_TCP_FRAME_LEN {
+        return false;
+    }
+    match ethertype_and_l3(frame) {
+        Some((ETHERTYPE_IPV4, l3)) => frame.get(l3 + 9) == Some(&PROTO_TCP),
+        Some((ETHERTYPE_IPV6, l3)) => frame.get(l3 + 6) == Some(&PROTO_TCP),
+        _ => false,
+    }
 }
 
 /// Finds the IP and transport headers of an Ethernet frame. IPv6 hop-by-hop, routing and
@@ -235,6 +251,25 @@ mod tests {
         assert_eq!(l.tcp_seq(&f), 77);
         assert_eq!(l.l4_len(&f), 23);
         assert_eq!(l.tcp_flags(&f) & TCP_ACK, TCP_ACK);
+    }
+
+    #[test]
+    fn tcp_probe_sees_tcp_over_ipv4_ipv6_and_one_tag() {
+        let f = tcp4(&[]);
+        assert!(looks_like_tcp(&f));
+        assert!(!looks_like_tcp(&f[..MIN_TCP_FRAME_LEN - 1]), "shorter than any TCP frame");
+        let tagged = crate::vlan::push_parts(&f, &crate::vlan::tag(5)).unwrap().concat();
+        assert!(looks_like_tcp(&tagged));
+        let mut udp = f.clone();
+        udp[14 + 9] = PROTO_UDP;
+        assert!(!looks_like_tcp(&udp));
+        let b = etherparse::PacketBuilder::ethernet2([2; 6], [4; 6]).ipv6([1; 16], [2; 16], 64).tcp(1, 2, 3, 4);
+        let mut v6 = Vec::new();
+        b.write(&mut v6, &[]).unwrap();
+        assert!(looks_like_tcp(&v6));
+        let mut arp = f.clone();
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        assert!(!looks_like_tcp(&arp));
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! Zero-copy views over Ethernet frames and the virtio-net header, in the style of smoltcp's
-//! `wire` module: `Packet<T: AsRef<[u8]>>` views that check lengths once and then read fields,
-//! plus plain `Repr` values for building headers. Pure: no I/O, no allocation on the hot path.
+//! Frame bytes, read and edited in one place: the Ethernet header (`parse_l2`, an EtherType
+//! probe), 802.1Q tag probes and edits (`vlan`, zero-copy as borrowed slices or by one copy),
+//! IP/TCP/UDP header location and field access (`ip`), the Internet checksum, and the
+//! virtio-net header (`VnetHdr`, its one parsed value). Functions over plain byte slices at
+//! fixed offsets, checking lengths rather than panicking, as the per-frame path needs. Pure: no
+//! I/O, no allocation on the hot path.
 #![forbid(unsafe_code)]
 
 pub mod checksum;
 pub mod ethernet;
-pub mod icmp;
 pub mod ip;
 pub mod vlan;
 pub mod vnet;

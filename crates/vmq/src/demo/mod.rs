@@ -20,9 +20,8 @@ use serde::Serialize;
 use vmq_core::{DropReason, Mode, OffloadCaps, PortBackend, PortKind, VlanMode};
 use vmq_datapath::Datapath;
 
-use crate::cli::exit;
 use crate::config::{self, Config};
-use crate::run::datapath_config;
+use crate::exit;
 use lab::{Host, Lab};
 use traffic::Tools;
 
@@ -268,7 +267,7 @@ fn run_demo(args: &DemoArgs, stop: &AtomicBool) -> Result<Report, DemoError> {
                     return Err(DemoError::Interrupted);
                 }
                 let cfg = run_config(&base, mode, mtu, offl);
-                let dp = Datapath::start(datapath_config(&cfg))?;
+                let dp = Datapath::start(cfg.datapath_config())?;
                 for h in &lab.vms {
                     h.configure(mtu)?;
                 }
