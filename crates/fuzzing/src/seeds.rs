@@ -145,10 +145,54 @@ pub fn split_ring() -> Seeds {
     ]
 }
 
+/// `tx_assembly` seeds: a small frame, a big one split into head and tail, a big one in an
+/// indirect table, one straddling two memory regions, and the errors (device-writable buffer,
+/// too long for the buffer, shorter than a header).
+pub fn tx_assembly() -> Seeds {
+    use crate::ring::{Desc, encode as ring};
+    use crate::tx::encode;
+    let d = |addr: u64, len: u32, flags: u16, next: u16| Desc { addr, len, flags, next };
+    let frame = pattern(0x1000);
+    let fill = [(0x3000u64, &frame[..0x800])];
+    // desc 0-1: header + 60-byte frame; 2-3: header + 1500 bytes; 4: indirect; 5: writable.
+    let descs = vec![
+        d(0x3000, 12, 1, 1),
+        d(0x3010, 60, 0, 0),
+        d(0x3000, 12, 1, 3),
+        d(0x3100, 1500, 0, 0),
+        d(0x2c00, 48, 4, 0),
+        d(0x3000, 100, 2, 0),
+        d(0x3000, 8, 0, 0),
+    ];
+    let table = vec![d(0x3000, 12, 1, 1), d(0x3040, 700, 1, 2), d(0x3400, 300, 0, 0)];
+    let tables = [(0x2c00, table)];
+    vec![
+        ("small-and-split", encode(3, &ring(3, 0, &descs, &[0, 2], &tables), &fill)),
+        ("indirect-split", encode(3, &ring(3, 7, &descs, &[4], &tables), &fill)),
+        (
+            "straddles-regions",
+            encode(
+                4 | 3,
+                &ring(2, 0, &[d(0x3000, 12, 1, 1), d(REGION_SPLIT_SEED, 600, 0, 0)], &[0], &[]),
+                &[(0x3000, &frame[..12]), (REGION_SPLIT_SEED, &frame[..600])],
+            ),
+        ),
+        ("errors", encode(0, &ring(3, 65534, &descs, &[5, 2, 6, 0], &tables), &fill)),
+    ]
+}
+
+/// A buffer address 0x100 below the region split, so that a 600-byte buffer straddles it.
+const REGION_SPLIT_SEED: u64 = crate::ring::REGION_SPLIT - 0x100;
+
 /// Named seed inputs of one target.
 pub type Seeds = Vec<(&'static str, Vec<u8>)>;
 
 /// Every target's seeds.
 pub fn all() -> Vec<(&'static str, Seeds)> {
-    vec![("vnet_offload", vnet_offload()), ("control_line", control_line()), ("split_ring", split_ring())]
+    vec![
+        ("vnet_offload", vnet_offload()),
+        ("control_line", control_line()),
+        ("split_ring", split_ring()),
+        ("tx_assembly", tx_assembly()),
+    ]
 }
