@@ -10,12 +10,14 @@
 pub mod control;
 pub mod offload;
 pub mod ring;
+pub mod rx;
 pub mod seeds;
 pub mod tx;
 
 pub use control::control_line;
 pub use offload::vnet_offload;
 pub use ring::split_ring;
+pub use rx::rx_writer;
 pub use tx::tx_assembly;
 
 /// Reads a fuzz input front to back; past the end everything reads as zero.

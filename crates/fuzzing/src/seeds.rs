@@ -181,6 +181,28 @@ pub fn tx_assembly() -> Seeds {
     ]
 }
 
+/// `rx_writer` seeds: a frame over two chains (MRG_RXBUF), one too long for a chain without
+/// it, frames left without buffers, a chain the device may not write, frames ending in a
+/// sender's memory written into an indirect table's buffers, a buffer across two regions.
+pub fn rx_writer() -> Seeds {
+    use crate::ring::{Desc, encode as ring};
+    use crate::rx::{Frame, encode};
+    let d = |addr: u64, len: u32, flags: u16, next: u16| Desc { addr, len, flags, next };
+    let f = |len: u16, cut: u16| Frame { len, cut, flags: 1, gso_type: 0, gso_size: 0 };
+    let w = 2; // VIRTQ_DESC_F_WRITE
+    let three = vec![d(0x3000, 1024, w, 0), d(0x3400, 1024, w, 0), d(0x3800, 1024, w, 0), d(0x3c00, 64, 0, 0)];
+    let table = vec![d(0x3000, 12, w | 1, 1), d(0x3100, 700, w | 1, 2), d(0x3400, 2000, w, 0)];
+    let indirect = vec![d(0x2c00, 48, 4, 0)];
+    vec![
+        ("mrg-two-chains", encode(1, &[f(1500, 54)], &ring(3, 0, &three, &[0, 1, 2], &[]))),
+        ("too-long-without-mrg", encode(0, &[f(1500, 54), f(100, 14)], &ring(3, 0, &three, &[0, 1], &[]))),
+        ("no-buffer", encode(1, &[f(100, 14), f(100, 14), f(60, 0)], &ring(3, 65535, &three, &[2], &[]))),
+        ("readable-chain", encode(1, &[f(100, 14)], &ring(3, 0, &three, &[3], &[]))),
+        ("tail-indirect", encode(4 | 1, &[f(2600, 54)], &ring(2, 0, &indirect, &[0], &[(0x2c00, table)]))),
+        ("straddles-regions", encode(2, &[f(600, 54)], &ring(1, 0, &[d(REGION_SPLIT_SEED, 1024, w, 0)], &[0], &[]))),
+    ]
+}
+
 /// A buffer address 0x100 below the region split, so that a 600-byte buffer straddles it.
 const REGION_SPLIT_SEED: u64 = crate::ring::REGION_SPLIT - 0x100;
 
