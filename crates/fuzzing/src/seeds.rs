@@ -203,6 +203,98 @@ pub fn rx_writer() -> Seeds {
     ]
 }
 
+/// `config_file` seeds: vmq's embedded default, a vhost-user setup with socket policies, and
+/// files refused for a duplicate socket, an unknown key, an MTU out of range and broken TOML.
+pub fn config_file() -> Seeds {
+    const VHOST: &str = r#"[switch]
+mode = "switch"
+workers = 2
+fdb_capacity = 4096
+
+[vhost]
+socket_group = "root"
+socket_mode = "0660"
+setup_timeout_secs = 20
+
+[[port]]
+name = "vm1"
+kind = "vhost-user"
+socket = "/run/vmq/vm1.sock"
+mac = "52:54:00:00:00:01"
+vlan = 10
+allowed_uids = [0, 107]
+
+[[port]]
+name = "vm2"
+kind = "vhost-user"
+socket = "/run/vmq/vm2.sock"
+mac = "52:54:00:00:00:02"
+trunk = [10, 20]
+native_vlan = 20
+mtu = 9000
+"#;
+    let duplicate_socket = VHOST.replace("vm2.sock", "vm1.sock");
+    let unknown_key = VHOST.replace("fdb_capacity", "fdb_capacityy");
+    let bad_mtu = VHOST.replace("9000", "65536");
+    vec![
+        ("embedded-default", crate::config_file::EMBEDDED_DEFAULT.as_bytes().to_vec()),
+        ("vhost-user", VHOST.as_bytes().to_vec()),
+        ("duplicate-socket", duplicate_socket.into_bytes()),
+        ("unknown-key", unknown_key.into_bytes()),
+        ("bad-mtu", bad_mtu.into_bytes()),
+        ("broken-toml", b"[switch\nmode = \"vmq\"\n[[port]]\nname = 'a\n".to_vec()),
+    ]
+}
+
+/// `vhost_messages` seeds: QEMU's bring-up of both rings (the device starts), a memory table
+/// over an unsealed memfd that is then shrunk, and malformed messages (raw garbage, a header
+/// lying about its body, a pipe as kick fd, ring setup outside guest memory).
+pub fn vhost_messages() -> Seeds {
+    use crate::vhost::{OP_LIE_SIZE, OP_NEED_REPLY as ACK, OP_RAW, OP_SHRINK, encode};
+    let all = u64::MAX.to_le_bytes();
+    let masked = |selector: u8| -> Vec<u8> { [&[selector][..], &all].concat() };
+    let mut bring_up: Vec<(u8, Vec<u8>)> = vec![
+        (2, vec![]),
+        (0, vec![]),
+        (11, vec![]),
+        (12, masked(1)),
+        (1 | ACK, masked(1)),
+        // One region: memfd 0, at guest address 0, its whole size, mapped at VMM_BASE.
+        (4 | ACK, vec![0, 0, 0]),
+    ];
+    for q in 0..2u8 {
+        let offset = (u16::from(q) * 0x400).to_le_bytes();
+        bring_up.extend([
+            (5 | ACK, vec![q, 0]),
+            (7 | ACK, vec![q, 4]),
+            (6 | ACK, vec![q, 0, offset[0], offset[1], 1, 1]),
+            (10 | ACK, vec![q, 3]),
+            (9 | ACK, vec![q, 3]),
+            (13 | ACK, vec![q, 3]),
+        ]);
+    }
+    let seq = |m: &[(u8, Vec<u8>)]| m.iter().map(|(op, f)| (*op, f.clone())).collect::<Vec<_>>();
+    let enc = |setup: u8, m: Vec<(u8, Vec<u8>)>| {
+        let refs: Vec<(u8, &[u8])> = m.iter().map(|(op, f)| (*op, &f[..])).collect();
+        encode(setup, &refs)
+    };
+    let mut hostile = seq(&bring_up[..5]);
+    hostile.extend([
+        (OP_RAW, vec![5, 4, 0, 1, 2, 3, 4, 1, 3]),
+        (OP_LIE_SIZE | 14, vec![0, 200]),
+        (5 | ACK, vec![0, 5, 0, 0, 0, 0xff]),
+        (6 | ACK, vec![0, 7, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 1]),
+        (9 | ACK, vec![0, 1]),
+    ]);
+    let mut shrink = seq(&bring_up[..6]);
+    shrink.extend([(OP_SHRINK, vec![0]), (4 | ACK, vec![0, 0, 0]), (0, vec![])]);
+    vec![
+        ("bring-up", enc(3, seq(&bring_up))),
+        ("unsealed-memfd-shrunk", enc(0x40 | 3, shrink)),
+        ("hostile", enc(3, hostile)),
+    ]
+}
+
 /// A buffer address 0x100 below the region split, so that a 600-byte buffer straddles it.
 const REGION_SPLIT_SEED: u64 = crate::ring::REGION_SPLIT - 0x100;
 
