@@ -7,14 +7,22 @@
 //! valid test case; [`seeds`] builds meaningful inputs from real frames and messages.
 #![forbid(unsafe_code)]
 
+pub mod config_file;
 pub mod control;
 pub mod offload;
 pub mod ring;
+pub mod rx;
 pub mod seeds;
+pub mod tx;
+pub mod vhost;
 
+pub use config_file::config_file;
 pub use control::control_line;
 pub use offload::vnet_offload;
 pub use ring::split_ring;
+pub use rx::rx_writer;
+pub use tx::tx_assembly;
+pub use vhost::vhost_messages;
 
 /// Reads a fuzz input front to back; past the end everything reads as zero.
 pub struct Input<'a> {

@@ -37,6 +37,47 @@ pub fn guest_memory(image: &[u8]) -> Memory {
     mem
 }
 
+/// Where [`guest_memory_in`] splits guest memory into two adjacent regions: a buffer across
+/// this address is not in one region (the data path's slow paths).
+pub const REGION_SPLIT: u64 = 0x3800;
+
+/// Guest memory holding `image` from address 0, in one region or (`split`) two adjacent ones
+/// meeting at [`REGION_SPLIT`].
+pub fn guest_memory_in(image: &[u8], split: bool) -> Memory {
+    if !split {
+        return guest_memory(image);
+    }
+    let low = REGION_SPLIT as usize;
+    let mem = Memory::from_ranges(&[(GuestAddress(0), low), (GuestAddress(REGION_SPLIT), MEM_SIZE - low)])
+        .expect("guest memory");
+    let image = &image[..image.len().min(MEM_SIZE)];
+    mem.write_slice(image, GuestAddress(0)).expect("fill guest memory");
+    mem
+}
+
+/// All of guest memory, as bytes.
+pub fn snapshot(mem: &Memory) -> Vec<u8> {
+    let mut bytes = vec![0u8; MEM_SIZE];
+    mem.read_slice(&mut bytes, GuestAddress(0)).expect("read guest memory");
+    bytes
+}
+
+/// The used ring's bytes (flags, index, entries, avail_event) for a ring of `size`.
+pub fn used_area(size: u16) -> std::ops::Range<u64> {
+    USED_RING..USED_RING + 6 + 8 * u64::from(size)
+}
+
+/// The avail ring slot the device reads for its `n`-th chain from `start`.
+pub fn avail_slot(image: &[u8], size: u16, position: u16) -> u16 {
+    let slot = AVAIL_RING as usize + 4 + 2 * usize::from(position % size);
+    u16::from_le_bytes([image[slot], image[slot + 1]])
+}
+
+/// The avail index the guest published.
+pub fn avail_idx(image: &[u8]) -> u16 {
+    u16::from_le_bytes([image[AVAIL_RING as usize + 2], image[AVAIL_RING as usize + 3]])
+}
+
 /// How long chains may be: today's rule, or the spec's (queue size in all).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Limits {

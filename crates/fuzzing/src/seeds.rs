@@ -146,10 +146,168 @@ pub fn split_ring() -> Seeds {
     ]
 }
 
+/// `tx_assembly` seeds: a small frame, a big one split into head and tail, a big one in an
+/// indirect table, one straddling two memory regions, and the errors (device-writable buffer,
+/// too long for the buffer, shorter than a header).
+pub fn tx_assembly() -> Seeds {
+    use crate::ring::{Desc, encode as ring};
+    use crate::tx::encode;
+    let d = |addr: u64, len: u32, flags: u16, next: u16| Desc { addr, len, flags, next };
+    let frame = pattern(0x1000);
+    let fill = [(0x3000u64, &frame[..0x800])];
+    // desc 0-1: header + 60-byte frame; 2-3: header + 1500 bytes; 4: indirect; 5: writable.
+    let descs = vec![
+        d(0x3000, 12, 1, 1),
+        d(0x3010, 60, 0, 0),
+        d(0x3000, 12, 1, 3),
+        d(0x3100, 1500, 0, 0),
+        d(0x2c00, 48, 4, 0),
+        d(0x3000, 100, 2, 0),
+        d(0x3000, 8, 0, 0),
+    ];
+    let table = vec![d(0x3000, 12, 1, 1), d(0x3040, 700, 1, 2), d(0x3400, 300, 0, 0)];
+    let tables = [(0x2c00, table)];
+    vec![
+        ("small-and-split", encode(3, &ring(3, 0, &descs, &[0, 2], &tables), &fill)),
+        ("indirect-split", encode(3, &ring(3, 7, &descs, &[4], &tables), &fill)),
+        (
+            "straddles-regions",
+            encode(
+                4 | 3,
+                &ring(2, 0, &[d(0x3000, 12, 1, 1), d(REGION_SPLIT_SEED, 600, 0, 0)], &[0], &[]),
+                &[(0x3000, &frame[..12]), (REGION_SPLIT_SEED, &frame[..600])],
+            ),
+        ),
+        ("errors", encode(0, &ring(3, 65534, &descs, &[5, 2, 6, 0], &tables), &fill)),
+    ]
+}
+
+/// `rx_writer` seeds: a frame over two chains (MRG_RXBUF), one too long for a chain without
+/// it, frames left without buffers, a chain the device may not write, frames ending in a
+/// sender's memory written into an indirect table's buffers, a buffer across two regions.
+pub fn rx_writer() -> Seeds {
+    use crate::ring::{Desc, encode as ring};
+    use crate::rx::{Frame, encode};
+    let d = |addr: u64, len: u32, flags: u16, next: u16| Desc { addr, len, flags, next };
+    let f = |len: u16, cut: u16| Frame { len, cut, flags: 1, gso_type: 0, gso_size: 0 };
+    let w = 2; // VIRTQ_DESC_F_WRITE
+    let three = vec![d(0x3000, 1024, w, 0), d(0x3400, 1024, w, 0), d(0x3800, 1024, w, 0), d(0x3c00, 64, 0, 0)];
+    let table = vec![d(0x3000, 12, w | 1, 1), d(0x3100, 700, w | 1, 2), d(0x3400, 2000, w, 0)];
+    let indirect = vec![d(0x2c00, 48, 4, 0)];
+    vec![
+        ("mrg-two-chains", encode(1, &[f(1500, 54)], &ring(3, 0, &three, &[0, 1, 2], &[]))),
+        ("too-long-without-mrg", encode(0, &[f(1500, 54), f(100, 14)], &ring(3, 0, &three, &[0, 1], &[]))),
+        ("no-buffer", encode(1, &[f(100, 14), f(100, 14), f(60, 0)], &ring(3, 65535, &three, &[2], &[]))),
+        ("readable-chain", encode(1, &[f(100, 14)], &ring(3, 0, &three, &[3], &[]))),
+        ("tail-indirect", encode(4 | 1, &[f(2600, 54)], &ring(2, 0, &indirect, &[0], &[(0x2c00, table)]))),
+        ("straddles-regions", encode(2, &[f(600, 54)], &ring(1, 0, &[d(REGION_SPLIT_SEED, 1024, w, 0)], &[0], &[]))),
+    ]
+}
+
+/// `config_file` seeds: vmq's embedded default, a vhost-user setup with socket policies, and
+/// files refused for a duplicate socket, an unknown key, an MTU out of range and broken TOML.
+pub fn config_file() -> Seeds {
+    const VHOST: &str = r#"[switch]
+mode = "switch"
+workers = 2
+fdb_capacity = 4096
+
+[vhost]
+socket_group = "root"
+socket_mode = "0660"
+setup_timeout_secs = 20
+
+[[port]]
+name = "vm1"
+kind = "vhost-user"
+socket = "/run/vmq/vm1.sock"
+mac = "52:54:00:00:00:01"
+vlan = 10
+allowed_uids = [0, 107]
+
+[[port]]
+name = "vm2"
+kind = "vhost-user"
+socket = "/run/vmq/vm2.sock"
+mac = "52:54:00:00:00:02"
+trunk = [10, 20]
+native_vlan = 20
+mtu = 9000
+"#;
+    let duplicate_socket = VHOST.replace("vm2.sock", "vm1.sock");
+    let unknown_key = VHOST.replace("fdb_capacity", "fdb_capacityy");
+    let bad_mtu = VHOST.replace("9000", "65536");
+    vec![
+        ("embedded-default", crate::config_file::EMBEDDED_DEFAULT.as_bytes().to_vec()),
+        ("vhost-user", VHOST.as_bytes().to_vec()),
+        ("duplicate-socket", duplicate_socket.into_bytes()),
+        ("unknown-key", unknown_key.into_bytes()),
+        ("bad-mtu", bad_mtu.into_bytes()),
+        ("broken-toml", b"[switch\nmode = \"vmq\"\n[[port]]\nname = 'a\n".to_vec()),
+    ]
+}
+
+/// `vhost_messages` seeds: QEMU's bring-up of both rings (the device starts), a memory table
+/// over an unsealed memfd that is then shrunk, and malformed messages (raw garbage, a header
+/// lying about its body, a pipe as kick fd, ring setup outside guest memory).
+pub fn vhost_messages() -> Seeds {
+    use crate::vhost::{OP_LIE_SIZE, OP_NEED_REPLY as ACK, OP_RAW, OP_SHRINK, encode};
+    let all = u64::MAX.to_le_bytes();
+    let masked = |selector: u8| -> Vec<u8> { [&[selector][..], &all].concat() };
+    let mut bring_up: Vec<(u8, Vec<u8>)> = vec![
+        (2, vec![]),
+        (0, vec![]),
+        (11, vec![]),
+        (12, masked(1)),
+        (1 | ACK, masked(1)),
+        // One region: memfd 0, at guest address 0, its whole size, mapped at VMM_BASE.
+        (4 | ACK, vec![0, 0, 0]),
+    ];
+    for q in 0..2u8 {
+        let offset = (u16::from(q) * 0x400).to_le_bytes();
+        bring_up.extend([
+            (5 | ACK, vec![q, 0]),
+            (7 | ACK, vec![q, 4]),
+            (6 | ACK, vec![q, 0, offset[0], offset[1], 1, 1]),
+            (10 | ACK, vec![q, 3]),
+            (9 | ACK, vec![q, 3]),
+            (13 | ACK, vec![q, 3]),
+        ]);
+    }
+    let seq = |m: &[(u8, Vec<u8>)]| m.iter().map(|(op, f)| (*op, f.clone())).collect::<Vec<_>>();
+    let enc = |setup: u8, m: Vec<(u8, Vec<u8>)>| {
+        let refs: Vec<(u8, &[u8])> = m.iter().map(|(op, f)| (*op, &f[..])).collect();
+        encode(setup, &refs)
+    };
+    let mut hostile = seq(&bring_up[..5]);
+    hostile.extend([
+        (OP_RAW, vec![5, 4, 0, 1, 2, 3, 4, 1, 3]),
+        (OP_LIE_SIZE | 14, vec![0, 200]),
+        (5 | ACK, vec![0, 5, 0, 0, 0, 0xff]),
+        (6 | ACK, vec![0, 7, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 1]),
+        (9 | ACK, vec![0, 1]),
+    ]);
+    let mut shrink = seq(&bring_up[..6]);
+    shrink.extend([(OP_SHRINK, vec![0]), (4 | ACK, vec![0, 0, 0]), (0, vec![])]);
+    vec![
+        ("bring-up", enc(3, seq(&bring_up))),
+        ("unsealed-memfd-shrunk", enc(0x40 | 3, shrink)),
+        ("hostile", enc(3, hostile)),
+    ]
+}
+
+/// A buffer address 0x100 below the region split, so that a 600-byte buffer straddles it.
+const REGION_SPLIT_SEED: u64 = crate::ring::REGION_SPLIT - 0x100;
+
 /// Named seed inputs of one target.
 pub type Seeds = Vec<(&'static str, Vec<u8>)>;
 
 /// Every target's seeds.
 pub fn all() -> Vec<(&'static str, Seeds)> {
-    vec![("vnet_offload", vnet_offload()), ("control_line", control_line()), ("split_ring", split_ring())]
+    vec![
+        ("vnet_offload", vnet_offload()),
+        ("control_line", control_line()),
+        ("split_ring", split_ring()),
+        ("tx_assembly", tx_assembly()),
+    ]
 }
