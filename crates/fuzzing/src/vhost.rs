@@ -40,10 +40,10 @@ pub const MEMFDS: usize = 3;
 /// Where the "VMM" maps memfd `i`: VMM_BASE + i * VMM_STRIDE (vring addresses are given there).
 pub const VMM_BASE: u64 = 0x7f00_0000_0000;
 pub const VMM_STRIDE: u64 = 0x10_0000;
-/// Shrinking an unsealed memfd the backend has mapped is issue 11's SIGBUS finding; the fix
-/// (refusing memfds without F_SEAL_SHRINK) is in progress. Until it lands the harness does not
-/// shrink a mapped unsealed memfd (the region check would fail at once); set this to true then.
-const SHRINK_MAPPED_UNSEALED: bool = false;
+/// Shrinking an unsealed memfd the backend has mapped was issue 11's SIGBUS finding; the backend
+/// now refuses memfds without F_SEAL_SHRINK, so an unsealed memfd is never mapped and the harness
+/// shrinks whatever it likes (false would skip shrinking a mapped unsealed memfd).
+const SHRINK_MAPPED_UNSEALED: bool = true;
 
 const VERSION_1: u32 = 0x1;
 const REPLY: u32 = 0x4;
@@ -114,7 +114,12 @@ pub fn vhost_messages(data: &[u8]) {
 }
 
 fn config() -> NetDeviceConfig {
-    NetDeviceConfig { mac: "52:54:00:00:00:01".parse().expect("MAC"), mtu: 9000, offloads: true }
+    NetDeviceConfig {
+        mac: "52:54:00:00:00:01".parse().expect("MAC"),
+        mtu: 9000,
+        offloads: true,
+        trust_unsealed_memory: false,
+    }
 }
 
 struct Memfd {
