@@ -373,7 +373,7 @@ fn write_commands_send_the_request_the_arguments_say() {
             "vm3",
             "--kind",
             "vhost-user",
-            "--socket",
+            "--vhost-socket",
             "/run/vmq/vm3.sock",
             "--mac",
             "52:54:00:00:00:03",
@@ -472,6 +472,68 @@ fn json_prints_the_reply_as_received() {
         refused.stdout,
         "{\"ok\":false,\"error\":{\"code\":\"no_such_port\",\"message\":\"no port named \\\"vm9\\\"\"}}\n"
     );
+}
+
+#[test]
+fn socket_json_and_timeout_are_taken_before_or_after_the_subcommand() {
+    let f = Fixture::new("pos");
+    let socket = f.socket.to_str().unwrap();
+    let json = |out: &Output| {
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(out.stdout.starts_with(r#"{"ok":true,"result":{"type":"show""#), "{}", out.stdout);
+    };
+    // Before (as ever), after, and split around the subcommand.
+    json(&vmq(&["ctl", "--socket", socket, "--json", "show"]));
+    json(&vmq(&["ctl", "show", "--json", "--socket", socket]));
+    json(&vmq(&["ctl", "show", "--socket", socket, "--json", "--timeout-ms", "3000"]));
+    json(&vmq(&["ctl", "--json", "show", "--socket", socket]));
+    // After a subcommand's own arguments and on a nested subcommand.
+    let stats = vmq(&["ctl", "stats", "vm1", "--socket", socket, "--json"]);
+    assert_eq!(stats.code, 0, "{}", stats.stderr);
+    assert!(stats.stdout.starts_with(r#"{"ok":true,"result":{"type":"stats""#), "{}", stats.stdout);
+    let set = vmq(&["ctl", "set", "queues", "3", "--socket", socket, "--json"]);
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    // The port's vhost-user socket has its own flag and does not take the control socket's place.
+    let added = vmq(&[
+        "ctl",
+        "add-port",
+        "--name",
+        "vm7",
+        "--kind",
+        "vhost-user",
+        "--vhost-socket",
+        "/run/vmq/vm7.sock",
+        "--mac",
+        "52:54:00:00:00:07",
+        "--socket",
+        socket,
+    ]);
+    assert_eq!(added.code, 0, "{}", added.stderr);
+    // A table without --json wherever it is asked.
+    let table = vmq(&["ctl", "show", "--socket", socket]);
+    assert_eq!(table.code, 0, "{}", table.stderr);
+    assert!(table.stdout.starts_with("vmq: mode vmq"), "{}", table.stdout);
+    assert_eq!(
+        f.seen(),
+        [
+            vec![Request::Show; 4],
+            vec![Request::Stats { port: Some("vm1".into()) }, Request::Set(Setting::Queues { queues: 3 })],
+            vec![Request::AddPort(NewPort {
+                name: "vm7".into(),
+                kind: PortKind::VhostUser,
+                socket: Some("/run/vmq/vm7.sock".into()),
+                mac: Some("52:54:00:00:00:07".into()),
+                ..NewPort::default()
+            })],
+            vec![Request::Show],
+        ]
+        .concat()
+    );
+    // The socket given after the subcommand is the one used: a missing one is unreachable (3).
+    let missing = f.socket.with_file_name("missing.sock");
+    let out = vmq(&["ctl", "show", "--socket", missing.to_str().unwrap()]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stderr.contains("missing.sock"), "{}", out.stderr);
 }
 
 #[test]
