@@ -82,7 +82,8 @@ struct AddPortArgs {
     /// tap/uplink: the interface name.
     #[arg(long)]
     ifname: Option<String>,
-    /// tap: move the TAP into this network namespace.
+    /// tap/uplink: the network namespace, a name under /run/netns or a path to a namespace file
+    /// (`/proc/PID/ns/net`).
     #[arg(long)]
     netns: Option<String>,
     /// The port's MAC (required for VM ports).
