@@ -627,7 +627,11 @@ fn top_prints_frames_rated_from_consecutive_snapshots() {
         format!(
             "vmq top: 2 port(s), rates over 1.000 s, mode vmq, VM queues 1 of 1\n{header}\n\
              vm1   q1@w1          1000000     12.000     500      0.000       10     10\n\
-             vm2   shared:budget        0      0.000       0      0.000        0      0"
+             vm2   shared:budget        0      0.000       0      0.000        0      0\n\
+             drops by reason:\n\
+             PORT  REASON            DROPS/S  DROPS\n\
+             vm1   oversize               10     10\n\
+             vm1   kernel_ring_full        3      3"
         )
     );
     assert!(
@@ -692,4 +696,44 @@ fn interactive_top_quits_on_q_and_restores_the_terminal() {
     assert!(screen.contains("\x1b[?1049h"), "{screen:?}");
     assert!(screen.contains("vm1   q1@w1"), "{screen:?}");
     assert!(screen.contains("\x1b[?25h\x1b[?1049l"), "cursor shown and alternate screen left: {screen:?}");
+}
+
+#[test]
+fn top_into_a_pipe_prints_plain_frames_until_stopped() {
+    let f = Fixture::new("toppipe");
+    let socket = f.socket.to_str().unwrap();
+    // No --once/--iterations: on a terminal this would be the interactive view; into a pipe it
+    // is plain frames, forever, each ended by a blank line before the next.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmq"))
+        .args(["top", "--socket", socket, "--interval-ms", "1", "--sort", "name"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while text.windows(8).filter(|w| *w == b"vmq top:").count() < 3 && Instant::now() < deadline {
+        match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+    }
+    // By PID: only the process this test started.
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!text.contains(&0x1b), "escape sequences into a pipe: {:?}", String::from_utf8_lossy(&text));
+    let text = String::from_utf8(text).unwrap();
+    let frames: Vec<&str> = text.split("\n\n").filter(|f| f.starts_with("vmq top:")).collect();
+    assert!(frames.len() >= 2, "{text}");
+    for frame in &frames[..2] {
+        let ports: Vec<&str> = frame.lines().skip(2).take(2).map(|l| l.split(' ').next().unwrap()).collect();
+        assert_eq!(ports, ["vm1", "vm2"], "{frame}");
+        assert!(frame.contains("drops by reason:\nPORT  REASON"), "{frame}");
+    }
+    // A sort key it does not know: usage error.
+    let out = vmq(&["top", "--socket", socket, "--once", "--sort", "loudest"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
 }
