@@ -26,5 +26,6 @@ mkdir -p "$out/completions"
 "$vmq" completions zsh >"$out/completions/_vmq"
 "$vmq" completions fish >"$out/completions/vmq.fish"
 
-cargo deb -p vmq --no-build --output target/debian/ "$@"
-ls -1 target/debian/vmq_*.deb | tail -n 1
+# cargo-deb prints the .deb's path. --strip: the release profile keeps line tables for
+# profiling; the package ships a stripped binary.
+cargo deb -p vmq --no-build --strip --output target/debian/ "$@"
