@@ -583,7 +583,10 @@ fn exit_codes_tell_refused_from_usage_from_unreachable() {
 /// Copies the vmq binary where any user can run it (the build directory may be private).
 fn public_copy_of_vmq(dir: &TempDir) -> PathBuf {
     let copy = dir.join("vmq");
-    std::fs::copy(env!("CARGO_BIN_EXE_vmq"), &copy).unwrap();
+    // `cp`, not std::fs::copy: a write descriptor open in this process would leak into children
+    // other tests fork meanwhile, and exec of the copy would fail with ETXTBSY.
+    let status = Command::new("cp").arg(env!("CARGO_BIN_EXE_vmq")).arg(&copy).status().unwrap();
+    assert!(status.success(), "cp vmq");
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
     copy
 }
