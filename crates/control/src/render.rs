@@ -302,7 +302,8 @@ fn stats(ports: &[PortCounters], out: &mut String) {
     t.render(out);
     let with_drops: Vec<&PortCounters> = ports.iter().filter(|p| p.total_drops() > 0).collect();
     if !with_drops.is_empty() {
-        out.push_str("\ndrops by reason:\n");
+        // No blank line: in a pipe, a blank line is what separates frames.
+        out.push_str("drops by reason:\n");
         for p in with_drops {
             let reasons: Vec<String> =
                 p.drops.iter().filter(|(_, n)| **n > 0).map(|(reason, n)| format!("{reason} {n}")).collect();
@@ -376,8 +377,40 @@ pub fn rates(previous: &StatsReport, current: &StatsReport) -> Vec<(String, Opti
         .collect()
 }
 
-/// One frame of `vmq top`: per-port rates between two snapshots and queue assignment.
-pub fn top_frame(previous: &StatsReport, current: &StatsReport, queues: Option<&QueueReport>) -> String {
+/// The row order of `vmq top`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TopSort {
+    /// Busiest receivers first (packets per second).
+    #[default]
+    Rx,
+    /// Busiest senders first.
+    Tx,
+    /// Most drops per second first, then most drops in all.
+    Drops,
+    /// Port name.
+    Name,
+}
+
+/// Orders `rows` by `sort`, highest first; ports without rates (just added) go last. Ties and
+/// `Name` go by port name, so a frame's order never flickers between equal ports.
+fn sort_rows(rows: &mut [(String, Option<PortRates>)], sort: TopSort) {
+    let key = |r: &Option<PortRates>| -> (f64, u64) {
+        match (r, sort) {
+            (None, _) | (_, TopSort::Name) => (f64::NEG_INFINITY, 0),
+            (Some(r), TopSort::Rx) => (r.rx_pps, 0),
+            (Some(r), TopSort::Tx) => (r.tx_pps, 0),
+            (Some(r), TopSort::Drops) => (r.drops_per_sec, r.drops),
+        }
+    };
+    rows.sort_by(|(a_name, a), (b_name, b)| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0).then(kb.1.cmp(&ka.1)).then_with(|| a_name.cmp(b_name))
+    });
+}
+
+/// One frame of `vmq top`: per-port rates between two snapshots and queue assignment, rows in
+/// `sort` order, then the drops of each port by reason (those with any).
+pub fn top_frame(previous: &StatsReport, current: &StatsReport, queues: Option<&QueueReport>, sort: TopSort) -> String {
     let seconds = current.uptime_ns.saturating_sub(previous.uptime_ns) as f64 / 1e9;
     let mut out = String::new();
     let _ = write!(out, "vmq top: {} port(s), rates over {seconds:.3} s", current.ports.len());
@@ -405,7 +438,9 @@ pub fn top_frame(previous: &StatsReport, current: &StatsReport, queues: Option<&
             None => "-".to_string(),
         }
     };
-    for (port, r) in rates(previous, current) {
+    let mut rows = rates(previous, current);
+    sort_rows(&mut rows, sort);
+    for (port, r) in &rows {
         let cells = match r {
             Some(r) => vec![
                 format!("{:.0}", r.rx_pps),
@@ -416,16 +451,51 @@ pub fn top_frame(previous: &StatsReport, current: &StatsReport, queues: Option<&
                 r.drops.to_string(),
             ],
             None => {
-                let drops = current.ports.iter().find(|p| p.port == port).map_or(0, PortCounters::total_drops);
+                let drops = current.ports.iter().find(|p| &p.port == port).map_or(0, PortCounters::total_drops);
                 vec!["-".into(), "-".into(), "-".into(), "-".into(), "-".into(), drops.to_string()]
             }
         };
-        let mut row = vec![port.clone(), queue_of(&port)];
+        let mut row = vec![port.clone(), queue_of(port)];
         row.extend(cells);
         t.row(row);
     }
     t.render(&mut out);
+    drops_by_reason(previous, current, &rows, seconds, &mut out);
     out
+}
+
+/// The drops of each port by reason, in the frame's port order: every reason counted so far,
+/// with its rate over the frame's interval (`-` for a port that was not in the previous
+/// snapshot). Kernel ring losses of uplinks are listed too, as `kernel_ring_full`.
+fn drops_by_reason(
+    previous: &StatsReport,
+    current: &StatsReport,
+    order: &[(String, Option<PortRates>)],
+    seconds: f64,
+    out: &mut String,
+) {
+    let mut t = Table::new(&[("PORT", L), ("REASON", L), ("DROPS/S", R), ("DROPS", R)]);
+    let mut any = false;
+    for (port, _) in order {
+        let Some(cur) = current.ports.iter().find(|p| &p.port == port) else { continue };
+        let prev = previous.ports.iter().find(|p| &p.port == port).filter(|_| seconds > 0.0);
+        let mut reasons: Vec<(&str, u64, Option<u64>)> = cur
+            .drops
+            .iter()
+            .map(|(reason, n)| (reason.as_str(), *n, prev.map(|p| p.drops.get(reason).copied().unwrap_or(0))))
+            .collect();
+        reasons.push(("kernel_ring_full", cur.kernel_drops, prev.map(|p| p.kernel_drops)));
+        for (reason, now, then) in reasons.into_iter().filter(|(_, now, _)| *now > 0) {
+            let rate = then.map_or("-".to_string(), |then| format!("{:.0}", now.saturating_sub(then) as f64 / seconds));
+            t.row(vec![port.clone(), reason.to_string(), rate, now.to_string()]);
+            any = true;
+        }
+    }
+    if any {
+        // No blank line: in a pipe, a blank line is what separates frames.
+        out.push_str("drops by reason:\n");
+        t.render(out);
+    }
 }
 
 #[cfg(test)]
@@ -481,5 +551,63 @@ mod tests {
         assert_eq!(r[1].1.clone().unwrap().rx_pps, 0.0);
         assert_eq!(r[2], ("new".to_string(), None));
         assert!(rates(&b, &b).iter().all(|(_, r)| r.is_none()));
+    }
+
+    fn with_tx(c: PortCounters, tx: u64) -> PortCounters {
+        PortCounters { tx_packets: tx, tx_bytes: tx * 100, ..c }
+    }
+
+    fn port_order(frame: &str) -> Vec<&str> {
+        frame
+            .lines()
+            .skip(2)
+            .take_while(|l| *l != "drops by reason:")
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn top_sorts_by_the_key_asked_for() {
+        let a = StatsReport {
+            uptime_ns: 1_000_000_000,
+            ports: vec![counters("b", 0, 0), counters("a", 0, 0), counters("c", 0, 0)],
+        };
+        let b = StatsReport {
+            uptime_ns: 2_000_000_000,
+            // rx: c > a > b; tx: b > c > a; drops: a, then b and c (none) by name; `new` has no rates.
+            ports: vec![
+                with_tx(counters("b", 10, 0), 900),
+                with_tx(counters("a", 500, 7), 5),
+                with_tx(counters("c", 900, 0), 50),
+                counters("new", 1, 3),
+            ],
+        };
+        assert_eq!(port_order(&top_frame(&a, &b, None, TopSort::Rx)), ["c", "a", "b", "new"]);
+        assert_eq!(port_order(&top_frame(&a, &b, None, TopSort::Tx)), ["b", "c", "a", "new"]);
+        assert_eq!(port_order(&top_frame(&a, &b, None, TopSort::Drops)), ["a", "b", "c", "new"]);
+        assert_eq!(port_order(&top_frame(&a, &b, None, TopSort::Name)), ["a", "b", "c", "new"]);
+    }
+
+    #[test]
+    fn top_lists_drops_by_reason_with_rates() {
+        let mut a1 = counters("a", 0, 4);
+        a1.drops.insert("spoofed".into(), 0);
+        let a = StatsReport { uptime_ns: 0, ports: vec![a1, counters("quiet", 0, 0)] };
+        let mut a2 = counters("a", 0, 10);
+        a2.drops.insert("spoofed".into(), 20);
+        let up = PortCounters { kernel_drops: 5, ..counters("up0", 0, 0) };
+        let b = StatsReport { uptime_ns: 2_000_000_000, ports: vec![a2, counters("quiet", 0, 0), up] };
+        let frame = top_frame(&a, &b, None, TopSort::Name);
+        let section = frame.split("\ndrops by reason:\n").nth(1).unwrap_or_else(|| panic!("{frame}"));
+        assert_eq!(
+            section,
+            "PORT  REASON            DROPS/S  DROPS\n\
+             a     oversize                3     10\n\
+             a     spoofed                10     20\n\
+             up0   kernel_ring_full        -      5\n"
+        );
+        // Nothing dropped: no section.
+        let quiet = StatsReport { uptime_ns: 0, ports: vec![counters("quiet", 7, 0)] };
+        assert!(!top_frame(&quiet, &quiet, None, TopSort::Rx).contains("drops by reason"));
     }
 }

@@ -1,8 +1,11 @@
-//! Named network namespaces, made the way `ip netns add` makes them: a new network namespace kept
-//! alive by a bind mount of its nsfs file on `/run/netns/NAME`, with `/run/netns` a shared mount
-//! point so the mount shows in other mount namespaces too. Code runs inside a namespace on a
-//! short-lived thread that `setns`es into it: sockets and TAPs created there stay bound to that
-//! namespace after the thread ends, so the rest of vmq never changes namespace.
+//! Network namespaces, named or by path. Named ones are made the way `ip netns add` makes them: a
+//! new network namespace kept alive by a bind mount of its nsfs file on `/run/netns/NAME`, with
+//! `/run/netns` a shared mount point so the mount shows in other mount namespaces too. A
+//! namespace can also be given by an absolute path to any nsfs file (a container runtime's
+//! `/proc/PID/ns/net`, `/var/run/netns/X`): vmq enters it but never creates or deletes it. Code
+//! runs inside a namespace on a short-lived thread that `setns`es into it: sockets and TAPs
+//! created there stay bound to that namespace after the thread ends, so the rest of vmq never
+//! changes namespace.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -23,6 +26,10 @@ pub enum NetnsError {
     InvalidName { name: String, reason: &'static str },
     #[error("netns {0} does not exist")]
     NotFound(String),
+    #[error("netns {0} is not a network namespace (setns refused it)")]
+    NotANetns(String),
+    #[error("netns path {path:?} is invalid: {reason}")]
+    InvalidPath { path: String, reason: &'static str },
     #[error("netns {0} already exists")]
     AlreadyExists(String),
     #[error("netns {name}: {op}: {source}")]
@@ -54,14 +61,35 @@ pub fn path(name: &str) -> PathBuf {
     Path::new(NETNS_RUN_DIR).join(name)
 }
 
+/// True when `netns` is a path to a namespace file rather than a name under /run/netns.
+pub fn is_path(netns: &str) -> bool {
+    netns.starts_with('/')
+}
+
+/// The nsfs file of `netns`: the path itself, or `/run/netns/NAME` for a name.
+pub fn resolve(netns: &str) -> Result<PathBuf, NetnsError> {
+    if is_path(netns) {
+        let bad = |reason| Err(NetnsError::InvalidPath { path: netns.to_string(), reason });
+        if netns.contains('\0') {
+            return bad("it contains a NUL byte");
+        }
+        if netns.len() >= libc::PATH_MAX as usize {
+            return bad("it is longer than PATH_MAX");
+        }
+        return Ok(PathBuf::from(netns));
+    }
+    check_name(netns)?;
+    Ok(path(netns))
+}
+
 fn c_path(p: &Path) -> CString {
     // Names are checked to contain no NUL; NETNS_RUN_DIR has none.
     CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
 }
 
-/// Does namespace `name` exist (is its file there)?
-pub fn exists(name: &str) -> bool {
-    check_name(name).is_ok() && path(name).exists()
+/// Does namespace `netns` (a name or a path) exist (is its file there)?
+pub fn exists(netns: &str) -> bool {
+    resolve(netns).is_ok_and(|p| p.exists())
 }
 
 /// Serialises the one-time setup of /run/netns between threads of this process.
@@ -157,11 +185,11 @@ pub fn delete(name: &str) -> Result<(), NetnsError> {
     }
 }
 
-/// Runs `f` inside namespace `name` on a short-lived thread and returns its result. File
-/// descriptors `f` creates (sockets, TAPs) stay in that namespace. A panic in `f` is re-raised.
+/// Runs `f` inside namespace `name` (a name under /run/netns or a path to an nsfs file) on a
+/// short-lived thread and returns its result. File descriptors `f` creates (sockets, TAPs) stay
+/// in that namespace. A panic in `f` is re-raised.
 pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
-    check_name(name)?;
-    let file = File::open(path(name)).map_err(|e| {
+    let file = File::open(resolve(name)?).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound { NetnsError::NotFound(name.to_string()) } else { os(name, "open")(e) }
     })?;
     std::thread::scope(|s| {
@@ -169,7 +197,15 @@ pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, Ne
             .name("vmq-netns".into())
             .spawn_scoped(s, || -> Result<T, NetnsError> {
                 // SAFETY: setns on a valid fd only changes this thread's network namespace.
-                cvt(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }).map_err(os(name, "setns"))?;
+                cvt(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }).map_err(|e| {
+                    // EINVAL: the file is not a network namespace (another namespace type, a
+                    // plain file): the user's mistake, said as such.
+                    if e.raw_os_error() == Some(libc::EINVAL) {
+                        NetnsError::NotANetns(name.to_string())
+                    } else {
+                        os(name, "setns")(e)
+                    }
+                })?;
                 Ok(f())
             })
             .map_err(|source| NetnsError::Thread { name: name.to_string(), source })?;

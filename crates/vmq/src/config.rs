@@ -459,14 +459,23 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
         Ok(s.clone())
     };
 
+    // A name under /run/netns, or an absolute path to a namespace file (`/proc/PID/ns/net`).
     let netns = |v: &Option<Spanned<String>>| -> Result<Option<String>, ConfigError> {
-        match v {
-            Some(v) if v.get_ref().is_empty() || v.get_ref().contains(['/', '\0']) || v.get_ref().len() > 64 => {
-                Err(loc.at(v, "netns must be a namespace name (1 to 64 bytes, no '/')"))
-            }
-            Some(v) => Ok(Some(v.get_ref().clone())),
-            None => Ok(None),
+        let Some(v) = v else { return Ok(None) };
+        let s = v.get_ref();
+        let valid = if vmq_sys::netns::is_path(s) {
+            vmq_sys::netns::resolve(s).is_ok()
+        } else {
+            !s.is_empty() && !s.contains(['/', '\0']) && s.len() <= 64
+        };
+        if !valid {
+            return Err(loc.at(
+                v,
+                "netns must be a namespace name (1 to 64 bytes, no '/') or an absolute path to a namespace \
+                 file (/proc/PID/ns/net)",
+            ));
         }
+        Ok(Some(s.clone()))
     };
 
     let backend = match kind {
@@ -490,6 +499,9 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
             let create_netns = p.create_netns.as_ref().is_some_and(|c| *c.get_ref());
             if create_netns && p.netns.is_none() {
                 return Err(needs("netns"));
+            }
+            if let Some(ns) = p.netns.as_ref().filter(|ns| create_netns && vmq_sys::netns::is_path(ns.get_ref())) {
+                return Err(loc.at(ns, format!("port {name:?}: create_netns needs a namespace name, not a path")));
             }
             PortBackend::Tap { ifname, netns: netns(&p.netns)?, create_netns }
         }
@@ -805,6 +817,29 @@ trunk = [20, 10, 10]
         assert_eq!(line, 7, "{m}");
         // The same name in different namespaces is fine (the embedded default does that).
         parse(&format!("{up}{tap}netns = \"ns1\"\n"), "t").unwrap();
+    }
+
+    #[test]
+    fn netns_is_a_name_or_an_absolute_path() {
+        let tap =
+            |netns: &str, extra: &str| format!("[[port]]\nname = \"t\"\nkind = \"tap\"\nnetns = {netns:?}\n{extra}");
+        for good in ["ns1", "/proc/4242/ns/net", "/var/run/netns/pod-1", "/run/netns/x"] {
+            let c = parse(&tap(good, ""), "t").unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(
+                c.ports[0].backend,
+                PortBackend::Tap { ifname: "t".into(), netns: Some(good.into()), create_netns: false }
+            );
+        }
+        for bad in ["", "a/b", "relative/path/ns", &"n".repeat(65), &format!("/{}", "p".repeat(5000))] {
+            let (line, _, m) = err(&tap(bad, ""));
+            assert_eq!(line, 4, "{bad}: {m}");
+            assert!(m.contains("netns must be a namespace name") && m.contains("absolute path"), "{m}");
+        }
+        // vmq makes only named namespaces; a path belongs to someone else.
+        let (line, _, m) = err(&tap("/proc/1/ns/net", "create_netns = true\n"));
+        assert_eq!(line, 4, "{m}");
+        assert!(m.contains("create_netns needs a namespace name, not a path"), "{m}");
+        parse(&tap("ns1", "create_netns = true\n"), "t").unwrap();
     }
 
     #[test]

@@ -18,14 +18,16 @@ use crate::exit;
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
+    // `global`: these go before or after the subcommand (`vmq ctl --json show`, `vmq ctl show
+    // --json`), as ovs-appctl and kubectl users type them.
     /// The control socket of the running vmq (`[control] socket`).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Print vmq's reply as JSON (the line as received) instead of a table.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     /// How long to wait for vmq to accept the connection and to answer.
-    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    #[arg(long, global = true, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     timeout_ms: u64,
     #[command(subcommand)]
     command: CtlCommand,
@@ -73,13 +75,15 @@ struct AddPortArgs {
     name: String,
     #[arg(long)]
     kind: KindArg,
-    /// vhost-user: the socket vmq listens on for the VM.
+    /// vhost-user: the socket vmq listens on for the VM (the port's `socket` key; `--socket`
+    /// is the control socket).
     #[arg(long, value_name = "PATH")]
-    socket: Option<String>,
+    vhost_socket: Option<String>,
     /// tap/uplink: the interface name.
     #[arg(long)]
     ifname: Option<String>,
-    /// tap: move the TAP into this network namespace.
+    /// tap/uplink: the network namespace, a name under /run/netns or a path to a namespace file
+    /// (`/proc/PID/ns/net`).
     #[arg(long)]
     netns: Option<String>,
     /// The port's MAC (required for VM ports).
@@ -156,7 +160,7 @@ impl CtlCommand {
                     KindArg::Uplink => PortKind::Uplink,
                     KindArg::Mem => PortKind::Mem,
                 },
-                socket: a.socket,
+                socket: a.vhost_socket,
                 ifname: a.ifname,
                 netns: a.netns,
                 mac: a.mac,

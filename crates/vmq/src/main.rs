@@ -9,6 +9,7 @@ mod ctl;
 mod demo;
 mod exit;
 mod handler;
+mod logging;
 mod run;
 mod top;
 

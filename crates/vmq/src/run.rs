@@ -16,7 +16,6 @@ use crate::exit;
 use crate::handler::DatapathHandler;
 
 pub fn run(path: &Path) -> ExitCode {
-    init_logging();
     let config = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -112,10 +111,4 @@ impl ControlHandler for StartingHandler {
             None => Err(ControlError::new(ErrorCode::Busy, "vmq is starting; try again")),
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

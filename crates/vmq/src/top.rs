@@ -1,17 +1,19 @@
-//! `vmq top`: live per-port rates (pps, Gbit/s), drops and VM queue assignment, refreshed every
-//! interval like `top`. Interactive on a terminal (alternate screen, `q`/Esc/Ctrl-C quits, the
-//! terminal is restored on every way out); plain text frames otherwise, or with `--once` /
-//! `--iterations N`.
+//! `vmq top`: live per-port rates (pps, Gbit/s), drops (in all and by reason) and VM queue
+//! assignment, refreshed every interval like `top`, rows sorted by `--sort`. Interactive on a
+//! terminal (alternate screen, `q`/Esc/Ctrl-C quits, the terminal is restored on every way out);
+//! when stdout is not a terminal (a pipe, a file, a log), or with `--once` / `--iterations N`,
+//! plain text frames one after another, separated by a blank line, without any escape sequence.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use crossterm::{cursor, execute, queue, terminal};
 use vmq_control::protocol::{QueueReport, Request, Response, StatsReport};
+use vmq_control::render::TopSort;
 use vmq_control::server::DEFAULT_SOCKET;
 use vmq_control::{Client, ClientError, render};
 
@@ -31,9 +33,31 @@ pub struct TopArgs {
     /// Print N frames as plain text and exit.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     iterations: Option<u64>,
+    /// Row order: busiest receivers (rx) or senders (tx) first, most drops first, or by name.
+    #[arg(long, value_enum, default_value_t = SortArg::Rx)]
+    sort: SortArg,
     /// How long to wait for vmq to answer a sample.
     #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SortArg {
+    Rx,
+    Tx,
+    Drops,
+    Name,
+}
+
+impl From<SortArg> for TopSort {
+    fn from(s: SortArg) -> TopSort {
+        match s {
+            SortArg::Rx => TopSort::Rx,
+            SortArg::Tx => TopSort::Tx,
+            SortArg::Drops => TopSort::Drops,
+            SortArg::Name => TopSort::Name,
+        }
+    }
 }
 
 /// One sample: counters, and queue assignment when vmq reports it.
@@ -63,9 +87,9 @@ pub fn top(args: TopArgs) -> ExitCode {
     let frames = if args.once { Some(1) } else { args.iterations };
     let interactive = frames.is_none() && std::io::stdout().is_terminal();
     let result = if interactive {
-        interactive_loop(&args.socket, interval, timeout)
+        interactive_loop(&args.socket, interval, timeout, args.sort.into())
     } else {
-        plain_loop(&args.socket, interval, timeout, frames)
+        plain_loop(&args.socket, interval, timeout, frames, args.sort.into())
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,14 +113,20 @@ enum TopError {
 }
 
 /// Frames as plain text, one after another, each rated over the interval before it.
-fn plain_loop(socket: &Path, interval: Duration, timeout: Duration, frames: Option<u64>) -> Result<(), TopError> {
+fn plain_loop(
+    socket: &Path,
+    interval: Duration,
+    timeout: Duration,
+    frames: Option<u64>,
+    sort: TopSort,
+) -> Result<(), TopError> {
     let mut previous = sample(socket, timeout)?;
     let mut printed = 0u64;
     while frames.is_none_or(|n| printed < n) {
         // The refresh period of the view, not a synchronisation.
         std::thread::sleep(interval);
         let current = sample(socket, timeout)?;
-        let frame = render::top_frame(&previous.stats, &current.stats, current.queues.as_ref());
+        let frame = render::top_frame(&previous.stats, &current.stats, current.queues.as_ref(), sort);
         let separator: &[u8] = if printed > 0 { b"\n" } else { b"" };
         let mut out = std::io::stdout().lock();
         match out.write_all(separator).and_then(|()| out.write_all(frame.as_bytes())).and_then(|()| out.flush()) {
@@ -167,7 +197,7 @@ fn wait_for_quit(period: Duration) -> std::io::Result<bool> {
     }
 }
 
-fn interactive_loop(socket: &Path, interval: Duration, timeout: Duration) -> Result<(), TopError> {
+fn interactive_loop(socket: &Path, interval: Duration, timeout: Duration, sort: TopSort) -> Result<(), TopError> {
     // Fail before touching the terminal if vmq is not there at all.
     let mut previous = sample(socket, timeout)?;
     let _guard = TerminalGuard::enter()?;
@@ -178,7 +208,7 @@ fn interactive_loop(socket: &Path, interval: Duration, timeout: Duration) -> Res
         }
         match sample(socket, timeout) {
             Ok(current) => {
-                let frame = render::top_frame(&previous.stats, &current.stats, current.queues.as_ref());
+                let frame = render::top_frame(&previous.stats, &current.stats, current.queues.as_ref(), sort);
                 draw(&format!("{frame}\nq: quit"))?;
                 previous = current;
             }

@@ -373,7 +373,7 @@ fn write_commands_send_the_request_the_arguments_say() {
             "vm3",
             "--kind",
             "vhost-user",
-            "--socket",
+            "--vhost-socket",
             "/run/vmq/vm3.sock",
             "--mac",
             "52:54:00:00:00:03",
@@ -475,6 +475,68 @@ fn json_prints_the_reply_as_received() {
 }
 
 #[test]
+fn socket_json_and_timeout_are_taken_before_or_after_the_subcommand() {
+    let f = Fixture::new("pos");
+    let socket = f.socket.to_str().unwrap();
+    let json = |out: &Output| {
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(out.stdout.starts_with(r#"{"ok":true,"result":{"type":"show""#), "{}", out.stdout);
+    };
+    // Before (as ever), after, and split around the subcommand.
+    json(&vmq(&["ctl", "--socket", socket, "--json", "show"]));
+    json(&vmq(&["ctl", "show", "--json", "--socket", socket]));
+    json(&vmq(&["ctl", "show", "--socket", socket, "--json", "--timeout-ms", "3000"]));
+    json(&vmq(&["ctl", "--json", "show", "--socket", socket]));
+    // After a subcommand's own arguments and on a nested subcommand.
+    let stats = vmq(&["ctl", "stats", "vm1", "--socket", socket, "--json"]);
+    assert_eq!(stats.code, 0, "{}", stats.stderr);
+    assert!(stats.stdout.starts_with(r#"{"ok":true,"result":{"type":"stats""#), "{}", stats.stdout);
+    let set = vmq(&["ctl", "set", "queues", "3", "--socket", socket, "--json"]);
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    // The port's vhost-user socket has its own flag and does not take the control socket's place.
+    let added = vmq(&[
+        "ctl",
+        "add-port",
+        "--name",
+        "vm7",
+        "--kind",
+        "vhost-user",
+        "--vhost-socket",
+        "/run/vmq/vm7.sock",
+        "--mac",
+        "52:54:00:00:00:07",
+        "--socket",
+        socket,
+    ]);
+    assert_eq!(added.code, 0, "{}", added.stderr);
+    // A table without --json wherever it is asked.
+    let table = vmq(&["ctl", "show", "--socket", socket]);
+    assert_eq!(table.code, 0, "{}", table.stderr);
+    assert!(table.stdout.starts_with("vmq: mode vmq"), "{}", table.stdout);
+    assert_eq!(
+        f.seen(),
+        [
+            vec![Request::Show; 4],
+            vec![Request::Stats { port: Some("vm1".into()) }, Request::Set(Setting::Queues { queues: 3 })],
+            vec![Request::AddPort(NewPort {
+                name: "vm7".into(),
+                kind: PortKind::VhostUser,
+                socket: Some("/run/vmq/vm7.sock".into()),
+                mac: Some("52:54:00:00:00:07".into()),
+                ..NewPort::default()
+            })],
+            vec![Request::Show],
+        ]
+        .concat()
+    );
+    // The socket given after the subcommand is the one used: a missing one is unreachable (3).
+    let missing = f.socket.with_file_name("missing.sock");
+    let out = vmq(&["ctl", "show", "--socket", missing.to_str().unwrap()]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stderr.contains("missing.sock"), "{}", out.stderr);
+}
+
+#[test]
 fn exit_codes_tell_refused_from_usage_from_unreachable() {
     let f = Fixture::new("exit");
     // 1: vmq refused.
@@ -521,7 +583,10 @@ fn exit_codes_tell_refused_from_usage_from_unreachable() {
 /// Copies the vmq binary where any user can run it (the build directory may be private).
 fn public_copy_of_vmq(dir: &TempDir) -> PathBuf {
     let copy = dir.join("vmq");
-    std::fs::copy(env!("CARGO_BIN_EXE_vmq"), &copy).unwrap();
+    // `cp`, not std::fs::copy: a write descriptor open in this process would leak into children
+    // other tests fork meanwhile, and exec of the copy would fail with ETXTBSY.
+    let status = Command::new("cp").arg(env!("CARGO_BIN_EXE_vmq")).arg(&copy).status().unwrap();
+    assert!(status.success(), "cp vmq");
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
     copy
 }
@@ -565,7 +630,11 @@ fn top_prints_frames_rated_from_consecutive_snapshots() {
         format!(
             "vmq top: 2 port(s), rates over 1.000 s, mode vmq, VM queues 1 of 1\n{header}\n\
              vm1   q1@w1          1000000     12.000     500      0.000       10     10\n\
-             vm2   shared:budget        0      0.000       0      0.000        0      0"
+             vm2   shared:budget        0      0.000       0      0.000        0      0\n\
+             drops by reason:\n\
+             PORT  REASON            DROPS/S  DROPS\n\
+             vm1   oversize               10     10\n\
+             vm1   kernel_ring_full        3      3"
         )
     );
     assert!(
@@ -630,4 +699,44 @@ fn interactive_top_quits_on_q_and_restores_the_terminal() {
     assert!(screen.contains("\x1b[?1049h"), "{screen:?}");
     assert!(screen.contains("vm1   q1@w1"), "{screen:?}");
     assert!(screen.contains("\x1b[?25h\x1b[?1049l"), "cursor shown and alternate screen left: {screen:?}");
+}
+
+#[test]
+fn top_into_a_pipe_prints_plain_frames_until_stopped() {
+    let f = Fixture::new("toppipe");
+    let socket = f.socket.to_str().unwrap();
+    // No --once/--iterations: on a terminal this would be the interactive view; into a pipe it
+    // is plain frames, forever, each ended by a blank line before the next.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmq"))
+        .args(["top", "--socket", socket, "--interval-ms", "1", "--sort", "name"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while text.windows(8).filter(|w| *w == b"vmq top:").count() < 3 && Instant::now() < deadline {
+        match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+    }
+    // By PID: only the process this test started.
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!text.contains(&0x1b), "escape sequences into a pipe: {:?}", String::from_utf8_lossy(&text));
+    let text = String::from_utf8(text).unwrap();
+    let frames: Vec<&str> = text.split("\n\n").filter(|f| f.starts_with("vmq top:")).collect();
+    assert!(frames.len() >= 2, "{text}");
+    for frame in &frames[..2] {
+        let ports: Vec<&str> = frame.lines().skip(2).take(2).map(|l| l.split(' ').next().unwrap()).collect();
+        assert_eq!(ports, ["vm1", "vm2"], "{frame}");
+        assert!(frame.contains("drops by reason:\nPORT  REASON"), "{frame}");
+    }
+    // A sort key it does not know: usage error.
+    let out = vmq(&["top", "--socket", socket, "--once", "--sort", "loudest"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
 }

@@ -630,3 +630,129 @@ fn add_and_del_port_under_a_running_stream_vmq_mode() {
 fn add_and_del_port_under_a_running_stream_switch_mode() {
     add_del_under_stream("switch", "as");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Namespaces by path, as container runtimes hand them over.
+
+/// A "pod": a `sleep` in a network namespace of its own that has no name under /run/netns,
+/// reached through `/proc/PID/ns/net`. The process is killed by PID on drop, which ends the
+/// namespace (and takes the TAP in it along).
+struct Pod {
+    child: std::process::Child,
+}
+
+impl Pod {
+    fn start() -> Pod {
+        let child = std::process::Command::new("unshare")
+            .args(["--net", "sleep", "300"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("unshare");
+        let pod = Pod { child };
+        // unshare execs sleep once it is in the new namespace.
+        let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let entered = wait_until(WAIT, || std::fs::read_link(pod.netns()).is_ok_and(|l| l != own));
+        assert!(entered, "unshare never entered a new namespace");
+        pod.exec(&["ip", "link", "set", "lo", "up"]);
+        pod
+    }
+
+    fn netns(&self) -> String {
+        format!("/proc/{}/ns/net", self.child.id())
+    }
+
+    /// Runs a command in the pod's namespace (nsenter), which must succeed.
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        let net = format!("--net={}", self.netns());
+        let mut all = vec!["nsenter", &net];
+        all.extend_from_slice(args);
+        let out = run_bounded(&all, std::time::Duration::from_secs(15));
+        assert!(out.status.success(), "{args:?} in the pod: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn tap_ports_attach_to_namespaces_given_by_path() {
+    if !can_run() {
+        return;
+    }
+    let p = unique("np");
+    let pod = Pod::start();
+    // Host b in a named namespace, given by the path of its bind-mounted file.
+    let b = TapHost::new(&p, "b", 2);
+    let b_path = format!("/run/netns/{}", b.ns.name());
+    let a_if = format!("{p}a");
+    let a_mac = "02:00:00:00:00:01";
+    let body = format!(
+        "{}[[port]]\nname = \"a\"\nkind = \"tap\"\nifname = \"{a_if}\"\nnetns = \"{}\"\nmac = \"{a_mac}\"\n\
+         [[port]]\nname = \"b\"\nkind = \"tap\"\nifname = \"{}\"\nnetns = \"{b_path}\"\nmac = \"{}\"\n",
+        switch_section("vmq"),
+        pod.netns(),
+        b.ifname,
+        b.mac
+    );
+    let vmq = Vmq::start(&p, &body);
+    // The TAPs are where the paths say: in the pod (not in vmq's namespace) and in b's.
+    pod.exec(&["ip", "link", "show", "dev", &a_if]);
+    assert!(!std::path::Path::new("/sys/class/net").join(&a_if).exists(), "TAP a is in vmq's own namespace");
+    pod.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", &a_if]);
+    b.address();
+    let ping = pod.exec(&["ping", "-n", "-q", "-c", "3", "-i", "0.1", "-w", "10", &b.ip]);
+    assert!(String::from_utf8_lossy(&ping.stdout).contains(" 3 received"), "{}", String::from_utf8_lossy(&ping.stdout));
+    assert!(b.ns.ping("10.0.0.1", 3, &[]), "b -> pod");
+    assert!(vmq.stats("a").tx_packets >= 3 && vmq.stats("b").tx_packets >= 3);
+    let ports = vmq.show().ports;
+    let a_info = ports.iter().find(|i| i.name == "a").unwrap();
+    assert_eq!(a_info.netns.as_deref(), Some(pod.netns().as_str()));
+
+    // At run time too: a second pod's TAP added by path through the control socket.
+    let pod2 = Pod::start();
+    let c_if = format!("{p}c");
+    let added = vmq.ctl(&[
+        "add-port",
+        "--name",
+        "c",
+        "--kind",
+        "tap",
+        "--ifname",
+        &c_if,
+        "--netns",
+        &pod2.netns(),
+        "--mac",
+        "02:00:00:00:00:03",
+    ]);
+    assert!(matches!(added, vmq_control::protocol::Response::PortAdded { .. }), "{added:?}");
+    assert!(wait_until(WAIT, || vmq.port_state("c") == Some(PortState::Up)), "c not up");
+    pod2.exec(&["ip", "addr", "add", "10.0.0.3/24", "dev", &c_if]);
+    pod2.exec(&["ping", "-n", "-q", "-c", "2", "-i", "0.1", "-w", "10", &b.ip]);
+    vmq.ctl(&["del-port", "c"]);
+    // create_netns on a path is refused: vmq never makes or deletes a namespace it was handed.
+    let (code, out, _) =
+        vmq.ctl_raw(&["add-port", "--name", "d", "--kind", "tap", "--netns", &pod2.netns(), "--create-netns"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("create_netns needs a namespace name, not a path"), "{out}");
+}
+
+#[test]
+fn run_refuses_a_netns_path_that_is_not_a_network_namespace() {
+    if !can_run() {
+        return;
+    }
+    let p = unique("nx");
+    let body = format!(
+        "{}[[port]]\nname = \"wrong\"\nkind = \"tap\"\nifname = \"{p}a\"\nnetns = \"/proc/self/ns/mnt\"\n",
+        switch_section("vmq")
+    );
+    let failed = Vmq::expect_failure(&p, &body);
+    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
+    assert!(failed.stderr.contains("port \"wrong\""), "{}", failed.stderr);
+    assert!(failed.stderr.contains("/proc/self/ns/mnt is not a network namespace"), "{}", failed.stderr);
+}
