@@ -18,7 +18,7 @@ use virtio_bindings::virtio_net::{
 };
 use vm_memory::GuestAddressSpace;
 use vmq_core::{DropReason, OffloadCaps};
-use vmq_vhost::server::{ServerError, SocketPolicy, VhostUserServer};
+use vmq_vhost::server::{ConnectionStatus, ServerError, SocketPolicy, VhostMode, VhostUserServer};
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
@@ -315,11 +315,12 @@ enum Command {
     Add {
         name: String,
         socket: PathBuf,
+        mode: VhostMode,
         policy: SocketPolicy,
         config: NetDeviceConfig,
         device: Arc<NetDevice>,
         handle: PortHandle,
-        reply: Sender<Result<(), ServerError>>,
+        reply: Sender<Result<Arc<ConnectionStatus>, ServerError>>,
     },
     Remove {
         name: String,
@@ -349,12 +350,15 @@ impl VhostService {
                     }
                     loop {
                         match rx.try_recv() {
-                            Ok(Command::Add { name, socket, policy, config, device, handle, reply }) => {
+                            Ok(Command::Add { name, socket, mode, policy, config, device, handle, reply }) => {
                                 let on_event = Box::new(move |event| match event {
                                     DeviceEvent::Started => handle.set_up(true),
                                     DeviceEvent::Stopped => handle.set_up(false),
                                 });
-                                let result = server.add_port_with(&name, &socket, &policy, config, device, on_event);
+                                let result = server
+                                    .add_port_mode(&name, &socket, mode, &policy, config, device, on_event)
+                                    .map(|()| server.connection_status(&name));
+                                let result = result.and_then(|s| s.ok_or(ServerError::UnknownPort(name)));
                                 let _ = reply.send(result);
                             }
                             Ok(Command::Remove { name }) => {
@@ -371,12 +375,13 @@ impl VhostService {
         Ok(VhostService { commands, thread: Some(thread) })
     }
 
-    /// Listens on `socket` for the VM of port `name`; the port comes up when the guest's
-    /// driver has started both rings.
+    /// Listens on `socket` for the VM of port `name` (server mode), or connects to it (client
+    /// mode); the port comes up when the guest's driver has started both rings.
     pub fn attach(
         &self,
         name: &str,
         socket: PathBuf,
+        mode: VhostMode,
         policy: SocketPolicy,
         config: NetDeviceConfig,
         handle: PortHandle,
@@ -388,6 +393,7 @@ impl VhostService {
             .send(Command::Add {
                 name: name.to_string(),
                 socket,
+                mode,
                 policy,
                 config,
                 device: device.clone(),
@@ -395,13 +401,14 @@ impl VhostService {
                 reply,
             })
             .map_err(|_| backend_err(BackendError::VhostServiceGone))?;
-        result
+        let status = result
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| backend_err(BackendError::VhostServiceTimeout))?
             .map_err(|e| backend_err(BackendError::Vhost(e)))?;
         let mut att =
             Attachment::new(Box::new(VhostRxSink::new(device.clone())), Some(Box::new(VhostTxSource::new(device))));
         att.up = false;
+        att.vhost = Some(status);
         att.keepalive = Some(Box::new(Registration { name: name.to_string(), commands: self.commands.clone() }));
         Ok(att)
     }
