@@ -174,6 +174,15 @@ impl FrameSource for VhostTxSource {
                 }
             }
             // The guest frees its TX buffers when told they are used (or when it next sends).
+            // While chains of this batch are deferred, `complete` publishes the whole batch:
+            // the published used index must always count a prefix of the avail ring, because
+            // that is where QEMU resumes the ring if vmq dies (it takes its last_avail_idx
+            // from the used index). Short chains published ahead of a deferred long one would
+            // be handed out again after a crash, and the long one never.
+            if !deferred.is_empty() {
+                ring.hold_back_used();
+                return (n, false);
+            }
             ring.publish();
             (n, used && ring.needs_notification())
         });
@@ -481,5 +490,35 @@ mod tests {
             assert_eq!(errors, expected, "round {round}");
             assert!(!source.prepare_sleep(), "round {round}: a broken ring keeps the worker awake");
         }
+    }
+
+    /// After vmq dies, QEMU resumes the ring at the used index it finds in guest memory (it sets
+    /// its last_avail_idx to it). That is only right if the published used index always counts a
+    /// prefix of the avail ring: a short chain published before a long one whose tail was still
+    /// being delivered would be handed out again (used twice) and the long one never (lost).
+    #[test]
+    fn the_published_used_index_counts_a_prefix_of_the_avail_ring() {
+        let (device, mem, mut driver) = running_tx(16);
+        let mut source = VhostTxSource::new(device);
+        let mut scratch = Scratch::new();
+        let mut errors = Vec::new();
+        let long = BufferSpec { addr: GuestAddress(0x8_0000), len: 2000, device_writes: false };
+        let short = BufferSpec { addr: GuestAddress(0x9_0000), len: 100, device_writes: false };
+        let long_head = driver.add_chain(&*mem, &[long]).unwrap();
+        let short_head = driver.add_chain(&*mem, &[short]).unwrap();
+        driver.publish(&*mem);
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 2);
+        assert!(errors.is_empty(), "{errors:?}");
+        // The long frame's tail is still to be delivered: nothing of the batch is published yet.
+        assert_eq!(driver.pop_used(&*mem), None, "a used entry published ahead of an earlier chain in flight");
+        source.complete();
+        let mut used = Vec::new();
+        while let Some((head, _)) = driver.pop_used(&*mem) {
+            used.push(head);
+        }
+        used.sort_unstable();
+        let mut expected = vec![long_head, short_head];
+        expected.sort_unstable();
+        assert_eq!(used, expected, "both chains back once the batch is delivered");
     }
 }
