@@ -495,8 +495,8 @@ const RESTART_BOUND: Duration = Duration::from_secs(60);
 
 /// kill -9 of vmq under two running guests, then vmq started again with the same configuration:
 /// the guests ping each other again without anything done inside them, and a TCP transfer
-/// that runs across the restart arrives intact (sha256 on both ends). Returns the gap: from
-/// the restart (the new vmq spawned) to the first ping reply between the guests.
+/// that runs across the restart arrives intact (sha256 on both ends). Prints the gap: from the
+/// restart (the new vmq spawned) to the first ping reply between the guests.
 fn guests_survive_a_vmq_restart(test: &str, mode: &str, chardev: VhostChardev, subnet: u8) {
     let Some(image) = guest_image_or_skip(test) else { return };
     if !root_or_skip(test) {
