@@ -288,6 +288,41 @@ pub struct PortInfo {
     pub ifname: Option<String>,
     #[serde(default)]
     pub netns: Option<String>,
+    /// vhost-user ports: the connection to the VM (absent for other kinds, and from vmq
+    /// versions before client mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost: Option<VhostInfo>,
+}
+
+/// Which side of a vhost-user socket listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VhostModeInfo {
+    /// vmq listens, the VM's QEMU connects.
+    Server,
+    /// The VM's QEMU listens, vmq connects (and reconnects).
+    Client,
+}
+
+impl VhostModeInfo {
+    pub fn name(self) -> &'static str {
+        match self {
+            VhostModeInfo::Server => "server",
+            VhostModeInfo::Client => "client",
+        }
+    }
+}
+
+/// A vhost-user port's connection to its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostInfo {
+    pub mode: VhostModeInfo,
+    /// A frontend is connected (its device may not run yet: see the port's `state`).
+    pub connected: bool,
+    /// Connections made since the port was added; every one after the first is a reconnect
+    /// (a VM or vmq restart).
+    pub connections: u64,
 }
 
 /// `show`: the switch and its ports.

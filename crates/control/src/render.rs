@@ -148,6 +148,10 @@ fn attachment(p: &PortInfo) -> String {
     if let Some(s) = &p.socket {
         parts.push(s.clone());
     }
+    if let Some(v) = &p.vhost {
+        let state = if v.connected { "connected" } else { "not connected" };
+        parts.push(format!("{} mode, {state}, {} connections", v.mode.name(), v.connections));
+    }
     if let Some(i) = &p.ifname {
         parts.push(format!("ifname {i}"));
     }

@@ -48,6 +48,7 @@ fn port_info(name: &str) -> PortInfo {
         socket: Some(format!("/run/vmq/{name}.sock")),
         ifname: None,
         netns: None,
+        vhost: None,
     }
 }
 

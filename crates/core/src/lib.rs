@@ -8,5 +8,7 @@ pub mod stats;
 pub mod switch;
 pub mod vmq;
 
-pub use port::{Mode, OffloadCaps, PortBackend, PortConfig, PortId, PortKind, PortSpec, SocketPolicy, VlanMode};
+pub use port::{
+    Mode, OffloadCaps, PortBackend, PortConfig, PortId, PortKind, PortSpec, SocketPolicy, VhostMode, VlanMode,
+};
 pub use stats::{DropReason, PortStats};

@@ -82,13 +82,35 @@ pub enum PortBackend {
     /// `trust_frontend_memory`: accept guest memory the frontend could shrink under vmq (not
     /// sealed with F_SEAL_SHRINK, e.g. DPDK virtio-user's hugepage files); such a frontend can
     /// crash vmq, so only for frontends as trusted as vmq itself.
-    VhostUser { socket: std::path::PathBuf, policy: SocketPolicy, trust_frontend_memory: bool },
+    /// `mode`: who listens on `socket` (vmq, or the VM's QEMU).
+    VhostUser { socket: std::path::PathBuf, mode: VhostMode, policy: SocketPolicy, trust_frontend_memory: bool },
     /// A TAP interface vmq creates, optionally inside a network namespace (created if asked).
     Tap { ifname: String, netns: Option<String>, create_netns: bool },
     /// A host interface (in `netns`, if given) used through AF_PACKET.
     Uplink { ifname: String, netns: Option<String> },
     /// In-process virtio-net device (tests, bench).
     Mem,
+}
+
+/// Which side of a vhost-user socket listens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum VhostMode {
+    /// vmq listens; the VM's QEMU connects (`-chardev socket,path=...`, with `reconnect=N` to
+    /// come back after a vmq restart).
+    #[default]
+    Server,
+    /// The VM's QEMU listens (`-chardev socket,path=...,server=on,wait=off`); vmq connects and
+    /// reconnects with backoff whenever the connection drops (OVS's `dpdkvhostuserclient`).
+    Client,
+}
+
+impl VhostMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            VhostMode::Server => "server",
+            VhostMode::Client => "client",
+        }
+    }
 }
 
 /// Who may use a vhost-user socket, and how long a connection may take to start the protocol.

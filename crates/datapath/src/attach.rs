@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmq_core::vmq::QueueId;
 use vmq_core::{Mode, PortConfig, PortId};
+use vmq_vhost::server::ConnectionStatus;
 
 use crate::engine::Shared;
 use crate::error::{BackendError, DatapathError};
@@ -33,6 +34,8 @@ pub struct Attachment {
     /// then raises the port with [`PortHandle::set_up`].
     pub up: bool,
     pub control: Option<Box<dyn PortControl>>,
+    /// vhost-user ports: the connection to the VM (mode, connected, connections made).
+    pub vhost: Option<Arc<ConnectionStatus>>,
     /// Whatever must live as long as the port (a socket registration, a namespace).
     pub keepalive: Option<Box<dyn Any + Send>>,
 }
@@ -40,7 +43,16 @@ pub struct Attachment {
 impl Attachment {
     /// A port with a sink and optionally a source, up at once.
     pub fn new(sink: Box<dyn FrameSink>, source: Option<Box<dyn FrameSource>>) -> Attachment {
-        Attachment { sink, source, nic_queues: Vec::new(), steering: None, up: true, control: None, keepalive: None }
+        Attachment {
+            sink,
+            source,
+            nic_queues: Vec::new(),
+            steering: None,
+            up: true,
+            control: None,
+            vhost: None,
+            keepalive: None,
+        }
     }
 }
 

@@ -33,7 +33,7 @@ impl Backends for DefaultBackends {
                 let (_guest, source, sink) = crate::mem::mem_port(config.spec.offloads, false);
                 Ok(Attachment::new(Box::new(sink), Some(Box::new(source))))
             }
-            PortBackend::VhostUser { socket, policy, trust_frontend_memory } => {
+            PortBackend::VhostUser { socket, mode, policy, trust_frontend_memory } => {
                 let mac = config.spec.mac.ok_or_else(|| DatapathError::Backend {
                     port: port.clone(),
                     source: BackendError::VhostNeedsMac,
@@ -54,7 +54,7 @@ impl Backends for DefaultBackends {
                     port: port.clone(),
                     source: BackendError::VhostServiceUnavailable,
                 })?;
-                service.attach(&port, socket.clone(), policy.clone(), device, ctx.handle)
+                service.attach(&port, socket.clone(), *mode, policy.clone(), device, ctx.handle)
             }
             PortBackend::Tap { ifname, netns, create_netns } => {
                 let cfg = TapConfig {

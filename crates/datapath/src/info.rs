@@ -40,6 +40,17 @@ pub struct PortInfo {
     /// Bytes per second delivered to it at the last measurement.
     pub rx_byte_rate: u64,
     pub stats: PortStatsSnapshot,
+    /// vhost-user ports: the connection to the VM.
+    pub vhost: Option<VhostLink>,
+}
+
+/// A vhost-user port's connection to its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VhostLink {
+    pub mode: vmq_core::VhostMode,
+    pub connected: bool,
+    /// Connections made since the port was added (every one after the first is a reconnect).
+    pub connections: u64,
 }
 
 /// Why a port has no VM queue.
@@ -180,6 +191,11 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
             rx_rate: st.rates.get(&id).copied().unwrap_or(0),
             rx_byte_rate: st.byte_rates.get(&id).copied().unwrap_or(0),
             stats: rec.stats.snapshot(),
+            vhost: rec.vhost.as_ref().map(|s| VhostLink {
+                mode: s.mode(),
+                connected: s.connected(),
+                connections: s.connections(),
+            }),
         });
     }
     out

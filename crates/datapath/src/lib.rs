@@ -53,7 +53,7 @@ pub use attach::{AttachContext, Attachment, Backends, PendingAttach, PortControl
 pub use builder::{DatapathBuilder, NicQueueTarget};
 pub use config::DatapathConfig;
 pub use error::{BackendError, DatapathError};
-pub use info::{FdbRow, LockHoldStats, NoQueueReason, PortInfo, QueueStats, WorkerInfo};
+pub use info::{FdbRow, LockHoldStats, NoQueueReason, PortInfo, QueueStats, VhostLink, WorkerInfo};
 pub use port::{FrameSink, FrameSource, NicSteering};
 
 /// A running data path.

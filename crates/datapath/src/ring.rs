@@ -356,6 +356,13 @@ impl<'a, 'm> Ring<'a, 'm> {
         }
     }
 
+    /// Leaves the used entries added so far unpublished, also when this ring is dropped: the
+    /// next [`Ring::publish`] (of a later `open`, after at least one more [`Ring::add_used`])
+    /// makes them visible together with its own.
+    pub fn hold_back_used(&mut self) {
+        self.unpublished = false;
+    }
+
     /// After [`Ring::publish`]: does the driver want an interrupt now?
     pub fn needs_notification(&mut self) -> bool {
         if !self.state.event_idx {

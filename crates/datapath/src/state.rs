@@ -30,6 +30,7 @@ pub(crate) struct PortRecord {
     pub nic_queue_count: u16,
     pub control: Option<Box<dyn PortControl>>,
     pub removed: Arc<AtomicBool>,
+    pub vhost: Option<Arc<vmq_vhost::server::ConnectionStatus>>,
     _keepalive: Option<Box<dyn Any + Send>>,
 }
 
@@ -215,6 +216,7 @@ impl ControlState {
             nic_queue_count,
             control: att.control,
             removed,
+            vhost: att.vhost,
             _keepalive: att.keepalive,
         };
         let slot = id.0 as usize;

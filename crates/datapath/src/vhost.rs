@@ -18,7 +18,7 @@ use virtio_bindings::virtio_net::{
 };
 use vm_memory::GuestAddressSpace;
 use vmq_core::{DropReason, OffloadCaps};
-use vmq_vhost::server::{ServerError, SocketPolicy, VhostUserServer};
+use vmq_vhost::server::{ConnectionStatus, ServerError, SocketPolicy, VhostMode, VhostUserServer};
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
@@ -174,6 +174,15 @@ impl FrameSource for VhostTxSource {
                 }
             }
             // The guest frees its TX buffers when told they are used (or when it next sends).
+            // While chains of this batch are deferred, `complete` publishes the whole batch:
+            // the published used index must always count a prefix of the avail ring, because
+            // that is where QEMU resumes the ring if vmq dies (it takes its last_avail_idx
+            // from the used index). Short chains published ahead of a deferred long one would
+            // be handed out again after a crash, and the long one never.
+            if !deferred.is_empty() {
+                ring.hold_back_used();
+                return (n, false);
+            }
             ring.publish();
             (n, used && ring.needs_notification())
         });
@@ -315,11 +324,12 @@ enum Command {
     Add {
         name: String,
         socket: PathBuf,
+        mode: VhostMode,
         policy: SocketPolicy,
         config: NetDeviceConfig,
         device: Arc<NetDevice>,
         handle: PortHandle,
-        reply: Sender<Result<(), ServerError>>,
+        reply: Sender<Result<Arc<ConnectionStatus>, ServerError>>,
     },
     Remove {
         name: String,
@@ -349,12 +359,15 @@ impl VhostService {
                     }
                     loop {
                         match rx.try_recv() {
-                            Ok(Command::Add { name, socket, policy, config, device, handle, reply }) => {
+                            Ok(Command::Add { name, socket, mode, policy, config, device, handle, reply }) => {
                                 let on_event = Box::new(move |event| match event {
                                     DeviceEvent::Started => handle.set_up(true),
                                     DeviceEvent::Stopped => handle.set_up(false),
                                 });
-                                let result = server.add_port_with(&name, &socket, &policy, config, device, on_event);
+                                let result = server
+                                    .add_port_mode(&name, &socket, mode, &policy, config, device, on_event)
+                                    .map(|()| server.connection_status(&name));
+                                let result = result.and_then(|s| s.ok_or(ServerError::UnknownPort(name)));
                                 let _ = reply.send(result);
                             }
                             Ok(Command::Remove { name }) => {
@@ -371,12 +384,13 @@ impl VhostService {
         Ok(VhostService { commands, thread: Some(thread) })
     }
 
-    /// Listens on `socket` for the VM of port `name`; the port comes up when the guest's
-    /// driver has started both rings.
+    /// Listens on `socket` for the VM of port `name` (server mode), or connects to it (client
+    /// mode); the port comes up when the guest's driver has started both rings.
     pub fn attach(
         &self,
         name: &str,
         socket: PathBuf,
+        mode: VhostMode,
         policy: SocketPolicy,
         config: NetDeviceConfig,
         handle: PortHandle,
@@ -388,6 +402,7 @@ impl VhostService {
             .send(Command::Add {
                 name: name.to_string(),
                 socket,
+                mode,
                 policy,
                 config,
                 device: device.clone(),
@@ -395,13 +410,14 @@ impl VhostService {
                 reply,
             })
             .map_err(|_| backend_err(BackendError::VhostServiceGone))?;
-        result
+        let status = result
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| backend_err(BackendError::VhostServiceTimeout))?
             .map_err(|e| backend_err(BackendError::Vhost(e)))?;
         let mut att =
             Attachment::new(Box::new(VhostRxSink::new(device.clone())), Some(Box::new(VhostTxSource::new(device))));
         att.up = false;
+        att.vhost = Some(status);
         att.keepalive = Some(Box::new(Registration { name: name.to_string(), commands: self.commands.clone() }));
         Ok(att)
     }
@@ -474,5 +490,35 @@ mod tests {
             assert_eq!(errors, expected, "round {round}");
             assert!(!source.prepare_sleep(), "round {round}: a broken ring keeps the worker awake");
         }
+    }
+
+    /// After vmq dies, QEMU resumes the ring at the used index it finds in guest memory (it sets
+    /// its last_avail_idx to it). That is only right if the published used index always counts a
+    /// prefix of the avail ring: a short chain published before a long one whose tail was still
+    /// being delivered would be handed out again (used twice) and the long one never (lost).
+    #[test]
+    fn the_published_used_index_counts_a_prefix_of_the_avail_ring() {
+        let (device, mem, mut driver) = running_tx(16);
+        let mut source = VhostTxSource::new(device);
+        let mut scratch = Scratch::new();
+        let mut errors = Vec::new();
+        let long = BufferSpec { addr: GuestAddress(0x8_0000), len: 2000, device_writes: false };
+        let short = BufferSpec { addr: GuestAddress(0x9_0000), len: 100, device_writes: false };
+        let long_head = driver.add_chain(&*mem, &[long]).unwrap();
+        let short_head = driver.add_chain(&*mem, &[short]).unwrap();
+        driver.publish(&*mem);
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 2);
+        assert!(errors.is_empty(), "{errors:?}");
+        // The long frame's tail is still to be delivered: nothing of the batch is published yet.
+        assert_eq!(driver.pop_used(&*mem), None, "a used entry published ahead of an earlier chain in flight");
+        source.complete();
+        let mut used = Vec::new();
+        while let Some((head, _)) = driver.pop_used(&*mem) {
+            used.push(head);
+        }
+        used.sort_unstable();
+        let mut expected = vec![long_head, short_head];
+        expected.sort_unstable();
+        assert_eq!(used, expected, "both chains back once the batch is delivered");
     }
 }

@@ -1,4 +1,5 @@
-//! Listening Unix stream sockets with a fixed owner, group and mode, and peer credentials.
+//! Listening Unix stream sockets with a fixed owner, group and mode, non-blocking connects, and
+//! peer credentials.
 //!
 //! [`listen`] creates the socket file with `socket` + `bind`, sets its owner, group and mode,
 //! and only then calls `listen`: until `listen`, a `connect` is refused, so there is no window
@@ -15,7 +16,7 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use crate::cvt;
@@ -130,6 +131,24 @@ pub fn listen(path: &Path, access: &SocketFileAccess, backlog: i32) -> Result<Un
         return Err(e);
     }
     Ok(UnixListener::from(fd))
+}
+
+/// Connects to the socket at `path` without blocking (for vhost-user client mode: the thread
+/// that connects serves other sockets too). A Unix stream connect completes at once or fails
+/// at once: `ENOENT` (no socket file yet), `ECONNREFUSED` (nobody listens), `EAGAIN` (the
+/// listener's backlog is full); the caller retries later. The stream is non-blocking.
+pub fn connect(path: &Path) -> io::Result<UnixStream> {
+    let (addr, len) = sockaddr(path).ok_or_else(|| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
+    let fd = stream_socket()?;
+    loop {
+        // SAFETY: `addr` is an initialized sockaddr_un of `len` bytes; `fd` is a socket we own.
+        let ret = unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
+        match cvt(ret) {
+            Ok(_) => return Ok(UnixStream::from(fd)),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Credentials of the process at the other end of a connected Unix socket, as the kernel

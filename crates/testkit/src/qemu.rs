@@ -153,13 +153,48 @@ pub fn guest_image_or_skip(test: &str) -> Option<GuestImage> {
     }
 }
 
+/// How QEMU's vhost-user chardev meets the backend (vmq). docs/integration.md quotes the lines
+/// [`vhost_user_chardev`] makes for each; the tests start QEMU with the same lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VhostChardev {
+    /// QEMU connects to the backend's socket (vmq `vhost_mode = "server"`). If the backend goes
+    /// away, the device stays down until QEMU restarts.
+    #[default]
+    Connect,
+    /// QEMU connects, and after the connection drops tries again every `secs` seconds: vmq in
+    /// server mode can restart under running guests.
+    Reconnect { secs: u32 },
+    /// QEMU listens on the socket and the backend connects (vmq `vhost_mode = "client"`). QEMU
+    /// waits at startup until the backend has connected once (`wait=off` only keeps the
+    /// chardev from blocking, vhost-user-net still waits for its first connection).
+    Listen,
+}
+
+/// The `-chardev` value for a vhost-user socket: `socket,id=ID,path=PATH[,reconnect=N|,server=on,wait=off]`.
+/// Commas in the path are doubled (QEMU's escaping).
+pub fn vhost_user_chardev(id: &str, socket: &Path, mode: VhostChardev) -> String {
+    let path = socket.to_string_lossy().replace(',', ",,");
+    match mode {
+        VhostChardev::Connect => format!("socket,id={id},path={path}"),
+        VhostChardev::Reconnect { secs } => format!("socket,id={id},path={path},reconnect={secs}"),
+        VhostChardev::Listen => format!("socket,id={id},path={path},server=on,wait=off"),
+    }
+}
+
+/// The `-netdev` value of a vhost-user NIC on chardev `chardev`.
+pub fn vhost_user_netdev(id: &str, chardev: &str) -> String {
+    format!("vhost-user,id={id},chardev={chardev}")
+}
+
 /// How to start a guest. `new` gives the defaults; the other methods set one option each.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
     /// Shown in errors and logs.
     pub name: String,
-    /// The vhost-user socket the backend listens on (QEMU connects as the client).
+    /// The vhost-user socket.
     pub socket: PathBuf,
+    /// Who listens on `socket` (default: the backend, QEMU connects once).
+    pub chardev: VhostChardev,
     /// `aa:bb:cc:dd:ee:ff`
     pub mac: String,
     /// Address of the guest's eth0; without one eth0 stays down.
@@ -178,6 +213,7 @@ impl GuestConfig {
         GuestConfig {
             name: name.into(),
             socket: socket.into(),
+            chardev: VhostChardev::default(),
             mac: mac.into(),
             ipv4: None,
             host_mtu: None,
@@ -189,6 +225,11 @@ impl GuestConfig {
 
     pub fn ipv4(mut self, addr: Ipv4Addr, prefix: u8) -> GuestConfig {
         self.ipv4 = Some((addr, prefix));
+        self
+    }
+
+    pub fn chardev(mut self, chardev: VhostChardev) -> GuestConfig {
+        self.chardev = chardev;
         self
     }
 
@@ -237,8 +278,6 @@ impl GuestConfig {
     }
 
     fn qemu_args(&self, image: &GuestImage) -> Vec<OsString> {
-        // QEMU option values escape a comma by doubling it.
-        let socket = self.socket.to_string_lossy().replace(',', ",,");
         let mut append = String::from("console=ttyS0 panic=-1");
         if let Some((addr, prefix)) = self.ipv4 {
             let _ = write!(append, " vmq.ip={addr}/{prefix}");
@@ -273,9 +312,9 @@ impl GuestConfig {
             "-monitor".into(),
             "none".into(),
             "-chardev".into(),
-            format!("socket,id=vhu0,path={socket}"),
+            vhost_user_chardev("vhu0", &self.socket, self.chardev),
             "-netdev".into(),
-            "vhost-user,id=net0,chardev=vhu0".into(),
+            vhost_user_netdev("net0", "vhu0"),
             "-device".into(),
             device,
             // The serial console is QEMU's stdin/stdout.
@@ -728,6 +767,21 @@ mod tests {
         assert!(joined.contains("memory-backend-memfd,id=mem,size=128M,share=on"), "{joined}");
         assert!(joined.contains("-m 128M"), "{joined}");
         assert!(joined.contains("console=ttyS0 panic=-1 vmq.ip=10.0.0.1/24 vmq.mtu=9000"), "{joined}");
+        assert!(joined.contains("-netdev vhost-user,id=net0,chardev=vhu0"), "{joined}");
+    }
+
+    #[test]
+    fn chardev_lines_for_each_mode() {
+        let socket = Path::new("/run/vmq/vm1.sock");
+        assert_eq!(vhost_user_chardev("c0", socket, VhostChardev::Connect), "socket,id=c0,path=/run/vmq/vm1.sock");
+        assert_eq!(
+            vhost_user_chardev("c0", socket, VhostChardev::Reconnect { secs: 1 }),
+            "socket,id=c0,path=/run/vmq/vm1.sock,reconnect=1"
+        );
+        assert_eq!(
+            vhost_user_chardev("c0", Path::new("/tmp/a,b"), VhostChardev::Listen),
+            "socket,id=c0,path=/tmp/a,,b,server=on,wait=off"
+        );
     }
 
     #[test]

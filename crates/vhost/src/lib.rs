@@ -28,7 +28,10 @@
 //!   `queue.needs_notification(mem)` before signalling.
 //! - **Reconnects**: the VM may go away at any time (kill -9, reboot of QEMU). The device then
 //!   gets `Stopped`, its rings are replaced by fresh ones and its memory by an empty map; the
-//!   next QEMU connects to the same socket and the same [`NetDevice`] starts again.
+//!   next QEMU connects to the same socket (server mode) or is connected to by the server
+//!   (client mode: it retries with backoff) and the same [`NetDevice`] starts again. When vmq
+//!   itself restarts, QEMU resumes each ring at the used index in guest memory (SET_VRING_BASE):
+//!   the used index a worker publishes must always count a prefix of the avail ring.
 //! - **MTU**: the port MTU is the limit. QEMU 7.2 tells the guest an MTU only with
 //!   `host_mtu=N` on `-device virtio-net-pci` and then asks vmq (NET_SET_MTU): up to the port MTU
 //!   vmq accepts and records it ([`NetDevice::frontend_mtu`]); above, QEMU leaves the device

@@ -1,11 +1,19 @@
 //! Serves the Unix sockets of all vhost-user ports from one thread (vmq's control thread).
 //!
-//! Each port listens on its socket (server mode). One frontend at a time is connected; a VM
-//! that stops, crashes or restarts leaves the port down until the next connection on the same
-//! socket. A frontend that sends something malformed is disconnected with a logged reason;
-//! the other ports are not affected.
+//! A port either listens on its socket (server mode: the VM's QEMU connects, and with
+//! `reconnect=N` on its chardev comes back after vmq restarts) or connects to a socket the
+//! VM's QEMU listens on (client mode, OVS's `dpdkvhostuserclient`): then this thread connects
+//! whenever the port has no connection, at once after adding the port and after a connection
+//! ends, and after a failed attempt (no socket file yet, nobody listening) again after a
+//! backoff that doubles from [`MIN_BACKOFF`] to [`MAX_BACKOFF`]. Connects never block (a Unix
+//! connect completes or fails at once) and retries are deadlines in the epoll timeout, so a
+//! VM that is away costs the other ports nothing.
 //!
-//! Who may connect, per port ([`SocketPolicy`]): the socket file gets its owner, group and
+//! One frontend at a time is connected; a VM that stops, crashes or restarts leaves the port
+//! down until the next connection on the same socket. A frontend that sends something
+//! malformed is disconnected with a logged reason; the other ports are not affected.
+//!
+//! Who may connect, per server-mode port ([`SocketPolicy`]): the socket file gets its owner, group and
 //! mode before the server listens (default mode 0660, never the umask's), and an optional list
 //! of peer uids is checked with `SO_PEERCRED` on every accept. A socket file something listens
 //! on (another vmq, or another port's) is never replaced; a stale one is.
@@ -31,12 +39,13 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{BackendReqHandler, Error as ProtoError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-pub use vmq_core::SocketPolicy;
+pub use vmq_core::{SocketPolicy, VhostMode};
 use vmq_sys::unix_socket::{self, ListenError, SocketFileAccess};
 
 use crate::backend::{DeviceEvent, NetBackend, NetDeviceConfig, Refusal};
@@ -47,6 +56,11 @@ use crate::device::NetDevice;
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new connection may take to send SET_OWNER, unless its port's policy says.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// First wait before a client-mode port tries to connect again after a failed attempt, or after
+/// a connection that lasted less than [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between connect attempts of a client-mode port.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Pending connections the kernel queues per socket.
 const LISTEN_BACKLOG: i32 = 16;
 /// Messages handled per connection and turn: a frontend that floods requests (and reads the
@@ -61,6 +75,10 @@ pub enum ServerError {
     Epoll(io::Error),
     #[error("no vhost-user port named {0:?}")]
     UnknownPort(String),
+    #[error(
+        "client-mode vhost-user port {0:?}: socket owner, group, mode and allowed_uids apply to listening sockets only"
+    )]
+    ClientPolicy(String),
 }
 
 /// Epoll token of a server event: which port, and whether its listener or its connection.
@@ -111,6 +129,8 @@ struct Connection {
     stalled: Option<(Instant, Stall)>,
     /// Until when the frontend may take to send SET_OWNER; `None` once it has.
     setup_deadline: Option<Instant>,
+    /// When it was made (a client-mode port backs off less after a long-lived connection).
+    since: Instant,
 }
 
 /// Why a connection waits for its frontend.
@@ -263,16 +283,55 @@ impl Connection {
     }
 }
 
+/// How a port gets its connection.
+enum Endpoint {
+    /// Server mode: accepted on this listener.
+    Listen(UnixListener),
+    /// Client mode: made by connecting to the port's path; the next attempt is due at
+    /// `retry_at` (`None` while connected), after a failure the wait doubles up to
+    /// [`MAX_BACKOFF`].
+    Connect { retry_at: Option<Instant>, backoff: Duration },
+}
+
+/// A port's connection state, readable from any thread (`vmq ctl ports`).
+#[derive(Debug)]
+pub struct ConnectionStatus {
+    mode: VhostMode,
+    connected: AtomicBool,
+    connections: AtomicU64,
+}
+
+impl ConnectionStatus {
+    fn new(mode: VhostMode) -> ConnectionStatus {
+        ConnectionStatus { mode, connected: AtomicBool::new(false), connections: AtomicU64::new(0) }
+    }
+
+    pub fn mode(&self) -> VhostMode {
+        self.mode
+    }
+
+    /// A frontend is connected (it may not have started the device yet).
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Connections made (accepted or, in client mode, connected) since the port was added:
+    /// every one after the first is a reconnect.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
 struct Port {
     name: String,
     path: PathBuf,
     /// Device and inode of the socket file we made, so that we never remove somebody else's.
     file_id: Option<(u64, u64)>,
-    listener: UnixListener,
+    endpoint: Endpoint,
     backend: Arc<Mutex<NetBackend>>,
     connection: Option<Connection>,
-    /// Connections accepted so far.
-    connections: u64,
+    /// Connected, and connections made so far.
+    status: Arc<ConnectionStatus>,
     /// Connections closed at once: a frontend was connected already, or the peer's uid is not
     /// allowed.
     refused: u64,
@@ -286,9 +345,10 @@ struct Port {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortStatus {
     pub name: String,
+    pub mode: VhostMode,
     pub connected: bool,
     pub running: bool,
-    /// Frontend connections accepted since the port was added.
+    /// Frontend connections made (accepted, or connected in client mode) since the port was added.
     pub connections: u64,
     /// Connections refused: a second frontend, or a peer uid not allowed.
     pub refused: u64,
@@ -346,33 +406,76 @@ impl VhostUserServer {
         device: Arc<NetDevice>,
         on_event: Box<dyn FnMut(DeviceEvent) + Send>,
     ) -> Result<(), ServerError> {
-        let access = SocketFileAccess { owner: policy.owner, group: policy.group, mode: policy.mode };
-        // Non-blocking already (the socket is created so).
-        let listener = unix_socket::listen(path, &access, LISTEN_BACKLOG)?;
+        self.add_port_mode(name, path, VhostMode::Server, policy, config, device, on_event)
+    }
+
+    /// Adds a port in `mode`: server mode listens on `path` (as [`VhostUserServer::add_port_with`]);
+    /// client mode connects to `path` from the next [`VhostUserServer::poll`] on, and again
+    /// whenever the connection ends. A client-mode port takes only the setup timeout of `policy`:
+    /// the rest is about a socket file vmq does not make ([`ServerError::ClientPolicy`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_port_mode(
+        &mut self,
+        name: &str,
+        path: &Path,
+        mode: VhostMode,
+        policy: &SocketPolicy,
+        config: NetDeviceConfig,
+        device: Arc<NetDevice>,
+        on_event: Box<dyn FnMut(DeviceEvent) + Send>,
+    ) -> Result<(), ServerError> {
         let index = self.ports.len();
-        self.epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, Token::Listener(index).encode()),
-            )
-            .map_err(ServerError::Epoll)?;
+        let (endpoint, file) = match mode {
+            VhostMode::Server => {
+                let access = SocketFileAccess { owner: policy.owner, group: policy.group, mode: policy.mode };
+                // Non-blocking already (the socket is created so).
+                let listener = unix_socket::listen(path, &access, LISTEN_BACKLOG)?;
+                self.epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        listener.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, Token::Listener(index).encode()),
+                    )
+                    .map_err(ServerError::Epoll)?;
+                (Endpoint::Listen(listener), file_id(path))
+            }
+            VhostMode::Client => {
+                if policy.owner.is_some()
+                    || policy.group.is_some()
+                    || policy.mode.is_some()
+                    || policy.allowed_uids.is_some()
+                {
+                    return Err(ServerError::ClientPolicy(name.to_string()));
+                }
+                (Endpoint::Connect { retry_at: Some(Instant::now()), backoff: MIN_BACKOFF }, None)
+            }
+        };
         let backend = Arc::new(Mutex::new(NetBackend::new(config, device, on_event)));
         self.ports.push(Some(Port {
             name: name.to_string(),
             path: path.to_path_buf(),
-            file_id: file_id(path),
-            listener,
+            file_id: file,
+            endpoint,
             backend,
             connection: None,
-            connections: 0,
+            status: Arc::new(ConnectionStatus::new(mode)),
             refused: 0,
             allowed_uids: policy.allowed_uids.clone(),
             setup_timeout: policy.setup_timeout.unwrap_or(SETUP_TIMEOUT),
             panics: 0,
         }));
-        tracing::info!(port = name, socket = %path.display(), "vhost-user port listening");
+        match mode {
+            VhostMode::Server => tracing::info!(port = name, socket = %path.display(), "vhost-user port listening"),
+            VhostMode::Client => {
+                tracing::info!(port = name, socket = %path.display(), "vhost-user port connects to the VM's socket")
+            }
+        }
         Ok(())
+    }
+
+    /// The connection state of port `name`, to read from other threads.
+    pub fn connection_status(&self, name: &str) -> Option<Arc<ConnectionStatus>> {
+        self.ports.iter().flatten().find(|p| p.name == name).map(|p| p.status.clone())
     }
 
     /// Stops serving a port: disconnects its VM and removes its socket file.
@@ -384,7 +487,9 @@ impl VhostUserServer {
             .ok_or_else(|| ServerError::UnknownPort(name.to_string()))?;
         self.disconnect(index, "port removed");
         if let Some(port) = self.ports[index].take() {
-            let _ = self.epoll.ctl(ControlOperation::Delete, port.listener.as_raw_fd(), EpollEvent::default());
+            if let Endpoint::Listen(listener) = &port.endpoint {
+                let _ = self.epoll.ctl(ControlOperation::Delete, listener.as_raw_fd(), EpollEvent::default());
+            }
             port.remove_socket_file();
         }
         Ok(())
@@ -396,9 +501,10 @@ impl VhostUserServer {
             .flatten()
             .map(|p| PortStatus {
                 name: p.name.clone(),
+                mode: p.status.mode,
                 connected: p.connection.is_some(),
                 running: lock(&p.backend).device().is_running(),
-                connections: p.connections,
+                connections: p.status.connections(),
                 refused: p.refused,
                 panics: p.panics,
             })
@@ -453,6 +559,7 @@ impl VhostUserServer {
             }
         }
         self.end_stalled_connections();
+        self.connect_due();
         Ok(n)
     }
 
@@ -464,7 +571,59 @@ impl VhostUserServer {
             .filter_map(|p| Some(p.connection.as_ref()?.stalled?.0))
             .map(|since| since + self.stall_timeout);
         let setups = self.ports.iter().flatten().filter_map(|p| p.connection.as_ref()?.setup_deadline);
-        stalls.chain(setups).min()
+        let retries = self.ports.iter().flatten().filter_map(|p| match p.endpoint {
+            Endpoint::Connect { retry_at, .. } => retry_at,
+            Endpoint::Listen(_) => None,
+        });
+        stalls.chain(setups).chain(retries).min()
+    }
+
+    /// Client-mode ports whose next attempt is due connect now; a failure schedules the next
+    /// attempt after the doubled backoff.
+    fn connect_due(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.ports.len() {
+            let Some(port) = self.ports[index].as_mut() else { continue };
+            let Endpoint::Connect { retry_at: Some(due), backoff } = &mut port.endpoint else { continue };
+            if *due > now {
+                continue;
+            }
+            match unix_socket::connect(&port.path) {
+                Ok(stream) => {
+                    port.endpoint = Endpoint::Connect { retry_at: None, backoff: MIN_BACKOFF };
+                    if !self.attach(index, stream) {
+                        self.schedule_reconnect(index);
+                    }
+                }
+                Err(e) => {
+                    // No socket yet, nobody listening, or a full backlog: all transient (the
+                    // VM may not have started yet, or is restarting).
+                    let wait = *backoff;
+                    *due = now + wait;
+                    *backoff = (wait * 2).min(MAX_BACKOFF);
+                    if wait == MIN_BACKOFF {
+                        tracing::info!(port = %port.name, socket = %port.path.display(), error = %e,
+                            "cannot connect to the VM's vhost-user socket; retrying with backoff");
+                    } else {
+                        tracing::debug!(port = %port.name, error = %e, retry_in = ?wait, "vhost-user connect failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a client-mode port's connection ended: the next attempt, soon after a connection
+    /// that lasted (the VM restarting, vmq closing a misbehaving one), later after short ones
+    /// (a frontend that keeps hanging up must not make this thread spin).
+    fn schedule_reconnect(&mut self, index: usize) {
+        let Some(port) = self.ports.get_mut(index).and_then(Option::as_mut) else { return };
+        let Endpoint::Connect { retry_at, backoff } = &mut port.endpoint else { return };
+        let lasted = port.connection.as_ref().map(|c| c.since.elapsed());
+        if lasted.is_some_and(|d| d >= MAX_BACKOFF) {
+            *backoff = MIN_BACKOFF;
+        }
+        *retry_at = Some(Instant::now() + *backoff);
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
     }
 
     fn end_stalled_connections(&mut self) {
@@ -483,11 +642,12 @@ impl VhostUserServer {
     }
 
     fn accept(&mut self, index: usize) {
-        let Some(port) = self.ports.get_mut(index).and_then(Option::as_mut) else {
-            return;
-        };
         loop {
-            let stream = match port.listener.accept() {
+            let Some(port) = self.ports.get_mut(index).and_then(Option::as_mut) else {
+                return;
+            };
+            let Endpoint::Listen(listener) = &port.endpoint else { return };
+            let stream = match listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -518,31 +678,42 @@ impl VhostUserServer {
                     }
                 }
             }
-            // The peek handle is non-blocking (the flag is shared with the handler's socket,
-            // which only reads once a whole message is known to be there).
-            let peek = match stream.set_nonblocking(true).and_then(|()| stream.try_clone()) {
-                Ok(peek) => peek,
-                Err(e) => {
-                    tracing::warn!(port = %port.name, error = %e, "vhost-user connection setup failed");
-                    continue;
-                }
-            };
-            let handler = BackendReqHandler::from_stream(stream, port.backend.clone());
-            let token = Token::Connection(index).encode();
-            // Edge-triggered: a half message waits for the next edge instead of spinning, and
-            // a connection whose replies are unread for the edge of the frontend reading them.
-            let interest =
-                EventSet::IN | EventSet::OUT | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
-            if let Err(e) = self.epoll.ctl(ControlOperation::Add, handler.as_raw_fd(), EpollEvent::new(interest, token))
-            {
-                tracing::warn!(port = %port.name, error = %e, "cannot watch vhost-user connection");
-                continue;
-            }
-            tracing::info!(port = %port.name, "vhost-user frontend connected");
-            let setup_deadline = Some(Instant::now() + port.setup_timeout);
-            port.connection = Some(Connection { handler, peek, stalled: None, setup_deadline });
-            port.connections += 1;
+            self.attach(index, stream);
         }
+    }
+
+    /// Serves `stream` (accepted or connected) as port `index`'s connection; false if it could
+    /// not be set up (logged).
+    fn attach(&mut self, index: usize, stream: UnixStream) -> bool {
+        let Some(port) = self.ports.get_mut(index).and_then(Option::as_mut) else {
+            return false;
+        };
+        // The peek handle is non-blocking (the flag is shared with the handler's socket,
+        // which only reads once a whole message is known to be there).
+        let peek = match stream.set_nonblocking(true).and_then(|()| stream.try_clone()) {
+            Ok(peek) => peek,
+            Err(e) => {
+                tracing::warn!(port = %port.name, error = %e, "vhost-user connection setup failed");
+                return false;
+            }
+        };
+        let handler = BackendReqHandler::from_stream(stream, port.backend.clone());
+        let token = Token::Connection(index).encode();
+        // Edge-triggered: a half message waits for the next edge instead of spinning, and
+        // a connection whose replies are unread for the edge of the frontend reading them.
+        let interest =
+            EventSet::IN | EventSet::OUT | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        if let Err(e) = self.epoll.ctl(ControlOperation::Add, handler.as_raw_fd(), EpollEvent::new(interest, token)) {
+            tracing::warn!(port = %port.name, error = %e, "cannot watch vhost-user connection");
+            return false;
+        }
+        let connections = port.status.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        port.status.connected.store(true, Ordering::Relaxed);
+        tracing::info!(port = %port.name, mode = port.status.mode.name(), connections, "vhost-user frontend connected");
+        let now = Instant::now();
+        let setup_deadline = Some(now + port.setup_timeout);
+        port.connection = Some(Connection { handler, peek, stalled: None, setup_deadline, since: now });
+        true
     }
 
     fn serve(&mut self, index: usize, peer_closed: bool) {
@@ -621,11 +792,20 @@ impl VhostUserServer {
         let Some(port) = self.ports.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
-        if let Some(conn) = port.connection.take() {
+        let had_connection = port.connection.is_some();
+        if let Some(conn) = &port.connection {
             let _ = self.epoll.ctl(ControlOperation::Delete, conn.handler.as_raw_fd(), EpollEvent::default());
             tracing::info!(port = %port.name, reason, "vhost-user frontend disconnected; port down");
         }
+        port.status.connected.store(false, Ordering::Relaxed);
         lock(&port.backend).disconnected();
+        if had_connection {
+            // Reads how long the connection lasted, then drops it.
+            self.schedule_reconnect(index);
+        }
+        if let Some(port) = self.ports.get_mut(index).and_then(Option::as_mut) {
+            port.connection = None;
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use toml::Spanned;
 use vmq_core::port::{MAX_MTU, MIN_MTU};
 use vmq_core::switch::SwitchConfig;
 use vmq_core::vmq::{QueuePolicy, VmqConfig};
-use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, SocketPolicy, VlanMode};
+use vmq_core::{Mode, OffloadCaps, PortBackend, PortConfig, PortKind, PortSpec, SocketPolicy, VhostMode, VlanMode};
 use vmq_datapath::DatapathConfig;
 use vmq_wire::MacAddr;
 
@@ -71,6 +71,9 @@ struct RawPort {
     name: Spanned<String>,
     kind: Spanned<String>,
     socket: Option<Spanned<PathBuf>>,
+    /// vhost-user: "server" (vmq listens on `socket`, the default) or "client" (the VM's QEMU
+    /// listens, vmq connects and reconnects).
+    vhost_mode: Option<Spanned<String>>,
     // The keys of `[vhost]` (`RawSocketPolicy`), for this port alone; listed here because
     // serde's `flatten` loses spans and unknown-key checks.
     socket_owner: Option<Spanned<String>>,
@@ -484,9 +487,44 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
             if p.ifname.is_some() {
                 return Err(refuses("ifname"));
             }
-            let policy = socket_policy(loc, &p.access(), vhost)?;
+            let mode = match &p.vhost_mode {
+                None => VhostMode::Server,
+                Some(v) => match v.get_ref().as_str() {
+                    "server" => VhostMode::Server,
+                    "client" => VhostMode::Client,
+                    other => {
+                        return Err(loc.at(v, format!("vhost_mode must be \"server\" or \"client\", not {other:?}")));
+                    }
+                },
+            };
+            let policy = match mode {
+                VhostMode::Server => socket_policy(loc, &p.access(), vhost)?,
+                VhostMode::Client => {
+                    // The VM's QEMU makes and listens on the socket: who may connect to it is
+                    // its file's business, not vmq's. Only the setup timeout applies.
+                    let listen_side = [
+                        ("socket_owner", p.socket_owner.as_ref().map(Spanned::span)),
+                        ("socket_group", p.socket_group.as_ref().map(Spanned::span)),
+                        ("socket_mode", p.socket_mode.as_ref().map(Spanned::span)),
+                        ("allowed_uids", p.allowed_uids.as_ref().map(Spanned::span)),
+                    ];
+                    if let Some((key, Some(span))) = listen_side.into_iter().find(|(_, span)| span.is_some()) {
+                        return Err(loc.error(
+                            Some(span),
+                            format!(
+                                "port {name:?}: {key} applies to sockets vmq listens on; with vhost_mode = \"client\" \
+                                 the VM's QEMU makes the socket"
+                            ),
+                        ));
+                    }
+                    let own =
+                        RawSocketPolicy { setup_timeout_secs: p.setup_timeout_secs.clone(), ..Default::default() };
+                    let defaults = SocketPolicy { setup_timeout: vhost.setup_timeout, ..SocketPolicy::default() };
+                    socket_policy(loc, &own, &defaults)?
+                }
+            };
             let trust_frontend_memory = p.trust_frontend_memory.as_ref().is_some_and(|t| *t.get_ref());
-            PortBackend::VhostUser { socket, policy, trust_frontend_memory }
+            PortBackend::VhostUser { socket, mode, policy, trust_frontend_memory }
         }
         PortKind::Tap => {
             let ifname = match &p.ifname {
@@ -522,6 +560,9 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
     }
     if kind != PortKind::VhostUser && p.trust_frontend_memory.is_some() {
         return Err(refuses("trust_frontend_memory"));
+    }
+    if kind != PortKind::VhostUser && p.vhost_mode.is_some() {
+        return Err(refuses("vhost_mode"));
     }
     if kind != PortKind::Tap && p.create_netns.is_some() {
         return Err(refuses("create_netns"));
@@ -688,6 +729,7 @@ trunk = [20, 10, 10]
             c.ports[0].backend,
             PortBackend::VhostUser {
                 socket: "/run/vmq/vm1.sock".into(),
+                mode: VhostMode::Server,
                 policy: SocketPolicy::default(),
                 trust_frontend_memory: false
             }
@@ -730,6 +772,7 @@ trunk = [20, 10, 10]
             c.ports[0].backend,
             PortBackend::VhostUser {
                 socket: "/run/v.sock".into(),
+                mode: VhostMode::Server,
                 policy: SocketPolicy::default(),
                 trust_frontend_memory: false
             }
@@ -739,6 +782,7 @@ trunk = [20, 10, 10]
             c.ports[0].backend,
             PortBackend::VhostUser {
                 socket: "/run/v.sock".into(),
+                mode: VhostMode::Server,
                 policy: SocketPolicy::default(),
                 trust_frontend_memory: true
             }
@@ -880,6 +924,7 @@ trunk = [20, 10, 10]
             c.ports[0].backend,
             PortBackend::VhostUser {
                 socket: "/run/vmq/a.sock".into(),
+                mode: VhostMode::Server,
                 policy: global.clone(),
                 trust_frontend_memory: false
             }
@@ -887,8 +932,52 @@ trunk = [20, 10, 10]
         let own = SocketPolicy { group: Some(0), mode: Some(0o600), allowed_uids: Some(vec![1000]), ..global };
         assert_eq!(
             c.ports[1].backend,
-            PortBackend::VhostUser { socket: "/run/vmq/b.sock".into(), policy: own, trust_frontend_memory: false }
+            PortBackend::VhostUser {
+                socket: "/run/vmq/b.sock".into(),
+                mode: VhostMode::Server,
+                policy: own,
+                trust_frontend_memory: false
+            }
         );
+    }
+
+    #[test]
+    fn client_mode_takes_no_listen_side_socket_policy() {
+        let vhost =
+            "[[port]]\nname = \"v\"\nkind = \"vhost-user\"\nsocket = \"/run/v.sock\"\nmac = \"52:54:00:00:00:01\"\n";
+        // `[vhost]` defaults for listening sockets do not reach a client port; its setup timeout does.
+        let global = "[vhost]\nsocket_mode = \"0600\"\nallowed_uids = [0]\nsetup_timeout_secs = 7\n";
+        let c = parse(&format!("{global}{vhost}vhost_mode = \"client\"\n"), "t.toml").unwrap();
+        let timeout_only =
+            SocketPolicy { setup_timeout: Some(std::time::Duration::from_secs(7)), ..Default::default() };
+        assert_eq!(
+            c.ports[0].backend,
+            PortBackend::VhostUser {
+                socket: "/run/v.sock".into(),
+                mode: VhostMode::Client,
+                policy: timeout_only,
+                trust_frontend_memory: false
+            }
+        );
+        let c = parse(&format!("{vhost}vhost_mode = \"server\"\n"), "t.toml").unwrap();
+        assert!(matches!(c.ports[0].backend, PortBackend::VhostUser { mode: VhostMode::Server, .. }));
+        // Each listen-side key on a client port: an error at the key's value (line 7: after the
+        // five lines of the port and vhost_mode).
+        for (key, value, column) in [
+            ("socket_owner", "\"root\"", 16),
+            ("socket_group", "\"root\"", 16),
+            ("socket_mode", "\"0660\"", 15),
+            ("allowed_uids", "[0]", 16),
+        ] {
+            let (line, col, m) = err(&format!("{vhost}vhost_mode = \"client\"\n{key} = {value}\n"));
+            assert_eq!((line, col), (7, column), "{key}: {m}");
+            assert!(m.contains(key) && m.contains("client"), "{m}");
+        }
+        let (line, col, m) = err(&format!("{vhost}vhost_mode = \"both\"\n"));
+        assert_eq!((line, col), (6, 14), "{m}");
+        assert!(m.contains("vhost_mode"), "{m}");
+        let (_, _, m) = err("[[port]]\nname = \"t\"\nkind = \"tap\"\nvhost_mode = \"client\"\n");
+        assert!(m.contains("takes no `vhost_mode`"), "{m}");
     }
 
     #[test]

@@ -6,11 +6,12 @@
 use vmq_control::metrics::MetricsConfig;
 use vmq_control::protocol::{
     ControlError, ErrorCode, NewPort, OffloadCounters, OffloadInfo, PortCounters, PortInfo, PortState, SwitchMode,
-    VlanInfo,
+    VhostInfo, VhostModeInfo, VlanInfo,
 };
 use vmq_control::server::ServerConfig;
 use vmq_core::stats::PortStatsSnapshot;
-use vmq_core::{DropReason, Mode, OffloadCaps, PortBackend, PortConfig, PortKind, VlanMode};
+use vmq_core::{DropReason, Mode, OffloadCaps, PortBackend, PortConfig, PortKind, VhostMode, VlanMode};
+use vmq_datapath::VhostLink;
 
 use crate::config::{self, Config, ConfigError};
 
@@ -112,8 +113,8 @@ pub fn switch_mode(mode: Mode) -> SwitchMode {
 }
 
 /// A configured port as `show`/`ports` report it; `offloads` are those in effect (after
-/// negotiation with the VM or TAP).
-pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps) -> PortInfo {
+/// negotiation with the VM or TAP), `vhost` a vhost-user port's connection.
+pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps, vhost: Option<VhostLink>) -> PortInfo {
     let spec = &port.spec;
     let (socket, ifname, netns) = match &port.backend {
         PortBackend::VhostUser { socket, .. } => (Some(socket.display().to_string()), None, None),
@@ -138,6 +139,14 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps) -> 
         socket,
         ifname,
         netns,
+        vhost: vhost.map(|v| VhostInfo {
+            mode: match v.mode {
+                VhostMode::Server => VhostModeInfo::Server,
+                VhostMode::Client => VhostModeInfo::Client,
+            },
+            connected: v.connected,
+            connections: v.connections,
+        }),
     }
 }
 
@@ -194,6 +203,7 @@ mod tests {
             p.backend,
             PortBackend::VhostUser {
                 socket: "/run/vmq/vm3.sock".into(),
+                mode: VhostMode::Server,
                 policy: Default::default(),
                 trust_frontend_memory: false
             }
@@ -219,7 +229,7 @@ mod tests {
         assert_eq!(p.uplink.as_deref(), Some("up0"));
         assert!(p.spec.allow_mac_spoofing);
         assert_eq!(p.spec.offloads, OffloadCaps::NONE);
-        let info = port_info(&p, PortState::Down, OffloadCaps::NONE);
+        let info = port_info(&p, PortState::Down, OffloadCaps::NONE, None);
         assert_eq!(info.vlan, VlanInfo::Trunk { allowed: vec![10, 20], native: Some(10) });
         assert_eq!(info.socket.as_deref(), Some("/run/vmq/vm3.sock"));
         assert_eq!(info.mac.as_deref(), Some("52:54:00:00:00:03"));

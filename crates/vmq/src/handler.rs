@@ -195,7 +195,7 @@ impl DatapathHandler {
 }
 
 fn info(p: &PortInfo) -> vmq_control::protocol::PortInfo {
-    port_info(&p.config, if p.up { PortState::Up } else { PortState::Down }, p.caps)
+    port_info(&p.config, if p.up { PortState::Up } else { PortState::Down }, p.caps, p.vhost)
 }
 
 fn no_such_port(name: &str) -> ControlError {

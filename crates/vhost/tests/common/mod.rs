@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmq_vhost::server::{PortStatus, SocketPolicy, VhostUserServer};
+use vmq_vhost::server::{PortStatus, SocketPolicy, VhostMode, VhostUserServer};
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,12 +92,25 @@ impl TestServer {
         ports: &[(&str, NetDeviceConfig, SocketPolicy)],
         stall_timeout: Option<Duration>,
     ) -> TestServer {
+        let ports: Vec<_> = ports
+            .iter()
+            .map(|(name, config, policy)| (*name, config.clone(), policy.clone(), VhostMode::Server))
+            .collect();
+        TestServer::start_with_modes(dir, &ports, stall_timeout)
+    }
+
+    /// Like `start_with_policies`, each port in server or client mode.
+    pub fn start_with_modes(
+        dir: &Path,
+        ports: &[(&str, NetDeviceConfig, SocketPolicy, VhostMode)],
+        stall_timeout: Option<Duration>,
+    ) -> TestServer {
         let stop = Arc::new(AtomicBool::new(false));
         let polls = Arc::new(AtomicU64::new(0));
         let status = Arc::new(Mutex::new(Vec::new()));
         let mut test_ports = Vec::new();
         let mut setup = Vec::new();
-        for (name, config, policy) in ports {
+        for (name, config, policy, mode) in ports {
             let (tx, rx) = channel();
             let device = NetDevice::new();
             let socket = dir.join(format!("{name}.sock"));
@@ -107,7 +120,7 @@ impl TestServer {
                 device: device.clone(),
                 events: rx,
             });
-            setup.push((name.to_string(), socket, policy.clone(), config.clone(), device, tx));
+            setup.push((name.to_string(), socket, *mode, policy.clone(), config.clone(), device, tx));
         }
         let (ready_tx, ready_rx) = channel();
         let thread = {
@@ -117,12 +130,12 @@ impl TestServer {
                 if let Some(timeout) = stall_timeout {
                     server.set_stall_timeout(timeout);
                 }
-                for (name, socket, policy, config, device, tx) in setup {
+                for (name, socket, mode, policy, config, device, tx) in setup {
                     let tx = Mutex::new(tx);
                     let on_event = Box::new(move |e| {
                         let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(e);
                     });
-                    server.add_port_with(&name, &socket, &policy, config, device, on_event).expect("add port");
+                    server.add_port_mode(&name, &socket, mode, &policy, config, device, on_event).expect("add port");
                 }
                 let _ = ready_tx.send(());
                 while !stop.load(Ordering::Relaxed) {
@@ -228,6 +241,11 @@ pub struct Session {
 /// Does what QEMU does to bring up a vhost-user-net device with one queue pair, and checks the
 /// device starts.
 pub fn bring_up(port: &TestPort, dir: &Path) -> Session {
+    bring_up_on(std::os::unix::net::UnixStream::connect(&port.socket).expect("connect"), port, dir)
+}
+
+/// [`bring_up`] on a connection made already (accepted from a client-mode port).
+pub fn bring_up_on(stream: std::os::unix::net::UnixStream, port: &TestPort, dir: &Path) -> Session {
     use std::os::fd::AsRawFd;
     use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
     use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -235,7 +253,7 @@ pub fn bring_up(port: &TestPort, dir: &Path) -> Session {
     use vmm_sys_util::eventfd::EventFd;
 
     // Bounded: a server that stops answering fails the test instead of hanging it.
-    let stream = std::os::unix::net::UnixStream::connect(&port.socket).expect("connect");
+    stream.set_nonblocking(false).expect("blocking");
     stream.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
     stream.set_write_timeout(Some(TIMEOUT)).expect("write timeout");
     let mut fe = Frontend::from_stream(stream, 2);

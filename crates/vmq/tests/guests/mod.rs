@@ -243,6 +243,21 @@ impl Vmq {
         vmq
     }
 
+    /// kill -9 vmq (no cleanup: its socket files stay behind, as after a crash) and reap it.
+    pub fn kill9(&mut self) {
+        // Our child, not reaped yet: its PID cannot have been reused.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Every port as `vmq ctl ports` reports it.
+    pub fn ports(&self) -> Result<Vec<PortInfo>, String> {
+        match self.try_ctl(&["ports"])? {
+            Response::Ports { ports } => Ok(ports),
+            other => Err(format!("ports answered {other:?}")),
+        }
+    }
+
     pub fn control_socket(dir: &TestDir) -> PathBuf {
         dir.join("ctl.sock")
     }
@@ -310,6 +325,10 @@ impl Vmq {
 
 impl Drop for Vmq {
     fn drop(&mut self) {
+        // Reaped already (`kill9`): its PID may belong to someone else now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return self.print_log_if_panicking();
+        }
         // Our child: its PID cannot have been reused before we reap it.
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -326,11 +345,18 @@ impl Drop for Vmq {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        self.print_log_if_panicking();
+    }
+}
+
+impl Vmq {
+    fn print_log_if_panicking(&self) {
         if std::thread::panicking() {
             let log = self.log_text();
             let lines: Vec<&str> = log.lines().collect();
             eprintln!(
-                "--- vmq log (last 60 lines) ---\n{}\n--- end of vmq log ---",
+                "--- vmq log (pid {}, last 60 lines) ---\n{}\n--- end of vmq log ---",
+                self.child.id(),
                 lines[lines.len().saturating_sub(60)..].join("\n")
             );
         }
@@ -488,6 +514,11 @@ pub fn vhost_port(dir: &TestDir, name: &str, mac: &str, mtu: u16, vlan: u16, off
         "[[port]]\nname = \"{name}\"\nkind = \"vhost-user\"\nsocket = \"{}\"\nmac = \"{mac}\"\nmtu = {mtu}\nvlan = {vlan}\noffloads = {offloads}\n\n",
         dir.join(&format!("{name}.sock")).display()
     )
+}
+
+/// A vhost-user port's `[[port]]` table with `vhost_mode` ("server" or "client").
+pub fn vhost_port_mode(dir: &TestDir, name: &str, mac: &str, mode: &str) -> String {
+    vhost_port(dir, name, mac, 1500, 0, true) + &format!("vhost_mode = \"{mode}\"\n\n")
 }
 
 /// The `[switch]` and `[control]` tables of a test configuration (metrics off: no TCP port).
