@@ -9,6 +9,9 @@ mod ctl;
 mod demo;
 mod exit;
 mod handler;
+mod notify;
+mod persist;
+mod reload;
 mod run;
 mod top;
 
