@@ -55,6 +55,7 @@ pub use config::DatapathConfig;
 pub use error::{BackendError, DatapathError};
 pub use info::{FdbRow, LockHoldStats, NoQueueReason, PortInfo, QueueStats, WorkerInfo};
 pub use port::{FrameSink, FrameSource, NicSteering};
+pub use vmq_vhost::server::PortStatus as VhostPortStatus;
 
 /// A running data path.
 pub struct Datapath {
@@ -326,6 +327,17 @@ impl Datapath {
         for w in &self.shared.worker_stats {
             w.learn_lock.max_ns.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Entries in the FDB now (static and learned).
+    pub fn fdb_len(&self) -> usize {
+        self.shared.switch_read().fdb().len()
+    }
+
+    /// Connection state of every vhost-user port's socket: connected, connections accepted and
+    /// refused, panics caught. Empty while a port is being attached (the backends are busy).
+    pub fn vhost_status(&self) -> Vec<VhostPortStatus> {
+        self.lock().backends.as_ref().map(|b| b.vhost_status()).unwrap_or_default()
     }
 
     /// Most entries the FDB learns.

@@ -6,14 +6,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use vmq_control::ControlHandler;
-use vmq_control::metrics::{MetricsSnapshot, PortMetrics, WorkerMetrics};
+use vmq_control::metrics::{
+    BuildInfo, FdbMetrics, MetricsSnapshot, NicQueueMetrics, PortMetrics, QueueMetrics, VhostMetrics, WorkerMetrics,
+};
 use vmq_control::protocol::{
     ControlError, ErrorCode, FdbEntry, FdbReport, NicQueue, PortState, QueueAction, QueueAssignment, QueueChange,
     QueuePolicy, QueueReport, Request, Response, Setting, SharedPort, SharedReason, StatsReport, SwitchSummary,
     WorkerInfo,
 };
 use vmq_core::vmq::QueuePolicy as CorePolicy;
-use vmq_core::{PortBackend, PortConfig, SocketPolicy, VlanMode};
+use vmq_core::{PortBackend, PortConfig, PortKind, SocketPolicy, VlanMode};
 use vmq_datapath::{Datapath, DatapathError, NoQueueReason, PortInfo};
 
 use crate::config::{self, Config};
@@ -267,12 +269,22 @@ impl DatapathHandler {
         }
     }
 
-    /// The metrics exporter's view: counters, state and queue of every port, worker load.
+    /// The metrics exporter's view: counters, state and queue of every port, worker load,
+    /// vhost-user connections, MAC table size, VM queue use, build.
     pub fn metrics(&self) -> MetricsSnapshot {
+        let ports = self.dp.ports();
+        let nic = self.dp.queue_stats();
+        let in_use = ports
+            .iter()
+            .filter(|p| p.config.spec.kind == PortKind::Uplink)
+            .map(|u| {
+                let name = &u.config.spec.name;
+                let n = nic.iter().filter(|q| &q.uplink == name && q.queue.is_some() && q.port.is_some()).count();
+                (name.clone(), n as u64)
+            })
+            .collect();
         MetricsSnapshot {
-            ports: self
-                .dp
-                .ports()
+            ports: ports
                 .iter()
                 .map(|p| PortMetrics {
                     counters: port_counters(&p.config.spec.name, &p.stats),
@@ -286,7 +298,41 @@ impl DatapathHandler {
                 .iter()
                 .map(|w| WorkerMetrics { worker: w.index as u32, busy_ratio: w.busy_ratio, panics: w.panics })
                 .collect(),
+            vhost: self
+                .dp
+                .vhost_status()
+                .into_iter()
+                .map(|v| VhostMetrics {
+                    port: v.name,
+                    connected: v.connected,
+                    connections: v.connections,
+                    refused: v.refused,
+                    panics: v.panics,
+                })
+                .collect(),
+            fdb: FdbMetrics { entries: self.dp.fdb_len() as u64, capacity: self.dp.fdb_capacity() as u64 },
+            queues: QueueMetrics {
+                budget: u64::from(self.dp.queue_config().queues),
+                in_use,
+                nic_queues: nic
+                    .into_iter()
+                    .map(|q| NicQueueMetrics {
+                        uplink: q.uplink,
+                        queue: q.queue.map_or_else(|| "default".to_string(), |q| q.0.to_string()),
+                        rx_packets: q.rx_packets,
+                    })
+                    .collect(),
+            },
+            build: build_info(),
         }
+    }
+}
+
+/// This build: the crate version, and the commit when the build set `VMQ_BUILD_COMMIT`.
+pub fn build_info() -> BuildInfo {
+    BuildInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        commit: option_env!("VMQ_BUILD_COMMIT").filter(|c| !c.is_empty()).map(str::to_string),
     }
 }
 

@@ -378,3 +378,68 @@ fn sighup_applies_the_file_under_traffic_without_losing_a_frame() {
     // Unchanged ports kept their place: a and b still answer each other.
     assert!(a.ns.ping(&b.ip, 3, &[]));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metrics of a running vmq: the snapshot the exporter renders comes from the data path.
+
+/// `GET /metrics` from `addr`: the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.split_once("\r\n\r\n").expect("an HTTP answer").1.to_string()
+}
+
+/// The value of the sample `series` (name and labels as written) in an exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn a_running_vmq_exports_vhost_fdb_queue_and_build_metrics() {
+    let dir = TempDir::new("metr");
+    let socket = dir.path().join("vmq.sock");
+    let vm_socket = dir.path().join("v1.sock");
+    let config = dir.path().join("vmq.toml");
+    let text = format!(
+        "[switch]\nworkers = 1\nfdb_capacity = 1000\n[vmq]\nqueues = 3\n{}[[port]]\nname = \"v1\"\nkind = \"vhost-user\"\nsocket = \"{}\"\nmac = \"52:54:00:00:00:09\"\n[control]\nsocket = \"{}\"\nmetrics = \"127.0.0.1:0\"\n",
+        mem_port("m1", 1, ""),
+        vm_socket.display(),
+        socket.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let notify = NotifySocket::new();
+    let vmq = Daemon::start(&config, &dir.path().join("vmq.log"), Some(&notify));
+    assert!(notify.next().contains("READY=1"), "{}", vmq.log());
+    let log = vmq.log();
+    let addr = log
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .to_string();
+
+    let before = scrape(&addr);
+    assert_eq!(sample(&before, "vmq_fdb_capacity"), Some(1000.0), "{before}");
+    // The VM ports' own MACs are static entries.
+    assert!(sample(&before, "vmq_fdb_entries").is_some_and(|n| n >= 2.0), "{before}");
+    assert_eq!(sample(&before, "vmq_vm_queue_budget"), Some(3.0), "{before}");
+    assert_eq!(sample(&before, "vmq_vhost_connected{port=\"v1\"}"), Some(0.0), "{before}");
+    assert_eq!(sample(&before, "vmq_vhost_connections_total{port=\"v1\"}"), Some(0.0), "{before}");
+    let version = format!("vmq_build_info{{version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    assert!(before.lines().any(|l| l.starts_with(&version) && l.ends_with(" 1")), "{before}");
+
+    // A frontend connects: the socket's state follows.
+    let _frontend = std::os::unix::net::UnixStream::connect(&vm_socket).unwrap();
+    let mut after = String::new();
+    let connected = wait_until(WAIT, || {
+        after = scrape(&addr);
+        sample(&after, "vmq_vhost_connected{port=\"v1\"}") == Some(1.0)
+    });
+    assert!(connected, "{after}");
+    assert_eq!(sample(&after, "vmq_vhost_connections_total{port=\"v1\"}"), Some(1.0), "{after}");
+    assert!(vmq.stop().success());
+}
