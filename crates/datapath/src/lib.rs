@@ -30,6 +30,7 @@ pub mod nic;
 pub mod port;
 mod rebalance;
 pub mod ring;
+mod spoof;
 mod state;
 mod supervise;
 pub mod tap;

@@ -443,3 +443,55 @@ fn a_running_vmq_exports_vhost_fdb_queue_and_build_metrics() {
     assert_eq!(sample(&after, "vmq_vhost_connections_total{port=\"v1\"}"), Some(1.0), "{after}");
     assert!(vmq.stop().success());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The warning when a port drops spoofed frames (root: a TAP port in a namespace).
+
+/// `text` without ANSI colour sequences (`ESC [ ... m`), whether or not the log has them.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_port_dropping_spoofed_frames_is_logged_once_naming_both_macs() {
+    if !can_run() {
+        return;
+    }
+    let p = unique("sp");
+    let (a, b) = (Host::new(&p, "a", 1), Host::new(&p, "b", 2));
+    // A short rebalance interval: the rebalancer is what notices the drops.
+    let sections = "[switch]\nworkers = 1\n\n[vmq]\nqueues = 2\nrebalance_interval_ms = 50\n\n";
+    let vmq = Vmq::start(&p, &[sections, &a.port(""), &b.port("")].concat());
+    let warning = "port drops frames as spoofed";
+    assert!(!vmq.log().contains(warning), "{}", vmq.log());
+
+    let forged = filler_frame(&b.mac, "02:00:00:00:00:66", 60);
+    inject(&a.ns, &a.ifname, &vec![forged.clone(); 5]);
+    let logged = wait_until(WAIT, || vmq.log().contains(warning));
+    assert!(logged, "no warning:\n{}", vmq.log());
+    let log = strip_ansi(&vmq.log());
+    let line = log.lines().find(|l| l.contains(warning)).unwrap();
+    assert!(line.contains("WARN") && line.contains("port=a"), "{line}");
+    assert!(line.contains("02:00:00:00:00:66"), "the MAC seen is not named: {line}");
+    assert!(line.contains(&a.mac), "the configured MAC is not named: {line}");
+
+    // More spoofed frames within the minute: counted, not logged again.
+    let before = vmq.stats("a");
+    inject(&a.ns, &a.ifname, &vec![forged; 5]);
+    vmq.wait_stats("a", |s| s.drops["spoofed"] >= before.drops["spoofed"] + 5);
+    let repeated = wait_until(Duration::from_secs(1), || vmq.log().matches(warning).count() > 1);
+    assert!(!repeated, "the warning is not rate limited:\n{}", vmq.log());
+}
