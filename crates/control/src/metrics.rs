@@ -37,6 +37,58 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 pub struct MetricsSnapshot {
     pub ports: Vec<PortMetrics>,
     pub workers: Vec<WorkerMetrics>,
+    /// vhost-user ports' connection state.
+    pub vhost: Vec<VhostMetrics>,
+    pub fdb: FdbMetrics,
+    pub queues: QueueMetrics,
+    pub build: BuildInfo,
+}
+
+/// A vhost-user port's socket.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VhostMetrics {
+    pub port: String,
+    /// A frontend (QEMU) is connected now.
+    pub connected: bool,
+    /// Connections accepted since the port was added (more than one: the VM reconnected).
+    pub connections: u64,
+    /// Connections refused: a second frontend, or a peer uid not allowed.
+    pub refused: u64,
+    /// Panics caught while handling the frontend's messages (each ended its connection).
+    pub panics: u64,
+}
+
+/// The MAC table's size.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FdbMetrics {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// VM queues: the budget, and per uplink the VM queues feeding a port and the frames each NIC
+/// queue delivered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueMetrics {
+    pub budget: u64,
+    /// (uplink, VM queues in use on it); every uplink listed, zeros included.
+    pub in_use: Vec<(String, u64)>,
+    pub nic_queues: Vec<NicQueueMetrics>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NicQueueMetrics {
+    pub uplink: String,
+    /// `default` or the VM queue's number.
+    pub queue: String,
+    pub rx_packets: u64,
+}
+
+/// `vmq_build_info`'s labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BuildInfo {
+    pub version: String,
+    /// The source commit, when the build was told it (`VMQ_BUILD_COMMIT`).
+    pub commit: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -159,6 +211,78 @@ impl Collector for SnapshotCollector {
                 ConstGauge::new(i64::from(get(p))).encode(family.encode_family(&labels)?)?;
             }
         }
+
+        let vhost = &self.0.vhost;
+        let mut connected = encoder.encode_descriptor(
+            "vmq_vhost_connected",
+            "1 if a frontend (QEMU) is connected to the vhost-user port's socket",
+            None,
+            MetricType::Gauge,
+        )?;
+        for v in vhost {
+            ConstGauge::new(i64::from(v.connected)).encode(connected.encode_family(&[("port", v.port.as_str())])?)?;
+        }
+        type VhostGet = fn(&VhostMetrics) -> u64;
+        let vhost_counters: [(&str, &str, VhostGet); 3] = [
+            (
+                "vmq_vhost_connections",
+                "Frontend connections accepted on the port's socket (more than one: reconnects)",
+                |v| v.connections,
+            ),
+            ("vmq_vhost_refused", "Connections refused: a second frontend, or a peer uid not allowed", |v| v.refused),
+            ("vmq_vhost_panics", "Panics caught handling the frontend's messages (each ended its connection)", |v| {
+                v.panics
+            }),
+        ];
+        for (name, help, get) in vhost_counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for v in vhost {
+                ConstCounter::new(get(v)).encode(family.encode_family(&[("port", v.port.as_str())])?)?;
+            }
+        }
+
+        let fdb = self.0.fdb;
+        let no_labels: [(&str, &str); 0] = [];
+        for (name, help, value) in [
+            ("vmq_fdb_entries", "Entries in the MAC table (static and learned)", fdb.entries),
+            ("vmq_fdb_capacity", "Most entries the MAC table learns", fdb.capacity),
+            ("vmq_vm_queue_budget", "VM queues the switch may hand out (per uplink)", self.0.queues.budget),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(family.encode_family(&no_labels)?)?;
+        }
+        let mut in_use = encoder.encode_descriptor(
+            "vmq_vm_queues_in_use",
+            "VM queues of the uplink that feed a VM port now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (uplink, n) in &self.0.queues.in_use {
+            ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX))
+                .encode(in_use.encode_family(&[("uplink", uplink.as_str())])?)?;
+        }
+        let mut nic = encoder.encode_descriptor(
+            "vmq_nic_queue_rx_packets",
+            "Frames read from the uplink's receive queue (default: the software switch's)",
+            None,
+            MetricType::Counter,
+        )?;
+        for q in &self.0.queues.nic_queues {
+            let labels = [("uplink", q.uplink.as_str()), ("queue", q.queue.as_str())];
+            ConstCounter::new(q.rx_packets).encode(nic.encode_family(&labels)?)?;
+        }
+        let mut build = encoder.encode_descriptor(
+            "vmq_build_info",
+            "Always 1; the labels say which vmq runs",
+            None,
+            MetricType::Gauge,
+        )?;
+        let build_info = &self.0.build;
+        let mut labels = vec![("version", build_info.version.as_str())];
+        if let Some(commit) = &build_info.commit {
+            labels.push(("commit", commit.as_str()));
+        }
+        ConstGauge::new(1i64).encode(build.encode_family(&labels)?)?;
 
         let mut busy = encoder.encode_descriptor(
             "vmq_worker_busy_ratio",

@@ -20,11 +20,11 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Every command name the server knows, as spelled on the wire.
-pub const COMMANDS: [&str; 10] =
-    ["show", "ports", "queues", "fdb", "stats", "add-port", "del-port", "set", "rebalance", "workers"];
+pub const COMMANDS: [&str; 11] =
+    ["show", "ports", "queues", "fdb", "stats", "add-port", "del-port", "set", "rebalance", "workers", "save"];
 
 /// Commands without fields.
-const UNIT_COMMANDS: [&str; 6] = ["show", "ports", "queues", "fdb", "rebalance", "workers"];
+const UNIT_COMMANDS: [&str; 7] = ["show", "ports", "queues", "fdb", "rebalance", "workers", "save"];
 
 /// One request line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +53,9 @@ pub enum Request {
     Rebalance,
     /// Per-worker load and tasks.
     Workers,
+    /// Write the running configuration (ports, VM queue budget and policy) back to the file
+    /// vmq was started with, keeping its comments and layout; answered with `done`.
+    Save,
 }
 
 impl Request {
@@ -69,6 +72,7 @@ impl Request {
             Request::Set(_) => "set",
             Request::Rebalance => "rebalance",
             Request::Workers => "workers",
+            Request::Save => "save",
         }
     }
 
@@ -743,6 +747,7 @@ mod tests {
             Request::Set(Setting::PortVlan { port: "x".into(), vlan: 0 }),
             Request::Rebalance,
             Request::Workers,
+            Request::Save,
         ];
         for r in all {
             let line = r.to_line();
@@ -761,6 +766,7 @@ mod tests {
         assert_eq!(code(r#"{"command":"reboot"}"#), ErrorCode::UnknownCommand);
         assert_eq!(code(r#"{"command":"show","extra":1}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"command":"workers","port":"a"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"command":"save","file":"/etc/passwd"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"command":"stats","port":"a","x":1}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"command":"set","setting":"queues","queues":3,"x":1}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"command":"del-port"}"#), ErrorCode::BadRequest);

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use vmq_control::metrics::{CONTENT_TYPE, MetricsConfig, MetricsExporter, MetricsSnapshot, PortMetrics, WorkerMetrics};
+use vmq_control::metrics::{
+    BuildInfo, CONTENT_TYPE, FdbMetrics, MetricsConfig, MetricsExporter, MetricsSnapshot, NicQueueMetrics, PortMetrics,
+    QueueMetrics, VhostMetrics, WorkerMetrics,
+};
 use vmq_control::protocol::{OffloadCounters, PortCounters};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +46,20 @@ fn snapshot(scrape: u64) -> MetricsSnapshot {
             WorkerMetrics { worker: 0, busy_ratio: 0.25, panics: 0 },
             WorkerMetrics { worker: 1, busy_ratio: 0.875, panics: 2 },
         ],
+        vhost: vec![
+            VhostMetrics { port: "vm1".into(), connected: true, connections: 3 + scrape, refused: 1, panics: 0 },
+            VhostMetrics { port: "vm2".into(), connected: false, connections: 0, refused: 0, panics: 1 },
+        ],
+        fdb: FdbMetrics { entries: 17 + scrape, capacity: 65536 },
+        queues: QueueMetrics {
+            budget: 8,
+            in_use: vec![("up0".into(), 1)],
+            nic_queues: vec![
+                NicQueueMetrics { uplink: "up0".into(), queue: "default".into(), rx_packets: 5 },
+                NicQueueMetrics { uplink: "up0".into(), queue: "1".into(), rx_packets: 90 + scrape },
+            ],
+        },
+        build: BuildInfo { version: "0.1.0".into(), commit: Some("abc1234".into()) },
     }
 }
 
@@ -189,12 +206,28 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
         wanted.insert(key("vmq_worker_busy_ratio", &[("worker", &w.worker.to_string())]), w.busy_ratio);
         wanted.insert(key("vmq_worker_panics_total", &[("worker", &w.worker.to_string())]), w.panics as f64);
     }
+    for v in &expected.vhost {
+        let port = [("port", v.port.as_str())];
+        wanted.insert(key("vmq_vhost_connected", &port), f64::from(u8::from(v.connected)));
+        wanted.insert(key("vmq_vhost_connections_total", &port), v.connections as f64);
+        wanted.insert(key("vmq_vhost_refused_total", &port), v.refused as f64);
+        wanted.insert(key("vmq_vhost_panics_total", &port), v.panics as f64);
+    }
+    wanted.insert(key("vmq_fdb_entries", &[]), expected.fdb.entries as f64);
+    wanted.insert(key("vmq_fdb_capacity", &[]), expected.fdb.capacity as f64);
+    wanted.insert(key("vmq_vm_queue_budget", &[]), expected.queues.budget as f64);
+    wanted.insert(key("vmq_vm_queues_in_use", &[("uplink", "up0")]), 1.0);
+    for q in &expected.queues.nic_queues {
+        let labels = [("uplink", q.uplink.as_str()), ("queue", q.queue.as_str())];
+        wanted.insert(key("vmq_nic_queue_rx_packets_total", &labels), q.rx_packets as f64);
+    }
+    wanted.insert(key("vmq_build_info", &[("version", "0.1.0"), ("commit", "abc1234")]), 1.0);
     assert_eq!(samples, wanted);
     for (name, kind) in &types {
         let counter = name.ends_with("_total");
         assert_eq!(kind, if counter { "counter" } else { "gauge" }, "{name}");
     }
-    assert_eq!(types.len(), 18);
+    assert_eq!(types.len(), 28);
 
     // The callback runs per scrape: the next scrape has the next snapshot's values.
     let (_, samples) = parse_exposition(&get(exporter.local_addr(), "/metrics?ignored=1").body);
@@ -245,6 +278,73 @@ fn shutdown_is_prompt_and_releases_the_port() {
     let again = MetricsExporter::start(MetricsConfig::new(addr), Arc::new(MetricsSnapshot::default)).unwrap();
     assert_eq!(again.local_addr(), addr);
     let (types, samples) = parse_exposition(&get(addr, "/metrics").body);
-    assert!(samples.is_empty());
-    assert_eq!(types.len(), 18, "families are described even with no ports");
+    // With no ports nor workers, only the switch-wide values have samples.
+    let mut names: Vec<&str> = samples.keys().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["vmq_build_info", "vmq_fdb_capacity", "vmq_fdb_entries", "vmq_vm_queue_budget"]);
+    assert_eq!(types.len(), 28, "families are described even with no ports");
+}
+
+/// Metric names (`vmq_...`) in a text: PromQL expressions, dashboard JSON, alert rules.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("vmq_") {
+        let start = i + at;
+        let boundary = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = start
+            + text[start..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(text.len() - start);
+        if boundary {
+            names.insert(text[start..end].to_string());
+        }
+        i = end;
+    }
+    names
+}
+
+#[test]
+fn every_metric_the_dashboard_and_the_alerts_use_is_exported() {
+    let (exporter, _) = start(TIMEOUT);
+    let (_, samples) = parse_exposition(&get(exporter.local_addr(), "/metrics").body);
+    let exported: std::collections::BTreeSet<String> = samples.keys().map(|(name, _)| name.clone()).collect();
+    let contrib = concat!(env!("CARGO_MANIFEST_DIR"), "/../../contrib/");
+
+    let dashboard_text = std::fs::read_to_string(format!("{contrib}grafana-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard_text).expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                for (k, v) in o {
+                    match (k.as_str(), v) {
+                        ("expr" | "query", serde_json::Value::String(s)) => out.push(s.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 20, "the dashboard has {} queries", exprs.len());
+    let in_dashboard = metric_names(&exprs.join("\n"));
+    // Nothing outside the queries names a metric the check would miss.
+    assert_eq!(metric_names(&dashboard_text), in_dashboard);
+
+    let alerts = std::fs::read_to_string(format!("{contrib}prometheus-alerts.yml")).unwrap();
+    assert!(alerts.contains("groups:") && alerts.matches("- alert: ").count() >= 10, "{alerts}");
+    let in_alerts = metric_names(&alerts);
+
+    for (file, names) in [("grafana-dashboard.json", &in_dashboard), ("prometheus-alerts.yml", &in_alerts)] {
+        let missing: Vec<&String> = names.difference(&exported).collect();
+        assert!(missing.is_empty(), "{file} uses metrics vmq does not export: {missing:?}");
+    }
+    // The dashboard shows every family vmq exports.
+    let unshown: Vec<&String> = exported.difference(&in_dashboard).collect();
+    assert!(unshown.is_empty(), "exported but not on the dashboard: {unshown:?}");
+    assert!(metric_names("x{vmq_no} avmq_y vmq_fdb_entries/vmq_fdb_capacity").len() == 3);
 }

@@ -129,6 +129,7 @@ fn answer(request: &Request) -> Result<Response, ControlError> {
         Request::Workers => Response::Workers {
             workers: vec![WorkerInfo { worker: 0, busy_ratio: 0.25, panics: 1, tasks: vec!["vm1 tx".into()] }],
         },
+        Request::Save => Response::Done { message: "saved".into() },
     })
 }
 
@@ -182,6 +183,7 @@ fn all_requests() -> Vec<Request> {
         Request::Set(Setting::PortVlan { port: "vm1".into(), vlan: 20 }),
         Request::Rebalance,
         Request::Workers,
+        Request::Save,
     ]
 }
 

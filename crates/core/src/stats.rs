@@ -101,6 +101,9 @@ pub struct PortStats {
     /// FDB learning refused because the port reached its `max_learned_macs` (frame still
     /// forwarded).
     pub fdb_limit: AtomicU64,
+    /// The source MAC of the last frame dropped as `spoofed` (bit 48 set once there was one):
+    /// written on the drop path only, read by the control thread to name it in a warning.
+    last_spoofed_source: AtomicU64,
 }
 
 /// A snapshot of [`PortStats`], plain numbers.
@@ -157,6 +160,26 @@ impl PortStats {
         self.drops[reason.index()].load(Relaxed)
     }
 
+    /// Records the source MAC of a frame dropped as `spoofed` (one relaxed store, on the drop
+    /// path only).
+    pub fn note_spoofed_source(&self, mac: [u8; 6]) {
+        let mut bytes = [0u8; 8];
+        bytes[2..].copy_from_slice(&mac);
+        self.last_spoofed_source.store(u64::from_be_bytes(bytes) | 1 << 48, Relaxed);
+    }
+
+    /// The source MAC of the last frame dropped as `spoofed`, if any was.
+    pub fn last_spoofed_source(&self) -> Option<[u8; 6]> {
+        let v = self.last_spoofed_source.load(Relaxed);
+        if v & 1 << 48 == 0 {
+            return None;
+        }
+        let bytes = v.to_be_bytes();
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&bytes[2..]);
+        Some(mac)
+    }
+
     pub fn snapshot(&self) -> PortStatsSnapshot {
         let mut drops = [0u64; DropReason::ALL.len()];
         for (d, a) in drops.iter_mut().zip(&self.drops) {
@@ -198,6 +221,18 @@ impl CounterBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_spoofed_source_is_kept_zero_mac_included() {
+        let s = PortStats::default();
+        assert_eq!(s.last_spoofed_source(), None);
+        s.note_spoofed_source([0; 6]);
+        assert_eq!(s.last_spoofed_source(), Some([0; 6]));
+        s.note_spoofed_source([0x02, 0, 0, 0, 0, 0x99]);
+        assert_eq!(s.last_spoofed_source(), Some([0x02, 0, 0, 0, 0, 0x99]));
+        s.note_spoofed_source([0xff; 6]);
+        assert_eq!(s.last_spoofed_source(), Some([0xff; 6]));
+    }
 
     #[test]
     fn drop_names_unique_and_indexed() {

@@ -93,6 +93,11 @@ pub struct AttachContext {
 /// Builds attachments for configured ports (TAP, uplink, vhost-user, mem).
 pub trait Backends: Send {
     fn attach(&mut self, config: &PortConfig, ctx: AttachContext) -> Result<Attachment, DatapathError>;
+
+    /// Connection state of the vhost-user sockets these backends serve (none by default).
+    fn vhost_status(&self) -> Vec<vmq_vhost::server::PortStatus> {
+        Vec::new()
+    }
 }
 
 /// What [`crate::Datapath::add_port`] hands the attach step: the port's id and handle, reserved.

@@ -26,6 +26,10 @@ impl DefaultBackends {
 }
 
 impl Backends for DefaultBackends {
+    fn vhost_status(&self) -> Vec<vmq_vhost::server::PortStatus> {
+        self.vhost.as_ref().map(VhostService::status).unwrap_or_default()
+    }
+
     fn attach(&mut self, config: &PortConfig, ctx: AttachContext) -> Result<Attachment, DatapathError> {
         let port = config.spec.name.clone();
         match &config.backend {

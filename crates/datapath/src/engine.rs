@@ -667,6 +667,12 @@ impl Worker {
             };
             if let Err(r) = result {
                 in_entry.stats.add_drop(r, 1);
+                // Named in the control thread's warning (see `spoof`); drop path only.
+                if r == DropReason::Spoofed
+                    && let Some(src) = f.head.get(6..12).and_then(|s| <[u8; 6]>::try_from(s).ok())
+                {
+                    in_entry.stats.note_spoofed_source(src);
+                }
             }
         }
         in_entry.stats.add_rx(n as u64, rx_bytes);

@@ -30,6 +30,7 @@ pub mod nic;
 pub mod port;
 mod rebalance;
 pub mod ring;
+mod spoof;
 mod state;
 mod supervise;
 pub mod tap;
@@ -55,6 +56,7 @@ pub use config::DatapathConfig;
 pub use error::{BackendError, DatapathError};
 pub use info::{FdbRow, LockHoldStats, NoQueueReason, PortInfo, QueueStats, VhostLink, WorkerInfo};
 pub use port::{FrameSink, FrameSource, NicSteering};
+pub use vmq_vhost::server::PortStatus as VhostPortStatus;
 
 /// A running data path.
 pub struct Datapath {
@@ -326,6 +328,17 @@ impl Datapath {
         for w in &self.shared.worker_stats {
             w.learn_lock.max_ns.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Entries in the FDB now (static and learned).
+    pub fn fdb_len(&self) -> usize {
+        self.shared.switch_read().fdb().len()
+    }
+
+    /// Connection state of every vhost-user port's socket: connected, connections accepted and
+    /// refused, panics caught. Empty while a port is being attached (the backends are busy).
+    pub fn vhost_status(&self) -> Vec<VhostPortStatus> {
+        self.lock().backends.as_ref().map(|b| b.vhost_status()).unwrap_or_default()
     }
 
     /// Most entries the FDB learns.

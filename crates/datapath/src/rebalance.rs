@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmq_core::PortId;
+use vmq_core::stats::DropReason;
 use vmq_core::vmq::place_by_load;
+use vmq_wire::MacAddr;
 
 use crate::engine::{Shared, Task, lock};
+use crate::spoof::SpoofWatch;
 use crate::state::ControlState;
 
 pub(crate) struct Rebalancer {
@@ -24,6 +27,7 @@ pub(crate) struct Rebalancer {
     last_task_frames: HashMap<usize, u64>,
     last_busy_ns: Vec<u64>,
     last: Instant,
+    spoof: SpoofWatch,
 }
 
 /// Re-place only when it cuts the busiest worker's load by this much: moving work costs cache
@@ -41,6 +45,7 @@ impl Rebalancer {
             last_task_frames: HashMap::new(),
             last_busy_ns: vec![0; workers],
             last: Instant::now(),
+            spoof: SpoofWatch::default(),
         }
     }
 
@@ -91,6 +96,7 @@ impl Rebalancer {
             })
             .collect();
         st.busy = busy;
+        warn_spoofing(&mut self.spoof, &st);
         let tasks: Vec<Arc<Task>> = st.ports.iter().flatten().flat_map(|r| r.tasks.iter().cloned()).collect();
         drop(st);
         self.replace_tasks(&tasks);
@@ -143,5 +149,27 @@ impl Rebalancer {
         }
         drop(control);
         self.shared.refresh_workers();
+    }
+}
+
+/// Logs ports that started dropping `spoofed` frames, naming the source MAC seen and the
+/// port's own (rate limited per port, see [`crate::spoof`]).
+fn warn_spoofing(watch: &mut SpoofWatch, st: &ControlState) {
+    let now = Instant::now();
+    let key = |stats: &Arc<vmq_core::stats::PortStats>| Arc::as_ptr(stats) as usize;
+    let present: std::collections::HashSet<usize> = st.ports.iter().flatten().map(|r| key(&r.stats)).collect();
+    watch.retain(|k| present.contains(&k));
+    for rec in st.ports.iter().flatten() {
+        let count = rec.stats.drops(DropReason::Spoofed);
+        let Some(warning) = watch.observe(key(&rec.stats), count, now) else { continue };
+        let seen = rec.stats.last_spoofed_source().map(|m| MacAddr(m).to_string());
+        let configured = rec.config.spec.mac.map(|m| m.to_string());
+        tracing::warn!(
+            port = %rec.config.spec.name,
+            dropped = warning.dropped,
+            seen = seen.as_deref().unwrap_or("?"),
+            configured = configured.as_deref().unwrap_or("none"),
+            "port drops frames as spoofed: their source MAC is not the port's `mac` (does the VM's MAC, e.g. QEMU's mac=, match the port's?)"
+        );
     }
 }

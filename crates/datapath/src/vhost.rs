@@ -7,8 +7,8 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use virtio_bindings::virtio_net::{
 };
 use vm_memory::GuestAddressSpace;
 use vmq_core::{DropReason, OffloadCaps};
-use vmq_vhost::server::{ConnectionStatus, ServerError, SocketPolicy, VhostMode, VhostUserServer};
+use vmq_vhost::server::{ConnectionStatus, PortStatus, ServerError, SocketPolicy, VhostMode, VhostUserServer};
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
@@ -340,6 +340,9 @@ enum Command {
 pub struct VhostService {
     commands: Sender<Command>,
     thread: Option<JoinHandle<()>>,
+    /// Connection state of every socket, as of the service thread's last turn (for metrics:
+    /// read without waiting on the thread).
+    status: Arc<Mutex<Vec<PortStatus>>>,
 }
 
 /// How often the service thread looks at its command queue while no socket is busy.
@@ -350,6 +353,8 @@ impl VhostService {
         let mut server = VhostUserServer::new()
             .map_err(|e| DatapathError::Backend { port: "vhost-user".into(), source: BackendError::Vhost(e) })?;
         let (commands, rx): (Sender<Command>, Receiver<Command>) = channel();
+        let status = Arc::new(Mutex::new(Vec::new()));
+        let published = status.clone();
         let thread = std::thread::Builder::new()
             .name("vmq-vhost".into())
             .spawn(move || {
@@ -357,6 +362,7 @@ impl VhostService {
                     if let Err(e) = server.poll(COMMAND_POLL.as_millis() as i32) {
                         tracing::error!(error = %e, "vhost-user server");
                     }
+                    publish_status(&server, &published);
                     loop {
                         match rx.try_recv() {
                             Ok(Command::Add { name, socket, mode, policy, config, device, handle, reply }) => {
@@ -368,10 +374,13 @@ impl VhostService {
                                     .add_port_mode(&name, &socket, mode, &policy, config, device, on_event)
                                     .map(|()| server.connection_status(&name));
                                 let result = result.and_then(|s| s.ok_or(ServerError::UnknownPort(name)));
+                                // Before the reply: a port that exists has its state shown.
+                                publish_status(&server, &published);
                                 let _ = reply.send(result);
                             }
                             Ok(Command::Remove { name }) => {
                                 let _ = server.remove_port(&name);
+                                publish_status(&server, &published);
                             }
                             Err(std::sync::mpsc::TryRecvError::Empty) => break,
                             // The data path is gone: close every socket.
@@ -381,7 +390,12 @@ impl VhostService {
                 }
             })
             .map_err(DatapathError::Thread)?;
-        Ok(VhostService { commands, thread: Some(thread) })
+        Ok(VhostService { commands, thread: Some(thread), status })
+    }
+
+    /// Connection state of every vhost-user socket (as of the service thread's last turn).
+    pub fn status(&self) -> Vec<PortStatus> {
+        crate::engine::lock(&self.status).clone()
     }
 
     /// Listens on `socket` for the VM of port `name` (server mode), or connects to it (client
@@ -420,6 +434,15 @@ impl VhostService {
         att.vhost = Some(status);
         att.keepalive = Some(Box::new(Registration { name: name.to_string(), commands: self.commands.clone() }));
         Ok(att)
+    }
+}
+
+/// Copies the server's connection state where [`VhostService::status`] reads it.
+fn publish_status(server: &VhostUserServer, published: &Mutex<Vec<PortStatus>>) {
+    let now = server.status();
+    let mut shown = crate::engine::lock(published);
+    if *shown != now {
+        *shown = now;
     }
 }
 

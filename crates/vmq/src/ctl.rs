@@ -66,6 +66,9 @@ enum CtlCommand {
     Rebalance,
     /// Per-worker busy ratio and tasks.
     Workers,
+    /// Write the running configuration back to vmq's configuration file (atomically, keeping
+    /// its comments), so that add-port, del-port and set survive a restart.
+    Save,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +190,7 @@ impl CtlCommand {
             }),
             CtlCommand::Rebalance => Request::Rebalance,
             CtlCommand::Workers => Request::Workers,
+            CtlCommand::Save => Request::Save,
         }
     }
 }

@@ -1,20 +1,27 @@
-//! The control socket's requests, answered from (and applied to) the running data path; and the
-//! snapshot the metrics exporter renders.
+//! The control socket's requests, answered from (and applied to) the running data path; the
+//! snapshot the metrics exporter renders; and the configuration file's side of the running
+//! switch: reload (SIGHUP) and `save`.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use vmq_control::ControlHandler;
-use vmq_control::metrics::{MetricsSnapshot, PortMetrics, WorkerMetrics};
+use vmq_control::metrics::{
+    BuildInfo, FdbMetrics, MetricsSnapshot, NicQueueMetrics, PortMetrics, QueueMetrics, VhostMetrics, WorkerMetrics,
+};
 use vmq_control::protocol::{
     ControlError, ErrorCode, FdbEntry, FdbReport, NicQueue, PortState, QueueAction, QueueAssignment, QueueChange,
     QueuePolicy, QueueReport, Request, Response, Setting, SharedPort, SharedReason, StatsReport, SwitchSummary,
     WorkerInfo,
 };
 use vmq_core::vmq::QueuePolicy as CorePolicy;
-use vmq_core::{PortBackend, PortConfig, SocketPolicy, VlanMode};
+use vmq_core::{PortBackend, PortConfig, PortKind, SocketPolicy, VlanMode};
 use vmq_datapath::{Datapath, DatapathError, NoQueueReason, PortInfo};
 
+use crate::config::{self, Config};
 use crate::control::{port_config, port_counters, port_info, switch_mode};
+use crate::persist::{self, Running};
+use crate::reload::{self, Current, Plan};
 
 /// Longest FDB listing sent in one reply (the table may hold 65 536 entries).
 const MAX_FDB_ROWS: usize = 4096;
@@ -22,18 +29,109 @@ const MAX_FDB_ROWS: usize = 4096;
 pub struct DatapathHandler {
     dp: Arc<Datapath>,
     /// `[vhost]` of the configuration: the socket policy of vhost-user ports added at run time.
-    socket_defaults: SocketPolicy,
+    socket_defaults: Mutex<SocketPolicy>,
+    /// The configuration file and what was last applied from it (at start or by a reload).
+    /// Held while a reload or a save runs, so that the two never interleave.
+    file: Mutex<Option<(PathBuf, Config)>>,
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub struct ReloadOutcome {
+    pub plan: Plan,
+    /// Changes the data path refused while applying (a TAP that could not be created, ...);
+    /// the rest of the plan was applied.
+    pub failed: Vec<String>,
 }
 
 impl DatapathHandler {
     pub fn new(dp: Arc<Datapath>) -> DatapathHandler {
-        DatapathHandler { dp, socket_defaults: SocketPolicy::default() }
+        DatapathHandler { dp, socket_defaults: Mutex::new(SocketPolicy::default()), file: Mutex::new(None) }
     }
 
-    /// Gives vhost-user ports added with `add-port` this socket policy (`[vhost]`).
-    pub fn with_socket_defaults(mut self, policy: SocketPolicy) -> DatapathHandler {
-        self.socket_defaults = policy;
+    /// The configuration file the switch runs from: its `[vhost]` is the socket policy of
+    /// vhost-user ports added with `add-port`; `save` writes to it; reload reads it.
+    pub fn with_config_file(self, path: PathBuf, config: Config) -> DatapathHandler {
+        *lock(&self.socket_defaults) = config.vhost.clone();
+        *lock(&self.file) = Some((path, config));
         self
+    }
+
+    /// Re-reads the configuration file and applies the difference (see [`crate::reload`]).
+    /// Refused, with nothing changed, if the file is invalid or changes a restart-only setting.
+    pub fn reload(&self) -> Result<ReloadOutcome, String> {
+        let mut file = lock(&self.file);
+        let Some((path, applied)) = file.as_mut() else {
+            return Err("vmq was not started from a configuration file".into());
+        };
+        let new = config::load(path).map_err(|e| e.to_string())?;
+        let ports = self.configs();
+        let queue_config = self.dp.queue_config();
+        let socket_defaults = lock(&self.socket_defaults).clone();
+        let current = Current {
+            applied,
+            ports: &ports,
+            queues: queue_config.queues,
+            policy: queue_config.policy,
+            socket_defaults: &socket_defaults,
+        };
+        let plan = reload::plan(&current, &new)?;
+        let mut failed = Vec::new();
+        let mut note = |what: String, e: DatapathError| {
+            tracing::error!(error = %e, "reload: {what} failed");
+            failed.push(format!("{what}: {e}"));
+        };
+        // The budget first: a refusal there leaves everything else as it was.
+        if let Some(q) = plan.queues {
+            self.dp.set_queue_budget(q).map_err(|e| format!("[vmq] queues {q}: {e}"))?;
+        }
+        if let Some(p) = plan.policy {
+            self.dp.set_queue_policy(p);
+        }
+        for name in &plan.remove {
+            if let Err(e) = self.dp.remove_port(name) {
+                note(format!("removing port {name}"), e);
+            }
+        }
+        for (name, mtu) in &plan.mtu {
+            if let Err(e) = self.dp.set_port_mtu(name, *mtu) {
+                note(format!("port {name} mtu {mtu}"), e);
+            }
+        }
+        for (name, vlan) in &plan.vlan {
+            if let Err(e) = self.dp.set_port_vlan(name, vlan.clone()) {
+                note(format!("port {name} vlan {vlan:?}"), e);
+            }
+        }
+        for port in &plan.add {
+            let name = port.spec.name.clone();
+            if let Err(e) = self.dp.add_port(port.clone()) {
+                note(format!("adding port {name}"), e);
+            }
+        }
+        if let Some(policy) = &plan.socket_defaults {
+            *lock(&self.socket_defaults) = policy.clone();
+        }
+        *applied = new;
+        Ok(ReloadOutcome { plan, failed })
+    }
+
+    /// `save`: the running configuration into the configuration file.
+    fn save(&self) -> Result<String, ControlError> {
+        let file = lock(&self.file);
+        let Some((path, _)) = file.as_ref() else {
+            return Err(ControlError::new(ErrorCode::Unsupported, "vmq was not started from a configuration file"));
+        };
+        let queue_config = self.dp.queue_config();
+        let running = Running { ports: self.configs(), queues: queue_config.queues, policy: queue_config.policy };
+        persist::save(path, &running).map_err(|e| match e {
+            persist::SaveError::FileInvalid(_) | persist::SaveError::NotExpressible(_) => {
+                ControlError::new(ErrorCode::Unsupported, e.to_string())
+            }
+            _ => ControlError::internal(e.to_string()),
+        })?;
+        tracing::info!(file = %path.display(), "running configuration saved");
+        Ok(format!("saved the running configuration to {}", path.display()))
     }
 
     fn port_infos(&self) -> Vec<vmq_control::protocol::PortInfo> {
@@ -171,12 +269,22 @@ impl DatapathHandler {
         }
     }
 
-    /// The metrics exporter's view: counters, state and queue of every port, worker load.
+    /// The metrics exporter's view: counters, state and queue of every port, worker load,
+    /// vhost-user connections, MAC table size, VM queue use, build.
     pub fn metrics(&self) -> MetricsSnapshot {
+        let ports = self.dp.ports();
+        let nic = self.dp.queue_stats();
+        let in_use = ports
+            .iter()
+            .filter(|p| p.config.spec.kind == PortKind::Uplink)
+            .map(|u| {
+                let name = &u.config.spec.name;
+                let n = nic.iter().filter(|q| &q.uplink == name && q.queue.is_some() && q.port.is_some()).count();
+                (name.clone(), n as u64)
+            })
+            .collect();
         MetricsSnapshot {
-            ports: self
-                .dp
-                .ports()
+            ports: ports
                 .iter()
                 .map(|p| PortMetrics {
                     counters: port_counters(&p.config.spec.name, &p.stats),
@@ -190,8 +298,48 @@ impl DatapathHandler {
                 .iter()
                 .map(|w| WorkerMetrics { worker: w.index as u32, busy_ratio: w.busy_ratio, panics: w.panics })
                 .collect(),
+            vhost: self
+                .dp
+                .vhost_status()
+                .into_iter()
+                .map(|v| VhostMetrics {
+                    port: v.name,
+                    connected: v.connected,
+                    connections: v.connections,
+                    refused: v.refused,
+                    panics: v.panics,
+                })
+                .collect(),
+            fdb: FdbMetrics { entries: self.dp.fdb_len() as u64, capacity: self.dp.fdb_capacity() as u64 },
+            queues: QueueMetrics {
+                budget: u64::from(self.dp.queue_config().queues),
+                in_use,
+                nic_queues: nic
+                    .into_iter()
+                    .map(|q| NicQueueMetrics {
+                        uplink: q.uplink,
+                        queue: q.queue.map_or_else(|| "default".to_string(), |q| q.0.to_string()),
+                        rx_packets: q.rx_packets,
+                    })
+                    .collect(),
+            },
+            build: build_info(),
         }
     }
+}
+
+/// This build: the crate version, and the commit when the build set `VMQ_BUILD_COMMIT`.
+pub fn build_info() -> BuildInfo {
+    BuildInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        commit: option_env!("VMQ_BUILD_COMMIT").filter(|c| !c.is_empty()).map(str::to_string),
+    }
+}
+
+/// A poisoned lock (a panic elsewhere while holding it) still guards consistent data here:
+/// every holder writes whole values.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn info(p: &PortInfo) -> vmq_control::protocol::PortInfo {
@@ -231,7 +379,7 @@ impl ControlHandler for DatapathHandler {
             Request::AddPort(new) => {
                 let mut config = port_config(&new, &self.configs())?;
                 if let PortBackend::VhostUser { policy, .. } = &mut config.backend {
-                    *policy = self.socket_defaults.clone();
+                    *policy = lock(&self.socket_defaults).clone();
                 }
                 let name = config.spec.name.clone();
                 self.dp.add_port(config).map_err(datapath_error)?;
@@ -256,6 +404,7 @@ impl ControlHandler for DatapathHandler {
                     })
                     .collect(),
             }),
+            Request::Save => Ok(Response::Done { message: self.save()? }),
             Request::Workers => Ok(Response::Workers {
                 workers: self
                     .dp

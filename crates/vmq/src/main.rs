@@ -10,6 +10,9 @@ mod demo;
 mod exit;
 mod handler;
 mod logging;
+mod notify;
+mod persist;
+mod reload;
 mod run;
 mod top;
 

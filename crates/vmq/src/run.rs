@@ -1,10 +1,13 @@
-//! `vmq run`: start the data path from a configuration file and serve until SIGINT/SIGTERM.
+//! `vmq run`: start the data path from a configuration file and serve until SIGINT/SIGTERM;
+//! SIGHUP reloads the file. Under systemd (`Type=notify`) the service manager hears READY=1 once
+//! the data path, the control socket and the metrics exporter are up, RELOADING=1 and READY=1
+//! around a reload, STOPPING=1 on the way out.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vmq_datapath::Datapath;
 
@@ -14,6 +17,7 @@ use crate::config;
 use crate::control;
 use crate::exit;
 use crate::handler::DatapathHandler;
+use crate::notify::{self, State};
 
 pub fn run(path: &Path) -> ExitCode {
     let config = match config::load(path) {
@@ -24,7 +28,7 @@ pub fn run(path: &Path) -> ExitCode {
         }
     };
     // Install the handlers before starting workers so that an early signal is not lost.
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vmq: cannot install signal handlers: {e}");
@@ -49,7 +53,7 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
-    let ready = Arc::new(DatapathHandler::new(datapath.clone()).with_socket_defaults(config.vhost.clone()));
+    let ready = Arc::new(DatapathHandler::new(datapath.clone()).with_config_file(path.to_path_buf(), config.clone()));
     let _ = handler.ready.set(ready.clone());
     let metrics = match control::metrics_config(&config) {
         Some(cfg) => {
@@ -77,9 +81,16 @@ pub fn run(path: &Path) -> ExitCode {
         tracing::info!(port = %p.config.spec.name, kind = ?p.config.spec.kind, up = p.up, mtu = p.config.spec.mtu,
             vlan = ?p.config.spec.vlan, queue = ?p.queue.map(|q| q.0), "port");
     }
-    if let Some(signal) = signals.forever().next() {
+    notify::notify(State::Ready);
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            reload(&ready, path);
+            continue;
+        }
         tracing::info!(signal, "shutting down");
+        break;
     }
+    notify::notify(State::Stopping);
     server.shutdown();
     if let Some(m) = metrics {
         m.shutdown();
@@ -96,6 +107,25 @@ pub fn run(path: &Path) -> ExitCode {
         Err(_) => tracing::warn!("data path still referenced at shutdown"),
     }
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: the configuration file again, its difference applied (or refused, logged).
+fn reload(handler: &DatapathHandler, path: &Path) {
+    notify::notify(State::Reloading);
+    tracing::info!(file = %path.display(), "reloading the configuration");
+    match handler.reload() {
+        Ok(outcome) if outcome.plan.is_empty() => tracing::info!("configuration reloaded: nothing changed"),
+        Ok(outcome) if outcome.failed.is_empty() => {
+            tracing::info!(changes = %outcome.plan.summary(), "configuration reloaded")
+        }
+        Ok(outcome) => tracing::error!(
+            changes = %outcome.plan.summary(),
+            failed = ?outcome.failed,
+            "configuration reloaded in part: the data path refused some changes"
+        ),
+        Err(e) => tracing::error!(error = %e, "reload refused; the running configuration stays"),
+    }
+    notify::notify(State::Ready);
 }
 
 /// Answers `busy` until the data path has started, then hands requests to it.

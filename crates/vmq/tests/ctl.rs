@@ -172,6 +172,7 @@ impl ControlHandler for Mock {
                     WorkerInfo { worker: 1, busy_ratio: 0.5, panics: 3, tasks: vec!["up0 queue 0 -> vm1".into()] },
                 ],
             },
+            Request::Save => Response::Done { message: "saved the running configuration to /etc/vmq/vmq.toml".into() },
         })
     }
 }
@@ -404,6 +405,7 @@ fn write_commands_send_the_request_the_arguments_say() {
     ok(&f.socket, &["set", "policy", "static"]);
     ok(&f.socket, &["set", "port", "vm1", "mtu", "1500"]);
     ok(&f.socket, &["set", "port", "vm1", "vlan", "20"]);
+    assert_eq!(ok(&f.socket, &["save"]), "saved the running configuration to /etc/vmq/vmq.toml\n");
     assert_eq!(
         f.seen(),
         vec![
@@ -433,6 +435,7 @@ fn write_commands_send_the_request_the_arguments_say() {
             Request::Set(Setting::Policy { policy: QueuePolicy::Static }),
             Request::Set(Setting::PortMtu { port: "vm1".into(), mtu: 1500 }),
             Request::Set(Setting::PortVlan { port: "vm1".into(), vlan: 20 }),
+            Request::Save,
         ]
     );
 }

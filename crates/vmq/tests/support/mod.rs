@@ -295,6 +295,11 @@ impl Vmq {
         self.child.id()
     }
 
+    /// The configuration file vmq runs from (its `[control]` section at the end).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("vmq.toml")
+    }
+
     /// Everything vmq wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
