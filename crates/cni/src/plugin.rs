@@ -44,10 +44,19 @@ fn vmq_error(conf: &NetConf, what: &str, e: ClientError) -> CniError {
     CniError::new(code, msg).with_details(e)
 }
 
+/// `CNI_NETNS`, which must exist (code 3 otherwise: the container is gone).
+fn existing_netns(env: &Env) -> Result<&str, CniError> {
+    let netns = env.netns()?;
+    if !std::path::Path::new(netns).exists() {
+        return Err(CniError::new(code::UNKNOWN_CONTAINER, format!("the pod's namespace {netns} does not exist")));
+    }
+    Ok(netns)
+}
+
 /// ADD: IPAM first (nothing to undo if it fails), then the port, then the addresses; a failure
 /// after a step undoes the steps before it.
 pub fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<CniResult, CniError> {
-    let netns = env.netns()?;
+    let netns = existing_netns(env)?;
     let name = conf::port_name(&env.container_id, &env.ifname);
     let mac = conf::format_mac(conf::mac(&env.container_id, &env.ifname));
     let ipam_result = ipam::run(env, conf.ipam_plugin(), Command::Add, stdin)?
@@ -67,12 +76,18 @@ pub fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<CniResult, CniErro
         ..NewPort::default()
     };
     if let Err(e) = vmq_call(conf, &Request::AddPort(port)) {
-        release_ipam();
-        let mut err = vmq_error(conf, &format!("add port {name}"), e);
-        if err.details.contains("port_exists") || err.details.contains("already") {
-            err.msg = format!("port {name} exists already: DEL this pod's attachment first");
-        }
-        return Err(err);
+        return Err(match e {
+            // The attachment exists: the lease (same container id and interface) is its lease,
+            // an IPAM plugin that hands it out again must not have it released here.
+            ClientError::Remote(r) if r.code == ErrorCode::PortExists => CniError::new(
+                code::VMQ_REFUSED,
+                format!("vmq has a port {name} already: DEL this pod's attachment before adding it again"),
+            ),
+            e => {
+                release_ipam();
+                vmq_error(conf, &format!("add port {name}"), e)
+            }
+        });
     }
     if let Err(e) = pod::configure(netns, &env.ifname, &ipam_result) {
         let _ = vmq_call(conf, &Request::DelPort { name });
@@ -116,7 +131,7 @@ fn check_failed(msg: String) -> CniError {
 /// with this interface name and MAC, up), then the interface is in the namespace with the MAC
 /// and every address of `prevResult`.
 pub fn check(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
-    let netns = env.netns()?;
+    let netns = existing_netns(env)?;
     let prev = conf
         .prev_result
         .clone()
