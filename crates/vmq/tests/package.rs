@@ -51,7 +51,9 @@ fn deb_assets_exist_or_are_generated_by_package_sh() {
             assert!(repo().join(rel).is_file(), "{rel} is missing");
         }
     }
-    for wanted in ["usr/bin/", "usr/lib/systemd/system/vmq.service", "etc/vmq/vmq.toml", "usr/share/man/man1/"] {
+    for wanted in
+        ["usr/bin/", "usr/lib/cni/", "usr/lib/systemd/system/vmq.service", "etc/vmq/vmq.toml", "usr/share/man/man1/"]
+    {
         assert!(destinations.iter().any(|d| d == wanted), "the .deb lacks {wanted}: {destinations:?}");
     }
     assert!(destinations.iter().any(|d| d.contains("bash-completion")));

@@ -248,16 +248,53 @@ impl Vmq {
         let text = format!("{body}\n[control]\nsocket = \"{}\"\nmetrics = \"off\"\n", socket.display());
         std::fs::write(&config, text).expect("write config");
         let log_file = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(VMQ)
+        let child = Self::spawn_process(&config, log_file);
+        (child, dir, socket, log)
+    }
+
+    fn spawn_process(config: &Path, log_file: std::fs::File) -> Child {
+        Command::new(VMQ)
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
             .stderr(log_file)
             .spawn()
-            .expect("start vmq");
-        (child, dir, socket, log)
+            .expect("start vmq")
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops vmq (SIGTERM, as a service manager does) and starts it again with the same
+    /// configuration file and control socket; waits until it answers with every port up.
+    pub fn restart(&mut self) {
+        self.stop();
+        let log_file = std::fs::OpenOptions::new().append(true).open(&self.log).expect("open log");
+        self.child = Self::spawn_process(&self._dir.path().join("vmq.toml"), log_file);
+        let ready = wait_until(WAIT, || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("vmq exited during restart ({status}):\n{}", self.log());
+            }
+            self.try_show().is_some_and(|s| s.ports.iter().all(|p| p.state == PortState::Up))
+        });
+        assert!(ready, "vmq did not come back within {WAIT:?}:\n{}", self.log());
+    }
+
+    /// SIGTERM (by PID: only the process this test started), then SIGKILL if it lingers.
+    fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let stopped = wait_until(Duration::from_secs(10), || !matches!(self.child.try_wait(), Ok(None)));
+        if !stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 
     /// Starts vmq with `body` (sections and ports; `[control]` is added) and waits until every
@@ -390,16 +427,8 @@ impl Vmq {
 
 impl Drop for Vmq {
     fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        // SIGTERM: vmq removes its TAPs. By PID: only the process this test started.
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let stopped = wait_until(Duration::from_secs(10), || !matches!(self.child.try_wait(), Ok(None)));
-        if !stopped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        // SIGTERM: vmq removes its TAPs.
+        self.stop();
     }
 }
 
