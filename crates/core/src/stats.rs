@@ -101,6 +101,8 @@ pub struct PortStats {
     /// FDB learning refused because the port reached its `max_learned_macs` (frame still
     /// forwarded).
     pub fdb_limit: AtomicU64,
+    /// MAC changes the guest asked for and the port's policy refused (`allow_mac_change`).
+    pub mac_change_refused: AtomicU64,
 }
 
 /// A snapshot of [`PortStats`], plain numbers.
@@ -120,6 +122,7 @@ pub struct PortStatsSnapshot {
     pub corrupt_blocks: u64,
     pub fdb_moves: u64,
     pub fdb_limit: u64,
+    pub mac_change_refused: u64,
 }
 
 impl PortStatsSnapshot {
@@ -177,6 +180,7 @@ impl PortStats {
             corrupt_blocks: self.corrupt_blocks.load(Relaxed),
             fdb_moves: self.fdb_moves.load(Relaxed),
             fdb_limit: self.fdb_limit.load(Relaxed),
+            mac_change_refused: self.mac_change_refused.load(Relaxed),
         }
     }
 }
