@@ -151,7 +151,7 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let ports = &self.0.ports;
         type Get = fn(&PortMetrics) -> u64;
-        let per_port: [(&str, &str, Get); 13] = [
+        let per_port: [(&str, &str, Get); 14] = [
             ("vmq_port_rx_packets", "Frames received from the port", |p| p.counters.rx_packets),
             ("vmq_port_rx_bytes", "Bytes received from the port", |p| p.counters.rx_bytes),
             ("vmq_port_tx_packets", "Frames sent to the port", |p| p.counters.tx_packets),
@@ -176,6 +176,9 @@ impl Collector for SnapshotCollector {
             ("vmq_fdb_moves", "Addresses that moved to the port from another", |p| p.counters.fdb_moves),
             ("vmq_fdb_limit", "MAC learning refused on the port because it reached max_learned_macs", |p| {
                 p.counters.fdb_limit
+            }),
+            ("vmq_port_mac_change_refused", "Guest MAC changes refused by the port's policy (allow_mac_change)", |p| {
+                p.counters.mac_change_refused
             }),
         ];
         for (name, help, get) in per_port {

@@ -482,6 +482,9 @@ pub struct PortCounters {
     pub fdb_moves: u64,
     /// FDB learning refused because the port reached its `max_learned_macs`.
     pub fdb_limit: u64,
+    /// MAC changes the guest asked for and the port's policy refused (`allow_mac_change`).
+    #[serde(default)]
+    pub mac_change_refused: u64,
 }
 
 impl PortCounters {

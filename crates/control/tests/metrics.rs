@@ -36,6 +36,7 @@ fn snapshot(scrape: u64) -> MetricsSnapshot {
             corrupt_blocks: base + 13,
             fdb_moves: base + 14,
             fdb_limit: base + 15,
+            mac_change_refused: base + 16,
         },
         up,
         queue_assigned: queue,
@@ -193,6 +194,7 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
             ("vmq_port_corrupt_blocks_total", c.corrupt_blocks),
             ("vmq_fdb_moves_total", c.fdb_moves),
             ("vmq_fdb_limit_total", c.fdb_limit),
+            ("vmq_port_mac_change_refused_total", c.mac_change_refused),
             ("vmq_queue_assigned", u64::from(p.queue_assigned)),
             ("vmq_port_up", u64::from(p.up)),
         ] {

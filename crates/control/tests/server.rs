@@ -66,6 +66,7 @@ fn counters(name: &str) -> PortCounters {
         corrupt_blocks: 9,
         fdb_moves: 2,
         fdb_limit: 3,
+        mac_change_refused: 0,
     }
 }
 

@@ -22,6 +22,7 @@ fn bench(c: &mut Criterion) {
         vlan: VlanMode::Trunk { allowed: vec![10], native: None },
         allow_mac_spoofing: false,
         max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+        guest: Default::default(),
         offloads: OffloadCaps::NONE,
     });
     sw.set_port_up(up, true);
@@ -35,6 +36,7 @@ fn bench(c: &mut Criterion) {
             vlan: VlanMode::Access(10),
             allow_mac_spoofing: false,
             max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+            guest: Default::default(),
             offloads: OffloadCaps::NONE,
         });
         sw.set_port_up(p, true);

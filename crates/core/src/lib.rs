@@ -3,11 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod fdb;
+pub mod guest;
 pub mod port;
 pub mod stats;
 pub mod switch;
 pub mod vmq;
 
+pub use guest::GuestPolicy;
 pub use port::{
     Mode, OffloadCaps, PortBackend, PortConfig, PortId, PortKind, PortSpec, SocketPolicy, VhostMode, VlanMode,
 };

@@ -59,6 +59,8 @@ pub struct PortSpec {
     /// Most addresses the switch learns on this port (MAC-flood protection; beyond it, frames
     /// from new sources still pass but their addresses are not learned, counted as `fdb_limit`).
     pub max_learned_macs: u32,
+    /// What the guest of a VM port may program itself (its MAC).
+    pub guest: crate::guest::GuestPolicy,
     /// Offloads the port may use, before negotiation narrows them.
     pub offloads: OffloadCaps,
 }

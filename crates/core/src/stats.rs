@@ -104,6 +104,8 @@ pub struct PortStats {
     /// The source MAC of the last frame dropped as `spoofed` (bit 48 set once there was one):
     /// written on the drop path only, read by the control thread to name it in a warning.
     last_spoofed_source: AtomicU64,
+    /// MAC changes the guest asked for and the port's policy refused (`allow_mac_change`).
+    pub mac_change_refused: AtomicU64,
 }
 
 /// A snapshot of [`PortStats`], plain numbers.
@@ -123,6 +125,7 @@ pub struct PortStatsSnapshot {
     pub corrupt_blocks: u64,
     pub fdb_moves: u64,
     pub fdb_limit: u64,
+    pub mac_change_refused: u64,
 }
 
 impl PortStatsSnapshot {
@@ -200,6 +203,7 @@ impl PortStats {
             corrupt_blocks: self.corrupt_blocks.load(Relaxed),
             fdb_moves: self.fdb_moves.load(Relaxed),
             fdb_limit: self.fdb_limit.load(Relaxed),
+            mac_change_refused: self.mac_change_refused.load(Relaxed),
         }
     }
 }

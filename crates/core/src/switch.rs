@@ -321,6 +321,7 @@ mod tests {
             vlan,
             allow_mac_spoofing: false,
             max_learned_macs: crate::fdb::DEFAULT_MAX_LEARNED_MACS,
+            guest: Default::default(),
             offloads: OffloadCaps::NONE,
         }
     }

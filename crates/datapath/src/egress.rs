@@ -239,6 +239,7 @@ mod tests {
             vlan: VlanMode::Access(0),
             allow_mac_spoofing: false,
             max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+            guest: Default::default(),
             offloads: OffloadCaps::ALL,
         };
         let out = OutPort { caps: OffloadCaps::ALL, spec: &spec };

@@ -40,6 +40,8 @@ pub enum DatapathError {
         #[source]
         source: BackendError,
     },
+    #[error("port {port:?}: guest MAC change to {mac} refused: {reason}")]
+    MacChangeRefused { port: String, mac: vmq_wire::MacAddr, reason: vmq_core::guest::MacChangeRefused },
     #[error("cannot start worker thread: {0}")]
     Thread(#[source] std::io::Error),
 }

@@ -271,6 +271,31 @@ impl Datapath {
         self.lock().set_vlan(&self.shared, name, vlan)
     }
 
+    /// A guest asks to move its port to `mac` (its frontend relays the guest's MAC_ADDR_SET).
+    /// Decided by the port's policy ([`vmq_core::guest::review_mac_change`]): refused unless
+    /// the port has `allow_mac_change`, and then counted (`mac_change_refused`) and the port
+    /// keeps its MAC; allowed, the spoof guard, static FDB entry and VM queue filter follow the
+    /// new MAC before this returns. `Ok(false)`: the port had that MAC already.
+    pub fn guest_set_mac(&self, name: &str, mac: vmq_wire::MacAddr) -> Result<bool, DatapathError> {
+        let mut st = self.lock();
+        let id = st.id(name)?;
+        let rec = st.record(id).ok_or_else(|| DatapathError::NoSuchPort(name.to_string()))?;
+        match vmq_core::guest::review_mac_change(&rec.config.spec, mac) {
+            Ok(false) => Ok(false),
+            Ok(true) => {
+                let old = rec.config.spec.mac;
+                st.set_mac(&self.shared, id, mac);
+                tracing::info!(port = name, old = ?old, new = %mac, "guest moved its port to a new MAC");
+                Ok(true)
+            }
+            Err(reason) => {
+                rec.stats.mac_change_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(port = name, %mac, %reason, "guest MAC change refused");
+                Err(DatapathError::MacChangeRefused { port: name.to_string(), mac, reason })
+            }
+        }
+    }
+
     /// Sets the VM queue budget; at most the queue count the uplinks were created with.
     pub fn set_queue_budget(&self, queues: u16) -> Result<(), DatapathError> {
         let mut st = self.lock();

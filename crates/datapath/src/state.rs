@@ -12,6 +12,7 @@ use vmq_core::fdb::MixMap;
 use vmq_core::stats::PortStats;
 use vmq_core::vmq::{FilterKey, QueueChange, QueueId, Vmq, VmqConfig};
 use vmq_core::{Mode, PortConfig, PortId, PortKind, PortSpec, VlanMode};
+use vmq_wire::MacAddr;
 
 use crate::attach::{Attachment, Backends, PortControl};
 use crate::config::DatapathConfig;
@@ -305,6 +306,37 @@ impl ControlState {
         }
         shared.publish(self.port_table());
         Ok(())
+    }
+
+    /// Moves a port to another MAC at once: its spoof guard, static FDB entry and VM queue
+    /// filter follow (the policy was checked by the caller). Learned addresses of the port are
+    /// forgotten with the old configuration.
+    pub fn set_mac(&mut self, shared: &Shared, id: PortId, mac: MacAddr) {
+        let Some(rec) = self.ports.get_mut(id.0 as usize).and_then(Option::as_mut) else { return };
+        let old_key = ControlState::filter_key(&rec.config.spec);
+        rec.config.spec.mac = Some(mac);
+        let spec = rec.config.spec.clone();
+        let new_key = ControlState::filter_key(&spec);
+        {
+            let mut sw = shared.switch_write();
+            // Static entries are per port: dropping the port's entries drops exactly the old
+            // MAC's static entry (and learned ones, which `update_port` forgets anyway).
+            sw.fdb_mut().remove_port(id);
+            sw.update_port(id, spec);
+            if let Some(k) = new_key {
+                sw.fdb_mut().add_static(k.mac, k.vlan, id);
+            }
+        }
+        if self.mode == Mode::Vmq && old_key != new_key {
+            let mut changes = self.vmq.remove_port(id);
+            if let Some(k) = new_key
+                && let Some(queue) = self.vmq.add_port(id, k)
+            {
+                changes.push(QueueChange::Assigned { port: id, queue });
+            }
+            self.apply_queue_changes(&changes);
+        }
+        shared.publish(self.port_table());
     }
 
     /// The most VM queues the budget may grant: the fewest any steered uplink has, else

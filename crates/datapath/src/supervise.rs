@@ -94,6 +94,7 @@ mod tests {
                 vlan: VlanMode::Access(0),
                 allow_mac_spoofing: false,
                 max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+                guest: Default::default(),
                 offloads: OffloadCaps::NONE,
             },
             backend: PortBackend::Mem,

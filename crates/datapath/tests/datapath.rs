@@ -50,6 +50,7 @@ fn rig(mode: Mode, vms: &[VmDef], queues: u16, uplink_frames: Vec<Vec<u8>>) -> R
             vlan: VlanMode::Trunk { allowed: vec![10, 20], native: None },
             allow_mac_spoofing: false,
             max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+            guest: Default::default(),
             offloads: OffloadCaps::NONE,
         },
         backend: PortBackend::Mem,
@@ -65,6 +66,7 @@ fn rig(mode: Mode, vms: &[VmDef], queues: u16, uplink_frames: Vec<Vec<u8>>) -> R
                 vlan: VlanMode::Access(v.vlan),
                 allow_mac_spoofing: false,
                 max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+                guest: Default::default(),
                 offloads: v.caps,
             },
             backend: PortBackend::Mem,
@@ -380,6 +382,7 @@ fn dynamic_policy_moves_the_queue_to_the_busy_vm_and_reprograms_the_nic() {
             vlan: VlanMode::Trunk { allowed: vec![10], native: None },
             allow_mac_spoofing: false,
             max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+            guest: Default::default(),
             offloads: OffloadCaps::NONE,
         },
         backend: PortBackend::Mem,
@@ -395,6 +398,7 @@ fn dynamic_policy_moves_the_queue_to_the_busy_vm_and_reprograms_the_nic() {
                 vlan: VlanMode::Access(10),
                 allow_mac_spoofing: false,
                 max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+                guest: Default::default(),
                 offloads: OffloadCaps::NONE,
             },
             backend: PortBackend::Mem,
@@ -454,6 +458,7 @@ fn mem_port_config(name: &str, n: u8, vlan: u16) -> PortConfig {
             vlan: VlanMode::Access(vlan),
             allow_mac_spoofing: false,
             max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+            guest: Default::default(),
             offloads: OffloadCaps::NONE,
         },
         backend: PortBackend::Mem,
@@ -619,6 +624,7 @@ fn two_vms() -> Rig {
                 allow_mac_spoofing: false,
                 offloads: OffloadCaps::NONE,
                 max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+                guest: Default::default(),
             },
             backend: PortBackend::Mem,
             uplink: None,
@@ -761,4 +767,67 @@ fn runtime_change_errors_are_typed_with_their_sources() {
     let source = err.source().expect("the backend error is the source");
     assert_eq!(source.to_string(), tap_err.to_string());
     assert!(source.source().is_some(), "the TAP error keeps its own cause (the name rule): {tap_err:?}");
+}
+
+/// A guest's MAC change (as its frontend relays it): refused and counted on a port without
+/// `allow_mac_change`, where the port keeps its address and the guest's frames from the new one
+/// stay spoofed; on a port with it, the spoof guard, static FDB entry and VM queue filter move
+/// before the call returns, and frames to and from the new MAC flow.
+#[test]
+fn guest_mac_change_follows_policy_and_moves_fdb_and_queue_filter() {
+    use vmq_datapath::{Attachment, DatapathError};
+    for mode in [Mode::Vmq, Mode::Switch] {
+        let r = rig(mode, &[vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE)], 4, Vec::new());
+        let dp = &r.dp;
+        let mut allowed = mem_port_config("vm3", 3, 10);
+        allowed.spec.guest.allow_mac_change = true;
+        let (g3, source, sink) = mem_port(OffloadCaps::NONE, true);
+        dp.add_port_with(allowed, Attachment::new(Box::new(sink), Some(Box::new(source)))).unwrap();
+        let static_macs = |port: &str| -> Vec<MacAddr> {
+            dp.fdb().into_iter().filter(|r| r.port == port && r.age_secs.is_none()).map(|r| r.mac).collect()
+        };
+        let new1 = MacAddr([0x52, 0x54, 0, 0, 0x11, 1]);
+        let new3 = MacAddr([0x52, 0x54, 0, 0, 0x33, 3]);
+
+        // Refused: error, counted, nothing moves.
+        let err = dp.guest_set_mac("vm1", new1).unwrap_err();
+        assert!(matches!(err, DatapathError::MacChangeRefused { .. }), "{mode:?}: {err}");
+        assert_eq!(dp.stats("vm1").unwrap().mac_change_refused, 1, "{mode:?}");
+        assert_eq!(static_macs("vm1"), vec![mac(1)], "{mode:?}");
+        assert!(!dp.guest_set_mac("vm1", mac(1)).unwrap(), "{mode:?}: its own MAC is no change");
+        assert_eq!(dp.stats("vm1").unwrap().mac_change_refused, 1, "{mode:?}: not counted as refused");
+        assert!(r.guests[0].send(&VnetHdr::default(), &udp_frame(mac(2), new1, None, 100, 1)));
+        assert!(wait_until(|| dp.stats("vm1").unwrap().drops(DropReason::Spoofed) == 1), "{mode:?}");
+
+        // Allowed: the port moves at once.
+        assert!(dp.guest_set_mac("vm3", new3).unwrap(), "{mode:?}");
+        assert_eq!(static_macs("vm3"), vec![new3], "{mode:?}: static entry follows, old one gone");
+        assert_eq!(dp.stats("vm3").unwrap().mac_change_refused, 0);
+        if mode == Mode::Vmq {
+            let queue = dp.queue_assignments().into_iter().find(|(n, _)| n == "vm3").and_then(|(_, q)| q);
+            assert!(queue.is_some(), "vm3 keeps a VM queue under its new MAC");
+        }
+        // vm2 -> new MAC arrives at vm3 (a known unicast, not a flood: vm1 sees nothing).
+        let to_new = udp_frame(new3, mac(2), None, 120, 2);
+        assert!(r.guests[1].send(&VnetHdr::default(), &to_new));
+        let got = collect(&g3, 1);
+        assert_eq!(got.len(), 1, "{mode:?}: {:?}", dp.port_stats());
+        assert_eq!(got[0].frame, to_new);
+        // vm3 sends from its new MAC: not spoofed, vm2 gets it.
+        let from_new = udp_frame(mac(2), new3, None, 130, 3);
+        assert!(g3.send(&VnetHdr::default(), &from_new));
+        let got = collect(&r.guests[1], 1);
+        assert_eq!(got.len(), 1, "{mode:?}: {:?}", dp.port_stats());
+        assert_eq!(got[0].frame, from_new);
+        assert_eq!(dp.stats("vm3").unwrap().drops(DropReason::Spoofed), 0, "{mode:?}");
+        // ... and from its old MAC it is spoofing now.
+        assert!(g3.send(&VnetHdr::default(), &udp_frame(mac(2), mac(3), None, 100, 4)));
+        assert!(wait_until(|| dp.stats("vm3").unwrap().drops(DropReason::Spoofed) == 1), "{mode:?}");
+        assert!(r.guests[0].take_received().is_empty(), "{mode:?}: vm1 got unicast meant for others");
+
+        // Bad requests are refused whatever the policy.
+        assert!(dp.guest_set_mac("vm3", MacAddr([0xff; 6])).is_err());
+        assert!(dp.guest_set_mac("up0", new1).is_err(), "an uplink has no guest");
+        assert!(matches!(dp.guest_set_mac("nope", new1), Err(DatapathError::NoSuchPort(_))));
+    }
 }

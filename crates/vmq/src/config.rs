@@ -93,6 +93,8 @@ struct RawPort {
     native_vlan: Option<Spanned<i64>>,
     allow_mac_spoofing: Option<bool>,
     max_learned_macs: Option<Spanned<i64>>,
+    /// VM ports: the guest may move its port to another MAC (see `vmq_core::guest`).
+    allow_mac_change: Option<Spanned<bool>>,
     offloads: Option<bool>,
     uplink: Option<Spanned<String>>,
 }
@@ -591,6 +593,13 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
         1 << 24,
         "max_learned_macs",
     )? as u32;
+    let allow_mac_change = match &p.allow_mac_change {
+        Some(v) if !kind.is_vm() => {
+            return Err(loc.at(v, "allow_mac_change is for VM ports (their guest changes the MAC)"));
+        }
+        Some(v) => *v.get_ref(),
+        None => false,
+    };
 
     let vlan_id = |v: &Spanned<i64>, allow_zero: bool| -> Result<u16, ConfigError> {
         let lo = if allow_zero { 0 } else { 1 };
@@ -643,6 +652,7 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
             vlan,
             allow_mac_spoofing: p.allow_mac_spoofing.unwrap_or(false),
             max_learned_macs,
+            guest: vmq_core::GuestPolicy { allow_mac_change },
             offloads: if p.offloads.unwrap_or(true) { OffloadCaps::ALL } else { OffloadCaps::NONE },
         },
         backend,
@@ -736,6 +746,20 @@ trunk = [20, 10, 10]
         );
         assert_eq!(c.ports[1].spec.vlan, VlanMode::Trunk { allowed: vec![10, 20], native: None });
         assert_eq!(c.ports[1].spec.mtu, 1500);
+    }
+
+    #[test]
+    fn allow_mac_change_is_off_by_default_and_only_for_vm_ports() {
+        let vm =
+            |extra: &str| format!("[[port]]\nname = \"vm1\"\nkind = \"mem\"\nmac = \"52:54:00:00:00:01\"\n{extra}");
+        let c = parse(&vm(""), "t").unwrap();
+        assert!(!c.ports[0].spec.guest.allow_mac_change);
+        let c = parse(&vm("allow_mac_change = true\n"), "t").unwrap();
+        assert!(c.ports[0].spec.guest.allow_mac_change);
+        let (line, _, message) =
+            err("[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth0\"\nallow_mac_change = true\n");
+        assert_eq!(line, 5);
+        assert!(message.contains("VM ports"), "{message}");
     }
 
     #[test]

@@ -170,6 +170,7 @@ pub fn port_counters(name: &str, s: &PortStatsSnapshot) -> PortCounters {
         corrupt_blocks: s.corrupt_blocks,
         fdb_moves: s.fdb_moves,
         fdb_limit: s.fdb_limit,
+        mac_change_refused: s.mac_change_refused,
     }
 }
 

@@ -82,6 +82,7 @@ fn stats_at(n: u64) -> StatsReport {
         corrupt_blocks: 0,
         fdb_moves: 0,
         fdb_limit: 0,
+        mac_change_refused: 0,
     };
     let vm2 =
         PortCounters { port: "vm2".into(), drops: [("oversize".to_string(), 0)].into(), ..PortCounters::default() };

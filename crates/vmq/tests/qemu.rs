@@ -602,3 +602,39 @@ fn guests_survive_a_vmq_restart_in_server_mode() {
 fn guests_survive_a_vmq_restart_in_client_mode() {
     guests_survive_a_vmq_restart("guests_survive_a_vmq_restart_in_client_mode", "client", VhostChardev::Listen, 77);
 }
+
+/// Where a guest's control-queue commands go with QEMU's vhost-user-net: QEMU emulates the
+/// control virtqueue itself (it starts a control queue on the backend only for vhost-vdpa), so
+/// the guest's driver negotiates CTRL_VQ, CTRL_RX, CTRL_VLAN and CTRL_MAC_ADDR although vmq
+/// offers none of them, its MAC_ADDR_SET and promiscuous switch are acked by QEMU, and vmq's
+/// device never gets a third ring. If a QEMU ever hands the control queue to the backend,
+/// this test fails: vmq then has to serve it (docs/integration.md, "Guest-programmed filters").
+#[test]
+fn qemu_keeps_the_control_queue_and_vmq_never_sees_it() {
+    let test = "qemu_keeps_the_control_queue_and_vmq_never_sees_it";
+    let Some(image) = guest_image_or_skip(test) else { return };
+    if !root_or_skip(test) {
+        return;
+    }
+    let dir = TestDir::new("ctrlvq");
+    let mac = "52:54:00:7c:00:01";
+    let config = switch_header(&dir, 1) + &vhost_port(&dir, "vm1", mac, 1500, 0, true);
+    let vmq = Vmq::start(&dir, &config);
+    let mut vms = boot_all(&image, vec![guest_config(&dir, "vm1", mac, "10.124.0.1")]);
+    vmq.wait_state(&["vm1"], PortState::Up, BOOT);
+    let vm = &mut vms[0];
+    wait_link_up(vm);
+    // The driver's negotiated features, one character per bit from bit 0.
+    let features = vm.run_ok("cat /sys/class/net/eth0/device/features");
+    let bit = |n: usize| features.trim().as_bytes().get(n) == Some(&b'1');
+    for (n, name) in [(17, "CTRL_VQ"), (18, "CTRL_RX"), (19, "CTRL_VLAN"), (23, "CTRL_MAC_ADDR")] {
+        assert!(bit(n), "guest did not negotiate {name} (bit {n}): {features}");
+    }
+    // Commands over that queue succeed in the guest (QEMU acks them) ...
+    vm.run_ok("ip link set eth0 promisc on && ip link set eth0 address 52:54:00:7c:66:66");
+    assert!(vm.run_ok("ip link show eth0").contains("52:54:00:7c:66:66"));
+    // ... and vmq, which runs its device with two rings, was never asked for a third.
+    let log = vmq.log_text();
+    assert!(!log.contains("queue index beyond"), "QEMU set up a ring vmq has not got: {log}");
+    assert_eq!(vmq.stats().get("vm1").map(|p| p.mac_change_refused), Some(0), "nothing reached vmq");
+}
