@@ -54,7 +54,7 @@ pub use builder::{DatapathBuilder, NicQueueTarget};
 pub use config::DatapathConfig;
 pub use error::{BackendError, DatapathError};
 pub use info::{FdbRow, LockHoldStats, NoQueueReason, PortInfo, QueueStats, WorkerInfo};
-pub use port::{FrameSink, FrameSource, NicSteering};
+pub use port::{FrameSink, FrameSource, NicSteering, Wake};
 
 /// A running data path.
 pub struct Datapath {
