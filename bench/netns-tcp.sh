@@ -17,7 +17,8 @@
 #
 # Every measurement also records the CPU time of every process involved (vmq or ovs-vswitchd,
 # iperf3 servers and clients: all started in one cgroup v2 of this script, cpu.stat) per GB
-# delivered.
+# delivered, and, where vmq is the switch, the vmq process's own CPU time per GB
+# (/proc/PID/stat utime + stime).
 #
 # Every measurement is repeated (default 3 rounds, the switches taking turns first, A B / B A)
 # and the median is reported. Prints a table; writes bench/results/netns-tcp-<date>.json.
@@ -137,6 +138,16 @@ incg() { # COMMAND...: becomes COMMAND inside the measurement cgroup (children i
         exec sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG" "$@"
     else
         exec "$@"
+    fi
+}
+
+vmq_usec() { # CPU time the running vmq process alone has used so far, µs ("-" without one)
+    local stat
+    if [ -n "$VMQ_PID" ] && stat=$(cat "/proc/$VMQ_PID/stat" 2>/dev/null); then
+        # utime and stime (fields 14, 15; after the parenthesised name), in clock ticks.
+        awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%d\n", ($12 + $13) * 1e6 / hz }' <<<"$stat"
+    else
+        echo -
     fi
 }
 
@@ -291,11 +302,12 @@ run_client() { # ns address port outfile [streams]
         iperf3 -c "$2" -p "$3" -t "$SECONDS_PER_RUN" -P "${5:-1}" --connect-timeout 5000 -J > "$4" )
 }
 
-# measure_of CPU_USEC iperf3-JSON...: "Gbit/s cpu_s bytes" (summed receiver figures)
+# measure_of CPU_USEC VMQ_USEC iperf3-JSON...: "Gbit/s cpu_s bytes vmq_cpu_s" (summed receiver
+# figures; vmq_cpu_s is "-" when vmq was not the switch)
 measure_of() {
     python3 - "$@" <<'PY'
 import json, sys
-cpu_usec, files = int(sys.argv[1]), sys.argv[2:]
+cpu_usec, vmq_usec, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 bps = 0.0
 nbytes = 0
 for f in files:
@@ -306,23 +318,28 @@ for f in files:
     nbytes += r["end"]["sum_received"]["bytes"]
 if nbytes <= 0:
     sys.exit("iperf3: nothing delivered")
-print(f"{bps / 1e9:.3f} {cpu_usec / 1e6:.3f} {nbytes}")
+vmq_cpu = "-" if vmq_usec == "-" else f"{int(vmq_usec) / 1e6:.3f}"
+print(f"{bps / 1e9:.3f} {cpu_usec / 1e6:.3f} {nbytes} {vmq_cpu}")
 PY
 }
 
+usec_delta() { # BEFORE AFTER: AFTER - BEFORE, or "-" if either is unknown
+    if [ "$1" = - ] || [ "$2" = - ]; then echo -; else echo $(($2 - $1)); fi
+}
+
 one_stream() { # server-ns client-ns address port [streams]
-    local c0 c1
+    local c0 c1 v0 v1
     start_server "$1" "$4"
-    c0=$(cg_usec)
+    c0=$(cg_usec); v0=$(vmq_usec)
     run_client "$2" "$3" "$4" "$WORK/one.json" "${5:-1}" || true
     wait_server "$SERVER_PID"
-    c1=$(cg_usec)
-    measure_of $((c1 - c0)) "$WORK/one.json"
+    c1=$(cg_usec); v1=$(vmq_usec)
+    measure_of $((c1 - c0)) "$(usec_delta "$v0" "$v1")" "$WORK/one.json"
 }
 
 three_streams() { # client-ns, then 3 x (server-ns address port): summed
     local client=$1; shift
-    local files=() addrs=() ports=() servers=() clients=() i c0 c1
+    local files=() addrs=() ports=() servers=() clients=() i c0 c1 v0 v1
     while [ $# -gt 0 ]; do
         start_server "$1" "$3"
         servers+=("$SERVER_PID")
@@ -331,7 +348,7 @@ three_streams() { # client-ns, then 3 x (server-ns address port): summed
         files+=("$WORK/par${#files[@]}.json")
         shift 3
     done
-    c0=$(cg_usec)
+    c0=$(cg_usec); v0=$(vmq_usec)
     # Every server listens: the clients start together.
     for i in "${!files[@]}"; do
         run_client "$client" "${addrs[$i]}" "${ports[$i]}" "${files[$i]}" &
@@ -339,8 +356,8 @@ three_streams() { # client-ns, then 3 x (server-ns address port): summed
     done
     for pid in "${clients[@]}"; do wait "$pid" || true; done
     for pid in "${servers[@]}"; do wait_server "$pid"; done
-    c1=$(cg_usec)
-    measure_of $((c1 - c0)) "${files[@]}"
+    c1=$(cg_usec); v1=$(vmq_usec)
+    measure_of $((c1 - c0)) "$(usec_delta "$v0" "$v1")" "${files[@]}"
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -348,14 +365,15 @@ three_streams() { # client-ns, then 3 x (server-ns address port): summed
 # MTU 1500, 10.77.2.0/24 for 9000); host NAME = interface NAME = ${P}<s><t><i>, s = v (vmq),
 # b (Linux bridge), o (OVS); t = a (1500) or j (9000); i = 1, 2.
 
-RESULTS="$WORK/results.txt"   # lines: key gbps cpu_s bytes
+RESULTS="$WORK/results.txt"   # lines: key gbps cpu_s bytes vmq_cpu_s
 : > "$RESULTS"
 
-record() { # key "gbps cpu_s bytes"
-    local gbps cpu bytes
-    read -r gbps cpu bytes <<<"$2"
-    echo "$1 $gbps $cpu $bytes" >> "$RESULTS"
-    log "  $1: $gbps Gbit/s, $(python3 -c "print(f'{$cpu / ($bytes / 1e9):.3f}')") CPU-s/GB"
+record() { # key "gbps cpu_s bytes vmq_cpu_s"
+    local gbps cpu bytes vcpu own=""
+    read -r gbps cpu bytes vcpu <<<"$2"
+    echo "$1 $gbps $cpu $bytes $vcpu" >> "$RESULTS"
+    [ "$vcpu" = - ] || own=", vmq alone $(python3 -c "print(f'{$vcpu / ($bytes / 1e9):.3f}')")"
+    log "  $1: $gbps Gbit/s, $(python3 -c "print(f'{$cpu / ($bytes / 1e9):.3f}')") CPU-s/GB (cgroup)$own"
 }
 
 mtu_tag() { [ "$1" = 1500 ] && echo a || echo j; }
@@ -532,18 +550,24 @@ import json, platform, statistics, subprocess, sys, datetime
 results_file, out, rounds, secs, quick, load_before, load_after, vmq, args, have_cg = sys.argv[1:]
 groups = {}
 for line in open(results_file):
-    key, gbps, cpu, nbytes = line.split()
+    key, gbps, cpu, nbytes, vcpu = line.split()
+    gb = int(nbytes) / 1e9
     groups.setdefault(key, []).append({"gbps": float(gbps), "cpu_s": float(cpu), "bytes": int(nbytes),
-                                       "cpu_s_per_gb": float(cpu) / (int(nbytes) / 1e9) if have_cg == "1" else None})
+                                       "cpu_s_per_gb": float(cpu) / gb if have_cg == "1" else None,
+                                       "vmq_cpu_s": None if vcpu == "-" else float(vcpu),
+                                       "vmq_cpu_s_per_gb": None if vcpu == "-" else float(vcpu) / gb})
 measurements = []
 for key, runs in groups.items():
     part, system, mtu, offl, streams = key.split(":")
     cpg = [r["cpu_s_per_gb"] for r in runs if r["cpu_s_per_gb"] is not None]
+    vpg = [r["vmq_cpu_s_per_gb"] for r in runs if r["vmq_cpu_s_per_gb"] is not None]
     measurements.append({
         "key": key, "part": part, "system": system, "mtu": int(mtu), "offloads": offl == "on",
         "streams": int(streams), "runs": runs,
         "median_gbps": statistics.median(r["gbps"] for r in runs),
         "median_cpu_s_per_gb": statistics.median(cpg) if cpg else None,
+        # The vmq process alone (/proc/PID/stat utime + stime); None where vmq was not the switch.
+        "median_vmq_cpu_s_per_gb": statistics.median(vpg) if vpg else None,
     })
 med = {m["key"]: m for m in measurements}
 
@@ -569,7 +593,8 @@ if "b:vmq:1500:on:3" in med and "b:switch:1500:on:3" in med:
     comparisons.append({"test": "external -> 3 VMs, 3 streams, 2 workers", "a": "vmq mode", "a_median_gbps": a["median_gbps"],
                         "b": "switch mode", "b_median_gbps": b["median_gbps"], "ratio": r, "target": 1.5,
                         "target_met": r is not None and r >= 1.5,
-                        "a_cpu_s_per_gb": a["median_cpu_s_per_gb"], "b_cpu_s_per_gb": b["median_cpu_s_per_gb"]})
+                        "a_cpu_s_per_gb": a["median_cpu_s_per_gb"], "b_cpu_s_per_gb": b["median_cpu_s_per_gb"],
+                        "a_vmq_cpu_s_per_gb": a["median_vmq_cpu_s_per_gb"], "b_vmq_cpu_s_per_gb": b["median_vmq_cpu_s_per_gb"]})
 # CPU per GB with offloads on against off, per system (the 80% target is vmq's).
 savings = []
 for m in measurements:
@@ -590,18 +615,20 @@ report = {
                 "cpu": cpu, "kernel": platform.release(),
                 "load_average_before": load_before, "load_average_after": load_after},
     "settings": {"rounds": int(rounds), "seconds_per_run": float(secs), "quick": quick == "1",
-                 "vmq_workers": 2, "vmq": vmq, "cpu_accounting": "cgroup v2 cpu.stat" if have_cg == "1" else None},
+                 "vmq_workers": 2, "vmq": vmq, "cpu_accounting": "cgroup v2 cpu.stat" if have_cg == "1" else None,
+                 "vmq_cpu_accounting": "/proc/PID/stat utime + stime of the vmq process"},
     "measurements": measurements,
     "comparisons": comparisons,
     "offload_cpu_saving": savings,
 }
 print()
 print(f"netns TCP ({rounds} round(s) of {secs} s, medians; load {load_before} -> {load_after})")
-print(f"{'system':<8} {'MTU':>5} {'offl':>4} {'str':>3} {'Gbit/s':>7} {'CPU-s/GB':>9}  runs (Gbit/s)")
+print("CPU-s/GB: every process of the measurement (cgroup: the switch and the iperf3 endpoints); vmq: its process alone")
+print(f"{'system':<8} {'MTU':>5} {'offl':>4} {'str':>3} {'Gbit/s':>7} {'CPU-s/GB':>9} {'vmq':>6}  runs (Gbit/s)")
+fmt = lambda c, w: f"{(f'{c:.3f}' if c is not None else '-'):>{w}}"
 for m in sorted(measurements, key=lambda m: (m["part"], m["mtu"], not m["offloads"], m["streams"], m["system"])):
-    c = m["median_cpu_s_per_gb"]
     print(f"{m['system']:<8} {m['mtu']:>5} {'on' if m['offloads'] else 'off':>4} {m['streams']:>3} {m['median_gbps']:>7.2f} "
-          f"{(f'{c:.3f}' if c is not None else '-'):>9}  {', '.join('%.2f' % r['gbps'] for r in m['runs'])}")
+          f"{fmt(m['median_cpu_s_per_gb'], 9)} {fmt(m['median_vmq_cpu_s_per_gb'], 6)}  {', '.join('%.2f' % r['gbps'] for r in m['runs'])}")
 print()
 for c in comparisons:
     print(f"{c['test']:<48} {c['a']} / {c['b']}: {c['ratio']:.2f}x (target {c['target']}x: {'met' if c['target_met'] else 'MISSED'})")

@@ -125,7 +125,12 @@ pub struct NetnsMeasurement {
     pub offloads: bool,
     pub streams: u32,
     pub median_gbps: f64,
+    /// Every process of the measurement (a cgroup: the switch and the iperf3 endpoints).
     pub median_cpu_s_per_gb: Option<f64>,
+    /// The vmq process alone; None where vmq was not the switch (or in results from before it
+    /// was measured).
+    #[serde(default)]
+    pub median_vmq_cpu_s_per_gb: Option<f64>,
     #[serde(default)]
     pub runs: Vec<NetnsRun>,
 }

@@ -1,6 +1,7 @@
 //! Workers and the forwarding pipeline. Each worker owns a set of tasks (NIC VM queues, the
 //! NIC default queue, ports' own TX) and runs them in batches of [`BATCH`]; it spins briefly when
-//! idle and then sleeps on its wake-up eventfd with a bounded timeout.
+//! idle and then sleeps on an epoll of its wake-up eventfd and its sources' wake fds, without a
+//! timeout unless some source must be polled: an idle worker costs nothing.
 //!
 //! Fast path (`vmq` mode): a NIC VM queue's frames go straight to their VM — no switch, no FDB;
 //! a VM's unicast frames go straight to the local VM they address or to its uplink. Everything
@@ -26,7 +27,7 @@ use vmq_wire::ethernet::parse_l2;
 use vmq_wire::vlan;
 
 use crate::egress::{EgressScratch, EgressTally, OutPort, apply_edit, deliver, is_tcp_candidate};
-use crate::port::{BATCH, FrameSink, FrameSource, GuestTail, KernelCounters, RecvError, Scratch};
+use crate::port::{BATCH, FrameSink, FrameSource, GuestTail, KernelCounters, RecvError, Scratch, Wake};
 use vmq_offload::Coalescer;
 
 /// How long a worker keeps polling after its last frame before it sleeps: long enough to catch
@@ -35,8 +36,6 @@ use vmq_offload::Coalescer;
 const SPIN_TIME: Duration = Duration::from_micros(50);
 /// Sleep while some task has no wake fd (NIC stand-ins): bounds how late it is polled.
 const POLL_SLEEP: Duration = Duration::from_millis(1);
-/// Longest sleep otherwise: a backstop, every source that matters wakes the worker.
-const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// How often a port at its learning limit may take the switch's write lock (see
 /// `Worker::apply_learning`).
 const LIMITED_LEARN_INTERVAL_NS: u64 = 1_000_000;
@@ -136,8 +135,9 @@ pub(crate) struct WorkerStats {
     pub panics: AtomicU64,
     /// How long learning held the switch's write lock (every other worker waits meanwhile).
     pub learn_lock: LockHold,
-    /// Times the worker ran out of work and tried to sleep: about ten a second when idle (the
-    /// backstop timeout), thousands when a source keeps it awake without giving it frames.
+    /// Times the worker ran out of work and tried to sleep: none when idle (it sleeps until a
+    /// source or the control plane wakes it), a thousand a second while a source must be
+    /// polled, thousands when a source keeps it awake without giving it frames.
     pub sleeps: AtomicU64,
 }
 
@@ -379,7 +379,7 @@ pub(crate) struct Worker {
     epoll: Epoll,
     /// Fds currently registered for the tasks (token = task index + 1).
     registered: Vec<RawFd>,
-    /// Some task has no wake fd: sleep only briefly so that it is polled.
+    /// Some task has no wake fd ([`Wake::Poll`]): sleep only briefly so that it is polled.
     has_polled_task: bool,
     /// Per task: worth polling now. Cheap sources always are; costly ones (a syscall per poll)
     /// only from an epoll report until they are drained.
@@ -497,8 +497,8 @@ impl Worker {
         self.waiting_costly = 0;
         for (i, task) in self.tasks.iter().enumerate() {
             let mut source = lock(&task.source);
-            match source.wake_fd() {
-                Some(fd) => {
+            match source.wake() {
+                Wake::Fd(fd) => {
                     let event = EpollEvent::new(EventSet::IN, i as u64 + 1);
                     match self.epoll.ctl(ControlOperation::Add, fd, event) {
                         Ok(()) => {
@@ -511,7 +511,9 @@ impl Worker {
                         }
                     }
                 }
-                None => self.has_polled_task = true,
+                Wake::Poll => self.has_polled_task = true,
+                // Nothing to poll until the next refresh asks again.
+                Wake::Never => self.ready[i] = false,
             }
         }
     }
@@ -547,8 +549,11 @@ impl Worker {
             pending |= lock(&task.source).prepare_sleep();
         }
         if !pending {
-            let timeout = if self.has_polled_task { POLL_SLEEP } else { MAX_SLEEP };
-            self.harvest_events(timeout.as_millis() as i32);
+            // Every other source wakes the worker (an AF_PACKET ring block with frames in it
+            // is retired after its timeout and makes the socket readable), and so does the
+            // control plane: no timer.
+            let timeout_ms = if self.has_polled_task { POLL_SLEEP.as_millis() as i32 } else { -1 };
+            self.harvest_events(timeout_ms);
         }
         for task in &self.tasks {
             lock(&task.source).wake_up();

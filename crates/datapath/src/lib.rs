@@ -55,7 +55,7 @@ pub use builder::{DatapathBuilder, NicQueueTarget};
 pub use config::DatapathConfig;
 pub use error::{BackendError, DatapathError};
 pub use info::{FdbRow, LockHoldStats, NoQueueReason, PortInfo, QueueStats, VhostLink, WorkerInfo};
-pub use port::{FrameSink, FrameSource, NicSteering};
+pub use port::{FrameSink, FrameSource, NicSteering, Wake};
 pub use vmq_vhost::server::PortStatus as VhostPortStatus;
 
 /// A running data path.

@@ -7,7 +7,7 @@
 //! and counting its (small, ring-only) cost against vmq keeps bench figures conservative.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,7 +18,7 @@ use vmq_core::{DropReason, OffloadCaps};
 use vmq_wire::VnetHdr;
 
 use crate::driver::{BufferSpec, SplitRingDriver};
-use crate::port::{FrameSink, FrameSource, FrameWriter, GuestRxWriter, GuestTail, RecvError, Refuse, Scratch};
+use crate::port::{FrameSink, FrameSource, FrameWriter, GuestRxWriter, GuestTail, RecvError, Refuse, Scratch, Wake};
 use crate::ring::{Ring, RingError, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
 
@@ -384,8 +384,8 @@ impl FrameSource for MemTxSource {
         lock(&self.shared.tx).reclaim(mem);
     }
 
-    fn wake_fd(&mut self) -> Option<RawFd> {
-        Some(self.shared.kick.as_raw_fd())
+    fn wake(&mut self) -> Wake {
+        Wake::Fd(self.shared.kick.as_raw_fd())
     }
 
     fn on_wake(&mut self) {

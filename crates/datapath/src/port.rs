@@ -41,16 +41,27 @@ pub struct KernelCounters {
     pub corrupt_blocks: u64,
 }
 
+/// How a sleeping worker learns that a [`FrameSource`] may have frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// This fd becomes readable (TAP fd, packet socket, virtio kick eventfd).
+    Fd(RawFd),
+    /// Nothing tells: the worker polls the source (a 1 ms sleep instead of an unbounded one).
+    Poll,
+    /// Nothing can arrive until the port's state changes (no VM connected, TAP deleted for
+    /// good), and every state change refreshes the workers, which ask again.
+    Never,
+}
+
 pub trait FrameSource: Send {
     /// Moves up to `max` frames (header + frame each) into `scratch`; returns how many.
     /// Frames that could not be taken are reported in `errors`.
     fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize;
 
-    /// An fd that becomes readable when frames may be waiting (TAP fd, packet socket, virtio
-    /// kick eventfd). The worker sleeps on it; None means "poll me" (bounded sleep instead).
-    /// Asked again whenever the worker's task list or a port's state changes.
-    fn wake_fd(&mut self) -> Option<RawFd> {
-        None
+    /// How the worker learns that frames may be waiting, so that it can sleep. Asked again
+    /// whenever the worker's task list or a port's state changes.
+    fn wake(&mut self) -> Wake {
+        Wake::Poll
     }
 
     /// Is a poll that finds nothing cheap (a ring in memory), or a syscall (a TAP read)? Costly

@@ -11,7 +11,7 @@ use vmq_core::{DropReason, OffloadCaps};
 use vmq_sys::tap::{MAX_PARTS, Tap, TapIoError};
 use vmq_wire::VnetHdr;
 
-use crate::port::{FrameSink, FrameSource, RecvError, Scratch};
+use crate::port::{FrameSink, FrameSource, RecvError, Scratch, Wake};
 
 /// Shortest read that can be a frame: the header plus an Ethernet header.
 const MIN_READ: usize = VnetHdr::LEN + 14;
@@ -86,9 +86,10 @@ impl FrameSource for TapPort {
         false // every poll is a read() syscall
     }
 
-    fn wake_fd(&mut self) -> Option<RawFd> {
-        // A deleted TAP's fd stays readable (an error) forever: stop waiting on it.
-        (!self.is_gone()).then(|| self.raw_fd())
+    fn wake(&mut self) -> Wake {
+        // A deleted TAP's fd stays readable (an error) forever: stop waiting on it. Nothing
+        // comes from it any more either.
+        if self.is_gone() { Wake::Never } else { Wake::Fd(self.raw_fd()) }
     }
 }
 

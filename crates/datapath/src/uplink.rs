@@ -20,7 +20,7 @@ use vmq_wire::VnetHdr;
 use vmq_wire::vlan::{TAG_LEN, insert_tag_into};
 use vmq_wire::vnet::FLAG_NEEDS_CSUM;
 
-use crate::port::{FrameSink, FrameSource, KernelCounters, NicSteering, RecvError, Scratch};
+use crate::port::{FrameSink, FrameSource, KernelCounters, NicSteering, RecvError, Scratch, Wake};
 
 /// Writes vmq's form of a received frame into `out`: the 12-byte header, then the frame with
 /// the removed VLAN tag (`(tpid, tci)`) put back after the MAC addresses. Returns the length, or
@@ -106,8 +106,10 @@ impl FrameSource for UplinkQueue {
         n
     }
 
-    fn wake_fd(&mut self) -> Option<RawFd> {
-        Some(self.raw_fd())
+    fn wake(&mut self) -> Wake {
+        // The socket is readable once a ring block is retired to vmq: when it fills, or when
+        // its retire timeout expires with frames in it. An empty block never wakes anyone.
+        Wake::Fd(self.raw_fd())
     }
 
     fn kernel_counters(&mut self) -> KernelCounters {

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MRG_RXBUF,
 };
 use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmq_core::{DropReason, OffloadCaps};
 use vmq_vhost::server::{ConnectionStatus, PortStatus, ServerError, SocketPolicy, VhostMode, VhostUserServer};
 use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
@@ -24,7 +25,7 @@ use vmq_wire::VnetHdr;
 
 use crate::attach::{Attachment, PortHandle};
 use crate::error::{BackendError, DatapathError};
-use crate::port::{FrameSink, FrameSource, FrameWriter, GuestRxWriter, GuestTail, RecvError, Refuse, Scratch};
+use crate::port::{FrameSink, FrameSource, FrameWriter, GuestRxWriter, GuestTail, RecvError, Refuse, Scratch, Wake};
 use crate::ring::{Memory, Ring, RingError, RingState, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
 
@@ -223,7 +224,7 @@ impl FrameSource for VhostTxSource {
         }
     }
 
-    fn wake_fd(&mut self) -> Option<RawFd> {
+    fn wake(&mut self) -> Wake {
         // Asked again after every state change: take a handle on the current kick fd.
         let generation = self.device.generation();
         if generation != self.kick_generation {
@@ -231,7 +232,14 @@ impl FrameSource for VhostTxSource {
             let ring = self.device.vring(TX_QUEUE);
             self.kick = ring.kick.as_ref().and_then(|k| k.try_clone().ok());
         }
-        self.kick.as_ref().map(|k| k.as_raw_fd())
+        match &self.kick {
+            Some(kick) => Wake::Fd(kick.as_raw_fd()),
+            // A device that does not run has no frames to give; when it starts, the port comes
+            // up, which refreshes the workers (after the generation changed).
+            None if !self.device.is_running() => Wake::Never,
+            // Running without a kick fd (the frontend asked for a polled ring).
+            None => Wake::Poll,
+        }
     }
 
     fn on_wake(&mut self) {
@@ -338,30 +346,51 @@ enum Command {
 
 /// The thread that speaks vhost-user on every VM socket (never touches frames).
 pub struct VhostService {
-    commands: Sender<Command>,
+    commands: Commands,
     thread: Option<JoinHandle<()>>,
     /// Connection state of every socket, as of the service thread's last turn (for metrics:
     /// read without waiting on the thread).
     status: Arc<Mutex<Vec<PortStatus>>>,
 }
 
-/// How often the service thread looks at its command queue while no socket is busy.
-const COMMAND_POLL: Duration = Duration::from_millis(20);
+/// The service thread's command queue, and the eventfd that wakes the thread for each command:
+/// it sleeps on its sockets and this fd, without a timeout.
+#[derive(Clone)]
+struct Commands {
+    queue: Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+impl Commands {
+    /// Queues `command` and wakes the thread; false if the thread is gone.
+    fn send(&self, command: Command) -> bool {
+        let sent = self.queue.send(command).is_ok();
+        let _ = self.wake.write(1);
+        sent
+    }
+}
 
 impl VhostService {
     pub fn start() -> Result<VhostService, DatapathError> {
         let mut server = VhostUserServer::new()
             .map_err(|e| DatapathError::Backend { port: "vhost-user".into(), source: BackendError::Vhost(e) })?;
-        let (commands, rx): (Sender<Command>, Receiver<Command>) = channel();
+        let service_err = |e| DatapathError::Backend { port: "vhost-user".into(), source: BackendError::Vhost(e) };
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| service_err(ServerError::Epoll(e)))?);
+        server.add_wake_fd(wake.as_raw_fd()).map_err(service_err)?;
+        let (queue, rx): (Sender<Command>, Receiver<Command>) = channel();
+        let commands = Commands { queue, wake: wake.clone() };
         let status = Arc::new(Mutex::new(Vec::new()));
         let published = status.clone();
         let thread = std::thread::Builder::new()
             .name("vmq-vhost".into())
             .spawn(move || {
                 loop {
-                    if let Err(e) = server.poll(COMMAND_POLL.as_millis() as i32) {
+                    // Sockets and commands wake this thread; the server adds its own deadlines
+                    // (stalled connections).
+                    if let Err(e) = server.poll(-1) {
                         tracing::error!(error = %e, "vhost-user server");
                     }
+                    let _ = wake.read();
                     publish_status(&server, &published);
                     loop {
                         match rx.try_recv() {
@@ -412,18 +441,19 @@ impl VhostService {
         let device = NetDevice::new();
         let (reply, result) = channel();
         let backend_err = |source: BackendError| DatapathError::Backend { port: name.to_string(), source };
-        self.commands
-            .send(Command::Add {
-                name: name.to_string(),
-                socket,
-                mode,
-                policy,
-                config,
-                device: device.clone(),
-                handle,
-                reply,
-            })
-            .map_err(|_| backend_err(BackendError::VhostServiceGone))?;
+        let sent = self.commands.send(Command::Add {
+            name: name.to_string(),
+            socket,
+            mode,
+            policy,
+            config,
+            device: device.clone(),
+            handle,
+            reply,
+        });
+        if !sent {
+            return Err(backend_err(BackendError::VhostServiceGone));
+        }
         let status = result
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| backend_err(BackendError::VhostServiceTimeout))?
@@ -448,9 +478,10 @@ fn publish_status(server: &VhostUserServer, published: &Mutex<Vec<PortStatus>>) 
 
 impl Drop for VhostService {
     fn drop(&mut self) {
-        // Closing the channel ends the thread (after its current poll).
+        // Closing the channel ends the thread (woken from its current poll).
         let (dead, _) = channel();
-        self.commands = dead;
+        self.commands.queue = dead;
+        let _ = self.commands.wake.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -460,7 +491,7 @@ impl Drop for VhostService {
 /// Unregisters the port's socket when the port is removed.
 struct Registration {
     name: String,
-    commands: Sender<Command>,
+    commands: Commands,
 }
 
 impl Drop for Registration {

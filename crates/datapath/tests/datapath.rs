@@ -611,7 +611,7 @@ fn big_frames_cross_guest_to_guest_and_to_the_wire_intact() {
 }
 
 /// Two mem VMs on a switch, nothing else: every task sleeps on a kick fd, so an idle worker
-/// makes no rounds (a 100 ms backstop timeout aside).
+/// makes no rounds.
 fn two_vms() -> Rig {
     let ports = (1..=2u8)
         .map(|i| PortConfig {
@@ -654,6 +654,24 @@ fn total_sleeps(dp: &Datapath) -> u64 {
 }
 
 #[test]
+fn idle_workers_sleep_until_a_frame_wakes_them() {
+    let r = two_vms();
+    let frame = || udp_frame(mac(2), mac(1), None, 100, 1);
+    assert!(r.guests[0].send(&VnetHdr::default(), &frame()));
+    assert_eq!(collect(&r.guests[1], 1).len(), 1);
+    // Every source has a wake fd: no timer wakes an idle worker. Each worker goes to sleep at
+    // most once more in the window (the one that forwarded the frame, after its spin); a
+    // backstop timeout would add one per timeout per worker.
+    let before = total_sleeps(&r.dp);
+    std::thread::sleep(Duration::from_millis(500));
+    let sleeps = total_sleeps(&r.dp) - before;
+    assert!(sleeps <= 4, "{sleeps} sleeps of 2 idle workers in 500 ms: something wakes them");
+    // And a frame still wakes them.
+    assert!(r.guests[1].send(&VnetHdr::default(), &udp_frame(mac(1), mac(2), None, 100, 1)));
+    assert_eq!(collect(&r.guests[0], 1).len(), 1, "after the idle window");
+}
+
+#[test]
 fn a_bogus_avail_index_breaks_the_ring_once_and_the_worker_sleeps_until_a_reset() {
     let r = two_vms();
     let g = &r.guests[0];
@@ -664,8 +682,8 @@ fn a_bogus_avail_index_breaks_the_ring_once_and_the_worker_sleeps_until_a_reset(
     g.with_tx_ring(|mem, ring| ring.write_raw_avail_idx(mem, 1 + vmq_datapath::mem::QUEUE_SIZE + 5));
     g.kick();
     assert!(wait_until(|| r.dp.stats("vm1").unwrap().drops(DropReason::RingBroken) >= 1), "{:?}", r.dp.stats("vm1"));
-    // Idle again: over a window the workers wake only on their 100 ms backstop, a few sleeps
-    // each (a worker kept awake by the ring tries to sleep every 50 µs: thousands).
+    // Idle again: over a window the workers do not wake at all (a worker kept awake by the
+    // ring tries to sleep every 50 µs: thousands).
     let before = total_sleeps(&r.dp);
     let window = Instant::now();
     while window.elapsed() < Duration::from_millis(300) {

@@ -35,7 +35,7 @@
 //! gets a bounded number of messages per turn, so a flooding frontend cannot starve the others.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -101,6 +101,10 @@ impl Token {
         if raw & 1 == 0 { Token::Listener(index) } else { Token::Connection(index) }
     }
 }
+
+/// Epoll token of the owner's wake fd ([`VhostUserServer::add_wake_fd`]); no port index gets
+/// near it.
+const WAKE_TOKEN: u64 = u64::MAX;
 
 type Handler = BackendReqHandler<Mutex<NetBackend>>;
 
@@ -516,6 +520,13 @@ impl VhostUserServer {
         self.epoll.as_raw_fd()
     }
 
+    /// Makes [`VhostUserServer::poll`] return when `fd` becomes readable (level-triggered; the
+    /// caller consumes what made it readable): an owner thread can then wait without a timeout
+    /// and still hear its own commands. The fd must outlive the server or be removed first.
+    pub fn add_wake_fd(&mut self, fd: RawFd) -> Result<(), ServerError> {
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, WAKE_TOKEN)).map_err(ServerError::Epoll)
+    }
+
     /// Handles whatever is ready, waiting at most `timeout_ms` (-1: forever, 0: don't wait).
     /// Returns the number of events handled.
     pub fn poll(&mut self, timeout_ms: i32) -> Result<usize, ServerError> {
@@ -536,6 +547,9 @@ impl VhostUserServer {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => return Err(ServerError::Epoll(e)),
         };
+        // The owner's wake fd is the owner's business.
+        let events: Vec<EpollEvent> = events[..n].iter().copied().filter(|e| e.data() != WAKE_TOKEN).collect();
+        let n = events.len();
         let backlog = std::mem::take(&mut self.backlog);
         // Connections first: a VM that closed and reconnected at once must have its old
         // connection torn down before the new one is accepted.

@@ -1,6 +1,6 @@
 //! `vmq bench`: the in-process data-path benchmark, printed as a table or one JSON object.
 
-mod harness;
+pub(crate) mod harness;
 
 use std::process::ExitCode;
 

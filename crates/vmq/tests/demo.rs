@@ -53,6 +53,9 @@ fn check_report(report: &serde_json::Value) {
                     // TCP went through (no figure is asserted: the host is shared), without a drop.
                     let gbps = run["tcp_gbps"].as_f64().unwrap();
                     assert!(gbps.is_finite() && gbps > 0.0, "TCP through vmq: {run}");
+                    // vmq's workers carried the bytes, and the kernel accounted their CPU time.
+                    let cpu = run["worker_cpu_s_per_gb"].as_f64().expect("worker_cpu_s_per_gb");
+                    assert!(cpu.is_finite() && cpu > 0.0, "vmq's worker CPU per GB: {run}");
                     assert_eq!(run["drops"], 0, "{run}");
                 }
             }

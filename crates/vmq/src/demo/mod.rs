@@ -20,6 +20,7 @@ use serde::Serialize;
 use vmq_core::{DropReason, Mode, OffloadCaps, PortBackend, PortKind, VlanMode};
 use vmq_datapath::Datapath;
 
+use crate::bench::harness::worker_cpu_ns;
 use crate::config::{self, Config};
 use crate::exit;
 use lab::{Host, Lab};
@@ -85,6 +86,9 @@ struct RunResult {
     offloads: bool,
     path: PathKind,
     tcp_gbps: f64,
+    /// CPU time vmq's worker threads used during the measurement (the kernel's accounting,
+    /// `/proc/self/task/*/schedstat`), in seconds per GB vmq delivered to the receiving port.
+    worker_cpu_s_per_gb: f64,
     /// Frames vmq dropped during this measurement (all ports, all reasons).
     drops: u64,
 }
@@ -305,13 +309,18 @@ fn run_demo(args: &DemoArgs, stop: &AtomicBool) -> Result<Report, DemoError> {
                         PathKind::VmToVm => (&lab.vms[1], &lab.vms[0]),
                     };
                     let before_run = total_drops(&dp);
+                    let (cpu_before, bytes_before) = (worker_cpu_ns(), delivered_bytes(&dp, &to.name));
                     let gbps = traffic::tcp_gbps(tools, from, to, seconds)?;
+                    let cpu_ns = worker_cpu_ns().saturating_sub(cpu_before);
+                    let bytes = delivered_bytes(&dp, &to.name).saturating_sub(bytes_before);
                     runs.push(RunResult {
                         mode: mode.name(),
                         mtu,
                         offloads: offl,
                         path,
                         tcp_gbps: gbps,
+                        // ns per byte is s per GB.
+                        worker_cpu_s_per_gb: if bytes > 0 { cpu_ns as f64 / bytes as f64 } else { 0.0 },
                         drops: total_drops(&dp) - before_run,
                     });
                 }
@@ -340,6 +349,11 @@ fn run_demo(args: &DemoArgs, stop: &AtomicBool) -> Result<Report, DemoError> {
         tcp_tool: if tools.iperf3 { "iperf3" } else { "built-in" },
         ping_tool: if tools.ping { "ping" } else { "udp-echo" },
     })
+}
+
+/// Bytes vmq has delivered to port `name` so far.
+fn delivered_bytes(dp: &Datapath, name: &str) -> u64 {
+    dp.port_stats().iter().find(|(n, _)| n == name).map_or(0, |(_, s)| s.tx_bytes)
 }
 
 fn total_drops(dp: &Datapath) -> u64 {
@@ -384,10 +398,13 @@ fn print_report(r: &Report, args: &DemoArgs) {
         "  jumbo frame (9000-byte IPv4 packet, don't fragment; {probe}) vm1 <-> vm2: {}",
         if r.jumbo_ok { "ok" } else { "FAILED" }
     );
-    println!("\nTCP throughput, 1 stream ({}), Gbit/s:", r.tcp_tool);
     println!(
-        "{:<10} {:>5} {:>9} {:>9} {:>9} {:>11} {:>7}",
-        "path", "MTU", "offloads", "switch", "vmq", "vmq/switch", "drops"
+        "\nTCP, 1 stream ({}): Gbit/s, and CPU-s/GB: CPU time of vmq's workers (kernel accounting) per GB delivered:",
+        r.tcp_tool
+    );
+    println!(
+        "{:<10} {:>5} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11} {:>7}",
+        "path", "MTU", "offloads", "switch", "vmq", "vmq/switch", "switch cpu", "vmq cpu", "vmq/switch", "drops"
     );
     for path in [PathKind::ExtToVm, PathKind::VmToVm] {
         for mtu in [1500u16, 9000] {
@@ -396,15 +413,18 @@ fn print_report(r: &Report, args: &DemoArgs) {
                     r.runs.iter().find(|x| x.mode == mode && x.mtu == mtu && x.offloads == offl && x.path == path)
                 };
                 let (Some(s), Some(v)) = (find("switch"), find("vmq")) else { continue };
-                let ratio = if s.tcp_gbps > 0.0 { format!("{:.2}x", v.tcp_gbps / s.tcp_gbps) } else { "-".into() };
+                let ratio = |v: f64, s: f64| if s > 0.0 { format!("{:.2}x", v / s) } else { "-".into() };
                 println!(
-                    "{:<10} {:>5} {:>9} {:>9.2} {:>9.2} {:>11} {:>7}",
+                    "{:<10} {:>5} {:>9} {:>9.2} {:>9.2} {:>11} {:>11.3} {:>11.3} {:>11} {:>7}",
                     path.name(),
                     mtu,
                     if offl { "on" } else { "off" },
                     s.tcp_gbps,
                     v.tcp_gbps,
-                    ratio,
+                    ratio(v.tcp_gbps, s.tcp_gbps),
+                    s.worker_cpu_s_per_gb,
+                    v.worker_cpu_s_per_gb,
+                    ratio(v.worker_cpu_s_per_gb, s.worker_cpu_s_per_gb),
                     s.drops + v.drops
                 );
             }

@@ -300,13 +300,20 @@ impl Vmq {
     /// Starts vmq with `body` (sections and ports; `[control]` is added) and waits until every
     /// port is up.
     pub fn start(tag: &str, body: &str) -> Vmq {
+        Self::start_until_up(tag, body, |_| true)
+    }
+
+    /// Starts vmq with `body` and waits until every port for which `expect_up(name)` holds is
+    /// up (a vhost-user port without a VM stays down).
+    pub fn start_until_up(tag: &str, body: &str, expect_up: impl Fn(&str) -> bool) -> Vmq {
         let (child, dir, socket, log) = Self::spawn(tag, body);
         let mut vmq = Vmq { child, socket, log, _dir: dir };
         let ready = wait_until(WAIT, || {
             if let Ok(Some(status)) = vmq.child.try_wait() {
                 panic!("vmq exited during start ({status}):\n{}", vmq.log());
             }
-            vmq.try_show().is_some_and(|s| s.ports.iter().all(|p| p.state == PortState::Up))
+            vmq.try_show()
+                .is_some_and(|s| s.ports.iter().filter(|p| expect_up(&p.name)).all(|p| p.state == PortState::Up))
         });
         assert!(ready, "vmq did not bring its ports up within {WAIT:?}:\n{}", vmq.log());
         vmq
