@@ -360,7 +360,8 @@ mod tests {
         for s in &mut r.samples[2..9] {
             s.workers = None;
         }
-        assert_eq!(max_heartbeat_gap(&r).map(|(_, g)| g), Some(7.0));
+        // Last news at t = 1, next at t = 9.
+        assert_eq!(max_heartbeat_gap(&r).map(|(_, g)| g), Some(8.0));
         assert_eq!(failed(&r), ["no worker stall (heartbeat)"]);
     }
 
