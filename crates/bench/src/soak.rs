@@ -538,6 +538,7 @@ mac = "{MAC_SPARE}"
     let mut faults: BTreeMap<String, u64> = kinds.iter().map(|k| (k.to_string(), 0)).collect();
     let mut fault_errors = Vec::new();
     let mut n = 0u64;
+    let mut first_round_done_s = 0.0;
     let run_for = Duration::from_secs(args.seconds);
     let mut result = Ok(());
     while t0.elapsed() < run_for {
@@ -568,6 +569,9 @@ mac = "{MAC_SPARE}"
             }
         }
         n += 1;
+        if n == kinds.len() as u64 {
+            first_round_done_s = t0.elapsed().as_secs_f64();
+        }
         if n.is_multiple_of(25) {
             println!("soak: t = {:.0} s, {n} faults", t0.elapsed().as_secs_f64());
         }
@@ -643,6 +647,7 @@ mac = "{MAC_SPARE}"
 
     let record = Record {
         seconds: duration,
+        first_round_done_s,
         samples: samples.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         vmq_exited_during_run: exited,
         vmq_exit_code_at_end: exit_code,
