@@ -7,6 +7,8 @@
 mod plot;
 mod report;
 mod run;
+mod soak;
+mod soak_check;
 mod suite;
 
 use std::path::{Path, PathBuf};
@@ -73,6 +75,11 @@ enum Cmd {
     /// Check that every ratio and percentage of BENCHMARKS.md's hand-written reading appears in
     /// its generated tables, and that the reading names their result file (`report` checks too).
     CheckProse,
+    /// Soak: vmq for --seconds with 2 DPDK VMs, 2 TAP ports with steady traffic and an uplink,
+    /// a fault every few seconds (VM killed and restarted, ports added and removed, MTU/VLAN
+    /// changes, MAC flood, hostile vhost-user frontend); asserts exact counters, RSS, worker
+    /// heartbeats, vmq alive. Root; writes bench/results/soak-DATE.json.
+    Soak(soak::SoakArgs),
 }
 
 fn repo_root() -> PathBuf {
@@ -162,6 +169,24 @@ fn main() -> ExitCode {
                 failed = true;
             }
             if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+        Cmd::Soak(args) => {
+            let vmq = args.vmq.clone().unwrap_or_else(|| default_vmq(&repo));
+            if !vmq.is_file() {
+                eprintln!(
+                    "vmq-bench: no vmq binary at {} (cargo build --release -p vmq, or --vmq PATH)",
+                    vmq.display()
+                );
+                return ExitCode::from(2);
+            }
+            match soak::run(&args, &vmq, &repo, std::env::args().collect::<Vec<_>>().join(" ")) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("vmq-bench soak: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::CheckProse => {
             let path = repo.join("BENCHMARKS.md");

@@ -528,6 +528,13 @@ pub struct WorkerInfo {
     pub busy_ratio: f64,
     /// Panics caught in the worker (each followed by a restart).
     pub panics: u64,
+    /// Frames the worker handled since it started.
+    #[serde(default)]
+    pub frames: u64,
+    /// Times it ran out of work and went to sleep: an idle worker wakes on its backstop about
+    /// 10 times a second, so `frames + sleeps` advancing is its heartbeat.
+    #[serde(default)]
+    pub sleeps: u64,
     /// What the worker serves ("vm1 tx", "up0 queue 3", ...).
     pub tasks: Vec<String>,
 }
@@ -800,7 +807,14 @@ mod tests {
     #[test]
     fn a_non_finite_ratio_becomes_an_internal_error_not_a_broken_line() {
         let reply = Reply(Ok(Response::Workers {
-            workers: vec![WorkerInfo { worker: 0, busy_ratio: f64::NAN, panics: 0, tasks: vec![] }],
+            workers: vec![WorkerInfo {
+                worker: 0,
+                busy_ratio: f64::NAN,
+                panics: 0,
+                frames: 0,
+                sleeps: 0,
+                tasks: vec![],
+            }],
         }));
         let parsed = Reply::from_line(reply.to_line().as_bytes()).unwrap();
         assert_eq!(parsed.0.unwrap_err().code, ErrorCode::Internal);

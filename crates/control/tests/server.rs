@@ -128,7 +128,14 @@ fn answer(request: &Request) -> Result<Response, ControlError> {
             changes: vec![QueueChange { port: "vm2".into(), queue: 0, action: QueueAction::Granted }],
         },
         Request::Workers => Response::Workers {
-            workers: vec![WorkerInfo { worker: 0, busy_ratio: 0.25, panics: 1, tasks: vec!["vm1 tx".into()] }],
+            workers: vec![WorkerInfo {
+                worker: 0,
+                busy_ratio: 0.25,
+                panics: 1,
+                frames: 5,
+                sleeps: 7,
+                tasks: vec!["vm1 tx".into()],
+            }],
         },
         Request::Save => Response::Done { message: "saved".into() },
     })

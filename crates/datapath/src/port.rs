@@ -284,8 +284,11 @@ impl Scratch {
     pub fn clear(&mut self) {
         self.slots.clear();
         self.next_owned = 0;
-        // Guest memory is not held past the batch.
-        for t in &mut self.tails[..self.next_tail] {
+        // Guest memory is not held past the batch: neither by the committed tails nor by the
+        // one `next_split` handed out last, which a frame copied whole leaves set but uncommitted
+        // (it would keep a departed guest's memory mapped until the worker's next frame).
+        let handed_out = (self.next_tail + 1).min(self.tails.len());
+        for t in &mut self.tails[..handed_out] {
             t.release();
         }
         self.next_tail = 0;

@@ -414,6 +414,8 @@ impl ControlHandler for DatapathHandler {
                         worker: w.index as u32,
                         busy_ratio: if w.busy_ratio.is_finite() { w.busy_ratio } else { 0.0 },
                         panics: w.panics,
+                        frames: w.frames,
+                        sleeps: w.sleeps,
                         tasks: w.tasks,
                     })
                     .collect(),
