@@ -512,6 +512,7 @@ mac = "{MAC_SPARE}"
                                     .map(|w| WorkerBeat {
                                         worker: w.worker,
                                         beat: w.frames + w.sleeps,
+                                        asleep: w.asleep,
                                         panics: w.panics,
                                     })
                                     .collect(),

@@ -29,7 +29,8 @@ pub struct Sample {
     /// Seconds since the faults started.
     pub t: f64,
     pub rss_kib: u64,
-    /// Per worker: `frames + sleeps` (its heartbeat) and panics; `None` when the control call
+    /// Per worker: `frames + sleeps` (its heartbeat), whether it was asleep (idle: a worker
+    /// with nothing to do sleeps without a timeout) and panics; `None` when the control call
     /// failed at this sample.
     pub workers: Option<Vec<WorkerBeat>>,
 }
@@ -38,6 +39,8 @@ pub struct Sample {
 pub struct WorkerBeat {
     pub worker: u32,
     pub beat: u64,
+    #[serde(default)]
+    pub asleep: bool,
     pub panics: u64,
 }
 
@@ -119,8 +122,9 @@ pub fn rss_figures(r: &Record, limits: &Limits) -> Option<RssFigures> {
     })
 }
 
-/// The longest time any worker went without its heartbeat advancing, in seconds, and which
-/// worker. Samples where the control call failed count as "no news" (the gap runs on).
+/// The longest time any worker went without its heartbeat advancing while awake, in seconds,
+/// and which worker: a sample that finds the worker asleep (waiting for work) counts as a beat.
+/// Samples where the control call failed count as "no news" (the gap runs on).
 pub fn max_heartbeat_gap(r: &Record) -> Option<(u32, f64)> {
     // worker -> (time of last advance, last beat)
     let mut last: BTreeMap<u32, (f64, u64)> = BTreeMap::new();
@@ -139,7 +143,7 @@ pub fn max_heartbeat_gap(r: &Record) -> Option<(u32, f64)> {
                 None => {
                     last.insert(w.worker, (s.t, w.beat));
                 }
-                Some(&(t0, b0)) if w.beat != b0 => {
+                Some(&(t0, b0)) if w.beat != b0 || w.asleep => {
                     bump(w.worker, s.t - t0);
                     last.insert(w.worker, (s.t, w.beat));
                 }
@@ -276,7 +280,11 @@ mod tests {
             t,
             rss_kib: rss,
             workers: Some(
-                beats.iter().enumerate().map(|(i, &b)| WorkerBeat { worker: i as u32, beat: b, panics: 0 }).collect(),
+                beats
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| WorkerBeat { worker: i as u32, beat: b, asleep: false, panics: 0 })
+                    .collect(),
             ),
         }
     }
@@ -359,6 +367,25 @@ mod tests {
             s.workers.as_mut().unwrap()[1].beat = 21;
         }
         // Worker 1 last advanced at t = 3 and the run ended at t = 10.
+        assert_eq!(max_heartbeat_gap(&r), Some((1, 7.0)));
+        assert_eq!(failed(&r), ["no worker stall (heartbeat)"]);
+    }
+
+    /// An idle worker sleeps without a timeout: standing counters while asleep are no stall,
+    /// the same counters while awake are.
+    #[test]
+    fn a_sleeping_worker_is_idle_not_stalled() {
+        let mut r = passing();
+        for s in &mut r.samples[3..] {
+            let w = &mut s.workers.as_mut().unwrap()[1];
+            w.beat = 21;
+            w.asleep = true;
+        }
+        assert_eq!(failed(&r), Vec::<String>::new());
+        // Awake from t = 4 on with the same count: last seen asleep at t = 3, stalled since.
+        for s in &mut r.samples[4..] {
+            s.workers.as_mut().unwrap()[1].asleep = false;
+        }
         assert_eq!(max_heartbeat_gap(&r), Some((1, 7.0)));
         assert_eq!(failed(&r), ["no worker stall (heartbeat)"]);
     }

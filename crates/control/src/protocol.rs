@@ -531,10 +531,14 @@ pub struct WorkerInfo {
     /// Frames the worker handled since it started.
     #[serde(default)]
     pub frames: u64,
-    /// Times it ran out of work and went to sleep: an idle worker wakes on its backstop about
-    /// 10 times a second, so `frames + sleeps` advancing is its heartbeat.
+    /// Times it ran out of work and went to sleep.
     #[serde(default)]
     pub sleeps: u64,
+    /// Waiting for a wake-up right now. An idle worker sleeps without a timeout, so its
+    /// counters stand still: a worker is stalled only if `frames + sleeps` stand still while it
+    /// is not asleep.
+    #[serde(default)]
+    pub asleep: bool,
     /// What the worker serves ("vm1 tx", "up0 queue 3", ...).
     pub tasks: Vec<String>,
 }
@@ -813,6 +817,7 @@ mod tests {
                 panics: 0,
                 frames: 0,
                 sleeps: 0,
+                asleep: false,
                 tasks: vec![],
             }],
         }));

@@ -134,6 +134,7 @@ fn answer(request: &Request) -> Result<Response, ControlError> {
                 panics: 1,
                 frames: 5,
                 sleeps: 7,
+                asleep: true,
                 tasks: vec!["vm1 tx".into()],
             }],
         },

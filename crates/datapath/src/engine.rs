@@ -139,6 +139,9 @@ pub(crate) struct WorkerStats {
     /// source or the control plane wakes it), a thousand a second while a source must be
     /// polled, thousands when a source keeps it awake without giving it frames.
     pub sleeps: AtomicU64,
+    /// True while the worker waits in epoll for a wake-up: idle, not stalled (a worker with no
+    /// work sleeps without a timeout, so its counters stand still).
+    pub asleep: AtomicBool,
 }
 
 /// Time a lock was held, per batch: count, total and longest.
@@ -553,7 +556,11 @@ impl Worker {
             // is retired after its timeout and makes the socket readable), and so does the
             // control plane: no timer.
             let timeout_ms = if self.has_polled_task { POLL_SLEEP.as_millis() as i32 } else { -1 };
+            let shared = self.shared.clone();
+            let asleep = &shared.worker_stats[self.index].asleep;
+            asleep.store(true, Ordering::Relaxed);
             self.harvest_events(timeout_ms);
+            asleep.store(false, Ordering::Relaxed);
         }
         for task in &self.tasks {
             lock(&task.source).wake_up();

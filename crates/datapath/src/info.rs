@@ -101,6 +101,8 @@ pub struct WorkerInfo {
     /// Times it ran out of work and tried to sleep (~10/s idle; a source that keeps it awake
     /// without frames makes thousands a second).
     pub sleeps: u64,
+    /// Waiting for a wake-up right now (idle, not stalled).
+    pub asleep: bool,
     /// Tasks it serves: "vm1 tx", "up0 queue 3", "up0 default".
     pub tasks: Vec<String>,
 }
@@ -230,6 +232,7 @@ pub(crate) fn workers(st: &ControlState, shared: &Shared) -> Vec<WorkerInfo> {
             frames: shared.worker_stats[i].frames.load(Ordering::Relaxed),
             panics: shared.worker_stats[i].panics.load(Ordering::Relaxed),
             sleeps: shared.worker_stats[i].sleeps.load(Ordering::Relaxed),
+            asleep: shared.worker_stats[i].asleep.load(Ordering::Relaxed),
             tasks: lock(&l.tasks)
                 .iter()
                 .map(|t| match t.kind {

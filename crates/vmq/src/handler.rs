@@ -416,6 +416,7 @@ impl ControlHandler for DatapathHandler {
                         panics: w.panics,
                         frames: w.frames,
                         sleeps: w.sleeps,
+                        asleep: w.asleep,
                         tasks: w.tasks,
                     })
                     .collect(),

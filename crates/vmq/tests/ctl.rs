@@ -170,6 +170,7 @@ impl ControlHandler for Mock {
                         panics: 0,
                         frames: 1,
                         sleeps: 2,
+                        asleep: false,
                         tasks: vec!["up0 default".into(), "vm2 tx".into()],
                     },
                     WorkerInfo {
@@ -178,6 +179,7 @@ impl ControlHandler for Mock {
                         panics: 3,
                         frames: 9,
                         sleeps: 11,
+                        asleep: true,
                         tasks: vec!["up0 queue 0 -> vm1".into()],
                     },
                 ],
