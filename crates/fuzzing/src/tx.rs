@@ -101,7 +101,8 @@ fn copies_whole(segments: &[Segment], split: bool) -> bool {
     for s in segments {
         let n = u64::from(s.len).min(SPLIT_HEAD as u64 - copied);
         copied += n;
-        if n < u64::from(s.len) && !in_one_region(&seg(s.addr.0 + n, s.len - n as u32), split) {
+        // Saturating: a buffer near the top of the address space is refused before this matters.
+        if n < u64::from(s.len) && !in_one_region(&seg(s.addr.0.saturating_add(n), s.len - n as u32), split) {
             return true;
         }
     }
