@@ -168,6 +168,11 @@ impl<'a, 'm> Ring<'a, 'm> {
         ))
     }
 
+    /// Where the device is: its next avail and next used positions.
+    pub fn position(&self) -> (u16, u16) {
+        (self.state.next_avail.0, self.state.next_used.0)
+    }
+
     pub fn memory(&self) -> &'m Memory {
         self.mem
     }

@@ -204,7 +204,11 @@ impl RxWriter {
                     return Err(VirtioError::BadDescriptor);
                 }
                 Err(RingError::BadAvailIndex | RingError::BadRing | RingError::Broken) => {
-                    // Nothing taken from a broken ring can be trusted: give nothing back either.
+                    // Nothing taken from a broken ring can be trusted: publish nothing for it. The
+                    // chains this frame took before the index went bogus (seen earlier in the
+                    // batch, with MRG_RXBUF) are given back untaken, as on NoBuffer: else the
+                    // device's position (GET_VRING_BASE) would count chains never returned.
+                    ring.unpop(self.heads.len() as u16);
                     return Err(VirtioError::RingBroken);
                 }
             };

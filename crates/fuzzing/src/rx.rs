@@ -7,13 +7,20 @@
 //! sender's memory), a frame count (at most [`MAX_FRAMES`]), per frame its length, where it is
 //! cut into two parts, and the header's flags, GSO type and size; then a `split_ring` input.
 //!
+//! The frames are one batch, as vmq's RX sinks write them: the ring is opened once, so a frame
+//! written over the guest's own avail ring changes what later frames read (the avail index is
+//! re-read only when the device has caught up with it).
+//!
 //! Invariants, per frame, against a snapshot of guest memory before the write: no panic; the
 //! writer changes guest memory only inside the device-writable buffers of the chains it took
 //! and in the used ring; every chain taken is returned exactly once (consumed avail entries and
-//! new used entries are the same heads); a delivered frame's used lengths add up to the frame
-//! (header included) and, where the buffers do not overlap, the buffers hold the header (with
-//! `num_buffers` = chains used) and the frame byte for byte; the outcome (delivered, or which
-//! error) is the one a model of the writer predicts; frames delivered + dropped = frames offered.
+//! new used entries are the same heads); the chains taken and the outcome (delivered, or which
+//! error) are exactly those of a model of the writer (chains walked as the virtio spec bounds
+//! them, an avail index more than a ring ahead breaks the ring: that frame and every later one
+//! are refused, with no chain taken and guest memory untouched); a delivered frame's used
+//! lengths add up to the frame (header included) and, where the buffers do not overlap, the
+//! buffers hold the header (with `num_buffers` = chains used) and the frame byte for byte;
+//! frames delivered + dropped = frames offered.
 
 use std::num::Wrapping;
 use std::sync::Arc;
@@ -46,6 +53,8 @@ pub struct RxOutcome {
     pub no_buffer: u32,
     pub too_long: u32,
     pub bad_descriptor: u32,
+    /// Frames refused because the guest broke the ring (a bogus avail index), that frame on.
+    pub ring_broken: u32,
 }
 
 /// One frame as the input describes it.
@@ -67,72 +76,138 @@ fn frame_bytes(index: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(index as u8 * 17 + 1)).collect()
 }
 
+/// Is the buffer in guest memory, in one region?
 fn in_one_region(s: &Segment, split: bool) -> bool {
     let Some(end) = s.addr.0.checked_add(u64::from(s.len)) else { return false };
     end <= MEM_SIZE as u64 && (!split || end <= REGION_SPLIT || s.addr.0 >= REGION_SPLIT)
 }
 
-/// What the model expects for one frame of `total` bytes from avail position `from`.
+/// What the model expects for one frame: the chains taken (head, buffers), and the result.
 #[derive(Debug, PartialEq, Eq)]
-enum Expect {
-    /// Delivered into these chains (head, buffers).
-    Delivered(Vec<(u16, Vec<Segment>)>),
-    Error(VirtioError),
+struct Expect {
+    chains: Vec<(u16, Vec<Segment>)>,
+    result: Result<(), VirtioError>,
 }
 
-struct Model<'a> {
-    image: &'a [u8],
+/// The ring as the model sees it across a batch: the device's avail position, the avail index
+/// as last read (re-read only when the device has caught up with it, as the ring does), and
+/// whether the driver broke the ring.
+struct Model {
     size: u16,
     split: bool,
+    next_avail: u16,
+    seen: u16,
+    broken: bool,
 }
 
-impl Model<'_> {
-    /// Collects chains as the writer does; `lenient` is set when the ring may refuse a chain
-    /// the model accepts (the spec's tighter bound on chain length).
-    fn expect(&self, from: u16, total: usize, mrg: bool, lenient: &mut bool) -> Expect {
-        let available = avail_idx(self.image).wrapping_sub(from);
-        if available > self.size {
-            return Expect::Error(VirtioError::BadDescriptor);
-        }
-        let mut chains = Vec::new();
-        let mut room = 0usize;
-        while room < total {
-            if chains.len() == usize::from(available) {
-                return Expect::Error(VirtioError::NoBuffer);
-            }
-            let head = avail_slot(self.image, self.size, from.wrapping_add(chains.len() as u16));
-            let Some(segments) = reference_walk(self.image, self.size, head, Limits::Permissive) else {
-                return Expect::Error(VirtioError::BadDescriptor);
-            };
-            *lenient |= reference_walk(self.image, self.size, head, Limits::Spec).is_none();
-            let chain_room = segments.iter().fold(0u32, |r, s| r.saturating_add(s.len));
-            if segments.iter().any(|s| !s.write) || chain_room == 0 {
-                return Expect::Error(VirtioError::BadDescriptor);
-            }
-            room += chain_room as usize;
-            chains.push((head, segments));
-            if !mrg && room < total {
-                return Expect::Error(VirtioError::TooLong);
-            }
-        }
-        Expect::Delivered(chains)
+impl Model {
+    /// The spec's walk, with an indirect table in one memory region (the ring reads it as one
+    /// slice); None: the ring refuses the chain.
+    fn walk(&self, image: &[u8], head: u16) -> Option<Vec<Segment>> {
+        let chain = reference_walk(image, self.size, head, Limits::Spec)?;
+        indirect_table(image, self.size, head).is_none_or(|t| in_one_region(&t, self.split)).then_some(chain)
     }
 
-    /// Are the bytes the frame needs from these buffers all in guest memory, each buffer in one
-    /// region (else the writer may take its slow path or refuse)?
-    fn clean(&self, chains: &[(u16, Vec<Segment>)], total: usize) -> bool {
-        let mut left = total;
-        for s in chains.iter().flat_map(|(_, segs)| segs) {
-            if left == 0 {
-                break;
-            }
-            if s.len > 0 && !in_one_region(s, self.split) {
-                return false;
-            }
-            left = left.saturating_sub(s.len as usize);
+    /// One frame of `total` bytes (its last `tail_len` from another guest's memory), taken as
+    /// the writer takes chains, from the guest memory `image` before the write.
+    fn expect(&mut self, image: &[u8], total: usize, tail_len: usize, mrg: bool) -> Expect {
+        let expect = self.collect(image, total, mrg);
+        // Chains the writer keeps (delivered or handed back) move the device on; on NoBuffer
+        // and a broken ring it takes none.
+        self.next_avail = self.next_avail.wrapping_add(expect.chains.len() as u16);
+        if expect.result.is_ok() && writes_fail(&expect.chains, total, tail_len, self.split) {
+            return Expect { result: Err(VirtioError::BadDescriptor), ..expect };
         }
-        true
+        expect
     }
+
+    fn collect(&mut self, image: &[u8], total: usize, mrg: bool) -> Expect {
+        let error = |chains, e| Expect { chains, result: Err(e) };
+        if self.broken {
+            return error(Vec::new(), VirtioError::RingBroken);
+        }
+        let mut chains: Vec<(u16, Vec<Segment>)> = Vec::new();
+        let mut room = 0usize;
+        while room < total {
+            let position = self.next_avail.wrapping_add(chains.len() as u16);
+            if self.seen == position {
+                self.seen = avail_idx(image);
+            }
+            let available = self.seen.wrapping_sub(position);
+            if available > self.size {
+                // Broken: the chains taken for this frame are given back untaken.
+                self.broken = true;
+                return error(Vec::new(), VirtioError::RingBroken);
+            }
+            if available == 0 {
+                return error(Vec::new(), VirtioError::NoBuffer);
+            }
+            let head = avail_slot(image, self.size, position);
+            let Some(segments) = self.walk(image, head) else {
+                chains.push((head, Vec::new()));
+                return error(chains, VirtioError::BadDescriptor);
+            };
+            let chain_room = segments.iter().fold(0u32, |r, s| r.saturating_add(s.len));
+            let readable = segments.iter().any(|s| !s.write);
+            chains.push((head, segments));
+            if readable || chain_room == 0 {
+                return error(chains, VirtioError::BadDescriptor);
+            }
+            room += chain_room as usize;
+            if !mrg && room < total {
+                return error(chains, VirtioError::TooLong);
+            }
+        }
+        Expect { chains, result: Ok(()) }
+    }
+}
+
+/// Does writing the frame fail: do the bytes vmq writes leave guest memory, or does a buffer
+/// that receives bytes of the tail (copied guest to guest through one slice) straddle regions?
+fn writes_fail(chains: &[(u16, Vec<Segment>)], total: usize, tail_len: usize, split: bool) -> bool {
+    let head_len = (total - tail_len) as u64;
+    let mut at = 0u64;
+    for s in chains.iter().flat_map(|(_, segs)| segs) {
+        if at == total as u64 {
+            break;
+        }
+        let n = u64::from(s.len).min(total as u64 - at);
+        if n == 0 {
+            continue;
+        }
+        let from_vmq = head_len.saturating_sub(at).min(n);
+        if from_vmq > 0 && s.addr.0.checked_add(from_vmq).is_none_or(|end| end > MEM_SIZE as u64) {
+            return true;
+        }
+        if from_vmq < n && !in_one_region(s, split) {
+            return true;
+        }
+        at += n;
+    }
+    false
+}
+
+/// The indirect table chain `head` leads to (as a buffer), if any.
+fn indirect_table(image: &[u8], size: u16, head: u16) -> Option<Segment> {
+    let mut index = head;
+    for _ in 0..size {
+        let at = (DESC_TABLE + 16 * u64::from(index)) as usize;
+        let d = image.get(at..at + 16)?;
+        let addr = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(d[8..12].try_into().expect("4 bytes"));
+        let flags = u16::from_le_bytes([d[12], d[13]]);
+        if flags & 4 != 0 {
+            return Some(Segment { addr: GuestAddress(addr), len, write: false });
+        }
+        if flags & 1 == 0 {
+            return None;
+        }
+        index = u16::from_le_bytes([d[14], d[15]]);
+        if index >= size {
+            return None;
+        }
+    }
+    None
 }
 
 /// Guest addresses the frame's bytes go to, in order, and whether any buffer byte they cover
@@ -179,6 +254,10 @@ pub fn run_rx_writer(data: &[u8]) -> RxOutcome {
     let mut writer = RxWriter::new(mrg);
     let mut outcome = RxOutcome::default();
     let used = used_area(size);
+    let mut model = Model { size, split: split_mem, next_avail: start, seen: start, broken: false };
+    // One batch, as the vhost and mem RX sinks write them: the ring opened once for all frames
+    // (a frame written over the guest's own avail ring changes what later frames read).
+    let mut ring = Ring::open(&mem, &mut state).expect("a ring inside guest memory opens");
     for (index, f) in frames.iter().enumerate() {
         let bytes = frame_bytes(index, usize::from(f.len));
         let cut = usize::from(f.cut) % (bytes.len() + 1);
@@ -201,25 +280,22 @@ pub fn run_rx_writer(data: &[u8]) -> RxOutcome {
         } else {
             vec![&bytes[..cut], &bytes[cut..]]
         };
+        let tail_len = if with_tail { bytes.len() - cut } else { 0 };
         let total = VnetHdr::LEN + bytes.len();
         let before = snapshot(&mem);
-        let (a0, u0) = (state.next_avail, state.next_used);
-        let result = {
-            let mut ring = Ring::open(&mem, &mut state).expect("a ring inside guest memory opens");
-            let r = writer.push_with_tail(&mut ring, &hdr, &parts, with_tail.then_some(&tail));
-            ring.publish();
-            r
-        };
+        let (a0, u0) = ring.position();
+        let result = writer.push_with_tail(&mut ring, &hdr, &parts, with_tail.then_some(&tail));
         let after = snapshot(&mem);
-        let consumed = (state.next_avail - a0).0;
-        let returned = (state.next_used - u0).0;
+        let (a1, u1) = ring.position();
+        let consumed = a1.wrapping_sub(a0);
+        let returned = u1.wrapping_sub(u0);
 
         // Every chain taken is returned exactly once.
         assert_eq!(consumed, returned, "frame {index}: chains taken and chains returned");
-        let taken: Vec<u16> = (0..consumed).map(|i| avail_slot(&before, size, a0.0.wrapping_add(i))).collect();
+        let taken: Vec<u16> = (0..consumed).map(|i| avail_slot(&before, size, a0.wrapping_add(i))).collect();
         let mut entries = Vec::new();
         for i in 0..returned {
-            let slot = u64::from(u0.0.wrapping_add(i) % size);
+            let slot = u64::from(u0.wrapping_add(i) % size);
             let id = mem.read_obj::<u32>(GuestAddress(USED_RING + 4 + 8 * slot)).expect("used id");
             let len = mem.read_obj::<u32>(GuestAddress(USED_RING + 8 + 8 * slot)).expect("used len");
             entries.push((id, len));
@@ -233,61 +309,65 @@ pub fn run_rx_writer(data: &[u8]) -> RxOutcome {
         // Writes only inside the device-writable buffers of the chains taken, or the used ring.
         let mut allowed: Vec<(u64, u64)> = taken
             .iter()
-            .filter_map(|&h| reference_walk(&before, size, h, Limits::Permissive))
+            .filter_map(|&h| model.walk(&before, h))
             .flatten()
             .filter(|s| s.write)
             .map(|s| (s.addr.0, s.addr.0.saturating_add(u64::from(s.len))))
             .collect();
         allowed.push((used.start, used.end));
-        for (a, (b, c)) in before.iter().zip(&after).enumerate() {
-            if b != c {
-                let a = a as u64;
-                assert!(
-                    allowed.iter().any(|&(lo, hi)| (lo..hi).contains(&a)),
-                    "frame {index}: wrote guest address {a:#x}, outside the chains it took"
-                );
-            }
+        // Chunk by chunk (memcmp) first: most of guest memory is untouched.
+        let changed = before.chunks(64).zip(after.chunks(64)).enumerate().filter(|(_, (b, c))| b != c);
+        let bytes_changed =
+            changed.flat_map(|(k, (b, c))| (0..b.len()).filter(move |&i| b[i] != c[i]).map(move |i| 64 * k + i));
+        for a in bytes_changed {
+            let a = a as u64;
+            assert!(
+                allowed.iter().any(|&(lo, hi)| (lo..hi).contains(&a)),
+                "frame {index}: wrote guest address {a:#x}, outside the chains it took"
+            );
         }
 
-        let model = Model { image: &before, size, split: split_mem };
-        let mut lenient = false;
-        let expected = model.expect(a0.0, total, mrg, &mut lenient);
-        match (&expected, result) {
-            (Expect::Delivered(chains), Ok(())) => {
-                assert_eq!(taken, chains.iter().map(|(h, _)| *h).collect::<Vec<_>>(), "frame {index}: chains");
+        // The outcome, and the chains taken, are exactly the model's.
+        let expected = model.expect(&before, total, tail_len, mrg);
+        assert_eq!(
+            (&taken, result),
+            (&expected.chains.iter().map(|(h, _)| *h).collect::<Vec<_>>(), expected.result),
+            "frame {index} ({total} bytes): chains taken and result, writer vs model"
+        );
+        assert_eq!(ring.position(), (model.next_avail, u1), "frame {index}: device position");
+        match result {
+            Ok(()) => {
                 let lens: u64 = entries.iter().map(|&(_, len)| u64::from(len)).sum();
                 assert_eq!(lens, total as u64, "frame {index}: used lengths");
-                let (dest, overlap) = destinations(chains, total, size);
+                let (dest, overlap) = destinations(&expected.chains, total, size);
                 if !overlap {
-                    let header = VnetHdr { num_buffers: chains.len() as u16, ..hdr }.to_bytes();
+                    let header = VnetHdr { num_buffers: expected.chains.len() as u16, ..hdr }.to_bytes();
                     let expected_bytes = header.iter().chain(&bytes);
                     for (i, (&a, &want)) in dest.iter().zip(expected_bytes).enumerate() {
                         assert_eq!(after[a as usize], want, "frame {index}: byte {i} at {a:#x}");
                     }
                 }
                 outcome.delivered += 1;
-                outcome.chains += chains.len() as u32;
+                outcome.chains += expected.chains.len() as u32;
             }
-            (Expect::Delivered(chains), Err(VirtioError::BadDescriptor)) if lenient || !model.clean(chains, total) => {
-                outcome.bad_descriptor += 1;
-            }
-            (Expect::Error(VirtioError::NoBuffer), Err(VirtioError::NoBuffer)) => {
-                assert_eq!(consumed, 0, "frame {index}: NoBuffer consumed chains");
-                assert!(before == after, "frame {index}: NoBuffer changed guest memory");
-                outcome.no_buffer += 1;
-            }
-            (Expect::Error(e), Err(got)) if *e == got || (lenient && got == VirtioError::BadDescriptor) => {
+            Err(e) => {
                 assert!(entries.iter().all(|&(_, len)| len == 0), "frame {index}: dropped, yet used lengths");
-                match got {
+                if matches!(e, VirtioError::NoBuffer | VirtioError::RingBroken) {
+                    assert!(before == after, "frame {index}: {e:?} changed guest memory");
+                }
+                match e {
                     VirtioError::TooLong => outcome.too_long += 1,
                     VirtioError::NoBuffer => outcome.no_buffer += 1,
+                    VirtioError::RingBroken => outcome.ring_broken += 1,
                     _ => outcome.bad_descriptor += 1,
                 }
             }
-            (expected, got) => panic!("frame {index} ({total} bytes): model {expected:?}, writer {got:?}"),
         }
     }
-    let dropped = outcome.no_buffer + outcome.too_long + outcome.bad_descriptor;
+    ring.publish();
+    drop(ring);
+    assert_eq!(state.is_broken(), model.broken, "ring broken");
+    let dropped = outcome.no_buffer + outcome.too_long + outcome.bad_descriptor + outcome.ring_broken;
     assert_eq!(outcome.delivered + dropped, frames.len() as u32, "frames delivered + dropped = offered");
     outcome
 }

@@ -194,6 +194,7 @@ pub fn rx_writer() -> Seeds {
     let three = vec![d(0x3000, 1024, w, 0), d(0x3400, 1024, w, 0), d(0x3800, 1024, w, 0), d(0x3c00, 64, 0, 0)];
     let table = vec![d(0x3000, 12, w | 1, 1), d(0x3100, 700, w | 1, 2), d(0x3400, 2000, w, 0)];
     let indirect = vec![d(0x2c00, 48, 4, 0)];
+    let own_idx = vec![d(0xff6, 14, w, 0), d(0x3000, 100, w, 0), d(0x3100, 100, w, 0)];
     vec![
         ("mrg-two-chains", encode(1, &[f(1500, 54)], &ring(3, 0, &three, &[0, 1, 2], &[]))),
         ("too-long-without-mrg", encode(0, &[f(1500, 54), f(100, 14)], &ring(3, 0, &three, &[0, 1], &[]))),
@@ -201,6 +202,13 @@ pub fn rx_writer() -> Seeds {
         ("readable-chain", encode(1, &[f(100, 14)], &ring(3, 0, &three, &[3], &[]))),
         ("tail-indirect", encode(4 | 1, &[f(2600, 54)], &ring(2, 0, &indirect, &[0], &[(0x2c00, table)]))),
         ("straddles-regions", encode(2, &[f(600, 54)], &ring(1, 0, &[d(REGION_SPLIT_SEED, 1024, w, 0)], &[0], &[]))),
+        // The first frame's last two bytes land on the guest's own avail index (0x1002): the
+        // second frame takes the two chains the device had seen, re-reads the index, finds it
+        // bogus and breaks the ring; it and the third are refused, no chain kept.
+        (
+            "overwrites-own-avail-index",
+            encode(1, &[f(2, 0), f(1000, 54), f(60, 0)], &ring(3, 0, &own_idx, &[0, 1, 2], &[])),
+        ),
     ]
 }
 
@@ -248,7 +256,7 @@ mtu = 9000
 }
 
 /// `vhost_messages` seeds: QEMU's bring-up of both rings (the device starts), a memory table
-/// over an unsealed memfd that is then shrunk, and malformed messages (raw garbage, a header
+/// over an unsealed memfd (refused), and malformed messages (raw garbage, a header
 /// lying about its body, a pipe as kick fd, ring setup outside guest memory).
 pub fn vhost_messages() -> Seeds {
     use crate::vhost::{OP_LIE_SIZE, OP_NEED_REPLY as ACK, OP_RAW, OP_SHRINK, encode};
@@ -287,11 +295,13 @@ pub fn vhost_messages() -> Seeds {
         (6 | ACK, vec![0, 7, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 1]),
         (9 | ACK, vec![0, 1]),
     ]);
-    let mut shrink = seq(&bring_up[..6]);
-    shrink.extend([(OP_SHRINK, vec![0]), (4 | ACK, vec![0, 0, 0]), (0, vec![])]);
+    // The unsealed memfd 0 shrinks while nothing maps it, then a memory table over it is
+    // refused (no F_SEAL_SHRINK) and the connection ends; the sealed memfd 1 refuses to shrink.
+    let mut unsealed = seq(&bring_up[..5]);
+    unsealed.extend([(OP_SHRINK, vec![0]), (OP_SHRINK, vec![1]), (4 | ACK, vec![0, 0, 0]), (0, vec![])]);
     vec![
         ("bring-up", enc(3, seq(&bring_up))),
-        ("unsealed-memfd-shrunk", enc(0x40 | 3, shrink)),
+        ("unsealed-memfd-refused", enc(0x40 | 3, unsealed)),
         ("hostile", enc(3, hostile)),
     ]
 }
@@ -309,5 +319,8 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("control_line", control_line()),
         ("split_ring", split_ring()),
         ("tx_assembly", tx_assembly()),
+        ("rx_writer", rx_writer()),
+        ("config_file", config_file()),
+        ("vhost_messages", vhost_messages()),
     ]
 }

@@ -13,7 +13,10 @@
 //! longer one as a [`SPLIT_HEAD`]-byte head plus a tail, or whole when a buffer straddles
 //! regions); every other chain is a typed error the model predicts; TX writes nothing but the
 //! used ring; every chain taken goes back exactly once (now, or after "delivery" for split
-//! frames), with used length 0; a bogus avail index takes nothing.
+//! frames), with used length 0; an avail index more than a ring ahead takes nothing, is
+//! reported once ([`VirtioError::RingBroken`]) and leaves the ring broken (it then reads as
+//! empty). Chains are walked as vmq must (virtio 2.7.5.3.1): at most queue-size descriptors in
+//! all, an indirect table of at most queue-size entries, in one memory region.
 
 use std::num::Wrapping;
 use std::sync::Arc;
@@ -89,6 +92,26 @@ fn in_one_region(s: &Segment, split: bool) -> bool {
 
 fn seg(addr: u64, len: u32) -> Segment {
     Segment { addr: GuestAddress(addr), len, write: false }
+}
+
+/// Does a frame longer than [`SPLIT_MIN`] fall back to a whole copy: is the part of some buffer
+/// past the [`SPLIT_HEAD`]-byte head not in one memory region?
+fn copies_whole(segments: &[Segment], split: bool) -> bool {
+    let mut copied = 0u64;
+    for s in segments {
+        let n = u64::from(s.len).min(SPLIT_HEAD as u64 - copied);
+        copied += n;
+        // Saturating: a buffer near the top of the address space is refused before this matters.
+        if n < u64::from(s.len) && !in_one_region(&seg(s.addr.0.saturating_add(n), s.len - n as u32), split) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Does reading zero bytes at an empty buffer's address succeed (it must name guest memory)?
+fn zero_read_ok(s: &Segment, _split: bool) -> bool {
+    s.addr.0 < MEM_SIZE as u64
 }
 
 /// The indirect table (address, length) chain `head` leads to, if any.
@@ -169,7 +192,10 @@ pub fn run_tx_assembly(data: &[u8]) -> TxOutcome {
             let (u0, u1) = (used.start as usize, used.end as usize);
             assert!(before[..u0] == after[..u0] && before[u1..] == after[u1..], "TX wrote guest memory");
             if announced > size {
-                assert_eq!(result, Err(VirtioError::BadDescriptor), "avail index {announced} ahead of the device");
+                assert_eq!(result, Err(VirtioError::RingBroken), "avail index {announced} ahead of the device");
+                // Reported once: the broken ring reads as empty, whatever it holds.
+                let again = pop_tx_split(&mut ring, &mem, &mut segments, &mut buf, &mut tail);
+                assert_eq!(again, Ok(None), "a broken ring served again");
                 outcome.bad_index = true;
                 break;
             }
@@ -177,23 +203,22 @@ pub fn run_tx_assembly(data: &[u8]) -> TxOutcome {
                 assert_eq!(result, Ok(None), "pop went past the avail index");
                 break;
             }
-            let Some(chain) = reference_walk(&before, size, head, Limits::Permissive) else {
+            // The spec's walk, and an indirect table must lie in one memory region (the ring
+            // reads it as one slice): anything else is refused, and nothing more is.
+            let chain = reference_walk(&before, size, head, Limits::Spec).filter(|_| {
+                indirect_table(&before, size, head).is_none_or(|(a, l)| in_one_region(&seg(a, l), split_mem))
+            });
+            let Some(chain) = chain else {
                 assert_eq!(result, Err(VirtioError::BadDescriptor), "chain {head}: the reference walk refuses it");
                 outcome.bad_descriptor += 1;
                 returned.push(head);
                 continue;
             };
-            // Chains the spec's bound refuses may be refused by the ring too (it is tightening),
-            // and so are indirect tables across two memory regions (one slice per table).
-            let spec_refuses = reference_walk(&before, size, head, Limits::Spec).is_none()
-                || indirect_table(&before, size, head).is_some_and(|(a, l)| !in_one_region(&seg(a, l), split_mem));
-            if spec_refuses && result == Err(VirtioError::BadDescriptor) {
-                outcome.bad_descriptor += 1;
-                returned.push(head);
-                continue;
-            }
             assert_eq!(segments, chain, "chain {head}: the ring walked other buffers than the reference");
-            let zero_len_outside = chain.iter().any(|s| s.len == 0 && !in_memory(s));
+            // A buffer across two regions past the head cannot be a tail: the frame is copied
+            // whole, every buffer read again, empty ones too (outside memory, such a read fails).
+            let copied_whole = copies_whole(&chain, split_mem);
+            let zero_len_outside = chain.iter().any(|s| s.len == 0 && !zero_read_ok(s, split_mem));
             match (expect(&chain, buf_len), result) {
                 (Expect::Error(e), Err(got)) => {
                     assert_eq!(got, e, "chain {head}");
@@ -204,17 +229,20 @@ pub fn run_tx_assembly(data: &[u8]) -> TxOutcome {
                     }
                     returned.push(head);
                 }
-                (Expect::Frame(_), Err(VirtioError::BadDescriptor)) if zero_len_outside => {
+                (Expect::Frame(total), Err(VirtioError::BadDescriptor))
+                    if total as usize > SPLIT_MIN && copied_whole && zero_len_outside =>
+                {
                     outcome.bad_descriptor += 1;
                     returned.push(head);
                 }
                 (Expect::Frame(total), Ok(Some(tx))) => {
                     let total = total as usize;
-                    if total <= SPLIT_MIN || tx.deferred.is_none() {
-                        assert!(
-                            total <= SPLIT_MIN || chain.iter().any(|s| !in_one_region(s, split_mem)),
-                            "chain {head}: {total} bytes copied whole although every buffer is in one region"
-                        );
+                    let whole = total <= SPLIT_MIN || copied_whole;
+                    assert!(
+                        !(whole && total > SPLIT_MIN && zero_len_outside),
+                        "chain {head}: copied whole, yet an empty buffer outside memory was read"
+                    );
+                    if whole {
                         assert_eq!(tx.head_len, total, "chain {head}: copied length");
                         assert_eq!(tx.deferred, None);
                         assert_frame(&buf[..total], &chain, 0, &before, &after, size, "whole frame");

@@ -11,7 +11,8 @@
 //! reply (NEED_REPLY) or make the header lie about the body size.
 //!
 //! Invariants: no panic; the server's poll never fails; every reply is a well-formed reply;
-//! after every message each region the backend maps lies within its file's real size; device
+//! after every message each region the backend maps lies within its file's real size and that
+//! file is sealed against shrinking (the port does not trust unsealed memory); device
 //! events alternate (Started, Stopped, ...); after the frontend hangs up the port is down, the
 //! device stopped and its memory unmapped; then a new frontend connects and gets the offered
 //! features from GET_FEATURES.
@@ -157,6 +158,12 @@ fn check_regions(device: &NetDevice) -> Vec<(u64, u64)> {
             "region {:#x}+{:#x} ends at {end:#x} in a file of {size:#x} bytes",
             file.start(),
             region.len()
+        );
+        // The port does not trust unsealed memory: whatever is mapped cannot shrink under it.
+        let seals = fcntl(file.file(), FcntlArg::F_GET_SEALS).unwrap_or(0);
+        assert!(
+            SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK),
+            "a region over a file without F_SEAL_SHRINK is mapped (seals {seals:#x})"
         );
         files.push(inode(file.file()));
     }

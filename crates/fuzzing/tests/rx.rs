@@ -66,4 +66,5 @@ fn seeds_reach_each_outcome() {
     assert_eq!(outcome("readable-chain"), RxOutcome { bad_descriptor: 1, ..none });
     assert_eq!(outcome("tail-indirect"), RxOutcome { delivered: 1, chains: 1, ..none });
     assert_eq!(outcome("straddles-regions"), RxOutcome { delivered: 1, chains: 1, ..none });
+    assert_eq!(outcome("overwrites-own-avail-index"), RxOutcome { delivered: 1, chains: 1, ring_broken: 2, ..none });
 }
