@@ -74,3 +74,13 @@ fn fuzz_crash_492165b5() {
     ];
     run_tx_assembly(input);
 }
+
+/// Found by `bench/fuzz.sh tx_assembly` (fuzz/artifacts/tx_assembly/crash-de75d3fe...).
+#[test]
+fn fuzz_crash_de75d3fe() {
+    let input: &[u8] = &[
+        55, 71, 240, 255, 0, 0, 0, 0, 0, 0, 0, 0, 12, 56, 0, 0, 1, 0, 1, 0, 244, 0, 92, 0, 1, 64, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 16, 35,
+    ];
+    run_tx_assembly(input);
+}
