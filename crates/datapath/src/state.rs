@@ -282,29 +282,10 @@ impl ControlState {
     /// follow.
     pub fn set_vlan(&mut self, shared: &Shared, name: &str, vlan: VlanMode) -> Result<(), DatapathError> {
         let id = self.id(name)?;
-        let rec = self.ports[id.0 as usize].as_mut().ok_or_else(|| DatapathError::NoSuchPort(name.to_string()))?;
-        let old_key = ControlState::filter_key(&rec.config.spec);
-        rec.config.spec.vlan = vlan;
-        let spec = rec.config.spec.clone();
-        let new_key = ControlState::filter_key(&spec);
-        {
-            let mut sw = shared.switch_write();
-            sw.fdb_mut().remove_port(id);
-            sw.update_port(id, spec);
-            if let Some(k) = new_key {
-                sw.fdb_mut().add_static(k.mac, k.vlan, id);
-            }
+        if self.ports.get(id.0 as usize).and_then(Option::as_ref).is_none() {
+            return Err(DatapathError::NoSuchPort(name.to_string()));
         }
-        if self.mode == Mode::Vmq && old_key != new_key {
-            let mut changes = self.vmq.remove_port(id);
-            if let Some(k) = new_key
-                && let Some(queue) = self.vmq.add_port(id, k)
-            {
-                changes.push(QueueChange::Assigned { port: id, queue });
-            }
-            self.apply_queue_changes(&changes);
-        }
-        shared.publish(self.port_table());
+        self.readdress(shared, id, |spec| spec.vlan = vlan);
         Ok(())
     }
 
@@ -312,15 +293,21 @@ impl ControlState {
     /// filter follow (the policy was checked by the caller). Learned addresses of the port are
     /// forgotten with the old configuration.
     pub fn set_mac(&mut self, shared: &Shared, id: PortId, mac: MacAddr) {
+        self.readdress(shared, id, |spec| spec.mac = Some(mac));
+    }
+
+    /// Changes what addresses a port (its MAC or VLAN mode) and makes everything keyed by them
+    /// follow: the switch's view of the port, its static FDB entry (static entries are per port,
+    /// so dropping the port's entries drops exactly the old one; learned ones go too) and, in
+    /// `vmq` mode, its VM queue filter. Nothing happens for a port that is gone.
+    fn readdress(&mut self, shared: &Shared, id: PortId, edit: impl FnOnce(&mut PortSpec)) {
         let Some(rec) = self.ports.get_mut(id.0 as usize).and_then(Option::as_mut) else { return };
         let old_key = ControlState::filter_key(&rec.config.spec);
-        rec.config.spec.mac = Some(mac);
+        edit(&mut rec.config.spec);
         let spec = rec.config.spec.clone();
         let new_key = ControlState::filter_key(&spec);
         {
             let mut sw = shared.switch_write();
-            // Static entries are per port: dropping the port's entries drops exactly the old
-            // MAC's static entry (and learned ones, which `update_port` forgets anyway).
             sw.fdb_mut().remove_port(id);
             sw.update_port(id, spec);
             if let Some(k) = new_key {
