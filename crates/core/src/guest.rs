@@ -15,15 +15,6 @@ use vmq_wire::MacAddr;
 
 use crate::port::PortSpec;
 
-/// What a guest may change on its port. Off by default: a guest sends only from the MAC the
-/// operator gave it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct GuestPolicy {
-    /// The guest may move its port to another unicast MAC; the static FDB entry and the VM
-    /// queue filter follow it.
-    pub allow_mac_change: bool,
-}
-
 /// Why a guest's MAC change was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum MacChangeRefused {
@@ -62,7 +53,7 @@ pub fn review_mac_change(spec: &PortSpec, requested: MacAddr) -> Result<bool, Ma
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::port::{PortKind, VlanMode};
+    use crate::port::{GuestPolicy, PortKind, VlanMode};
     use proptest::prelude::*;
 
     fn vm(allow: bool) -> PortSpec {

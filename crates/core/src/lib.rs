@@ -9,7 +9,7 @@ pub mod stats;
 pub mod switch;
 pub mod vmq;
 
-pub use guest::GuestPolicy;
+pub use port::GuestPolicy;
 pub use port::{
     Mode, OffloadCaps, PortBackend, PortConfig, PortId, PortKind, PortSpec, SocketPolicy, VhostMode, VlanMode,
 };

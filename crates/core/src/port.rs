@@ -60,7 +60,7 @@ pub struct PortSpec {
     /// from new sources still pass but their addresses are not learned, counted as `fdb_limit`).
     pub max_learned_macs: u32,
     /// What the guest of a VM port may program itself (its MAC).
-    pub guest: crate::guest::GuestPolicy,
+    pub guest: GuestPolicy,
     /// Offloads the port may use, before negotiation narrows them.
     pub offloads: OffloadCaps,
 }
@@ -154,4 +154,13 @@ impl Mode {
             Mode::Switch => "switch",
         }
     }
+}
+
+/// What a guest may change on its port. Off by default: a guest sends only from the MAC the
+/// operator gave it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct GuestPolicy {
+    /// The guest may move its port to another unicast MAC; the static FDB entry and the VM
+    /// queue filter follow it.
+    pub allow_mac_change: bool,
 }
