@@ -98,6 +98,15 @@ pub struct PortMetrics {
     pub up: bool,
     /// The port holds a VM queue of its own.
     pub queue_assigned: bool,
+    /// VM ports whose guest's receive filter is relayed (QMP).
+    pub rx_filter: Option<RxFilterMetrics>,
+}
+
+/// A VM port's applied guest receive filter.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RxFilterMetrics {
+    pub promiscuous: bool,
+    pub multicast_entries: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -151,7 +160,7 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let ports = &self.0.ports;
         type Get = fn(&PortMetrics) -> u64;
-        let per_port: [(&str, &str, Get); 14] = [
+        let per_port: [(&str, &str, Get); 16] = [
             ("vmq_port_rx_packets", "Frames received from the port", |p| p.counters.rx_packets),
             ("vmq_port_rx_bytes", "Bytes received from the port", |p| p.counters.rx_bytes),
             ("vmq_port_tx_packets", "Frames sent to the port", |p| p.counters.tx_packets),
@@ -180,6 +189,16 @@ impl Collector for SnapshotCollector {
             ("vmq_port_mac_change_refused", "Guest MAC changes refused by the port's policy (allow_mac_change)", |p| {
                 p.counters.mac_change_refused
             }),
+            (
+                "vmq_port_promiscuous_refused",
+                "Guest requests for promiscuous mode refused by the port's policy (allow_promiscuous)",
+                |p| p.counters.promiscuous_refused,
+            ),
+            (
+                "vmq_port_qmp_errors",
+                "QMP relay errors: unusable messages from QEMU, refused queries, connections lost",
+                |p| p.counters.qmp_errors,
+            ),
         ];
         for (name, help, get) in per_port {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -212,6 +231,26 @@ impl Collector for SnapshotCollector {
             for p in ports {
                 let labels = [("port", p.counters.port.as_str())];
                 ConstGauge::new(i64::from(get(p))).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        type FilterGet = fn(&RxFilterMetrics) -> i64;
+        let filter_gauges: [(&str, &str, FilterGet); 2] = [
+            (
+                "vmq_port_guest_promiscuous",
+                "1 if the guest's relayed receive filter is promiscuous and the policy allows it",
+                |f| i64::from(f.promiscuous),
+            ),
+            ("vmq_port_guest_multicast_entries", "Multicast addresses in the guest's relayed receive filter", |f| {
+                i64::try_from(f.multicast_entries).unwrap_or(i64::MAX)
+            }),
+        ];
+        for (name, help, get) in filter_gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for p in ports {
+                if let Some(f) = &p.rx_filter {
+                    ConstGauge::new(get(f)).encode(family.encode_family(&[("port", p.counters.port.as_str())])?)?;
+                }
             }
         }
 

@@ -296,6 +296,28 @@ pub struct PortInfo {
     /// versions before client mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost: Option<VhostInfo>,
+    /// VM ports whose guest's receive filter is relayed (QMP): the filter vmq applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_filter: Option<RxFilterView>,
+}
+
+/// A VM port's guest receive filter as vmq applies it (the guest's request narrowed by policy).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RxFilterView {
+    /// The guest gets unknown unicast to other MACs too.
+    pub promiscuous: bool,
+    /// The guest asks for promiscuous mode and `allow_promiscuous` refuses it.
+    pub promiscuous_refused: bool,
+    /// `normal` (the table), `none` or `all`.
+    pub multicast: String,
+    /// Multicast addresses the guest listens to.
+    pub multicast_entries: u32,
+    /// Extra unicast addresses the guest listens to (its unicast table).
+    pub unicast_entries: u32,
+    /// Tagged frames pass only with these VLAN ids (absent: every VLAN of the port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlans: Option<Vec<u16>>,
 }
 
 /// Which side of a vhost-user socket listens.
@@ -485,6 +507,12 @@ pub struct PortCounters {
     /// MAC changes the guest asked for and the port's policy refused (`allow_mac_change`).
     #[serde(default)]
     pub mac_change_refused: u64,
+    /// Promiscuous mode the guest asked for and the port's policy refused (`allow_promiscuous`).
+    #[serde(default)]
+    pub promiscuous_refused: u64,
+    /// QMP relay errors (unusable messages from QEMU, refused queries, connections lost).
+    #[serde(default)]
+    pub qmp_errors: u64,
 }
 
 impl PortCounters {

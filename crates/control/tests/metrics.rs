@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vmq_control::metrics::{
     BuildInfo, CONTENT_TYPE, FdbMetrics, MetricsConfig, MetricsExporter, MetricsSnapshot, NicQueueMetrics, PortMetrics,
-    QueueMetrics, VhostMetrics, WorkerMetrics,
+    QueueMetrics, RxFilterMetrics, VhostMetrics, WorkerMetrics,
 };
 use vmq_control::protocol::{OffloadCounters, PortCounters};
 
@@ -37,9 +37,12 @@ fn snapshot(scrape: u64) -> MetricsSnapshot {
             fdb_moves: base + 14,
             fdb_limit: base + 15,
             mac_change_refused: base + 16,
+            promiscuous_refused: base + 17,
+            qmp_errors: base + 18,
         },
         up,
         queue_assigned: queue,
+        rx_filter: queue.then_some(RxFilterMetrics { promiscuous: true, multicast_entries: base + 19 }),
     };
     MetricsSnapshot {
         ports: vec![port("vm1", 1000 * scrape, true, true), port("up0", 100_000 + scrape, false, false)],
@@ -195,10 +198,16 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
             ("vmq_fdb_moves_total", c.fdb_moves),
             ("vmq_fdb_limit_total", c.fdb_limit),
             ("vmq_port_mac_change_refused_total", c.mac_change_refused),
+            ("vmq_port_promiscuous_refused_total", c.promiscuous_refused),
+            ("vmq_port_qmp_errors_total", c.qmp_errors),
             ("vmq_queue_assigned", u64::from(p.queue_assigned)),
             ("vmq_port_up", u64::from(p.up)),
         ] {
             wanted.insert(key(name, &port), value as f64);
+        }
+        if let Some(f) = &p.rx_filter {
+            wanted.insert(key("vmq_port_guest_promiscuous", &port), f64::from(u8::from(f.promiscuous)));
+            wanted.insert(key("vmq_port_guest_multicast_entries", &port), f.multicast_entries as f64);
         }
         for (reason, count) in &c.drops {
             wanted.insert(key("vmq_port_drops_total", &[("port", &c.port), ("reason", reason)]), *count as f64);
@@ -229,7 +238,7 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
         let counter = name.ends_with("_total");
         assert_eq!(kind, if counter { "counter" } else { "gauge" }, "{name}");
     }
-    assert_eq!(types.len(), 29);
+    assert_eq!(types.len(), 33);
 
     // The callback runs per scrape: the next scrape has the next snapshot's values.
     let (_, samples) = parse_exposition(&get(exporter.local_addr(), "/metrics?ignored=1").body);

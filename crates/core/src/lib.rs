@@ -5,6 +5,7 @@
 pub mod fdb;
 pub mod guest;
 pub mod port;
+pub mod rxfilter;
 pub mod stats;
 pub mod switch;
 pub mod vmq;

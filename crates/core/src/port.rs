@@ -156,11 +156,14 @@ impl Mode {
     }
 }
 
-/// What a guest may change on its port. Off by default: a guest sends only from the MAC the
+/// What a guest may change on its port (its MAC, promiscuous mode). Off by default: a guest sends only from the MAC the
 /// operator gave it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct GuestPolicy {
     /// The guest may move its port to another unicast MAC; the static FDB entry and the VM
     /// queue filter follow it.
     pub allow_mac_change: bool,
+    /// The guest may switch its port to promiscuous (or all-unicast) mode: it then also gets
+    /// the unknown unicast the switch floods. Refused, it is counted (`promiscuous_refused`).
+    pub allow_promiscuous: bool,
 }

@@ -42,6 +42,8 @@ pub struct PortInfo {
     pub stats: PortStatsSnapshot,
     /// vhost-user ports: the connection to the VM.
     pub vhost: Option<VhostLink>,
+    /// VM ports: the guest's receive filter vmq applies (None: none relayed).
+    pub rx_filter: Option<vmq_core::rxfilter::RxFilter>,
 }
 
 /// A vhost-user port's connection to its VM.
@@ -198,6 +200,7 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
                 connected: s.connected(),
                 connections: s.connections(),
             }),
+            rx_filter: rec.rx_filter.as_deref().cloned(),
         });
     }
     out

@@ -32,6 +32,8 @@ pub(crate) struct PortRecord {
     pub control: Option<Box<dyn PortControl>>,
     pub removed: Arc<AtomicBool>,
     pub vhost: Option<Arc<vmq_vhost::server::ConnectionStatus>>,
+    /// The guest's receive filter as last relayed and reviewed (None: not relayed, no filter).
+    pub rx_filter: Option<Arc<vmq_core::rxfilter::RxFilter>>,
     _keepalive: Option<Box<dyn Any + Send>>,
 }
 
@@ -103,6 +105,7 @@ impl ControlState {
                     stats: r.stats.clone(),
                     sink: r.sink.clone(),
                     uplink: self.uplink_of(id),
+                    rx_filter: r.rx_filter.clone(),
                 })
             }));
         }
@@ -218,6 +221,7 @@ impl ControlState {
             control: att.control,
             removed,
             vhost: att.vhost,
+            rx_filter: None,
             _keepalive: att.keepalive,
         };
         let slot = id.0 as usize;

@@ -206,6 +206,10 @@ pub struct GuestConfig {
     /// Appended to the kernel command line (e.g. `vmq.mtu=9000` sets eth0's MTU at boot).
     pub kernel_arg: Option<String>,
     pub boot_timeout: Duration,
+    /// A QMP socket QEMU listens on (`-qmp unix:PATH,server=on,wait=off`) and the id its NIC
+    /// gets there (`-device virtio-net-pci,id=...`), for a switch that follows the guest's
+    /// receive filter.
+    pub qmp: Option<(PathBuf, String)>,
 }
 
 impl GuestConfig {
@@ -220,7 +224,15 @@ impl GuestConfig {
             memory_mib: 256,
             kernel_arg: None,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            qmp: None,
         }
+    }
+
+    /// QEMU serves QMP on `socket` (it listens, without waiting for a client); the NIC's id
+    /// there is `nic_id` (it must differ from the netdev's, `net0`).
+    pub fn qmp(mut self, socket: impl Into<PathBuf>, nic_id: impl Into<String>) -> GuestConfig {
+        self.qmp = Some((socket.into(), nic_id.into()));
+        self
     }
 
     pub fn ipv4(mut self, addr: Ipv4Addr, prefix: u8) -> GuestConfig {
@@ -271,6 +283,13 @@ impl GuestConfig {
         if !(64..=16384).contains(&self.memory_mib) {
             return Err(GuestError::Config(format!("{} MiB of guest memory is outside 64..=16384", self.memory_mib)));
         }
+        if let Some((socket, id)) = &self.qmp {
+            let id_ok =
+                !id.is_empty() && id != "net0" && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !id_ok || socket.to_string_lossy().contains(',') {
+                return Err(GuestError::Config(format!("QMP socket {} / NIC id {id:?} unusable", socket.display())));
+            }
+        }
         if self.kernel_arg.as_deref().is_some_and(|a| a.contains(['\n', '"'])) {
             return Err(GuestError::Config("kernel argument with a newline or a quote".into()));
         }
@@ -289,6 +308,9 @@ impl GuestConfig {
         let mut device = format!("virtio-net-pci,netdev=net0,mac={},vectors=0", self.mac);
         if let Some(mtu) = self.host_mtu {
             let _ = write!(device, ",host_mtu={mtu}");
+        }
+        if let Some((_, id)) = &self.qmp {
+            let _ = write!(device, ",id={id}");
         }
         let mib = self.memory_mib;
         let args: Vec<String> = vec![
@@ -326,6 +348,12 @@ impl GuestConfig {
             append,
         ];
         let mut args: Vec<OsString> = args.into_iter().map(OsString::from).collect();
+        if let Some((socket, _)) = &self.qmp {
+            let mut qmp = OsString::from("unix:");
+            qmp.push(socket);
+            qmp.push(",server=on,wait=off");
+            args.extend(["-qmp".into(), qmp]);
+        }
         args.extend(["-kernel".into(), image.kernel.clone().into_os_string()]);
         args.extend(["-initrd".into(), image.initrd.clone().into_os_string()]);
         args

@@ -147,6 +147,19 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps, vho
             connected: v.connected,
             connections: v.connections,
         }),
+        rx_filter: None,
+    }
+}
+
+/// A port's applied guest receive filter in protocol form.
+pub fn rx_filter_view(f: &vmq_core::rxfilter::RxFilter) -> vmq_control::protocol::RxFilterView {
+    vmq_control::protocol::RxFilterView {
+        promiscuous: f.promiscuous,
+        promiscuous_refused: f.promiscuous_refused,
+        multicast: f.multicast.name().to_string(),
+        multicast_entries: f.multicast_entries() as u32,
+        unicast_entries: f.unicast_table.len() as u32,
+        vlans: f.vlans.clone(),
     }
 }
 
@@ -171,6 +184,8 @@ pub fn port_counters(name: &str, s: &PortStatsSnapshot) -> PortCounters {
         fdb_moves: s.fdb_moves,
         fdb_limit: s.fdb_limit,
         mac_change_refused: s.mac_change_refused,
+        promiscuous_refused: s.promiscuous_refused,
+        qmp_errors: s.qmp_errors,
     }
 }
 

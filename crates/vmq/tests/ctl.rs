@@ -62,6 +62,7 @@ fn port(name: &str, kind: PortKind) -> PortInfo {
             connected: false,
             connections: 2,
         }),
+        rx_filter: None,
     }
 }
 
@@ -83,6 +84,8 @@ fn stats_at(n: u64) -> StatsReport {
         fdb_moves: 0,
         fdb_limit: 0,
         mac_change_refused: 0,
+        promiscuous_refused: 0,
+        qmp_errors: 0,
     };
     let vm2 =
         PortCounters { port: "vm2".into(), drops: [("oversize".to_string(), 0)].into(), ..PortCounters::default() };
