@@ -262,6 +262,11 @@ impl QmpSession {
         }
     }
 
+    /// Bytes of an unfinished message from QEMU held now.
+    pub fn pending(&self) -> usize {
+        self.decoder.pending()
+    }
+
     pub fn device(&self) -> &str {
         &self.device
     }

@@ -10,6 +10,7 @@
 pub mod config_file;
 pub mod control;
 pub mod offload;
+pub mod qmp;
 pub mod ring;
 pub mod rx;
 pub mod seeds;
@@ -19,6 +20,7 @@ pub mod vhost;
 pub use config_file::config_file;
 pub use control::control_line;
 pub use offload::vnet_offload;
+pub use qmp::qmp_session;
 pub use ring::split_ring;
 pub use rx::rx_writer;
 pub use tx::tx_assembly;
