@@ -293,7 +293,7 @@ fn shutdown_is_prompt_and_releases_the_port() {
     let mut names: Vec<&str> = samples.keys().map(|(name, _)| name.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["vmq_build_info", "vmq_fdb_capacity", "vmq_fdb_entries", "vmq_vm_queue_budget"]);
-    assert_eq!(types.len(), 29, "families are described even with no ports");
+    assert_eq!(types.len(), 33, "families are described even with no ports");
 }
 
 /// Metric names (`vmq_...`) in a text: PromQL expressions, dashboard JSON, alert rules.
