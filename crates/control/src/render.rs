@@ -164,6 +164,19 @@ fn attachment(p: &PortInfo) -> String {
     if p.allow_mac_spoofing {
         parts.push("mac-spoofing allowed".to_string());
     }
+    if let Some(f) = &p.rx_filter {
+        let promiscuous = match (f.promiscuous, f.promiscuous_refused) {
+            (true, _) => "promiscuous",
+            (false, true) => "promiscuous refused",
+            (false, false) => "filtering",
+        };
+        let mut text = format!("guest filter: {promiscuous}, multicast {} ({})", f.multicast, f.multicast_entries);
+        if let Some(v) = &f.vlans {
+            let ids: Vec<String> = v.iter().map(u16::to_string).collect();
+            let _ = write!(text, ", vlans [{}]", ids.join(","));
+        }
+        parts.push(text);
+    }
     if parts.is_empty() { "-".to_string() } else { parts.join(", ") }
 }
 
