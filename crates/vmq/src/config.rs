@@ -97,6 +97,12 @@ struct RawPort {
     allow_mac_change: Option<Spanned<bool>>,
     offloads: Option<bool>,
     uplink: Option<Spanned<String>>,
+    /// Uplinks: "af_packet" (default), "af_xdp" or "auto".
+    driver: Option<Spanned<String>>,
+    /// AF_XDP uplinks: "native" (default) or "generic".
+    xdp_mode: Option<Spanned<String>>,
+    /// AF_XDP uplinks: "auto" (default), "on" or "off".
+    zero_copy: Option<Spanned<String>>,
 }
 
 /// `[vhost]`, and the same keys on a vhost-user `[[port]]` (which override `[vhost]`'s).
@@ -369,8 +375,8 @@ pub fn conflict(a: &PortConfig, b: &PortConfig) -> Option<Conflict> {
             return Some(Conflict::Socket(x.clone()));
         }
         (
-            PortBackend::Tap { ifname: x, netns: nx, .. } | PortBackend::Uplink { ifname: x, netns: nx },
-            PortBackend::Tap { ifname: y, netns: ny, .. } | PortBackend::Uplink { ifname: y, netns: ny },
+            PortBackend::Tap { ifname: x, netns: nx, .. } | PortBackend::Uplink { ifname: x, netns: nx, .. },
+            PortBackend::Tap { ifname: y, netns: ny, .. } | PortBackend::Uplink { ifname: y, netns: ny, .. },
         ) if x == y && nx == ny => return Some(Conflict::Ifname(x.clone())),
         _ => {}
     }
@@ -550,7 +556,27 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
             if p.socket.is_some() {
                 return Err(refuses("socket"));
             }
-            PortBackend::Uplink { ifname, netns: netns(&p.netns)? }
+            let choice = |v: &Option<Spanned<String>>, key: &str, names: &[&str]| -> Result<usize, ConfigError> {
+                let Some(v) = v else { return Ok(0) };
+                names.iter().position(|n| n == v.get_ref()).ok_or_else(|| {
+                    let list = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+                    loc.at(v, format!("port {name:?}: {key} must be one of {list}, not {:?}", v.get_ref()))
+                })
+            };
+            use vmq_core::{UplinkDriverKind as K, XdpAttachMode as X, ZeroCopyMode as Z};
+            let kind = [K::AfPacket, K::AfXdp, K::Auto][choice(&p.driver, "driver", &["af_packet", "af_xdp", "auto"])?];
+            let xdp_mode = [X::Native, X::Generic][choice(&p.xdp_mode, "xdp_mode", &["native", "generic"])?];
+            let zero_copy = [Z::Auto, Z::On, Z::Off][choice(&p.zero_copy, "zero_copy", &["auto", "on", "off"])?];
+            if kind == K::AfPacket
+                && let Some(v) = p.xdp_mode.as_ref().or(p.zero_copy.as_ref())
+            {
+                return Err(loc.at(
+                    v,
+                    format!("port {name:?}: xdp_mode and zero_copy apply to driver = \"af_xdp\" or \"auto\" only"),
+                ));
+            }
+            let driver = vmq_core::UplinkDriver { kind, xdp_mode, zero_copy };
+            PortBackend::Uplink { ifname, netns: netns(&p.netns)?, driver }
         }
         PortKind::Mem => PortBackend::Mem,
     };
@@ -568,6 +594,9 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
     }
     if kind != PortKind::Tap && p.create_netns.is_some() {
         return Err(refuses("create_netns"));
+    }
+    if kind != PortKind::Uplink && (p.driver.is_some() || p.xdp_mode.is_some() || p.zero_copy.is_some()) {
+        return Err(refuses("driver/xdp_mode/zero_copy"));
     }
     if !kind.is_vm() && p.uplink.is_some() {
         return Err(refuses("uplink"));
