@@ -792,6 +792,38 @@ trunk = [20, 10, 10]
     }
 
     #[test]
+    fn uplink_driver_keys_parse_and_bad_values_are_clear_errors() {
+        use vmq_core::{UplinkDriver, UplinkDriverKind, XdpAttachMode, ZeroCopyMode};
+        let up = |extra: &str| format!("[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth0\"\n{extra}");
+        let driver = |text: &str| match &parse(text, "t").unwrap().ports[0].backend {
+            PortBackend::Uplink { driver, .. } => *driver,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(driver(&up("")), UplinkDriver::default());
+        assert_eq!(driver(&up("")).kind, UplinkDriverKind::AfPacket);
+        let d = driver(&up("driver = \"af_xdp\"\nxdp_mode = \"generic\"\nzero_copy = \"off\"\n"));
+        assert_eq!(
+            d,
+            UplinkDriver {
+                kind: UplinkDriverKind::AfXdp,
+                xdp_mode: XdpAttachMode::Generic,
+                zero_copy: ZeroCopyMode::Off
+            }
+        );
+        assert_eq!(driver(&up("driver = \"auto\"\n")).kind, UplinkDriverKind::Auto);
+        let (line, _, message) = err(&up("driver = \"dpdk\"\n"));
+        assert_eq!(line, 5);
+        assert!(message.contains("\"af_packet\", \"af_xdp\", \"auto\"") && message.contains("dpdk"), "{message}");
+        let (_, _, message) = err(&up("driver = \"af_xdp\"\nzero_copy = \"maybe\"\n"));
+        assert!(message.contains("zero_copy"), "{message}");
+        let (line, _, message) = err(&up("xdp_mode = \"native\"\n"));
+        assert_eq!(line, 5);
+        assert!(message.contains("af_xdp"), "{message}");
+        let (_, _, message) = err("[[port]]\nname = \"t\"\nkind = \"tap\"\ndriver = \"af_xdp\"\n");
+        assert!(message.contains("driver"), "{message}");
+    }
+
+    #[test]
     fn unknown_key_has_line_and_column() {
         let (line, column, message) = err("[switch]\nmode = \"vmq\"\nworkerz = 2\n");
         assert_eq!((line, column), (3, 1));

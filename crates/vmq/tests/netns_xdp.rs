@@ -165,3 +165,101 @@ fn auto_picks_af_xdp_where_it_works() {
     assert!(x.ext.ping(&a.ip, 3, &[]));
     let _ = MIB;
 }
+
+/// VLANs through the AF_XDP uplink (a trunk of 10 and 20): tagged frames the external host
+/// sends reach the TAP of their VLAN and never one of the other, whether they hit a VM queue's
+/// map entry (MAC + VLAN) or fall through to the default queue and the switch.
+fn vlans(xdp_mode: &str, tag: &str) {
+    if !can_run() {
+        return;
+    }
+    let p = unique(tag);
+    let a = TapHost::new(&p, "a", 1);
+    let c = TapHost::new(&p, "c", 3);
+    let x = External::new(&p);
+    let vmq = Vmq::start(
+        &p,
+        &[
+            switch_section("vmq"),
+            x.port("up0", xdp_mode, "trunk = [10, 20]"),
+            a.port("a", "vlan = 10"),
+            c.port("c", "vlan = 20"),
+        ]
+        .concat(),
+    );
+    let (a0, c0) = (vmq.stats("a"), vmq.stats("c"));
+    let tagged = |dst: &str, vid: u8| ethernet(dst, &x.mac, 0x8100, &[0x00, vid, 0x88, 0xb5, 1, 2, 3, 4]);
+    // To a on its VLAN (its VM queue), to a on VLAN 20 (wrong VLAN), to c on VLAN 20.
+    let mut frames = vec![tagged(&a.mac, 10); 5];
+    frames.extend(vec![tagged(&a.mac, 20); 4]);
+    frames.extend(vec![tagged(&c.mac, 20); 3]);
+    inject(&x.ext, &x.ext_if, &frames);
+    // c gets its 3 and the 4 to a's MAC on VLAN 20: unknown there, so flooded in VLAN 20.
+    let c1 = vmq.wait_stats("c", |s| s.tx_packets >= c0.tx_packets + 7);
+    let a1 = vmq.wait_stats("a", |s| s.tx_packets >= a0.tx_packets + 5);
+    let up = vmq.wait_stats("up0", |s| s.rx_packets >= 12);
+    assert_eq!(a1.tx_packets, a0.tx_packets + 5, "a got a frame of VLAN 20: {a1:?} {up:?}");
+    assert_eq!(c1.tx_packets, c0.tx_packets + 7, "{c1:?}");
+    // a's VLAN 10 frames matched its map entry: they came through a's own socket.
+    let queues = vmq.queues();
+    let vm_queue = queues.nic_queues.iter().find(|q| q.uplink == "up0" && q.port.as_deref() == Some("a"));
+    assert!(vm_queue.is_some_and(|q| q.rx_packets == 5), "{queues:?}");
+}
+#[test]
+fn af_xdp_vlans_stay_apart_native() {
+    vlans("native", "xv");
+}
+
+#[test]
+fn af_xdp_vlans_stay_apart_generic() {
+    vlans("generic", "xw");
+}
+
+/// Frames read from the uplink's queue that port `port` holds (None: the default queue).
+fn queue_frames(vmq: &Vmq, port: Option<&str>) -> u64 {
+    let q = vmq.queues();
+    q.nic_queues
+        .iter()
+        .filter(|n| n.uplink == "up0" && if port.is_some() { n.port.as_deref() == port } else { n.queue == 0 })
+        .map(|n| n.rx_packets)
+        .sum()
+}
+
+/// VM queues move at run time (`vmq ctl set queues`): the XDP program's map follows, so b's
+/// frames come through the default socket while b has no queue and through b's socket once it
+/// has one again.
+#[test]
+fn af_xdp_map_follows_run_time_queue_moves() {
+    if !can_run() {
+        return;
+    }
+    let p = unique("xm");
+    let a = TapHost::new(&p, "a", 1);
+    let b = TapHost::new(&p, "b", 2);
+    let x = External::new(&p);
+    let section = "[switch]\nmode = \"vmq\"\nworkers = 2\n\n[vmq]\nqueues = 2\npolicy = \"static\"\n\n";
+    let vmq =
+        Vmq::start(&p, &[section.to_string(), x.port("up0", "native", ""), a.port("a", ""), b.port("b", "")].concat());
+    a.address();
+    b.address();
+    x.knows(&b);
+    let ping_b = |what: &str| assert!(x.ext.ping(&b.ip, 5, &["-i", "0.2"]), "{what}");
+
+    ping_b("b with its queue");
+    assert!(queue_frames(&vmq, Some("b")) >= 5, "{:?}", vmq.queues());
+
+    vmq.ctl(&["set", "queues", "1"]);
+    let held = vmq.queues().assigned.iter().any(|q| q.port == "b");
+    assert!(!held, "b still holds a queue: {:?}", vmq.queues());
+    let default0 = queue_frames(&vmq, None);
+    ping_b("b through the default queue");
+    assert!(queue_frames(&vmq, None) >= default0 + 5, "b's frames did not move to the default socket");
+
+    vmq.ctl(&["set", "queues", "2"]);
+    let held = wait_until(WAIT, || vmq.queues().assigned.iter().any(|q| q.port == "b"));
+    assert!(held, "b got no queue back: {:?}", vmq.queues());
+    let (default1, own1) = (queue_frames(&vmq, None), queue_frames(&vmq, Some("b")));
+    ping_b("b with its queue again");
+    assert!(queue_frames(&vmq, Some("b")) >= own1 + 5, "{:?}", vmq.queues());
+    assert!(queue_frames(&vmq, None) <= default1 + 1, "b's frames still reach the default socket");
+}
