@@ -163,7 +163,6 @@ fn auto_picks_af_xdp_where_it_works() {
     assert!(vmq.log().contains("uplink driver: af_xdp"), "{}", vmq.log());
     a.address();
     assert!(x.ext.ping(&a.ip, 3, &[]));
-    let _ = MIB;
 }
 
 /// VLANs through the AF_XDP uplink (a trunk of 10 and 20): tagged frames the external host
