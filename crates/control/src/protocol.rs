@@ -296,6 +296,10 @@ pub struct PortInfo {
     /// versions before client mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost: Option<VhostInfo>,
+    /// Uplinks configured with `driver = "af_xdp"` or `"auto"`: the driver in use (`af_xdp`,
+    /// `af_packet`); absent for plain AF_PACKET uplinks and other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
 }
 
 /// Which side of a vhost-user socket listens.

@@ -49,6 +49,7 @@ fn port_info(name: &str) -> PortInfo {
         ifname: None,
         netns: None,
         vhost: None,
+        driver: None,
     }
 }
 

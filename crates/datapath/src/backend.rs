@@ -90,6 +90,7 @@ impl Backends for DefaultBackends {
                 if driver.kind != UplinkDriverKind::AfPacket {
                     match crate::afxdp_backend::attach(&port, ifname, netns.as_deref(), vm_queues, config, *driver) {
                         Ok(mut att) => {
+                            att.uplink_driver = Some("af_xdp");
                             att.control =
                                 Some(Box::new(UplinkControl { ifname: ifname.clone(), netns: netns.clone() }));
                             return Ok(att);
@@ -102,6 +103,7 @@ impl Backends for DefaultBackends {
                         }
                     }
                 }
+                let auto = driver.kind == UplinkDriverKind::Auto;
                 tracing::info!(port = %port, ifname = %ifname, "uplink driver: af_packet");
                 match Uplink::open(ifname, netns.as_deref(), vm_queues, offloads, RingConfig::default()) {
                     Ok(uplink) => {
@@ -112,6 +114,7 @@ impl Backends for DefaultBackends {
                         }
                         att.steering = Some(Box::new(uplink.steering));
                         att.control = Some(Box::new(UplinkControl { ifname: ifname.clone(), netns: netns.clone() }));
+                        att.uplink_driver = auto.then_some("af_packet");
                         Ok(att)
                     }
                     Err(vmq_sys::packet::PacketError::FanoutRefused { .. }) => {
@@ -125,6 +128,7 @@ impl Backends for DefaultBackends {
                         let mut att = Attachment::new(Box::new(sink), None);
                         att.nic_queues.push((QueueId::DEFAULT, Box::new(single)));
                         att.control = Some(Box::new(UplinkControl { ifname: ifname.clone(), netns: netns.clone() }));
+                        att.uplink_driver = auto.then_some("af_packet");
                         Ok(att)
                     }
                     Err(e) => Err(err(e)),

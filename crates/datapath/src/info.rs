@@ -42,6 +42,8 @@ pub struct PortInfo {
     pub stats: PortStatsSnapshot,
     /// vhost-user ports: the connection to the VM.
     pub vhost: Option<VhostLink>,
+    /// Uplinks configured with `driver = "af_xdp"` or `"auto"`: the driver in use.
+    pub uplink_driver: Option<&'static str>,
 }
 
 /// A vhost-user port's connection to its VM.
@@ -198,6 +200,7 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
                 connected: s.connected(),
                 connections: s.connections(),
             }),
+            uplink_driver: rec.uplink_driver,
         });
     }
     out

@@ -32,6 +32,8 @@ pub(crate) struct PortRecord {
     pub control: Option<Box<dyn PortControl>>,
     pub removed: Arc<AtomicBool>,
     pub vhost: Option<Arc<vmq_vhost::server::ConnectionStatus>>,
+    /// See [`crate::Attachment::uplink_driver`].
+    pub uplink_driver: Option<&'static str>,
     _keepalive: Option<Box<dyn Any + Send>>,
 }
 
@@ -218,6 +220,7 @@ impl ControlState {
             control: att.control,
             removed,
             vhost: att.vhost,
+            uplink_driver: att.uplink_driver,
             _keepalive: att.keepalive,
         };
         let slot = id.0 as usize;

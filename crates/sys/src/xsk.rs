@@ -36,7 +36,8 @@ pub const MAX_FRAME_LEN: usize = (FRAME_SIZE - RX_HEADROOM - 320) as usize;
 const XDP_SHARED_UMEM: u16 = 1 << 0;
 const XDP_COPY: u16 = 1 << 1;
 const XDP_ZEROCOPY: u16 = 1 << 2;
-const XDP_RING_NEED_WAKEUP: u32 = 1;
+/// Most `sendto` kicks per flush (each sends up to the kernel's copy-mode budget of 32).
+const MAX_KICKS: usize = 64;
 
 /// How the socket moves frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,13 +87,13 @@ pub enum XskTxError {
     Corrupt(#[from] RingCorrupt),
 }
 
-/// One mmap'd ring: producer, consumer, flags words and the entries.
+/// One mmap'd ring: producer and consumer words and the entries (the flags word is unused:
+/// vmq binds without XDP_USE_NEED_WAKEUP and kicks on every transmit).
 struct Ring {
     map: *mut u8,
     map_len: usize,
     producer: *const AtomicU32,
     consumer: *const AtomicU32,
-    flags: *const AtomicU32,
     entries: *mut u8,
     size: u32,
     entry_size: usize,
@@ -135,7 +136,6 @@ impl Ring {
                 map_len,
                 producer: map.add(off.producer as usize).cast(),
                 consumer: map.add(off.consumer as usize).cast(),
-                flags: map.add(off.flags as usize).cast(),
                 entries: map.add(off.desc as usize),
                 size,
                 entry_size,
@@ -151,11 +151,6 @@ impl Ring {
     fn consumer(&self) -> &AtomicU32 {
         // SAFETY: points into the live mapping (see `map`).
         unsafe { &*self.consumer }
-    }
-
-    fn needs_wakeup(&self) -> bool {
-        // SAFETY: points into the live mapping (see `map`).
-        unsafe { &*self.flags }.load(Ordering::Relaxed) & XDP_RING_NEED_WAKEUP != 0
     }
 
     /// Entries ready for this consumer (the kernel produces).
@@ -586,19 +581,41 @@ impl XskTx {
         Ok(())
     }
 
-    /// Submits the queued frames and wakes the kernel to send them (copy mode sends in the
-    /// `sendto` itself); takes back completed chunks.
+    /// Submits the queued frames and wakes the kernel to send them; takes back completed chunks.
+    /// Copy mode transmits in the `sendto` itself, at most a small budget (32) of descriptors
+    /// per call: the kick repeats while descriptors are left, since nothing else would send
+    /// them (a TCP peer waiting for the ACKs among them would stall).
     pub fn flush(&mut self) {
         if self.pending > 0 {
             self.ring.submit(self.pending);
             self.pending = 0;
-            // Copy mode needs the kick every time; zero-copy drivers say so with the flag.
-            let _ = self.ring.needs_wakeup();
+        }
+        for _ in 0..MAX_KICKS {
+            if self.outstanding() == 0 {
+                break;
+            }
             // SAFETY: sendto with no buffer and no address, the documented AF_XDP kick.
-            unsafe { libc::sendto(self.fd.as_raw_fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT, std::ptr::null(), 0) };
+            let r = unsafe {
+                libc::sendto(self.fd.as_raw_fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT, std::ptr::null(), 0)
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error().raw_os_error();
+                // EAGAIN: budget used, more to send; EBUSY/ENOBUFS: the device is full, the next
+                // flush tries again.
+                if e != Some(libc::EAGAIN) {
+                    break;
+                }
+            }
         }
         let mut s = self.umem.lock();
         self.complete(&mut s);
+    }
+
+    /// Descriptors submitted that the kernel has not taken yet.
+    fn outstanding(&self) -> u32 {
+        let prod = self.ring.producer().load(Ordering::Relaxed);
+        let cons = self.ring.consumer().load(Ordering::Acquire);
+        prod.wrapping_sub(cons).min(self.ring.size)
     }
 
     /// Descriptors or ring indices that made no sense so far.

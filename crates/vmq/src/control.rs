@@ -147,6 +147,7 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps, vho
             connected: v.connected,
             connections: v.connections,
         }),
+        driver: None,
     }
 }
 

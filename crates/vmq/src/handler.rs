@@ -343,7 +343,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn info(p: &PortInfo) -> vmq_control::protocol::PortInfo {
-    port_info(&p.config, if p.up { PortState::Up } else { PortState::Down }, p.caps, p.vhost)
+    let mut info = port_info(&p.config, if p.up { PortState::Up } else { PortState::Down }, p.caps, p.vhost);
+    info.driver = p.uplink_driver.map(str::to_string);
+    info
 }
 
 fn no_such_port(name: &str) -> ControlError {

@@ -86,6 +86,8 @@ fn connectivity(mode: &str, xdp_mode: &str, tag: &str) {
     let vmq =
         Vmq::start(&p, &[switch_section(mode), x.port("up0", xdp_mode, ""), a.port("a", ""), b.port("b", "")].concat());
     assert!(vmq.log().contains("uplink driver: af_xdp"), "{}", vmq.log());
+    let (_, ports, _) = vmq.ctl_raw(&["ports"]);
+    assert!(ports.contains(r#""driver":"af_xdp""#), "{ports}");
     a.address();
     b.address();
 
@@ -145,6 +147,8 @@ fn af_xdp_refuses_jumbo_mtu_and_auto_falls_back() {
     let auto = uplink_port("up0", &x.up_if, &x.sw, "driver = \"auto\"\nmtu = 9000");
     let vmq = Vmq::start(&p, &[switch_section("vmq"), auto, a.port("a", "mtu = 9000")].concat());
     assert!(vmq.log().contains("uplink driver: af_packet"), "{}", vmq.log());
+    let (_, ports, _) = vmq.ctl_raw(&["ports"]);
+    assert!(ports.contains(r#""driver":"af_packet""#), "{ports}");
     a.address();
     assert!(x.ext.ping(&a.ip, 3, &["-M", "do", "-s", "8972"]), "jumbo through the AF_PACKET fallback");
 }
