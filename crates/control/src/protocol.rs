@@ -299,6 +299,10 @@ pub struct PortInfo {
     /// VM ports whose guest's receive filter is relayed (QMP): the filter vmq applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_filter: Option<RxFilterView>,
+    /// Uplinks configured with `driver = "af_xdp"` or `"auto"`: the driver in use (`af_xdp`,
+    /// `af_packet`); absent for plain AF_PACKET uplinks and other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
 }
 
 /// A VM port's guest receive filter as vmq applies it (the guest's request narrowed by policy).

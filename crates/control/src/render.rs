@@ -158,6 +158,9 @@ fn attachment(p: &PortInfo) -> String {
     if let Some(n) = &p.netns {
         parts.push(format!("netns {n}"));
     }
+    if let Some(d) = &p.driver {
+        parts.push(format!("driver {d}"));
+    }
     if let Some(u) = &p.uplink {
         parts.push(format!("uplink {u}"));
     }

@@ -50,6 +50,7 @@ fn port_info(name: &str) -> PortInfo {
         netns: None,
         vhost: None,
         rx_filter: None,
+        driver: None,
     }
 }
 

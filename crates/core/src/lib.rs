@@ -14,4 +14,5 @@ pub use port::GuestPolicy;
 pub use port::{
     Mode, OffloadCaps, PortBackend, PortConfig, PortId, PortKind, PortSpec, SocketPolicy, VhostMode, VlanMode,
 };
+pub use port::{UplinkDriver, UplinkDriverKind, XdpAttachMode, ZeroCopyMode};
 pub use stats::{DropReason, PortStats};

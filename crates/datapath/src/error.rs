@@ -67,4 +67,6 @@ pub enum BackendError {
     Packet(#[source] PacketError),
     #[error("{0}")]
     Link(#[source] LinkError),
+    #[error("AF_XDP uplink: {0}")]
+    AfXdp(#[source] crate::afxdp::AfXdpError),
 }

@@ -44,6 +44,8 @@ pub struct PortInfo {
     pub vhost: Option<VhostLink>,
     /// VM ports: the guest's receive filter vmq applies (None: none relayed).
     pub rx_filter: Option<vmq_core::rxfilter::RxFilter>,
+    /// Uplinks configured with `driver = "af_xdp"` or `"auto"`: the driver in use.
+    pub uplink_driver: Option<&'static str>,
 }
 
 /// A vhost-user port's connection to its VM.
@@ -201,6 +203,7 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
                 connections: s.connections(),
             }),
             rx_filter: rec.rx_filter.as_deref().cloned(),
+            uplink_driver: rec.uplink_driver,
         });
     }
     out

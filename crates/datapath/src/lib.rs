@@ -11,6 +11,8 @@
 //! queues and re-places work on workers by load.
 #![forbid(unsafe_code)]
 
+pub mod afxdp;
+mod afxdp_backend;
 mod attach;
 mod backend;
 mod builder;

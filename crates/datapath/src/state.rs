@@ -34,6 +34,8 @@ pub(crate) struct PortRecord {
     pub vhost: Option<Arc<vmq_vhost::server::ConnectionStatus>>,
     /// The guest's receive filter as last relayed and reviewed (None: not relayed, no filter).
     pub rx_filter: Option<Arc<vmq_core::rxfilter::RxFilter>>,
+    /// See [`crate::Attachment::uplink_driver`].
+    pub uplink_driver: Option<&'static str>,
     _keepalive: Option<Box<dyn Any + Send>>,
 }
 
@@ -222,6 +224,7 @@ impl ControlState {
             removed,
             vhost: att.vhost,
             rx_filter: None,
+            uplink_driver: att.uplink_driver,
             _keepalive: att.keepalive,
         };
         let slot = id.0 as usize;

@@ -16,6 +16,7 @@ pub mod rx;
 pub mod seeds;
 pub mod tx;
 pub mod vhost;
+pub mod xsk;
 
 pub use config_file::config_file;
 pub use control::control_line;
@@ -25,6 +26,7 @@ pub use ring::split_ring;
 pub use rx::rx_writer;
 pub use tx::tx_assembly;
 pub use vhost::vhost_messages;
+pub use xsk::xsk_ring;
 
 /// Reads a fuzz input front to back; past the end everything reads as zero.
 pub struct Input<'a> {

@@ -333,6 +333,23 @@ pub fn qmp_session() -> Seeds {
     vec![("conversation", conversation), ("hostile", hostile)]
 }
 
+/// `xsk_ring` seeds: indices about to wrap with a descriptor at a chunk's end, and a kernel that
+/// runs more than a ring ahead with a descriptor across two chunks.
+pub fn xsk_ring() -> Seeds {
+    let step = |b: &mut crate::InputBuilder, kind: u8, index: u32, addr: u64, len: u32| {
+        b.u8(kind).u32(index).u64(addr).u32(len);
+    };
+    let mut wrap = crate::InputBuilder::default();
+    wrap.u8(3).u8(8).u32(u32::MAX - 2).u32(u32::MAX - 1);
+    step(&mut wrap, 0, 3, 0x100 + 0xf0, 0x10);
+    step(&mut wrap, 1, 0, 0x7ff, 1);
+    let mut ahead = crate::InputBuilder::default();
+    ahead.u8(2).u8(4).u32(0).u32(0);
+    step(&mut ahead, 0, 5, 0xf0, 0x20);
+    step(&mut ahead, 1, u32::MAX, 0x400, 0);
+    vec![("wrapping", wrap.bytes), ("kernel-ahead", ahead.bytes)]
+}
+
 /// A buffer address 0x100 below the region split, so that a 600-byte buffer straddles it.
 const REGION_SPLIT_SEED: u64 = crate::ring::REGION_SPLIT - 0x100;
 
@@ -350,5 +367,6 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("config_file", config_file()),
         ("vhost_messages", vhost_messages()),
         ("qmp_session", qmp_session()),
+        ("xsk_ring", xsk_ring()),
     ]
 }

@@ -10,6 +10,8 @@
 //! - [`socket`]: options std's sockets lack (the IPv4 don't-fragment bit);
 //! - [`steering`]: the classic-BPF program that steers uplink frames to VM queues (pure logic).
 //! - [`unix_socket`]: listening Unix sockets with a set owner, group and mode; peer credentials.
+//! - [`xsk`], [`xsk_ring`], [`xdp`]: AF_XDP uplink sockets (UMEM, rings), their ring index checks,
+//!   and the XDP steering program (assembled in Rust) with its maps and BPF link.
 //!
 //! Every file descriptor is non-blocking and exposes `AsRawFd`, for the workers' epoll.
 
@@ -23,6 +25,9 @@ pub mod socket;
 pub mod steering;
 pub mod tap;
 pub mod unix_socket;
+pub mod xdp;
+pub mod xsk;
+pub mod xsk_ring;
 
 pub use ifname::IfNameError;
 

@@ -103,6 +103,12 @@ struct RawPort {
     qmp_device: Option<Spanned<String>>,
     offloads: Option<bool>,
     uplink: Option<Spanned<String>>,
+    /// Uplinks: "af_packet" (default), "af_xdp" or "auto".
+    driver: Option<Spanned<String>>,
+    /// AF_XDP uplinks: "native" (default) or "generic".
+    xdp_mode: Option<Spanned<String>>,
+    /// AF_XDP uplinks: "auto" (default), "on" or "off".
+    zero_copy: Option<Spanned<String>>,
 }
 
 /// `[vhost]`, and the same keys on a vhost-user `[[port]]` (which override `[vhost]`'s).
@@ -392,8 +398,8 @@ pub fn conflict(a: &PortConfig, b: &PortConfig) -> Option<Conflict> {
             return Some(Conflict::Socket(x.clone()));
         }
         (
-            PortBackend::Tap { ifname: x, netns: nx, .. } | PortBackend::Uplink { ifname: x, netns: nx },
-            PortBackend::Tap { ifname: y, netns: ny, .. } | PortBackend::Uplink { ifname: y, netns: ny },
+            PortBackend::Tap { ifname: x, netns: nx, .. } | PortBackend::Uplink { ifname: x, netns: nx, .. },
+            PortBackend::Tap { ifname: y, netns: ny, .. } | PortBackend::Uplink { ifname: y, netns: ny, .. },
         ) if x == y && nx == ny => return Some(Conflict::Ifname(x.clone())),
         _ => {}
     }
@@ -573,7 +579,27 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
             if p.socket.is_some() {
                 return Err(refuses("socket"));
             }
-            PortBackend::Uplink { ifname, netns: netns(&p.netns)? }
+            let choice = |v: &Option<Spanned<String>>, key: &str, names: &[&str]| -> Result<usize, ConfigError> {
+                let Some(v) = v else { return Ok(0) };
+                names.iter().position(|n| n == v.get_ref()).ok_or_else(|| {
+                    let list = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+                    loc.at(v, format!("port {name:?}: {key} must be one of {list}, not {:?}", v.get_ref()))
+                })
+            };
+            use vmq_core::{UplinkDriverKind as K, XdpAttachMode as X, ZeroCopyMode as Z};
+            let kind = [K::AfPacket, K::AfXdp, K::Auto][choice(&p.driver, "driver", &["af_packet", "af_xdp", "auto"])?];
+            let xdp_mode = [X::Native, X::Generic][choice(&p.xdp_mode, "xdp_mode", &["native", "generic"])?];
+            let zero_copy = [Z::Auto, Z::On, Z::Off][choice(&p.zero_copy, "zero_copy", &["auto", "on", "off"])?];
+            if kind == K::AfPacket
+                && let Some(v) = p.xdp_mode.as_ref().or(p.zero_copy.as_ref())
+            {
+                return Err(loc.at(
+                    v,
+                    format!("port {name:?}: xdp_mode and zero_copy apply to driver = \"af_xdp\" or \"auto\" only"),
+                ));
+            }
+            let driver = vmq_core::UplinkDriver { kind, xdp_mode, zero_copy };
+            PortBackend::Uplink { ifname, netns: netns(&p.netns)?, driver }
         }
         PortKind::Mem => PortBackend::Mem,
     };
@@ -591,6 +617,9 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
     }
     if kind != PortKind::Tap && p.create_netns.is_some() {
         return Err(refuses("create_netns"));
+    }
+    if kind != PortKind::Uplink && (p.driver.is_some() || p.xdp_mode.is_some() || p.zero_copy.is_some()) {
+        return Err(refuses("driver/xdp_mode/zero_copy"));
     }
     if !kind.is_vm() && p.uplink.is_some() {
         return Err(refuses("uplink"));
@@ -831,6 +860,38 @@ trunk = [20, 10, 10]
             err("[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth0\"\nallow_mac_change = true\n");
         assert_eq!(line, 5);
         assert!(message.contains("VM ports"), "{message}");
+    }
+
+    #[test]
+    fn uplink_driver_keys_parse_and_bad_values_are_clear_errors() {
+        use vmq_core::{UplinkDriver, UplinkDriverKind, XdpAttachMode, ZeroCopyMode};
+        let up = |extra: &str| format!("[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth0\"\n{extra}");
+        let driver = |text: &str| match &parse(text, "t").unwrap().ports[0].backend {
+            PortBackend::Uplink { driver, .. } => *driver,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(driver(&up("")), UplinkDriver::default());
+        assert_eq!(driver(&up("")).kind, UplinkDriverKind::AfPacket);
+        let d = driver(&up("driver = \"af_xdp\"\nxdp_mode = \"generic\"\nzero_copy = \"off\"\n"));
+        assert_eq!(
+            d,
+            UplinkDriver {
+                kind: UplinkDriverKind::AfXdp,
+                xdp_mode: XdpAttachMode::Generic,
+                zero_copy: ZeroCopyMode::Off
+            }
+        );
+        assert_eq!(driver(&up("driver = \"auto\"\n")).kind, UplinkDriverKind::Auto);
+        let (line, _, message) = err(&up("driver = \"dpdk\"\n"));
+        assert_eq!(line, 5);
+        assert!(message.contains("\"af_packet\", \"af_xdp\", \"auto\"") && message.contains("dpdk"), "{message}");
+        let (_, _, message) = err(&up("driver = \"af_xdp\"\nzero_copy = \"maybe\"\n"));
+        assert!(message.contains("zero_copy"), "{message}");
+        let (line, _, message) = err(&up("xdp_mode = \"native\"\n"));
+        assert_eq!(line, 5);
+        assert!(message.contains("af_xdp"), "{message}");
+        let (_, _, message) = err("[[port]]\nname = \"t\"\nkind = \"tap\"\ndriver = \"af_xdp\"\n");
+        assert!(message.contains("driver"), "{message}");
     }
 
     #[test]

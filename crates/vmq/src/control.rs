@@ -118,7 +118,7 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps, vho
     let spec = &port.spec;
     let (socket, ifname, netns) = match &port.backend {
         PortBackend::VhostUser { socket, .. } => (Some(socket.display().to_string()), None, None),
-        PortBackend::Tap { ifname, netns, .. } | PortBackend::Uplink { ifname, netns } => {
+        PortBackend::Tap { ifname, netns, .. } | PortBackend::Uplink { ifname, netns, .. } => {
             (None, Some(ifname.clone()), netns.clone())
         }
         PortBackend::Mem => (None, None, None),
@@ -148,6 +148,7 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps, vho
             connections: v.connections,
         }),
         rx_filter: None,
+        driver: None,
     }
 }
 

@@ -350,6 +350,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn info(p: &PortInfo) -> vmq_control::protocol::PortInfo {
     let mut info = port_info(&p.config, if p.up { PortState::Up } else { PortState::Down }, p.caps, p.vhost);
     info.rx_filter = p.rx_filter.as_ref().map(crate::control::rx_filter_view);
+    info.driver = p.uplink_driver.map(str::to_string);
     info
 }
 

@@ -57,6 +57,7 @@ fn port(name: &str, kind: PortKind) -> PortInfo {
         socket: (kind == PortKind::VhostUser).then(|| format!("/run/vmq/{name}.sock")),
         ifname: (kind == PortKind::Uplink).then(|| "eth1".to_string()),
         netns: None,
+        driver: None,
         vhost: (kind == PortKind::VhostUser).then_some(VhostInfo {
             mode: VhostModeInfo::Client,
             connected: false,
