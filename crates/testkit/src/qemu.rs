@@ -206,6 +206,12 @@ pub struct GuestConfig {
     /// Appended to the kernel command line (e.g. `vmq.mtu=9000` sets eth0's MTU at boot).
     pub kernel_arg: Option<String>,
     pub boot_timeout: Duration,
+    /// A QMP socket QEMU listens on (`-qmp unix:PATH,server=on,wait=off`), for [`crate::qmp::Qmp`].
+    pub qmp: Option<PathBuf>,
+    /// Start paused, waiting for a live migration from this URI (`-incoming`, e.g.
+    /// `unix:/path`): the destination of a migration. The guest is then not booted here; see
+    /// [`Guest::migrated_in`].
+    pub incoming: Option<String>,
 }
 
 impl GuestConfig {
@@ -220,6 +226,8 @@ impl GuestConfig {
             memory_mib: 256,
             kernel_arg: None,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            qmp: None,
+            incoming: None,
         }
     }
 
@@ -250,6 +258,16 @@ impl GuestConfig {
 
     pub fn boot_timeout(mut self, timeout: Duration) -> GuestConfig {
         self.boot_timeout = timeout;
+        self
+    }
+
+    pub fn qmp(mut self, socket: impl Into<PathBuf>) -> GuestConfig {
+        self.qmp = Some(socket.into());
+        self
+    }
+
+    pub fn incoming(mut self, uri: impl Into<String>) -> GuestConfig {
+        self.incoming = Some(uri.into());
         self
     }
 
@@ -326,6 +344,15 @@ impl GuestConfig {
             append,
         ];
         let mut args: Vec<OsString> = args.into_iter().map(OsString::from).collect();
+        if let Some(qmp) = &self.qmp {
+            let mut arg = OsString::from("unix:");
+            arg.push(qmp);
+            arg.push(",server=on,wait=off");
+            args.extend(["-qmp".into(), arg]);
+        }
+        if let Some(uri) = &self.incoming {
+            args.extend(["-incoming".into(), uri.into()]);
+        }
         args.extend(["-kernel".into(), image.kernel.clone().into_os_string()]);
         args.extend(["-initrd".into(), image.initrd.clone().into_os_string()]);
         args
@@ -462,6 +489,14 @@ impl Guest {
         let mut guest = Guest::spawn(image, config)?;
         guest.wait_ready(timeout)?;
         Ok(guest)
+    }
+
+    /// Takes over the console of a guest that arrived here by live migration from `source`
+    /// (this QEMU was started with `-incoming`): commands run on this side from now on.
+    pub fn migrated_in(&mut self, source: &Guest) {
+        self.ready_line = source.ready_line.clone();
+        // Fresh marker numbers: nothing of the source's console output is on this one.
+        self.next_command = source.next_command + 1000;
     }
 
     /// Starts QEMU without waiting for the guest (for tests that expect QEMU to fail).

@@ -579,12 +579,16 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             if self.protocol_features_negotiated() {
                 ring.enabled = false;
             }
-            if ring.dirty_log.take().is_some() {
-                self.device.migration.count_migrated_out();
-            }
+            let had_log = ring.dirty_log.take().is_some();
             let base = if was_started { Self::published_used_index(&mut ring.queue, &self.device) } else { None };
-            base.unwrap_or_else(|| ring.queue.next_avail())
+            (base.unwrap_or_else(|| ring.queue.next_avail()), had_log)
         };
+        let (base, had_log) = base;
+        // The last ring stopped while logging: the VM was handed over (the source's final
+        // stop in a live migration).
+        if had_log && (0..NUM_QUEUES).all(|j| self.device.vring(j).dirty_log.is_none()) {
+            self.device.migration.count_migrated_out();
+        }
         self.update_running();
         Ok(VhostUserVringState::new(index, u32::from(base)))
     }
@@ -849,6 +853,8 @@ mod tests {
         // The final stop while logging counts as a migration out; the ring forgets the log.
         b.get_vring_base(0).unwrap();
         assert!(b.device().vring(0).dirty_log.is_none());
+        assert_eq!(b.device().migration.migrated_out(), 0, "one ring still runs");
+        b.get_vring_base(1).unwrap();
         assert_eq!(b.device().migration.migrated_out(), 1);
         b.disconnected();
         assert!(!b.device().migration.logging());

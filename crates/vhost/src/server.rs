@@ -315,11 +315,18 @@ pub struct ConnectionStatus {
     mode: VhostMode,
     connected: AtomicBool,
     connections: AtomicU64,
+    /// The port's device, for its live-migration state.
+    device: Arc<NetDevice>,
 }
 
 impl ConnectionStatus {
-    fn new(mode: VhostMode) -> ConnectionStatus {
-        ConnectionStatus { mode, connected: AtomicBool::new(false), connections: AtomicU64::new(0) }
+    fn new(mode: VhostMode, device: Arc<NetDevice>) -> ConnectionStatus {
+        ConnectionStatus { mode, connected: AtomicBool::new(false), connections: AtomicU64::new(0), device }
+    }
+
+    /// Dirty logging and migration counters of the port (live migration).
+    pub fn migration(&self) -> &crate::migration::MigrationStatus {
+        &self.device.migration
     }
 
     pub fn mode(&self) -> VhostMode {
@@ -370,6 +377,12 @@ pub struct PortStatus {
     pub refused: u64,
     /// Panics caught while handling its frontend's messages; each dropped that connection.
     pub panics: u64,
+    /// Live migration: dirty logging on now; times it was switched on; times the VM was
+    /// handed over (rings stopped while logging); RARP announces injected.
+    pub logging: bool,
+    pub log_starts: u64,
+    pub migrated_out: u64,
+    pub announces: u64,
 }
 
 pub struct VhostUserServer {
@@ -466,6 +479,7 @@ impl VhostUserServer {
                 (Endpoint::Connect { retry_at: Some(Instant::now()), backoff: MIN_BACKOFF }, None)
             }
         };
+        let status = Arc::new(ConnectionStatus::new(mode, device.clone()));
         let backend = Arc::new(Mutex::new(NetBackend::new(config, device, on_event)));
         self.ports.push(Some(Port {
             name: name.to_string(),
@@ -474,7 +488,7 @@ impl VhostUserServer {
             endpoint,
             backend,
             connection: None,
-            status: Arc::new(ConnectionStatus::new(mode)),
+            status,
             refused: 0,
             allowed_uids: policy.allowed_uids.clone(),
             setup_timeout: policy.setup_timeout.unwrap_or(SETUP_TIMEOUT),
@@ -516,6 +530,10 @@ impl VhostUserServer {
             .iter()
             .flatten()
             .map(|p| PortStatus {
+                logging: p.status.migration().logging(),
+                log_starts: p.status.migration().log_starts(),
+                migrated_out: p.status.migration().migrated_out(),
+                announces: p.status.migration().announces(),
                 name: p.name.clone(),
                 mode: p.status.mode,
                 connected: p.connection.is_some(),

@@ -61,6 +61,7 @@ fn port(name: &str, kind: PortKind) -> PortInfo {
             mode: VhostModeInfo::Client,
             connected: false,
             connections: 2,
+            migration: Some(MigrationInfo { logging: true, log_starts: 1, migrated_out: 0, announces: 0 }),
         }),
     }
 }
