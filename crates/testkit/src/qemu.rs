@@ -212,6 +212,8 @@ pub struct GuestConfig {
     /// `unix:/path`): the destination of a migration. The guest is then not booted here; see
     /// [`Guest::migrated_in`].
     pub incoming: Option<String>,
+    /// Extra `key=value` properties of the virtio-net device (e.g. `guest_announce=off`).
+    pub net_device_options: Vec<String>,
 }
 
 impl GuestConfig {
@@ -228,6 +230,7 @@ impl GuestConfig {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             qmp: None,
             incoming: None,
+            net_device_options: Vec::new(),
         }
     }
 
@@ -266,6 +269,11 @@ impl GuestConfig {
         self
     }
 
+    pub fn net_device_option(mut self, option: impl Into<String>) -> GuestConfig {
+        self.net_device_options.push(option.into());
+        self
+    }
+
     pub fn incoming(mut self, uri: impl Into<String>) -> GuestConfig {
         self.incoming = Some(uri.into());
         self
@@ -289,6 +297,9 @@ impl GuestConfig {
         if !(64..=16384).contains(&self.memory_mib) {
             return Err(GuestError::Config(format!("{} MiB of guest memory is outside 64..=16384", self.memory_mib)));
         }
+        if let Some(bad) = self.net_device_options.iter().find(|o| !o.contains('=') || o.contains([',', ' ', '\n'])) {
+            return Err(GuestError::Config(format!("virtio-net device option {bad:?} is not one key=value")));
+        }
         if self.kernel_arg.as_deref().is_some_and(|a| a.contains(['\n', '"'])) {
             return Err(GuestError::Config("kernel argument with a newline or a quote".into()));
         }
@@ -307,6 +318,9 @@ impl GuestConfig {
         let mut device = format!("virtio-net-pci,netdev=net0,mac={},vectors=0", self.mac);
         if let Some(mtu) = self.host_mtu {
             let _ = write!(device, ",host_mtu={mtu}");
+        }
+        for option in &self.net_device_options {
+            let _ = write!(device, ",{option}");
         }
         let mib = self.memory_mib;
         let args: Vec<String> = vec![

@@ -52,8 +52,9 @@ impl Host {
         Host { dir, vmq }
     }
 
-    fn guest_config(&self, qmp: &str) -> GuestConfig {
-        guest_config(&self.dir, "vm1", MAC, GUEST_IP).qmp(self.dir.join(qmp))
+    fn guest_config(&self, qmp: &str, guest_announce: bool) -> GuestConfig {
+        let config = guest_config(&self.dir, "vm1", MAC, GUEST_IP).qmp(self.dir.join(qmp));
+        if guest_announce { config } else { config.net_device_option("guest_announce=off") }
     }
 }
 
@@ -68,10 +69,17 @@ struct Move {
 }
 
 /// Migrates the guest behind `source_qmp` to a new QEMU on `dest`; returns the new guest.
-fn migrate(image: &GuestImage, source: &mut Guest, source_qmp: &mut Qmp, dest: &Host, tag: &str) -> (Guest, Move) {
+fn migrate(
+    image: &GuestImage,
+    source: &mut Guest,
+    source_qmp: &mut Qmp,
+    dest: &Host,
+    tag: &str,
+    guest_announce: bool,
+) -> (Guest, Move) {
     let incoming = dest.dir.join(&format!("migrate-{tag}.sock"));
     let qmp_name = format!("qmp-{tag}.sock");
-    let config = dest.guest_config(&qmp_name).incoming(format!("unix:{}", incoming.display()));
+    let config = dest.guest_config(&qmp_name, guest_announce).incoming(format!("unix:{}", incoming.display()));
     let mut target = Guest::spawn(image, config).unwrap_or_else(|e| panic!("start the destination QEMU: {e}"));
     // QMP answers once QEMU's main loop runs, i.e. after it listens on the incoming socket.
     let _dest_qmp = Qmp::connect(&dest.dir.join(&qmp_name), Duration::from_secs(60))
@@ -164,16 +172,30 @@ fn stream_to_guest(ext: &str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
     })
 }
 
+/// The guest announces itself after each move (VIRTIO_NET_F_GUEST_ANNOUNCE, which vmq offers):
+/// QEMU then sends no SEND_RARP.
 #[test]
 fn vm_migrates_between_two_vmqs_and_back_with_a_tcp_stream_intact() {
-    let test = "vm_migrates_between_two_vmqs_and_back_with_a_tcp_stream_intact";
+    migrate_there_and_back("vm_migrates_between_two_vmqs_and_back_with_a_tcp_stream_intact", true);
+}
+
+/// The guest cannot announce itself (`guest_announce=off`): QEMU asks vmq (SEND_RARP) and vmq
+/// injects a RARP from the guest's MAC, which teaches the network's bridge the new way.
+#[test]
+fn vm_migrates_between_two_vmqs_and_back_announced_by_vmq_rarp() {
+    migrate_there_and_back("vm_migrates_between_two_vmqs_and_back_announced_by_vmq_rarp", false);
+}
+
+fn migrate_there_and_back(test: &str, guest_announce: bool) {
     let Some(image) = guest_image_or_skip(test) else { return };
     if !root_or_skip(test) {
         return;
     }
     // The shared network: a bridge with both vmqs' uplinks and the external host.
-    let net = Netns::create(&unique("n"));
-    let ext = Netns::create(&unique("x"));
+    // Both variants run at once in one process: names apart.
+    let variant = if guest_announce { "g" } else { "r" };
+    let net = Netns::create(&unique(&format!("n{variant}")));
+    let ext = Netns::create(&unique(&format!("x{variant}")));
     net.ip(&["link", "add", "br0", "type", "bridge"]);
     net.ip(&["link", "set", "br0", "up"]);
     for (uplink, port) in [("upA", "pa"), ("upB", "pb")] {
@@ -186,10 +208,11 @@ fn vm_migrates_between_two_vmqs_and_back_with_a_tcp_stream_intact() {
     ext.ip(&["addr", "add", &format!("{EXT_IP}/24"), "dev", "eth0"]);
     ext.ip(&["link", "set", "eth0", "up"]);
 
-    let a = Host::start("migA", "upA", &net);
-    let b = Host::start("migB", "upB", &net);
+    let a = Host::start(&format!("migA{variant}"), "upA", &net);
+    let b = Host::start(&format!("migB{variant}"), "upB", &net);
 
-    let mut vm = Guest::spawn(&image, a.guest_config("qmp-boot.sock")).unwrap_or_else(|e| panic!("start QEMU: {e}"));
+    let mut vm = Guest::spawn(&image, a.guest_config("qmp-boot.sock", guest_announce))
+        .unwrap_or_else(|e| panic!("start QEMU: {e}"));
     vm.wait_ready(BOOT).unwrap_or_else(|e| panic!("{e}"));
     let mut qmp = Qmp::connect(&a.dir.join("qmp-boot.sock"), Duration::from_secs(30)).expect("QMP");
     a.vmq.wait_state(&["vm1", "up0"], PortState::Up, BOOT);
@@ -214,7 +237,7 @@ fn vm_migrates_between_two_vmqs_and_back_with_a_tcp_stream_intact() {
     // A -> B, then B -> A.
     for (tag, dest) in [("to-b", &b), ("to-a", &a)] {
         let start = now_unix();
-        let (mut target, mut m) = migrate(&image, &mut vm, &mut qmp, dest, tag);
+        let (mut target, mut m) = migrate(&image, &mut vm, &mut qmp, dest, tag, guest_announce);
         let done = now_unix();
         qmp = Qmp::connect(&dest.dir.join(&format!("qmp-{tag}.sock")), Duration::from_secs(30)).expect("QMP");
         // The source QEMU stays paused after a migration; it is done.
@@ -251,6 +274,15 @@ fn vm_migrates_between_two_vmqs_and_back_with_a_tcp_stream_intact() {
     assert_eq!((ma.log_starts, ma.migrated_out), (1, 1), "A logged and handed the VM over: {ma:?}");
     assert_eq!((mb.log_starts, mb.migrated_out), (1, 1), "B logged and handed the VM back: {mb:?}");
     assert!(!mb.logging, "logging off on B after the move back: {mb:?}");
+    // When the guest cannot announce itself, QEMU asks vmq once per announce round (QEMU's
+    // default: 5 rounds over about a second); when it can, never.
+    for (host, m) in [("A", &ma), ("B", &mb)] {
+        if guest_announce {
+            assert_eq!(m.announces, 0, "{host}: QEMU asked for RARP though the guest announces itself: {m:?}");
+        } else {
+            assert!((1..=5).contains(&m.announces), "{host}: RARP announces after the arrival: {m:?}");
+        }
+    }
     for m in &moves {
         assert!(m.total_ms > 0, "QEMU reported no migration time: {m:?}");
     }
