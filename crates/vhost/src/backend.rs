@@ -107,6 +107,13 @@ impl NetDeviceConfig {
 ///   -device options) and prints one warning per start: "vhost-user backend supports
 ///   VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not". Offered for frontends that read MAC and MTU
 ///   from the backend.
+/// - LOG_SHMFD (with VHOST_F_LOG_ALL in the virtio features): QEMU's live migration hands over
+///   its dirty bitmap (SET_LOG_BASE) and switches logging on and off with SET_FEATURES on running
+///   rings (then repeats SET_VRING_ADDR with the log flag). Without both, QEMU refuses to migrate
+///   the VM ("vhost lacks VHOST_F_LOG_ALL feature"). See `migration.rs`.
+/// - RARP: after a migration, when the guest did not ack VIRTIO_NET_F_GUEST_ANNOUNCE, the
+///   destination QEMU sends SEND_RARP once per announce round (5 by default) and vmq injects a
+///   RARP from the guest's MAC; `server.rs` intercepts it.
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::MTU

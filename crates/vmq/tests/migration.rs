@@ -61,11 +61,12 @@ impl Host {
 /// What one move took.
 #[derive(Debug)]
 struct Move {
-    /// QEMU's own figure (query-migrate `downtime`, ms): the guest was paused this long.
-    qemu_downtime_ms: u64,
+    /// QEMU's own figure (query-migrate `downtime`, ms): the guest was paused this long. Once
+    /// in ten runs QEMU 7.2's final query-migrate carried neither this nor `total-time`.
+    qemu_downtime_ms: Option<u64>,
     /// The longest gap between two ping replies at the external host around the move (ms).
     ping_gap_ms: f64,
-    total_ms: u64,
+    total_ms: Option<u64>,
 }
 
 /// Migrates the guest behind `source_qmp` to a new QEMU on `dest`; returns the new guest.
@@ -76,13 +77,13 @@ fn migrate(
     dest: &Host,
     tag: &str,
     guest_announce: bool,
-) -> (Guest, Move) {
+) -> (Guest, Qmp, Move) {
     let incoming = dest.dir.join(&format!("migrate-{tag}.sock"));
     let qmp_name = format!("qmp-{tag}.sock");
     let config = dest.guest_config(&qmp_name, guest_announce).incoming(format!("unix:{}", incoming.display()));
     let mut target = Guest::spawn(image, config).unwrap_or_else(|e| panic!("start the destination QEMU: {e}"));
     // QMP answers once QEMU's main loop runs, i.e. after it listens on the incoming socket.
-    let _dest_qmp = Qmp::connect(&dest.dir.join(&qmp_name), Duration::from_secs(60))
+    let dest_qmp = Qmp::connect(&dest.dir.join(&qmp_name), Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("destination QMP: {e}\n{}", target.log_tails()));
     // QEMU 7.2 limits migration to 128 MiB/s by default; on loopback that only adds downtime.
     source_qmp
@@ -98,9 +99,12 @@ fn migrate(
         }
     });
     target.migrated_in(source);
-    let qemu_downtime_ms = info["downtime"].as_u64().unwrap_or(0);
-    let total_ms = info["total-time"].as_u64().unwrap_or(0);
-    (target, Move { qemu_downtime_ms, ping_gap_ms: 0.0, total_ms })
+    let qemu_downtime_ms = info["downtime"].as_u64();
+    let total_ms = info["total-time"].as_u64();
+    if qemu_downtime_ms.is_none() {
+        eprintln!("migration {tag}: query-migrate without a downtime: {info}");
+    }
+    (target, dest_qmp, Move { qemu_downtime_ms, ping_gap_ms: 0.0, total_ms })
 }
 
 /// Reply timestamps (`ping -D`) in `log`.
@@ -237,9 +241,9 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
     // A -> B, then B -> A.
     for (tag, dest) in [("to-b", &b), ("to-a", &a)] {
         let start = now_unix();
-        let (mut target, mut m) = migrate(&image, &mut vm, &mut qmp, dest, tag, guest_announce);
+        let (mut target, target_qmp, mut m) = migrate(&image, &mut vm, &mut qmp, dest, tag, guest_announce);
         let done = now_unix();
-        qmp = Qmp::connect(&dest.dir.join(&format!("qmp-{tag}.sock")), Duration::from_secs(30)).expect("QMP");
+        qmp = target_qmp;
         // The source QEMU stays paused after a migration; it is done.
         target.run_ok("true");
         vm = target;
@@ -247,7 +251,7 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
         m.ping_gap_ms = ping_gap_after(&ping_log, start, done);
         // Collected for BENCHMARKS.md ("Live migration").
         eprintln!(
-            "migration {tag}: QEMU downtime {} ms, ping gap at the external host {:.0} ms, total {} ms",
+            "migration {tag}: QEMU downtime {:?} ms, ping gap at the external host {:.0} ms, total {:?} ms",
             m.qemu_downtime_ms, m.ping_gap_ms, m.total_ms
         );
         moves.push(m);
@@ -283,7 +287,8 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
             assert!((1..=5).contains(&m.announces), "{host}: RARP announces after the arrival: {m:?}");
         }
     }
+    // The ping gap is the downtime as the network sees it: pause, switch-over and announce.
     for m in &moves {
-        assert!(m.total_ms > 0, "QEMU reported no migration time: {m:?}");
+        assert!(m.ping_gap_ms > 0.0 && m.ping_gap_ms < 30_000.0, "ping gap: {m:?}");
     }
 }
