@@ -58,6 +58,15 @@ impl Host {
     }
 }
 
+/// Sets the flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// What one move took.
 #[derive(Debug)]
 struct Move {
@@ -232,6 +241,8 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
     let _ping = ext.spawn(&["sh", "-c", &format!("exec ping -D -i 0.05 -W 1 {GUEST_IP} > {}", ping_log.display())]);
     let stop = Arc::new(AtomicBool::new(false));
     let sender = stream_to_guest(ext.name(), stop.clone());
+    // Also when the test fails: the sender stops with it.
+    let _stop_sender = StopOnDrop(stop.clone());
     wait_for("stream and pings under way", Duration::from_secs(30), || {
         let log = std::fs::read_to_string(&ping_log).map_err(|e| e.to_string())?;
         if reply_times(&log).len() >= 10 { Ok(()) } else { Err("too few replies".into()) }
