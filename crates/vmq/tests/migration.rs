@@ -13,7 +13,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guests::*;
@@ -146,7 +146,11 @@ fn ping_gap_after(ping_log: &Path, from: f64, since: f64) -> f64 {
 
 /// The external host's TCP stream to the guest: deterministic bytes at a steady pace until
 /// `stop`, then the connection is closed. Returns (bytes sent, SHA-256 hex).
-fn stream_to_guest(ext: &str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Result<(u64, String), String>> {
+fn stream_to_guest(
+    ext: &str,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<Result<(u64, String), String>> {
     let ext = ext.to_string();
     std::thread::spawn(move || {
         vmq_sys::netns::run_in(&ext, || -> Result<(u64, String), String> {
@@ -171,6 +175,7 @@ fn stream_to_guest(ext: &str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
                 stream.write_all(&chunk).map_err(|e| format!("after {sent} bytes: {e}"))?;
                 hash.update(&chunk);
                 sent += CHUNK as u64;
+                progress.store(sent, Ordering::Release);
                 next += CHUNK_PERIOD;
                 // Pacing the sender (not synchronisation).
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
@@ -240,10 +245,14 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
     let ping_log = a.dir.join("ping.log");
     let _ping = ext.spawn(&["sh", "-c", &format!("exec ping -D -i 0.05 -W 1 {GUEST_IP} > {}", ping_log.display())]);
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = stream_to_guest(ext.name(), stop.clone());
+    let progress = Arc::new(AtomicU64::new(0));
+    let sender = stream_to_guest(ext.name(), stop.clone(), progress.clone());
     // Also when the test fails: the sender stops with it.
     let _stop_sender = StopOnDrop(stop.clone());
     wait_for("stream and pings under way", Duration::from_secs(30), || {
+        if sender.is_finished() || progress.load(Ordering::Acquire) < 1 << 20 {
+            return Err(format!("{} bytes streamed", progress.load(Ordering::Acquire)));
+        }
         let log = std::fs::read_to_string(&ping_log).map_err(|e| e.to_string())?;
         if reply_times(&log).len() >= 10 { Ok(()) } else { Err("too few replies".into()) }
     });
@@ -266,7 +275,10 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
             m.qemu_downtime_ms, m.ping_gap_ms, m.total_ms
         );
         moves.push(m);
-        assert!(!sender.is_finished(), "the stream ended during migration {tag}");
+        if sender.is_finished() {
+            let result = sender.join().expect("sender thread");
+            panic!("the stream ended during migration {tag}: {result:?}");
+        }
     }
     assert_ping(&mut vm, EXT_IP, 2);
     // A page vmq wrote but did not log arrives stale on the destination: in a frame buffer it
