@@ -56,6 +56,14 @@ pub struct VhostMetrics {
     pub refused: u64,
     /// Panics caught while handling the frontend's messages (each ended its connection).
     pub panics: u64,
+    /// Live migration: QEMU has dirty logging on (the VM is migrating away) now.
+    pub logging: bool,
+    /// Times dirty logging was switched on (migrations away begun).
+    pub log_starts: u64,
+    /// Times the VM was handed over (its rings stopped while logging).
+    pub migrated_out: u64,
+    /// RARP announces injected after the VM arrived (SEND_RARP).
+    pub announces: u64,
 }
 
 /// The MAC table's size.
@@ -264,8 +272,17 @@ impl Collector for SnapshotCollector {
         for v in vhost {
             ConstGauge::new(i64::from(v.connected)).encode(connected.encode_family(&[("port", v.port.as_str())])?)?;
         }
+        let mut logging = encoder.encode_descriptor(
+            "vmq_vhost_dirty_logging",
+            "1 while QEMU has dirty-page logging on for the port (its VM is migrating away)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for v in vhost {
+            ConstGauge::new(i64::from(v.logging)).encode(logging.encode_family(&[("port", v.port.as_str())])?)?;
+        }
         type VhostGet = fn(&VhostMetrics) -> u64;
-        let vhost_counters: [(&str, &str, VhostGet); 3] = [
+        let vhost_counters: [(&str, &str, VhostGet); 6] = [
             (
                 "vmq_vhost_connections",
                 "Frontend connections accepted on the port's socket (more than one: reconnects)",
@@ -275,6 +292,15 @@ impl Collector for SnapshotCollector {
             ("vmq_vhost_panics", "Panics caught handling the frontend's messages (each ended its connection)", |v| {
                 v.panics
             }),
+            (
+                "vmq_vhost_migration_log_starts",
+                "Times QEMU switched dirty logging on (live migrations away begun)",
+                |v| v.log_starts,
+            ),
+            ("vmq_vhost_migrations_out", "Times the VM's rings were handed over while logging (migrated away)", |v| {
+                v.migrated_out
+            }),
+            ("vmq_vhost_announces", "RARP announces injected for the VM after it arrived (SEND_RARP)", |v| v.announces),
         ];
         for (name, help, get) in vhost_counters {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

@@ -353,6 +353,24 @@ pub struct VhostInfo {
     /// Connections made since the port was added; every one after the first is a reconnect
     /// (a VM or vmq restart).
     pub connections: u64,
+    /// Live migration (absent from vmq versions before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationInfo>,
+}
+
+/// A vhost-user port's live-migration state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationInfo {
+    /// QEMU has dirty logging on: the VM is being migrated away from this vmq now.
+    pub logging: bool,
+    /// Times logging was switched on (migrations away begun).
+    pub log_starts: u64,
+    /// Times the VM's rings were handed over while logging (migrations away completed or
+    /// stopped for good).
+    pub migrated_out: u64,
+    /// RARP announces injected after the VM arrived here (SEND_RARP).
+    pub announces: u64,
 }
 
 /// `show`: the switch and its ports.

@@ -151,6 +151,15 @@ fn attachment(p: &PortInfo) -> String {
     if let Some(v) = &p.vhost {
         let state = if v.connected { "connected" } else { "not connected" };
         parts.push(format!("{} mode, {state}, {} connections", v.mode.name(), v.connections));
+        if let Some(m) = &v.migration
+            && (m.logging || m.log_starts != 0 || m.announces != 0)
+        {
+            let logging = if m.logging { "dirty logging on" } else { "dirty logging off" };
+            parts.push(format!(
+                "migration: {logging}, {} started, {} handed over, {} announces",
+                m.log_starts, m.migrated_out, m.announces
+            ));
+        }
     }
     if let Some(i) = &p.ifname {
         parts.push(format!("ifname {i}"));

@@ -51,8 +51,25 @@ fn snapshot(scrape: u64) -> MetricsSnapshot {
             WorkerMetrics { worker: 1, busy_ratio: 0.875, panics: 2 },
         ],
         vhost: vec![
-            VhostMetrics { port: "vm1".into(), connected: true, connections: 3 + scrape, refused: 1, panics: 0 },
-            VhostMetrics { port: "vm2".into(), connected: false, connections: 0, refused: 0, panics: 1 },
+            VhostMetrics {
+                port: "vm1".into(),
+                connected: true,
+                connections: 3 + scrape,
+                refused: 1,
+                panics: 0,
+                logging: true,
+                log_starts: 2,
+                migrated_out: 1,
+                announces: 1 + scrape,
+            },
+            VhostMetrics {
+                port: "vm2".into(),
+                connected: false,
+                connections: 0,
+                refused: 0,
+                panics: 1,
+                ..Default::default()
+            },
         ],
         fdb: FdbMetrics { entries: 17 + scrape, capacity: 65536 },
         queues: QueueMetrics {
@@ -223,6 +240,10 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
         wanted.insert(key("vmq_vhost_connections_total", &port), v.connections as f64);
         wanted.insert(key("vmq_vhost_refused_total", &port), v.refused as f64);
         wanted.insert(key("vmq_vhost_panics_total", &port), v.panics as f64);
+        wanted.insert(key("vmq_vhost_dirty_logging", &port), f64::from(u8::from(v.logging)));
+        wanted.insert(key("vmq_vhost_migration_log_starts_total", &port), v.log_starts as f64);
+        wanted.insert(key("vmq_vhost_migrations_out_total", &port), v.migrated_out as f64);
+        wanted.insert(key("vmq_vhost_announces_total", &port), v.announces as f64);
     }
     wanted.insert(key("vmq_fdb_entries", &[]), expected.fdb.entries as f64);
     wanted.insert(key("vmq_fdb_capacity", &[]), expected.fdb.capacity as f64);

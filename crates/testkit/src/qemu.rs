@@ -210,6 +210,12 @@ pub struct GuestConfig {
     /// gets there (`-device virtio-net-pci,id=...`), for a switch that follows the guest's
     /// receive filter.
     pub qmp: Option<(PathBuf, String)>,
+    /// Start paused, waiting for a live migration from this URI (`-incoming`, e.g.
+    /// `unix:/path`): the destination of a migration. The guest is then not booted here; see
+    /// [`Guest::migrated_in`].
+    pub incoming: Option<String>,
+    /// Extra `key=value` properties of the virtio-net device (e.g. `guest_announce=off`).
+    pub net_device_options: Vec<String>,
 }
 
 impl GuestConfig {
@@ -225,6 +231,8 @@ impl GuestConfig {
             kernel_arg: None,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             qmp: None,
+            incoming: None,
+            net_device_options: Vec::new(),
         }
     }
 
@@ -265,6 +273,16 @@ impl GuestConfig {
         self
     }
 
+    pub fn net_device_option(mut self, option: impl Into<String>) -> GuestConfig {
+        self.net_device_options.push(option.into());
+        self
+    }
+
+    pub fn incoming(mut self, uri: impl Into<String>) -> GuestConfig {
+        self.incoming = Some(uri.into());
+        self
+    }
+
     fn validate(&self) -> Result<(), GuestError> {
         let mac_ok = self.mac.len() == 17
             && self.mac.split(':').count() == 6
@@ -282,6 +300,9 @@ impl GuestConfig {
         }
         if !(64..=16384).contains(&self.memory_mib) {
             return Err(GuestError::Config(format!("{} MiB of guest memory is outside 64..=16384", self.memory_mib)));
+        }
+        if let Some(bad) = self.net_device_options.iter().find(|o| !o.contains('=') || o.contains([',', ' ', '\n'])) {
+            return Err(GuestError::Config(format!("virtio-net device option {bad:?} is not one key=value")));
         }
         if let Some((socket, id)) = &self.qmp {
             let id_ok =
@@ -308,6 +329,9 @@ impl GuestConfig {
         let mut device = format!("virtio-net-pci,netdev=net0,mac={},vectors=0", self.mac);
         if let Some(mtu) = self.host_mtu {
             let _ = write!(device, ",host_mtu={mtu}");
+        }
+        for option in &self.net_device_options {
+            let _ = write!(device, ",{option}");
         }
         if let Some((_, id)) = &self.qmp {
             let _ = write!(device, ",id={id}");
@@ -353,6 +377,9 @@ impl GuestConfig {
             qmp.push(socket);
             qmp.push(",server=on,wait=off");
             args.extend(["-qmp".into(), qmp]);
+        }
+        if let Some(uri) = &self.incoming {
+            args.extend(["-incoming".into(), uri.into()]);
         }
         args.extend(["-kernel".into(), image.kernel.clone().into_os_string()]);
         args.extend(["-initrd".into(), image.initrd.clone().into_os_string()]);
@@ -490,6 +517,14 @@ impl Guest {
         let mut guest = Guest::spawn(image, config)?;
         guest.wait_ready(timeout)?;
         Ok(guest)
+    }
+
+    /// Takes over the console of a guest that arrived here by live migration from `source`
+    /// (this QEMU was started with `-incoming`): commands run on this side from now on.
+    pub fn migrated_in(&mut self, source: &Guest) {
+        self.ready_line = source.ready_line.clone();
+        // Fresh marker numbers: nothing of the source's console output is on this one.
+        self.next_command = source.next_command + 1000;
     }
 
     /// Starts QEMU without waiting for the guest (for tests that expect QEMU to fail).

@@ -5,8 +5,8 @@
 
 use vmq_control::metrics::MetricsConfig;
 use vmq_control::protocol::{
-    ControlError, ErrorCode, NewPort, OffloadCounters, OffloadInfo, PortCounters, PortInfo, PortState, SwitchMode,
-    VhostInfo, VhostModeInfo, VlanInfo,
+    ControlError, ErrorCode, MigrationInfo, NewPort, OffloadCounters, OffloadInfo, PortCounters, PortInfo, PortState,
+    SwitchMode, VhostInfo, VhostModeInfo, VlanInfo,
 };
 use vmq_control::server::ServerConfig;
 use vmq_core::stats::PortStatsSnapshot;
@@ -146,6 +146,12 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps, vho
             },
             connected: v.connected,
             connections: v.connections,
+            migration: Some(MigrationInfo {
+                logging: v.logging,
+                log_starts: v.log_starts,
+                migrated_out: v.migrated_out,
+                announces: v.announces,
+            }),
         }),
         rx_filter: None,
         driver: None,

@@ -313,6 +313,10 @@ impl DatapathHandler {
                     connections: v.connections,
                     refused: v.refused,
                     panics: v.panics,
+                    logging: v.logging,
+                    log_starts: v.log_starts,
+                    migrated_out: v.migrated_out,
+                    announces: v.announces,
                 })
                 .collect(),
             fdb: FdbMetrics { entries: self.dp.fdb_len() as u64, capacity: self.dp.fdb_capacity() as u64 },

@@ -62,6 +62,7 @@ fn port(name: &str, kind: PortKind) -> PortInfo {
             mode: VhostModeInfo::Client,
             connected: false,
             connections: 2,
+            migration: Some(MigrationInfo { logging: true, log_starts: 1, migrated_out: 0, announces: 0 }),
         }),
         rx_filter: None,
     }
@@ -294,7 +295,7 @@ fn show_prints_the_summary_and_an_aligned_port_table() {
         "\
 vmq: mode vmq, 2 worker(s), VM queues 1 of 8 in use, policy dynamic, 2 port(s)
 PORT  KIND        STATE  MAC                 MTU  VLAN         OFFLOADS        ATTACHMENT
-vm1   vhost-user  down   52:54:00:00:00:01  9000  access 10    csum,tso4,tso6  /run/vmq/vm1.sock, client mode, not connected, 2 connections, uplink up0
+vm1   vhost-user  down   52:54:00:00:00:01  9000  access 10    csum,tso4,tso6  /run/vmq/vm1.sock, client mode, not connected, 2 connections, migration: dirty logging on, 1 started, 0 handed over, 0 announces, uplink up0
 up0   uplink      up     -                  9000  trunk 10,20  csum,tso4,tso6  ifname eth1
 "
     );

@@ -9,6 +9,7 @@
 pub mod checksum;
 pub mod ethernet;
 pub mod ip;
+pub mod rarp;
 pub mod vlan;
 pub mod vnet;
 
