@@ -605,7 +605,7 @@ pub enum Response {
     Fdb(FdbReport),
     Stats(StatsReport),
     PortAdded {
-        port: PortInfo,
+        port: Box<PortInfo>,
     },
     /// `del-port` and `set`: what was done, in words.
     Done {

@@ -124,7 +124,7 @@ fn answer(request: &Request) -> Result<Response, ControlError> {
             },
         }),
         Request::AddPort(p) => {
-            Response::PortAdded { port: PortInfo { mtu: p.mtu.unwrap_or(1500) as u16, ..port_info(&p.name) } }
+            Response::PortAdded { port: Box::new(PortInfo { mtu: p.mtu.unwrap_or(1500) as u16, ..port_info(&p.name) }) }
         }
         Request::DelPort { name } => Response::Done { message: format!("port {name} removed") },
         Request::Set(s) => Response::Done { message: format!("{s:?}") },

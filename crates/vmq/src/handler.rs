@@ -397,7 +397,7 @@ impl ControlHandler for DatapathHandler {
                 self.dp.add_port(config).map_err(datapath_error)?;
                 let port = self.dp.ports().iter().find(|p| p.config.spec.name == name).map(info);
                 let port = port.ok_or_else(|| ControlError::internal("the new port vanished"))?;
-                Ok(Response::PortAdded { port })
+                Ok(Response::PortAdded { port: Box::new(port) })
             }
             Request::DelPort { name } => {
                 self.dp.remove_port(&name).map_err(datapath_error)?;

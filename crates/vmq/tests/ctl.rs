@@ -156,7 +156,7 @@ impl ControlHandler for Mock {
                 if p.mtu.is_some_and(|m| m > 9000) {
                     return Err(ControlError::invalid_value("mtu must be from 68 to 9000"));
                 }
-                Response::PortAdded { port: port(&p.name, p.kind) }
+                Response::PortAdded { port: Box::new(port(&p.name, p.kind)) }
             }
             Request::DelPort { name } if name == "vm1" => Response::Done { message: format!("port {name} removed") },
             Request::DelPort { name } => return Err(ControlError::no_such_port(&name)),
