@@ -259,7 +259,7 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
         let counter = name.ends_with("_total");
         assert_eq!(kind, if counter { "counter" } else { "gauge" }, "{name}");
     }
-    assert_eq!(types.len(), 33);
+    assert_eq!(types.len(), 37);
 
     // The callback runs per scrape: the next scrape has the next snapshot's values.
     let (_, samples) = parse_exposition(&get(exporter.local_addr(), "/metrics?ignored=1").body);
@@ -314,7 +314,7 @@ fn shutdown_is_prompt_and_releases_the_port() {
     let mut names: Vec<&str> = samples.keys().map(|(name, _)| name.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["vmq_build_info", "vmq_fdb_capacity", "vmq_fdb_entries", "vmq_vm_queue_budget"]);
-    assert_eq!(types.len(), 33, "families are described even with no ports");
+    assert_eq!(types.len(), 37, "families are described even with no ports");
 }
 
 /// Metric names (`vmq_...`) in a text: PromQL expressions, dashboard JSON, alert rules.
