@@ -14,36 +14,6 @@ use vmq_control::protocol::{PortState, SharedReason};
 
 const MIB: usize = 1024 * 1024;
 
-/// A host in its own namespace behind a TAP port of vmq: 10.0.0.`n`, MAC 02:00:00:00:00:`n`.
-struct TapHost {
-    ns: Ns,
-    ifname: String,
-    mac: String,
-    ip: String,
-}
-
-impl TapHost {
-    fn new(prefix: &str, role: &str, n: u8) -> TapHost {
-        let name = format!("{prefix}{role}");
-        TapHost { ns: Ns::new(&name), ifname: name, mac: format!("02:00:00:00:00:{n:02x}"), ip: format!("10.0.0.{n}") }
-    }
-
-    /// Its `[[port]]` (`extra`: more keys).
-    fn port(&self, name: &str, extra: &str) -> String {
-        tap_port(name, &self.ifname, &self.ns, &self.mac, extra)
-    }
-
-    /// Gives the interface vmq made its address (after vmq is up).
-    fn address(&self) {
-        self.ns.ip(&["addr", "add", &format!("{}/24", self.ip), "dev", &self.ifname]);
-    }
-
-    /// A permanent neighbour entry for `other`: no ARP between the two.
-    fn knows(&self, other: &TapHost) {
-        self.ns.neigh(&self.ifname, &other.ip, &other.mac);
-    }
-}
-
 /// An external host: namespace `ext` with 10.0.0.100 on a veth whose peer sits in namespace
 /// `sw`, where vmq opens it as its uplink.
 struct External {

@@ -9,29 +9,6 @@ use support::*;
 
 const MIB: usize = 1024 * 1024;
 
-/// A host in its own namespace behind a TAP port of vmq: 10.0.0.`n`, MAC 02:00:00:00:00:`n`.
-struct TapHost {
-    ns: Ns,
-    ifname: String,
-    mac: String,
-    ip: String,
-}
-
-impl TapHost {
-    fn new(prefix: &str, role: &str, n: u8) -> TapHost {
-        let name = format!("{prefix}{role}");
-        TapHost { ns: Ns::new(&name), ifname: name, mac: format!("02:00:00:00:00:{n:02x}"), ip: format!("10.0.0.{n}") }
-    }
-
-    fn port(&self, name: &str, extra: &str) -> String {
-        tap_port(name, &self.ifname, &self.ns, &self.mac, extra)
-    }
-
-    fn address(&self) {
-        self.ns.ip(&["addr", "add", &format!("{}/24", self.ip), "dev", &self.ifname]);
-    }
-}
-
 /// Namespace `ext` with 10.0.0.100 on a veth whose peer, in namespace `sw`, is vmq's uplink.
 struct External {
     sw: Ns,

@@ -623,3 +623,33 @@ pub fn filler_frame(dst: &str, src: &str, len: usize) -> Vec<u8> {
     f.resize(len.max(14), 0x5a);
     f
 }
+
+/// A host in its own namespace behind a TAP port of vmq: 10.0.0.`n`, MAC 02:00:00:00:00:`n`.
+pub struct TapHost {
+    pub ns: Ns,
+    pub ifname: String,
+    pub mac: String,
+    pub ip: String,
+}
+
+impl TapHost {
+    pub fn new(prefix: &str, role: &str, n: u8) -> TapHost {
+        let name = format!("{prefix}{role}");
+        TapHost { ns: Ns::new(&name), ifname: name, mac: format!("02:00:00:00:00:{n:02x}"), ip: format!("10.0.0.{n}") }
+    }
+
+    /// Its `[[port]]` (`extra`: more keys).
+    pub fn port(&self, name: &str, extra: &str) -> String {
+        tap_port(name, &self.ifname, &self.ns, &self.mac, extra)
+    }
+
+    /// Gives the interface vmq made its address (after vmq is up).
+    pub fn address(&self) {
+        self.ns.ip(&["addr", "add", &format!("{}/24", self.ip), "dev", &self.ifname]);
+    }
+
+    /// A permanent neighbour entry for `other`: no ARP between the two.
+    pub fn knows(&self, other: &TapHost) {
+        self.ns.neigh(&self.ifname, &other.ip, &other.mac);
+    }
+}
