@@ -259,7 +259,10 @@ fn libvirt_domain_pings_a_guest_through_vmq_and_survives_a_vmq_restart() {
     let domain_path = dir.join("vm1.xml");
     std::fs::write(&domain_path, &domain).expect("write vm1.xml");
     let boot_started = Instant::now();
-    libvirtd.virsh(&["create", &domain_path.to_string_lossy()]).unwrap_or_else(|e| panic!("{e}"));
+    // A persistent domain, as operators run them (its definition lands in the namespace's tmpfs
+    // /etc/libvirt/qemu, not the host's).
+    libvirtd.virsh(&["define", &domain_path.to_string_lossy()]).unwrap_or_else(|e| panic!("{e}"));
+    libvirtd.virsh(&["start", "vmq-vm1"]).unwrap_or_else(|e| panic!("{e}"));
     let ready = wait_console_ready(&console, BOOT);
     println!("LIBVIRT-BOOT seconds={:.1}", boot_started.elapsed().as_secs_f64());
     // host_mtu from <qemu:override> reached the guest: it came up at 9000.
