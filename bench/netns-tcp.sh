@@ -25,6 +25,10 @@
 #       AF_XDP/AF_PACKET frames per vmq CPU-second (goal 1.5x) and vmq/switch mode CPU per
 #       frame (goal <= 0.7x). Needs dpdk-testpmd (Debian package dpdk-dev).
 #
+#       --xdp-mode generic runs the AF_XDP uplink in generic XDP (on the skb) instead of the
+#       veth's native XDP; part (c) only (in part (b) the peer's GSO frames would not fit a
+#       UMEM chunk in generic mode).
+#
 #   The suite (bench/vmq-bench, `vmq-bench run`) widens (a) with options: more switches
 #   (--systems "vmq bridge ovs": Open vSwitch's userspace datapath, datapath_type=netdev,
 #   ovsdb-server and ovs-vswitchd started here in a temporary directory, the switch in its own
@@ -46,7 +50,8 @@
 #
 # usage: bench/netns-tcp.sh [--quick] [--rounds N] [--seconds S] [--vmq PATH] [--out FILE]
 #          [--systems "vmq bridge ovs"] [--mtus "1500 9000"] [--offloads "on off"]
-#          [--streams "1 4"] [--parts "a b c"] [--drivers "af_packet af_xdp"] [--prefix P]
+#          [--streams "1 4"] [--parts "a b c"] [--drivers "af_packet af_xdp"]
+#          [--xdp-mode native|generic] [--prefix P]
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -62,6 +67,7 @@ OFFLOADS="on"
 STREAMS="1"
 PARTS="a b"
 DRIVERS="af_packet"
+XDP_MODE=native
 P=vqnb                       # prefix of every namespace and interface made here
 ARGS="$*"
 while [ $# -gt 0 ]; do
@@ -77,6 +83,7 @@ while [ $# -gt 0 ]; do
         --streams) STREAMS="$2"; shift ;;
         --parts) PARTS="$2"; shift ;;
         --drivers) DRIVERS="$2"; shift ;;
+        --xdp-mode) XDP_MODE="$2"; shift ;;
         --prefix) P="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
@@ -103,6 +110,11 @@ for sys in $SYSTEMS; do
 done
 for d in $DRIVERS; do case "$d" in af_packet|af_xdp) ;; *) echo "--drivers takes af_packet/af_xdp" >&2; exit 2 ;; esac; done
 for part in $PARTS; do case "$part" in a|b|c) ;; *) echo "--parts takes a/b/c" >&2; exit 2 ;; esac; done
+case "$XDP_MODE" in
+    native) ;;
+    generic) if [[ " $PARTS " == *" b "* ]]; then echo "--xdp-mode generic is for part c only" >&2; exit 2; fi ;;
+    *) echo "--xdp-mode takes native/generic" >&2; exit 2 ;;
+esac
 if [[ " $PARTS " == *" c "* ]]; then
     command -v dpdk-testpmd >/dev/null || { echo "needs dpdk-testpmd for --parts c (apt-get install dpdk-dev)" >&2; exit 2; }
 fi
@@ -512,7 +524,7 @@ setup_b() {
 vmq_b_config() { # mode [driver]
     printf '[switch]\nmode = "%s"\nworkers = 2\n\n' "$1"
     printf '[[port]]\nname = "up0"\nkind = "uplink"\nifname = "%s"\nnetns = "%s"\n' "${P}up" "${P}-sw"
-    [ "${2:-af_packet}" = af_xdp ] && printf 'driver = "af_xdp"\nxdp_mode = "native"\n'
+    [ "${2:-af_packet}" = af_xdp ] && printf 'driver = "af_xdp"\nxdp_mode = "%s"\n' "$XDP_MODE"
     printf '\n'
     for i in 1 2 3; do tap_port "vm$i" "${P}m$i" "${P}m$i" "02:00:00:00:0c:0$i" 1500; done
 }
@@ -678,9 +690,9 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 mkdir -p bench/results
 [ -n "$OUT" ] || OUT="bench/results/netns-tcp-$(date -u +%Y%m%d-%H%M%S).json"
 
-python3 - "$RESULTS" "$OUT" "$ROUNDS" "$SECONDS_PER_RUN" "$QUICK" "$LOAD_BEFORE" "$LOAD_AFTER" "$VMQ" "$ARGS" "$([ -n "$CG" ] && echo 1 || echo 0)" "$FRAMES" <<'PY'
+python3 - "$RESULTS" "$OUT" "$ROUNDS" "$SECONDS_PER_RUN" "$QUICK" "$LOAD_BEFORE" "$LOAD_AFTER" "$VMQ" "$ARGS" "$([ -n "$CG" ] && echo 1 || echo 0)" "$FRAMES" "$XDP_MODE" <<'PY'
 import json, platform, statistics, subprocess, sys, datetime
-results_file, out, rounds, secs, quick, load_before, load_after, vmq, args, have_cg, frames_file = sys.argv[1:]
+results_file, out, rounds, secs, quick, load_before, load_after, vmq, args, have_cg, frames_file, xdp_mode = sys.argv[1:]
 groups = {}
 for line in open(results_file):
     key, gbps, cpu, nbytes, vcpu = line.split()
@@ -805,7 +817,7 @@ report = {
                 "cpu": cpu, "kernel": platform.release(),
                 "load_average_before": load_before, "load_average_after": load_after},
     "settings": {"rounds": int(rounds), "seconds_per_run": float(secs), "quick": quick == "1",
-                 "vmq_workers": 2, "vmq": vmq, "cpu_accounting": "cgroup v2 cpu.stat" if have_cg == "1" else None,
+                 "vmq_workers": 2, "vmq": vmq, "xdp_mode": xdp_mode, "cpu_accounting": "cgroup v2 cpu.stat" if have_cg == "1" else None,
                  "vmq_cpu_accounting": "/proc/PID/stat utime + stime of the vmq process"},
     "measurements": measurements,
     "comparisons": comparisons,
