@@ -11,6 +11,24 @@
 #       --drivers "af_packet af_xdp" measures (b) with each uplink driver (AF_XDP: native XDP on
 #       the veth; rows "vmq+af_xdp", "switch+af_xdp") and compares CPU per GB between them.
 #
+#   (c) 64-byte frames, the same topology as (b): a packet generator in the external namespace
+#       (dpdk-testpmd, txonly, three net_af_packet ports on the veth, one per VM MAC, one
+#       forwarding core, as fast as it can) sends UDP frames of 64 bytes (as in pvp-testpmd.sh: 64
+#       bytes of frame as vmq sees it; a veth carries no FCS) to the 3
+#       VMs' MACs; no VM answers. Per (mode, driver) over --seconds after 1 s of warm-up: frames
+#       vmq delivered to the VMs (the VM ports' tx_packets in `vmq ctl --json stats`, read by
+#       vmq's own clock) as Mpps, and vmq's CPU time (/proc/PID/stat) per million frames.
+#       The kernel's receive work on the veth (AF_PACKET: the skb path and packet_rcv; AF_XDP:
+#       the XDP program and the copy into the UMEM) runs mostly in the sender's softirq and is
+#       charged to the generator, not to vmq: the table shows the generator's CPU too.
+#       vmq mode and switch mode with every driver of --drivers; the comparisons are
+#       AF_XDP/AF_PACKET frames per vmq CPU-second (goal 1.5x) and vmq/switch mode CPU per
+#       frame (goal <= 0.7x). Needs dpdk-testpmd (Debian package dpdk-dev).
+#
+#       --xdp-mode generic runs the AF_XDP uplink in generic XDP (on the skb) instead of the
+#       veth's native XDP; part (c) only (in part (b) the peer's GSO frames would not fit a
+#       UMEM chunk in generic mode).
+#
 #   The suite (bench/vmq-bench, `vmq-bench run`) widens (a) with options: more switches
 #   (--systems "vmq bridge ovs": Open vSwitch's userspace datapath, datapath_type=netdev,
 #   ovsdb-server and ovs-vswitchd started here in a temporary directory, the switch in its own
@@ -32,7 +50,8 @@
 #
 # usage: bench/netns-tcp.sh [--quick] [--rounds N] [--seconds S] [--vmq PATH] [--out FILE]
 #          [--systems "vmq bridge ovs"] [--mtus "1500 9000"] [--offloads "on off"]
-#          [--streams "1 4"] [--parts "a b"] [--drivers "af_packet af_xdp"] [--prefix P]
+#          [--streams "1 4"] [--parts "a b c"] [--drivers "af_packet af_xdp"]
+#          [--xdp-mode native|generic] [--prefix P]
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -48,6 +67,7 @@ OFFLOADS="on"
 STREAMS="1"
 PARTS="a b"
 DRIVERS="af_packet"
+XDP_MODE=native
 P=vqnb                       # prefix of every namespace and interface made here
 ARGS="$*"
 while [ $# -gt 0 ]; do
@@ -63,6 +83,7 @@ while [ $# -gt 0 ]; do
         --streams) STREAMS="$2"; shift ;;
         --parts) PARTS="$2"; shift ;;
         --drivers) DRIVERS="$2"; shift ;;
+        --xdp-mode) XDP_MODE="$2"; shift ;;
         --prefix) P="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
@@ -88,6 +109,15 @@ for sys in $SYSTEMS; do
     esac
 done
 for d in $DRIVERS; do case "$d" in af_packet|af_xdp) ;; *) echo "--drivers takes af_packet/af_xdp" >&2; exit 2 ;; esac; done
+for part in $PARTS; do case "$part" in a|b|c) ;; *) echo "--parts takes a/b/c" >&2; exit 2 ;; esac; done
+case "$XDP_MODE" in
+    native) ;;
+    generic) if [[ " $PARTS " == *" b "* ]]; then echo "--xdp-mode generic is for part c only" >&2; exit 2; fi ;;
+    *) echo "--xdp-mode takes native/generic" >&2; exit 2 ;;
+esac
+if [[ " $PARTS " == *" c "* ]]; then
+    command -v dpdk-testpmd >/dev/null || { echo "needs dpdk-testpmd for --parts c (apt-get install dpdk-dev)" >&2; exit 2; }
+fi
 for o in $OFFLOADS; do case "$o" in on|off) ;; *) echo "--offloads takes on/off" >&2; exit 2 ;; esac; done
 for m in $MTUS; do case "$m" in 1500|9000) ;; *) echo "--mtus takes 1500/9000" >&2; exit 2 ;; esac; done
 
@@ -96,11 +126,14 @@ NAMESPACES=()
 VMQ_PID=""
 OVS_PIDS=()          # ovsdb-server, ovs-vswitchd (read from their pidfiles)
 CG=""                # the cgroup every measured process runs in
+GEN_PID=""           # part (c)'s packet generator (dpdk-testpmd)
+GEN_PREFIX="$P-gen-$$"   # its DPDK runtime directory, /var/run/dpdk/$GEN_PREFIX
 
 log() { printf '%s\n' "$*" >&2; }
 
 cleanup() {
     set +e
+    stop_generator
     stop_vmq
     stop_ovs_all
     # iperf3 servers and clients this script started: the processes in its namespaces.
@@ -113,7 +146,7 @@ cleanup() {
         for i in $(seq 50); do [ -s "$CG/cgroup.procs" ] || break; sleep 0.1; done
         rmdir "$CG" 2>/dev/null || log "cgroup $CG still has processes: $(cat "$CG/cgroup.procs" | tr '\n' ' ')"
     fi
-    rm -rf "$WORK"
+    rm -rf "$WORK" "/var/run/dpdk/$GEN_PREFIX"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -491,13 +524,102 @@ setup_b() {
 vmq_b_config() { # mode [driver]
     printf '[switch]\nmode = "%s"\nworkers = 2\n\n' "$1"
     printf '[[port]]\nname = "up0"\nkind = "uplink"\nifname = "%s"\nnetns = "%s"\n' "${P}up" "${P}-sw"
-    [ "${2:-af_packet}" = af_xdp ] && printf 'driver = "af_xdp"\nxdp_mode = "native"\n'
+    [ "${2:-af_packet}" = af_xdp ] && printf 'driver = "af_xdp"\nxdp_mode = "%s"\n' "$XDP_MODE"
     printf '\n'
     for i in 1 2 3; do tap_port "vm$i" "${P}m$i" "${P}m$i" "02:00:00:00:0c:0$i" 1500; done
 }
 
 address_b() {
     for i in 1 2 3; do ip -n "${P}m$i" addr add "10.77.3.$i/24" dev "${P}m$i"; done
+}
+
+# (c) 64-byte frames: dpdk-testpmd in ${P}-ext sends to the VMs' MACs (one net_af_packet port
+# per VM, all on the external veth), vmq's counters and CPU are read around a fixed window.
+
+VM_MACS=(02:00:00:00:0c:01 02:00:00:00:0c:02 02:00:00:00:0c:03)
+
+start_generator() {
+    local args=() peers=() i
+    for i in "${!VM_MACS[@]}"; do
+        args+=(--vdev "net_af_packet$i,iface=${P}ext")
+        peers+=("--eth-peer=$i,${VM_MACS[$i]}")
+    done
+    # Main lcore on CPU 0, the forwarding lcore on CPU 1; no hugepages (malloc'd memory);
+    # --stats-period keeps it forwarding (without a terminal) until SIGINT.
+    incg ip netns exec "${P}-ext" dpdk-testpmd --no-huge -m 256 --no-pci --file-prefix "$GEN_PREFIX" -l 0,1 \
+        "${args[@]}" -- --total-num-mbufs=16384 --forward-mode=txonly --port-topology=loop --nb-cores=1 \
+        "${peers[@]}" --txpkts=64 --tx-ip=10.77.3.100,10.77.3.1 --stats-period 1 -a --no-lsc-interrupt \
+        >>"$WORK/generator.log" 2>&1 &
+    GEN_PID=$!
+    # Sending: the external veth's transmit counter moves.
+    local t0
+    t0=$(sent_frames)
+    if ! WAIT_S=30 wait_for sh -c "[ \$(ip netns exec ${P}-ext cat /sys/class/net/${P}ext/statistics/tx_packets) -gt $((t0 + 1000)) ]"; then
+        log "the generator does not send:"; tail -20 "$WORK/generator.log" >&2; return 1
+    fi
+}
+
+stop_generator() {
+    [ -n "$GEN_PID" ] || return 0
+    kill -INT "$GEN_PID" 2>/dev/null || true
+    local deadline=$(( $(date +%s) + 10 ))
+    while alive "$GEN_PID" && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.05; done
+    kill -KILL "$GEN_PID" 2>/dev/null || true
+    wait "$GEN_PID" 2>/dev/null || true
+    GEN_PID=""
+    rm -rf "/var/run/dpdk/$GEN_PREFIX"
+}
+
+sent_frames() { ip netns exec "${P}-ext" cat "/sys/class/net/${P}ext/statistics/tx_packets"; }
+
+pid_usec() { # PID: its CPU time so far (utime + stime), µs
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%d\n", ($12 + $13) * 1e6 / hz }' "/proc/$1/stat"
+}
+
+# frames_snapshot: "uptime_ns vm_tx_packets uplink_rx_packets uplink_kernel_drops drops vmq_usec gen_usec sent"
+frames_snapshot() {
+    local stats vu gu sent
+    stats=$("$VMQ" ctl --socket "$WORK/vmq.sock" --json stats)
+    vu=$(vmq_usec); gu=$(pid_usec "$GEN_PID"); sent=$(sent_frames)
+    python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+if not r.get("ok"):
+    sys.exit(f"vmq ctl stats: {r}")
+s = r["result"]
+vm = sum(p["tx_packets"] for p in s["ports"] if p["port"].startswith("vm"))
+up = next(p for p in s["ports"] if p["port"] == "up0")
+drops = sum(sum(p["drops"].values()) for p in s["ports"])
+print(s["uptime_ns"], vm, up["rx_packets"], up["kernel_drops"], drops, *sys.argv[1:])' "$vu" "$gu" "$sent" <<<"$stats"
+}
+
+FRAMES="$WORK/frames.txt"   # lines: key seconds delivered vmq_cpu_s gen_cpu_s sent uplink_rx kernel_drops drops
+: > "$FRAMES"
+
+measure_frames() { # mode driver: one run, appended to $FRAMES
+    local mode=$1 driver=$2 key a b
+    key="c:$mode:64"
+    if [ "$driver" = af_xdp ]; then key="c:$mode+af_xdp:64"; fi
+    start_vmq "$(vmq_b_config "$mode" "$driver")"
+    start_generator
+    sleep 1   # warm-up: rings and caches filled, the rebalancer has seen the rates
+    a=$(frames_snapshot)
+    sleep "$SECONDS_PER_RUN"   # the measurement window
+    b=$(frames_snapshot)
+    stop_generator
+    stop_vmq
+    python3 - "$key" $a $b >> "$FRAMES" <<'PY'
+import sys
+key, v = sys.argv[1], [int(x) for x in sys.argv[2:]]
+a, b = v[:8], v[8:]
+d = [y - x for x, y in zip(a, b)]
+secs, delivered = d[0] / 1e9, d[1]
+if delivered <= 0:
+    sys.exit(f"{key}: vmq delivered no frame to the VMs")
+print(key, f"{secs:.6f}", delivered, f"{d[5] / 1e6:.3f}", f"{d[6] / 1e6:.3f}", d[7], d[2], d[3], d[4])
+PY
+    read -r _ secs delivered vcpu gcpu sent uprx kdrops drops < <(tail -1 "$FRAMES")
+    log "  $key: $(python3 -c "print(f'{$delivered / $secs / 1e6:.3f} Mpps delivered ({$sent / $secs / 1e6:.3f} sent, {$uprx / $secs / 1e6:.3f} received by vmq), vmq {$vcpu / ($delivered / 1e6):.3f} CPU-s per million frames, generator {$gcpu:.2f} CPU-s')")"
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -512,7 +634,7 @@ if has_part a; then
     has_system vmq && setup_vmq_a
     has_system ovs && setup_ovs
 fi
-has_part b && setup_b
+if has_part b || has_part c; then setup_b; fi
 
 read -r -a SYSTEM_LIST <<<"$SYSTEMS"
 for round in $(seq 1 "$ROUNDS"); do
@@ -551,15 +673,26 @@ for round in $(seq 1 "$ROUNDS"); do
             done
         done
     fi
+    if has_part c; then
+        # Round r runs the (mode, driver) pairs forwards when odd, backwards when even.
+        pairs=()
+        for mode in vmq switch; do for driver in $DRIVERS; do pairs+=("$mode $driver"); done; done
+        n=${#pairs[@]}
+        for k in $(seq 0 $((n - 1))); do
+            if [ $((round % 2)) = 0 ]; then k=$((n - 1 - k)); fi
+            read -r mode driver <<<"${pairs[$k]}"
+            measure_frames "$mode" "$driver"
+        done
+    fi
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 mkdir -p bench/results
 [ -n "$OUT" ] || OUT="bench/results/netns-tcp-$(date -u +%Y%m%d-%H%M%S).json"
 
-python3 - "$RESULTS" "$OUT" "$ROUNDS" "$SECONDS_PER_RUN" "$QUICK" "$LOAD_BEFORE" "$LOAD_AFTER" "$VMQ" "$ARGS" "$([ -n "$CG" ] && echo 1 || echo 0)" <<'PY'
+python3 - "$RESULTS" "$OUT" "$ROUNDS" "$SECONDS_PER_RUN" "$QUICK" "$LOAD_BEFORE" "$LOAD_AFTER" "$VMQ" "$ARGS" "$([ -n "$CG" ] && echo 1 || echo 0)" "$FRAMES" "$XDP_MODE" <<'PY'
 import json, platform, statistics, subprocess, sys, datetime
-results_file, out, rounds, secs, quick, load_before, load_after, vmq, args, have_cg = sys.argv[1:]
+results_file, out, rounds, secs, quick, load_before, load_after, vmq, args, have_cg, frames_file, xdp_mode = sys.argv[1:]
 groups = {}
 for line in open(results_file):
     key, gbps, cpu, nbytes, vcpu = line.split()
@@ -630,6 +763,52 @@ for m in measurements:
                             "gbps_on": m["median_gbps"], "gbps_off": off["median_gbps"],
                             "saving": s, "target": 0.8 if m["system"] == "vmq" else None,
                             "target_met": (s >= 0.8) if m["system"] == "vmq" else None})
+# (c) 64-byte frames: per (mode, driver), every run and medians.
+fgroups = {}
+for line in open(frames_file):
+    key, fsecs, delivered, vcpu, gcpu, sent, uprx, kdrops, drops = line.split()
+    fsecs, delivered, vcpu, gcpu = float(fsecs), int(delivered), float(vcpu), float(gcpu)
+    fgroups.setdefault(key, []).append({
+        "seconds": fsecs, "delivered": delivered, "sent": int(sent), "uplink_rx": int(uprx),
+        "uplink_kernel_drops": int(kdrops), "vmq_drops": int(drops),
+        "mpps": delivered / fsecs / 1e6, "sent_mpps": int(sent) / fsecs / 1e6,
+        "vmq_cpu_s": vcpu, "generator_cpu_s": gcpu,
+        # CPU-seconds per million frames delivered: vmq alone, and vmq + the generator.
+        "vmq_cpu_s_per_mframe": vcpu / (delivered / 1e6),
+        "total_cpu_s_per_mframe": (vcpu + gcpu) / (delivered / 1e6),
+    })
+frames = []
+for key, runs in fgroups.items():
+    _, system, size = key.split(":")
+    mode, _, driver = system.partition("+")
+    frames.append({"key": key, "system": system, "mode": mode, "driver": driver or "af_packet",
+                   "frame_bytes": int(size), "runs": runs,
+                   "median_mpps": statistics.median(r["mpps"] for r in runs),
+                   "median_sent_mpps": statistics.median(r["sent_mpps"] for r in runs),
+                   "median_vmq_cpu_s_per_mframe": statistics.median(r["vmq_cpu_s_per_mframe"] for r in runs),
+                   "median_total_cpu_s_per_mframe": statistics.median(r["total_cpu_s_per_mframe"] for r in runs)})
+fmed = {f["system"]: f for f in frames}
+frame_comparisons = []
+for mode in ("vmq", "switch"):
+    a, b = fmed.get(f"{mode}+af_xdp"), fmed.get(mode)
+    if a and b:
+        # Frames per vmq CPU-second, AF_XDP over AF_PACKET (the inverse ratio of CPU per frame).
+        r = b["median_vmq_cpu_s_per_mframe"] / a["median_vmq_cpu_s_per_mframe"]
+        frame_comparisons.append({"test": f"64 B external -> 3 VMs, {mode} mode, frames per vmq CPU-s",
+                                  "a": "AF_XDP uplink", "b": "AF_PACKET uplink", "ratio": r, "target": 1.5,
+                                  "target_met": r >= 1.5, "a_median_mpps": a["median_mpps"], "b_median_mpps": b["median_mpps"],
+                                  "mpps_ratio": a["median_mpps"] / b["median_mpps"],
+                                  "total_ratio": b["median_total_cpu_s_per_mframe"] / a["median_total_cpu_s_per_mframe"]})
+for driver in ("", "+af_xdp"):
+    a, b = fmed.get(f"vmq{driver}"), fmed.get(f"switch{driver}")
+    if a and b:
+        # vmq CPU per frame, vmq mode over switch mode: the goal is at most 0.7.
+        r = a["median_vmq_cpu_s_per_mframe"] / b["median_vmq_cpu_s_per_mframe"]
+        frame_comparisons.append({"test": f"64 B external -> 3 VMs, {'AF_XDP' if driver else 'AF_PACKET'} uplink, vmq CPU per frame",
+                                  "a": "vmq mode", "b": "switch mode", "ratio": r, "target": 0.7,
+                                  "target_met": r <= 0.7, "a_median_mpps": a["median_mpps"], "b_median_mpps": b["median_mpps"],
+                                  "mpps_ratio": a["median_mpps"] / b["median_mpps"],
+                                  "total_ratio": a["median_total_cpu_s_per_mframe"] / b["median_total_cpu_s_per_mframe"]})
 report = {
     "benchmark": "netns-tcp",
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -638,16 +817,19 @@ report = {
                 "cpu": cpu, "kernel": platform.release(),
                 "load_average_before": load_before, "load_average_after": load_after},
     "settings": {"rounds": int(rounds), "seconds_per_run": float(secs), "quick": quick == "1",
-                 "vmq_workers": 2, "vmq": vmq, "cpu_accounting": "cgroup v2 cpu.stat" if have_cg == "1" else None,
+                 "vmq_workers": 2, "vmq": vmq, "xdp_mode": xdp_mode, "cpu_accounting": "cgroup v2 cpu.stat" if have_cg == "1" else None,
                  "vmq_cpu_accounting": "/proc/PID/stat utime + stime of the vmq process"},
     "measurements": measurements,
     "comparisons": comparisons,
     "offload_cpu_saving": savings,
+    "frames_64": frames,
+    "frames_64_comparisons": frame_comparisons,
 }
 print()
 print(f"netns TCP ({rounds} round(s) of {secs} s, medians; load {load_before} -> {load_after})")
-print("CPU-s/GB: every process of the measurement (cgroup: the switch and the iperf3 endpoints); vmq: its process alone")
-print(f"{'system':<8} {'MTU':>5} {'offl':>4} {'str':>3} {'Gbit/s':>7} {'CPU-s/GB':>9} {'vmq':>6}  runs (Gbit/s)")
+if measurements:
+    print("CPU-s/GB: every process of the measurement (cgroup: the switch and the iperf3 endpoints); vmq: its process alone")
+    print(f"{'system':<8} {'MTU':>5} {'offl':>4} {'str':>3} {'Gbit/s':>7} {'CPU-s/GB':>9} {'vmq':>6}  runs (Gbit/s)")
 fmt = lambda c, w: f"{(f'{c:.3f}' if c is not None else '-'):>{w}}"
 for m in sorted(measurements, key=lambda m: (m["part"], m["mtu"], not m["offloads"], m["streams"], m["system"])):
     print(f"{m['system']:<8} {m['mtu']:>5} {'on' if m['offloads'] else 'off':>4} {m['streams']:>3} {m['median_gbps']:>7.2f} "
@@ -659,6 +841,18 @@ for s in savings:
     t = f" (target 80%: {'met' if s['target_met'] else 'MISSED'})" if s["target"] else ""
     print(f"CPU per GB, offloads on vs off, {s['system']}, MTU {s['mtu']}, {s['streams']} stream(s): "
           f"{s['cpu_s_per_gb_on']:.3f} vs {s['cpu_s_per_gb_off']:.3f} s/GB, {100 * s['saving']:.0f}% less{t}")
+if frames:
+    print()
+    print("64-byte frames, external -> 3 VMs (medians). CPU-s/Mf: CPU-seconds per million frames delivered;")
+    print("vmq: its process alone; +gen: with the generator (which also pays the kernel's receive softirq)")
+    print(f"{'system':<14} {'Mpps':>6} {'sent':>6} {'vmq CPU-s/Mf':>12} {'+gen':>6}  runs (Mpps)")
+    order = {"vmq": 0, "vmq+af_xdp": 1, "switch": 2, "switch+af_xdp": 3}
+    for f in sorted(frames, key=lambda f: order.get(f["system"], 9)):
+        print(f"{f['system']:<14} {f['median_mpps']:>6.3f} {f['median_sent_mpps']:>6.3f} {f['median_vmq_cpu_s_per_mframe']:>12.3f} "
+              f"{f['median_total_cpu_s_per_mframe']:>6.3f}  {', '.join('%.3f' % r['mpps'] for r in f['runs'])}")
+    for c in frame_comparisons:
+        cmp = ">=" if c["target"] > 1 else "<="
+        print(f"{c['test']:<60} {c['a']} / {c['b']}: {c['ratio']:.2f}x (goal {cmp} {c['target']}x: {'met' if c['target_met'] else 'MISSED'})")
 json.dump(report, open(out, "w"), indent=2)
 print(f"\nresults: {out}")
 PY

@@ -377,6 +377,10 @@ pub fn generate(s: &Suite, result_file: &str, plots: &[(&str, &str)]) -> String 
         md.push('\n');
     }
 
+    if let Some(n) = &netns {
+        afxdp_section(n, &mut md, &mut targets);
+    }
+
     if !targets.is_empty() {
         let _ = writeln!(md, "### Targets of this run\n");
         let _ = writeln!(md, "| target | goal | measured | |\n|---|---|---|---|");
@@ -385,6 +389,116 @@ pub fn generate(s: &Suite, result_file: &str, plots: &[(&str, &str)]) -> String 
         }
     }
     with_machine_under_headings(&md, &machine_line(m, result_file))
+}
+
+/// Scenario 6, the AF_XDP uplink against AF_PACKET (netns-tcp.sh parts b and c with both drivers), and
+/// vmq mode against switch mode in 64-byte frames.
+fn afxdp_section(n: &NetnsSummary, md: &mut String, targets: &mut Vec<Target>) {
+    let tcp = |mode: &str, driver: &str| {
+        let system = if driver == "af_xdp" { format!("{mode}+af_xdp") } else { mode.to_string() };
+        n.find("b", &system, 1500, true, 3)
+    };
+    let any_xdp = tcp("vmq", "af_xdp").is_some()
+        || tcp("switch", "af_xdp").is_some()
+        || n.frames_64.iter().any(|f| f.driver == "af_xdp");
+    if !any_xdp {
+        return;
+    }
+    let _ = writeln!(md, "### 6. AF_XDP uplink vs AF_PACKET (external host -> 3 TAP VMs, 2 workers)\n");
+    let _ = writeln!(
+        md,
+        "`bench/netns-tcp.sh` part (b), 3 iperf3 streams, and part (c), 64-byte frames from `dpdk-testpmd` (txonly, \
+         `net_af_packet`) in the external namespace to the 3 VMs' MACs as fast as it sends; Mpps = frames vmq delivered \
+         to the VMs (its counters). CPU: the vmq process (`/proc/PID/stat`); \"+ generator\" adds the generator, which \
+         also pays the kernel's receive softirq on the veth. AF_XDP: native XDP on the veth (copy mode).\n"
+    );
+    let _ = writeln!(md, "| test | mode | AF_PACKET | AF_XDP | AF_XDP / AF_PACKET |\n|---|---|---:|---:|---:|");
+    for mode in ["vmq", "switch"] {
+        let label = if mode == "vmq" { "vmq mode" } else { "switch mode" };
+        if let (Some(a), Some(x_)) = (tcp(mode, "af_packet"), tcp(mode, "af_xdp")) {
+            let _ = writeln!(
+                md,
+                "| TCP, Gbit/s | {label} | {:.2} | {:.2} | {} |",
+                a.median_gbps,
+                x_.median_gbps,
+                x(ratio(Some(x_.median_gbps), Some(a.median_gbps)))
+            );
+            if let (Some(ac), Some(xc)) = (a.median_vmq_cpu_s_per_gb, x_.median_vmq_cpu_s_per_gb) {
+                let _ = writeln!(
+                    md,
+                    "| TCP, vmq CPU-s/GB | {label} | {ac:.3} | {xc:.3} | {} |",
+                    x(ratio(Some(xc), Some(ac)))
+                );
+            }
+        }
+        if let (Some(a), Some(x_)) = (n.frames(mode, "af_packet"), n.frames(mode, "af_xdp")) {
+            let _ = writeln!(
+                md,
+                "| 64 B, Mpps | {label} | {:.3} | {:.3} | {} |",
+                a.median_mpps,
+                x_.median_mpps,
+                x(ratio(Some(x_.median_mpps), Some(a.median_mpps)))
+            );
+            let _ = writeln!(
+                md,
+                "| 64 B, vmq CPU-s per million frames | {label} | {:.3} | {:.3} | {} |",
+                a.median_vmq_cpu_s_per_mframe,
+                x_.median_vmq_cpu_s_per_mframe,
+                x(ratio(Some(x_.median_vmq_cpu_s_per_mframe), Some(a.median_vmq_cpu_s_per_mframe)))
+            );
+            let _ = writeln!(
+                md,
+                "| 64 B, vmq + generator CPU-s per million frames | {label} | {:.3} | {:.3} | {} |",
+                a.median_total_cpu_s_per_mframe,
+                x_.median_total_cpu_s_per_mframe,
+                x(ratio(Some(x_.median_total_cpu_s_per_mframe), Some(a.median_total_cpu_s_per_mframe)))
+            );
+            // Frames per vmq CPU-second: the inverse ratio of CPU per frame.
+            let r = ratio(Some(a.median_vmq_cpu_s_per_mframe), Some(x_.median_vmq_cpu_s_per_mframe));
+            targets.push(Target {
+                what: format!("64 B external -> 3 VMs, {label}: frames per vmq CPU-s, AF_XDP / AF_PACKET"),
+                goal: "1.5x".into(),
+                measured: x(r),
+                verdict: verdict(r, 1.5),
+            });
+        }
+    }
+    md.push('\n');
+    let mut rows = Vec::new();
+    for driver in ["af_packet", "af_xdp"] {
+        if let (Some(v), Some(w)) = (n.frames("vmq", driver), n.frames("switch", driver)) {
+            rows.push((driver, v, w));
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "| 64 B, vmq CPU-s per million frames | vmq mode | switch mode | vmq / switch |\n|---|---:|---:|---:|"
+    );
+    for (driver, v, w) in rows {
+        let label = if driver == "af_xdp" { "AF_XDP" } else { "AF_PACKET" };
+        let r = ratio(Some(v.median_vmq_cpu_s_per_mframe), Some(w.median_vmq_cpu_s_per_mframe));
+        let _ = writeln!(
+            md,
+            "| {label} uplink | {:.3} | {:.3} | {} |",
+            v.median_vmq_cpu_s_per_mframe,
+            w.median_vmq_cpu_s_per_mframe,
+            x(r)
+        );
+        targets.push(Target {
+            what: format!("64 B external -> 3 VMs, {label} uplink: vmq CPU per frame, vmq mode / switch mode"),
+            goal: "at most 0.7x".into(),
+            measured: x(r),
+            verdict: match r {
+                Some(r) if r <= 0.7 => "met",
+                Some(_) => "**missed**",
+                None => "not measured",
+            },
+        });
+    }
+    md.push('\n');
 }
 
 /// Which machine said it, and from which file: under every table's heading, since figures of
@@ -643,6 +757,56 @@ mod tests {
         let md = generate(&suite, "bench/results/suite-test.json", &[]);
         assert!(md.contains("CPU-s/GB, every process"), "{md}");
         assert!(!md.contains("the vmq process alone"), "{md}");
+    }
+
+    #[test]
+    fn afxdp_rows_compare_the_uplink_drivers_and_the_modes() {
+        let mut suite = fixture();
+        let b = |system: &str, gbps: f64, vmq: f64| {
+            serde_json::json!({"part": "b", "system": system, "mtu": 1500, "offloads": true, "streams": 3,
+                "median_gbps": gbps, "median_cpu_s_per_gb": 1.0, "median_vmq_cpu_s_per_gb": vmq})
+        };
+        let f = |mode: &str, driver: &str, mpps: f64, vmq: f64, total: f64| {
+            serde_json::json!({"mode": mode, "driver": driver, "median_mpps": mpps,
+                "median_vmq_cpu_s_per_mframe": vmq, "median_total_cpu_s_per_mframe": total})
+        };
+        suite.netns = Some(serde_json::json!({
+            "measurements": [b("vmq", 10.0, 0.5), b("vmq+af_xdp", 5.0, 1.0), b("switch", 8.0, 0.5), b("switch+af_xdp", 4.0, 1.0)],
+            "frames_64": [f("vmq", "af_packet", 0.5, 0.6, 2.0), f("vmq", "af_xdp", 0.8, 0.3, 1.6),
+                          f("switch", "af_packet", 0.4, 1.0, 2.4), f("switch", "af_xdp", 0.6, 0.4, 2.0)],
+        }));
+        let md = generate(&suite, "bench/results/suite-test.json", &[]);
+        assert!(md.contains("| TCP, Gbit/s | vmq mode | 10.00 | 5.00 | 0.50x |"), "{md}");
+        assert!(md.contains("| TCP, vmq CPU-s/GB | switch mode | 0.500 | 1.000 | 2.00x |"), "{md}");
+        assert!(md.contains("| 64 B, Mpps | vmq mode | 0.500 | 0.800 | 1.60x |"), "{md}");
+        assert!(md.contains("| 64 B, vmq CPU-s per million frames | vmq mode | 0.600 | 0.300 | 0.50x |"), "{md}");
+        assert!(
+            md.contains("| 64 B, vmq + generator CPU-s per million frames | switch mode | 2.400 | 2.000 | 0.83x |"),
+            "{md}"
+        );
+        // Frames per vmq CPU-s: 0.6 / 0.3 = 2.00x in vmq mode (met), 1.0 / 0.4 = 2.50x in switch mode.
+        assert!(
+            md.contains(
+                "| 64 B external -> 3 VMs, vmq mode: frames per vmq CPU-s, AF_XDP / AF_PACKET | 1.5x | 2.00x | met |"
+            ),
+            "{md}"
+        );
+        // vmq / switch CPU per frame: 0.6 / 1.0 = 0.60x (met), 0.3 / 0.4 = 0.75x (missed).
+        assert!(md.contains("| AF_PACKET uplink | 0.600 | 1.000 | 0.60x |"), "{md}");
+        assert!(
+            md.contains("AF_PACKET uplink: vmq CPU per frame, vmq mode / switch mode | at most 0.7x | 0.60x | met |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "AF_XDP uplink: vmq CPU per frame, vmq mode / switch mode | at most 0.7x | 0.75x | **missed** |"
+            ),
+            "{md}"
+        );
+        // Without AF_XDP rows there is no section 6.
+        suite.netns = Some(serde_json::json!({"measurements": [b("vmq", 10.0, 0.5), b("switch", 8.0, 0.5)]}));
+        let md = generate(&suite, "bench/results/suite-test.json", &[]);
+        assert!(!md.contains("### 6. AF_XDP"), "{md}");
     }
 
     #[test]

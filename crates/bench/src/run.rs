@@ -276,13 +276,13 @@ fn run_netns(
     suite: &mut Suite,
 ) -> Result<(), RunError> {
     if !is_root {
-        skip(suite, "netns TCP (scenarios 1, 3, 5b): needs root (network namespaces)".into());
+        skip(suite, "netns TCP (scenarios 1, 3, 5b, 6): needs root (network namespaces)".into());
         return Ok(());
     }
     if !peer_ok(peers, "iperf3") {
         skip(
             suite,
-            "netns TCP (scenarios 1, 3, 5b): iperf3/ip/ethtool missing (apt-get install iperf3 iproute2 ethtool)"
+            "netns TCP (scenarios 1, 3, 5b, 6): iperf3/ip/ethtool missing (apt-get install iperf3 iproute2 ethtool)"
                 .into(),
         );
         return Ok(());
@@ -293,13 +293,23 @@ fn run_netns(
     } else {
         skip(suite, "OVS userspace in netns TCP: openvswitch-switch is not installed".into());
     }
+    // Part (c), 64-byte frames from a generator behind the uplink, needs dpdk-testpmd.
+    let frames_64 = peer_ok(peers, "dpdk-testpmd");
+    if !frames_64 {
+        skip(
+            suite,
+            "64-byte frames through the uplink (scenario 6): dpdk-testpmd missing (apt-get install dpdk-dev)".into(),
+        );
+    }
     let out = tmp.join("netns.json");
     let seconds = opts.seconds.unwrap_or(if opts.quick { 1.0 } else { 5.0 });
     let mut cmd = Command::new("bash");
     cmd.arg(opts.repo.join("bench/netns-tcp.sh"))
         .args(["--rounds", &opts.rounds.to_string(), "--seconds", &seconds.to_string()])
         .args(["--systems", &systems.join(" "), "--mtus", "1500 9000", "--offloads", "on off"])
-        .args(["--streams", if opts.quick { "1" } else { "1 4" }, "--parts", "a b"])
+        .args(["--streams", if opts.quick { "1" } else { "1 4" }, "--parts", if frames_64 { "a b c" } else { "a b" }])
+        // Parts (b) and (c) with each uplink driver (scenario 6).
+        .args(["--drivers", "af_packet af_xdp"])
         .args(["--prefix", &opts.prefix, "--vmq"])
         .arg(&opts.vmq)
         .arg("--out")
@@ -307,7 +317,9 @@ fn run_netns(
         .current_dir(&opts.repo);
     println!("\nvmq-bench: scenario netns TCP ({}): {:?}", systems.join(", "), cmd);
     // Budget: measurements x (seconds + setup), generously.
-    let per_round = 2 * 2 * if opts.quick { 1 } else { 2 } * systems.len() as u64 + 2;
+    // Part (a): MTUs x offloads x streams x systems; (b): 2 modes x 2 drivers; (c) the same, each
+    // with a second of warm-up.
+    let per_round = 2 * 2 * if opts.quick { 1 } else { 2 } * systems.len() as u64 + 4 + if frames_64 { 8 } else { 0 };
     let deadline = Duration::from_secs(120 + opts.rounds as u64 * per_round * (seconds as u64 + 15));
     let status = run_bounded(cmd, "bench/netns-tcp.sh", deadline)?;
     if !status.success() {
@@ -327,6 +339,16 @@ fn run_netns(
                 m.part, m.system, m.mtu
             )));
         }
+    }
+    // Part (c): each mode with each driver delivered frames.
+    if frames_64 && summary.frames_64.len() < 4 {
+        return Err(RunError::Failed(format!(
+            "bench/netns-tcp.sh part (c): {} of 4 mode/driver rows of 64-byte frames",
+            summary.frames_64.len()
+        )));
+    }
+    if let Some(f) = summary.frames_64.iter().find(|f| f.median_mpps <= 0.0) {
+        return Err(RunError::Failed(format!("64-byte frames, {} mode, {}: nothing delivered", f.mode, f.driver)));
     }
     suite.netns = Some(v);
     Ok(())

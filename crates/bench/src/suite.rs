@@ -115,6 +115,24 @@ pub fn system_label(system: &str) -> &str {
 pub struct NetnsSummary {
     #[serde(default)]
     pub measurements: Vec<NetnsMeasurement>,
+    /// Part (c): 64-byte frames from a generator behind the uplink to 3 TAP VMs.
+    #[serde(default)]
+    pub frames_64: Vec<Frames64>,
+}
+
+/// One (mode, uplink driver) of part (c), medians of the rounds.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Frames64 {
+    /// `vmq` or `switch`.
+    pub mode: String,
+    /// `af_packet` or `af_xdp`.
+    pub driver: String,
+    /// Frames vmq delivered to the VMs, millions per second.
+    pub median_mpps: f64,
+    /// The vmq process's CPU-seconds per million frames delivered.
+    pub median_vmq_cpu_s_per_mframe: f64,
+    /// The same with the generator's CPU (which pays the kernel's receive softirq on the veth).
+    pub median_total_cpu_s_per_mframe: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +177,11 @@ impl NetnsSummary {
 
     pub fn cpu_s_per_gb(&self, system: &str, mtu: u32, offloads: bool, streams: u32) -> Option<f64> {
         self.find("a", system, mtu, offloads, streams).and_then(|m| m.median_cpu_s_per_gb)
+    }
+
+    /// Part (c)'s row of one mode and uplink driver.
+    pub fn frames(&self, mode: &str, driver: &str) -> Option<&Frames64> {
+        self.frames_64.iter().find(|f| f.mode == mode && f.driver == driver)
     }
 
     /// Systems of part (a), vmq first.
@@ -236,6 +259,24 @@ mod tests {
         assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median([f64::NAN, 5.0, f64::INFINITY]), 5.0);
         assert_eq!(median([]), 0.0);
+    }
+
+    #[test]
+    fn the_netns_script_output_with_both_uplink_drivers_reads_back() {
+        // A real result of `bench/netns-tcp.sh --parts "b c" --drivers "af_packet af_xdp"`.
+        let v: serde_json::Value =
+            serde_json::from_str(include_str!("../../../bench/results/netns-afxdp-64b-tcp-20261205.json")).unwrap();
+        let n = NetnsSummary::from_value(&v).unwrap();
+        assert_eq!(n.frames_64.len(), 4);
+        for mode in ["vmq", "switch"] {
+            for driver in ["af_packet", "af_xdp"] {
+                let f = n.frames(mode, driver).unwrap();
+                assert!(f.median_mpps > 0.0 && f.median_vmq_cpu_s_per_mframe > 0.0, "{f:?}");
+                assert!(f.median_total_cpu_s_per_mframe > f.median_vmq_cpu_s_per_mframe, "{f:?}");
+            }
+        }
+        assert!(n.find("b", "vmq+af_xdp", 1500, true, 3).is_some());
+        assert!(n.find("b", "switch", 1500, true, 3).is_some());
     }
 
     #[test]
