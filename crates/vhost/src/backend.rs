@@ -35,7 +35,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
 use vmq_wire::MacAddr;
 
-use crate::device::{MAX_QUEUE_SIZE, NUM_QUEUES, NetDevice};
+use crate::device::{MAX_QUEUE_SIZE, NetDevice};
 
 /// Most memory regions a frontend may hand over (QEMU uses one to a few, at most 8 without
 /// CONFIGURE_MEM_SLOTS; this is also the `vhost` crate's limit of fds per message).
@@ -95,8 +95,8 @@ impl NetDeviceConfig {
 ///   guest still sees MTU N but no frame ever moves). The `vhost` crate does not parse this
 ///   request; `server.rs` intercepts it.
 /// - MQ: QEMU asks GET_QUEUE_NUM and compares it with its `queues=` (queue *pairs*); vmq
-///   answers 1, so `queues=2` fails at QEMU start with "you are asking more queues than
-///   supported: 1". With one pair nothing changes: QEMU 7.2 sends SET_VRING_ENABLE as early
+///   answers the port's pairs (`mq.rs`), so `queues=2` on a one-pair port fails at QEMU start
+///   with "you are asking more queues than supported: 1". With one pair nothing changes: QEMU 7.2 sends SET_VRING_ENABLE as early
 ///   (before SET_FEATURES) with or without MQ; `server.rs` intercepts it.
 /// - CONFIG: QEMU 7.2's vhost-user-net does not use GET_CONFIG (its config space comes from the
 ///   -device options) and prints one warning per start: "vhost-user backend supports
@@ -240,9 +240,9 @@ impl NetBackend {
             .ok_or_else(|| invalid("ring address outside the memory table"))
     }
 
-    fn check_index(index: u32) -> ProtoResult<usize> {
+    fn check_index(&self, index: u32) -> ProtoResult<usize> {
         let i = index as usize;
-        if i < NUM_QUEUES { Ok(i) } else { Err(invalid("queue index beyond the single queue pair")) }
+        if i < self.device.num_rings() { Ok(i) } else { Err(invalid("queue index beyond the port's queue pairs")) }
     }
 
     /// Ring setup (size, addresses, base) is only allowed while the ring is stopped: the worker
@@ -256,7 +256,7 @@ impl NetBackend {
     }
 
     fn any_ring_started(&self) -> bool {
-        (0..NUM_QUEUES).any(|i| self.device.vring(i).started)
+        (0..self.device.num_rings()).any(|i| self.device.vring(i).started)
     }
 
     /// VHOST_USER_F_PROTOCOL_FEATURES counts as negotiated once the backend offers it (it is a
@@ -275,7 +275,7 @@ impl NetBackend {
     /// the data path when the device runs or stops.
     fn update_running(&mut self) {
         let mem = self.device.mem.memory();
-        for i in 0..NUM_QUEUES {
+        for i in 0..self.device.num_rings() {
             let mut ring = self.device.vring(i);
             if ring.kick.is_some() && !ring.started {
                 // `is_valid` checks the whole descriptor table and both rings against guest
@@ -315,7 +315,7 @@ impl NetBackend {
 
     /// SET_VRING_ENABLE (intercepted by `server.rs`, see there for why).
     pub fn enable_vring(&mut self, index: u32, enable: bool) -> ProtoResult<()> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         self.device.vring(i).enabled = enable;
         self.update_running();
         Ok(())
@@ -345,7 +345,7 @@ impl NetBackend {
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.config.mac.0);
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&self.device.queue_pairs().to_le_bytes());
         c[10..12].copy_from_slice(&self.config.mtu.to_le_bytes());
         c
     }
@@ -371,11 +371,11 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_features(&mut self) -> ProtoResult<u64> {
-        Ok(self.config.offered_features())
+        Ok(crate::mq::offered_features(&self.config, &self.device))
     }
 
     fn set_features(&mut self, features: u64) -> ProtoResult<()> {
-        let offered = self.config.offered_features();
+        let offered = crate::mq::offered_features(&self.config, &self.device);
         if features & !offered != 0 {
             return Err(invalid("frontend acknowledged features vmq did not offer"));
         }
@@ -389,7 +389,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         self.acked_features = features;
         self.device.set_acked_features(features);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        for i in 0..NUM_QUEUES {
+        for i in 0..self.device.num_rings() {
             let mut ring = self.device.vring(i);
             ring.queue.set_event_idx(event_idx);
             // Without protocol features, rings are enabled as soon as they are kicked.
@@ -450,7 +450,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> ProtoResult<()> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         self.check_stopped(i)?;
         let size = u16::try_from(num).map_err(|_| invalid("ring size beyond 16 bits"))?;
         if size > MAX_QUEUE_SIZE {
@@ -468,7 +468,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         available: u64,
         _log: u64,
     ) -> ProtoResult<()> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         self.check_stopped(i)?;
         let desc = self.vmm_to_gpa(descriptor)?;
         let avail = self.vmm_to_gpa(available)?;
@@ -486,7 +486,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> ProtoResult<()> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         self.check_stopped(i)?;
         // Ring indices are free-running 16-bit counters: any 16-bit value is a valid position.
         let base = u16::try_from(base).map_err(|_| invalid("ring base beyond 16 bits"))?;
@@ -497,7 +497,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_vring_base(&mut self, index: u32) -> ProtoResult<VhostUserVringState> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         let next_avail = {
             let mut ring = self.device.vring(i);
             // The frontend stops the ring with this message: stop serving it, forget the fds.
@@ -515,7 +515,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> ProtoResult<()> {
-        let i = Self::check_index(index as u32)?;
+        let i = self.check_index(index as u32)?;
         // Polling mode (no kick fd) is not offered: vmq's workers sleep on kicks.
         let fd = fd.ok_or_else(|| invalid("ring without a kick fd (polling mode) is not supported"))?;
         check_eventfd(&fd)?;
@@ -545,7 +545,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> ProtoResult<()> {
-        let i = Self::check_index(index as u32)?;
+        let i = self.check_index(index as u32)?;
         // QEMU replaces the call fd of running rings (interrupt masking), and sends the final
         // one of a starting device only after its kick, i.e. after `Started`. Workers read it
         // from the ring under its lock for every signal, so the next one goes to the new fd;
@@ -564,7 +564,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
 
     fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> ProtoResult<()> {
         // vmq never reports ring errors this way; the fd is closed.
-        Self::check_index(index as u32)?;
+        self.check_index(index as u32)?;
         Ok(())
     }
 
@@ -583,8 +583,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_queue_num(&mut self) -> ProtoResult<u64> {
-        // For vhost-user-net, QEMU (and DPDK) read this as queue *pairs*: vmq serves one.
-        Ok(1)
+        // For vhost-user-net, QEMU (and DPDK) read this as queue *pairs*.
+        Ok(u64::from(self.device.queue_pairs()))
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> ProtoResult<()> {
