@@ -8,6 +8,9 @@
 #       once, 3 iperf3 clients in parallel, summed: vmq in `vmq` mode and in `switch` mode,
 #       2 workers.
 #
+#       --drivers "af_packet af_xdp" measures (b) with each uplink driver (AF_XDP: native XDP on
+#       the veth; rows "vmq+af_xdp", "switch+af_xdp") and compares CPU per GB between them.
+#
 #   The suite (bench/vmq-bench, `vmq-bench run`) widens (a) with options: more switches
 #   (--systems "vmq bridge ovs": Open vSwitch's userspace datapath, datapath_type=netdev,
 #   ovsdb-server and ovs-vswitchd started here in a temporary directory, the switch in its own
@@ -29,7 +32,7 @@
 #
 # usage: bench/netns-tcp.sh [--quick] [--rounds N] [--seconds S] [--vmq PATH] [--out FILE]
 #          [--systems "vmq bridge ovs"] [--mtus "1500 9000"] [--offloads "on off"]
-#          [--streams "1 4"] [--parts "a b"] [--prefix P]
+#          [--streams "1 4"] [--parts "a b"] [--drivers "af_packet af_xdp"] [--prefix P]
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -44,6 +47,7 @@ MTUS="1500 9000"
 OFFLOADS="on"
 STREAMS="1"
 PARTS="a b"
+DRIVERS="af_packet"
 P=vqnb                       # prefix of every namespace and interface made here
 ARGS="$*"
 while [ $# -gt 0 ]; do
@@ -58,6 +62,7 @@ while [ $# -gt 0 ]; do
         --offloads) OFFLOADS="$2"; shift ;;
         --streams) STREAMS="$2"; shift ;;
         --parts) PARTS="$2"; shift ;;
+        --drivers) DRIVERS="$2"; shift ;;
         --prefix) P="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
@@ -82,6 +87,7 @@ for sys in $SYSTEMS; do
         *) echo "unknown system $sys (vmq, bridge, ovs)" >&2; exit 2 ;;
     esac
 done
+for d in $DRIVERS; do case "$d" in af_packet|af_xdp) ;; *) echo "--drivers takes af_packet/af_xdp" >&2; exit 2 ;; esac; done
 for o in $OFFLOADS; do case "$o" in on|off) ;; *) echo "--offloads takes on/off" >&2; exit 2 ;; esac; done
 for m in $MTUS; do case "$m" in 1500|9000) ;; *) echo "--mtus takes 1500/9000" >&2; exit 2 ;; esac; done
 
@@ -482,9 +488,11 @@ setup_b() {
     for i in 1 2 3; do mkns "${P}m$i"; done
 }
 
-vmq_b_config() { # mode
+vmq_b_config() { # mode [driver]
     printf '[switch]\nmode = "%s"\nworkers = 2\n\n' "$1"
-    printf '[[port]]\nname = "up0"\nkind = "uplink"\nifname = "%s"\nnetns = "%s"\n\n' "${P}up" "${P}-sw"
+    printf '[[port]]\nname = "up0"\nkind = "uplink"\nifname = "%s"\nnetns = "%s"\n' "${P}up" "${P}-sw"
+    [ "${2:-af_packet}" = af_xdp ] && printf 'driver = "af_xdp"\nxdp_mode = "native"\n'
+    printf '\n'
     for i in 1 2 3; do tap_port "vm$i" "${P}m$i" "${P}m$i" "02:00:00:00:0c:0$i" 1500; done
 }
 
@@ -532,11 +540,15 @@ for round in $(seq 1 "$ROUNDS"); do
         order="vmq switch"
         [ $((round % 2)) = 0 ] && order="switch vmq"
         for mode in $order; do
-            start_vmq "$(vmq_b_config "$mode")"
-            address_b
-            v=$(three_streams "${P}-ext" "${P}m1" 10.77.3.1 5211 "${P}m2" 10.77.3.2 5212 "${P}m3" 10.77.3.3 5213)
-            record "b:$mode:1500:on:3" "$v"
-            stop_vmq
+            for driver in $DRIVERS; do
+                start_vmq "$(vmq_b_config "$mode" "$driver")"
+                address_b
+                v=$(three_streams "${P}-ext" "${P}m1" 10.77.3.1 5211 "${P}m2" 10.77.3.2 5212 "${P}m3" 10.77.3.3 5213)
+                sys=$mode
+                [ "$driver" = af_xdp ] && sys="$mode+af_xdp"
+                record "b:$sys:1500:on:3" "$v"
+                stop_vmq
+            done
         done
     fi
 done
@@ -595,6 +607,17 @@ if "b:vmq:1500:on:3" in med and "b:switch:1500:on:3" in med:
                         "target_met": r is not None and r >= 1.5,
                         "a_cpu_s_per_gb": a["median_cpu_s_per_gb"], "b_cpu_s_per_gb": b["median_cpu_s_per_gb"],
                         "a_vmq_cpu_s_per_gb": a["median_vmq_cpu_s_per_gb"], "b_vmq_cpu_s_per_gb": b["median_vmq_cpu_s_per_gb"]})
+# AF_XDP against AF_PACKET uplinks: GB per CPU-second (the inverse of CPU per GB) of every
+# process of the measurement; the issue's goal is 1.5x.
+for mode in ("vmq", "switch"):
+    a, b = med.get(f"b:{mode}+af_xdp:1500:on:3"), med.get(f"b:{mode}:1500:on:3")
+    if a and b and a["median_cpu_s_per_gb"] and b["median_cpu_s_per_gb"]:
+        r = b["median_cpu_s_per_gb"] / a["median_cpu_s_per_gb"]
+        comparisons.append({"test": f"external -> 3 VMs, {mode} mode, GB per CPU-s", "a": "AF_XDP uplink",
+                            "a_median_gbps": a["median_gbps"], "b": "AF_PACKET uplink", "b_median_gbps": b["median_gbps"],
+                            "ratio": r, "target": 1.5, "target_met": r >= 1.5,
+                            "a_cpu_s_per_gb": a["median_cpu_s_per_gb"], "b_cpu_s_per_gb": b["median_cpu_s_per_gb"],
+                            "a_vmq_cpu_s_per_gb": a["median_vmq_cpu_s_per_gb"], "b_vmq_cpu_s_per_gb": b["median_vmq_cpu_s_per_gb"]})
 # CPU per GB with offloads on against off, per system (the 80% target is vmq's).
 savings = []
 for m in measurements:

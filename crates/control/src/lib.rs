@@ -10,6 +10,7 @@ pub mod client;
 mod lines;
 pub mod metrics;
 pub mod protocol;
+pub mod qmp;
 pub mod render;
 pub mod server;
 mod wait;

@@ -56,6 +56,14 @@ pub struct VhostMetrics {
     pub refused: u64,
     /// Panics caught while handling the frontend's messages (each ended its connection).
     pub panics: u64,
+    /// Live migration: QEMU has dirty logging on (the VM is migrating away) now.
+    pub logging: bool,
+    /// Times dirty logging was switched on (migrations away begun).
+    pub log_starts: u64,
+    /// Times the VM was handed over (its rings stopped while logging).
+    pub migrated_out: u64,
+    /// RARP announces injected after the VM arrived (SEND_RARP).
+    pub announces: u64,
 }
 
 /// The MAC table's size.
@@ -98,6 +106,15 @@ pub struct PortMetrics {
     pub up: bool,
     /// The port holds a VM queue of its own.
     pub queue_assigned: bool,
+    /// VM ports whose guest's receive filter is relayed (QMP).
+    pub rx_filter: Option<RxFilterMetrics>,
+}
+
+/// A VM port's applied guest receive filter.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RxFilterMetrics {
+    pub promiscuous: bool,
+    pub multicast_entries: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -151,7 +168,7 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let ports = &self.0.ports;
         type Get = fn(&PortMetrics) -> u64;
-        let per_port: [(&str, &str, Get); 14] = [
+        let per_port: [(&str, &str, Get); 16] = [
             ("vmq_port_rx_packets", "Frames received from the port", |p| p.counters.rx_packets),
             ("vmq_port_rx_bytes", "Bytes received from the port", |p| p.counters.rx_bytes),
             ("vmq_port_tx_packets", "Frames sent to the port", |p| p.counters.tx_packets),
@@ -180,6 +197,16 @@ impl Collector for SnapshotCollector {
             ("vmq_port_mac_change_refused", "Guest MAC changes refused by the port's policy (allow_mac_change)", |p| {
                 p.counters.mac_change_refused
             }),
+            (
+                "vmq_port_promiscuous_refused",
+                "Guest requests for promiscuous mode refused by the port's policy (allow_promiscuous)",
+                |p| p.counters.promiscuous_refused,
+            ),
+            (
+                "vmq_port_qmp_errors",
+                "QMP relay errors: unusable messages from QEMU, refused queries, connections lost",
+                |p| p.counters.qmp_errors,
+            ),
         ];
         for (name, help, get) in per_port {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -215,6 +242,26 @@ impl Collector for SnapshotCollector {
             }
         }
 
+        type FilterGet = fn(&RxFilterMetrics) -> i64;
+        let filter_gauges: [(&str, &str, FilterGet); 2] = [
+            (
+                "vmq_port_guest_promiscuous",
+                "1 if the guest's relayed receive filter is promiscuous and the policy allows it",
+                |f| i64::from(f.promiscuous),
+            ),
+            ("vmq_port_guest_multicast_entries", "Multicast addresses in the guest's relayed receive filter", |f| {
+                i64::try_from(f.multicast_entries).unwrap_or(i64::MAX)
+            }),
+        ];
+        for (name, help, get) in filter_gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for p in ports {
+                if let Some(f) = &p.rx_filter {
+                    ConstGauge::new(get(f)).encode(family.encode_family(&[("port", p.counters.port.as_str())])?)?;
+                }
+            }
+        }
+
         let vhost = &self.0.vhost;
         let mut connected = encoder.encode_descriptor(
             "vmq_vhost_connected",
@@ -225,8 +272,17 @@ impl Collector for SnapshotCollector {
         for v in vhost {
             ConstGauge::new(i64::from(v.connected)).encode(connected.encode_family(&[("port", v.port.as_str())])?)?;
         }
+        let mut logging = encoder.encode_descriptor(
+            "vmq_vhost_dirty_logging",
+            "1 while QEMU has dirty-page logging on for the port (its VM is migrating away)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for v in vhost {
+            ConstGauge::new(i64::from(v.logging)).encode(logging.encode_family(&[("port", v.port.as_str())])?)?;
+        }
         type VhostGet = fn(&VhostMetrics) -> u64;
-        let vhost_counters: [(&str, &str, VhostGet); 3] = [
+        let vhost_counters: [(&str, &str, VhostGet); 6] = [
             (
                 "vmq_vhost_connections",
                 "Frontend connections accepted on the port's socket (more than one: reconnects)",
@@ -236,6 +292,15 @@ impl Collector for SnapshotCollector {
             ("vmq_vhost_panics", "Panics caught handling the frontend's messages (each ended its connection)", |v| {
                 v.panics
             }),
+            (
+                "vmq_vhost_migration_log_starts",
+                "Times QEMU switched dirty logging on (live migrations away begun)",
+                |v| v.log_starts,
+            ),
+            ("vmq_vhost_migrations_out", "Times the VM's rings were handed over while logging (migrated away)", |v| {
+                v.migrated_out
+            }),
+            ("vmq_vhost_announces", "RARP announces injected for the VM after it arrived (SEND_RARP)", |v| v.announces),
         ];
         for (name, help, get) in vhost_counters {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

@@ -296,6 +296,32 @@ pub struct PortInfo {
     /// versions before client mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost: Option<VhostInfo>,
+    /// VM ports whose guest's receive filter is relayed (QMP): the filter vmq applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_filter: Option<RxFilterView>,
+    /// Uplinks configured with `driver = "af_xdp"` or `"auto"`: the driver in use (`af_xdp`,
+    /// `af_packet`); absent for plain AF_PACKET uplinks and other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+}
+
+/// A VM port's guest receive filter as vmq applies it (the guest's request narrowed by policy).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RxFilterView {
+    /// The guest gets unknown unicast to other MACs too.
+    pub promiscuous: bool,
+    /// The guest asks for promiscuous mode and `allow_promiscuous` refuses it.
+    pub promiscuous_refused: bool,
+    /// `normal` (the table), `none` or `all`.
+    pub multicast: String,
+    /// Multicast addresses the guest listens to.
+    pub multicast_entries: u32,
+    /// Extra unicast addresses the guest listens to (its unicast table).
+    pub unicast_entries: u32,
+    /// Tagged frames pass only with these VLAN ids (absent: every VLAN of the port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlans: Option<Vec<u16>>,
 }
 
 /// Which side of a vhost-user socket listens.
@@ -327,6 +353,24 @@ pub struct VhostInfo {
     /// Connections made since the port was added; every one after the first is a reconnect
     /// (a VM or vmq restart).
     pub connections: u64,
+    /// Live migration (absent from vmq versions before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationInfo>,
+}
+
+/// A vhost-user port's live-migration state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationInfo {
+    /// QEMU has dirty logging on: the VM is being migrated away from this vmq now.
+    pub logging: bool,
+    /// Times logging was switched on (migrations away begun).
+    pub log_starts: u64,
+    /// Times the VM's rings were handed over while logging (migrations away completed or
+    /// stopped for good).
+    pub migrated_out: u64,
+    /// RARP announces injected after the VM arrived here (SEND_RARP).
+    pub announces: u64,
 }
 
 /// `show`: the switch and its ports.
@@ -485,6 +529,12 @@ pub struct PortCounters {
     /// MAC changes the guest asked for and the port's policy refused (`allow_mac_change`).
     #[serde(default)]
     pub mac_change_refused: u64,
+    /// Promiscuous mode the guest asked for and the port's policy refused (`allow_promiscuous`).
+    #[serde(default)]
+    pub promiscuous_refused: u64,
+    /// QMP relay errors (unusable messages from QEMU, refused queries, connections lost).
+    #[serde(default)]
+    pub qmp_errors: u64,
 }
 
 impl PortCounters {

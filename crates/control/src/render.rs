@@ -151,6 +151,15 @@ fn attachment(p: &PortInfo) -> String {
     if let Some(v) = &p.vhost {
         let state = if v.connected { "connected" } else { "not connected" };
         parts.push(format!("{} mode, {state}, {} connections", v.mode.name(), v.connections));
+        if let Some(m) = &v.migration
+            && (m.logging || m.log_starts != 0 || m.announces != 0)
+        {
+            let logging = if m.logging { "dirty logging on" } else { "dirty logging off" };
+            parts.push(format!(
+                "migration: {logging}, {} started, {} handed over, {} announces",
+                m.log_starts, m.migrated_out, m.announces
+            ));
+        }
     }
     if let Some(i) = &p.ifname {
         parts.push(format!("ifname {i}"));
@@ -158,11 +167,27 @@ fn attachment(p: &PortInfo) -> String {
     if let Some(n) = &p.netns {
         parts.push(format!("netns {n}"));
     }
+    if let Some(d) = &p.driver {
+        parts.push(format!("driver {d}"));
+    }
     if let Some(u) = &p.uplink {
         parts.push(format!("uplink {u}"));
     }
     if p.allow_mac_spoofing {
         parts.push("mac-spoofing allowed".to_string());
+    }
+    if let Some(f) = &p.rx_filter {
+        let promiscuous = match (f.promiscuous, f.promiscuous_refused) {
+            (true, _) => "promiscuous",
+            (false, true) => "promiscuous refused",
+            (false, false) => "filtering",
+        };
+        let mut text = format!("guest filter: {promiscuous}, multicast {} ({})", f.multicast, f.multicast_entries);
+        if let Some(v) = &f.vlans {
+            let ids: Vec<String> = v.iter().map(u16::to_string).collect();
+            let _ = write!(text, ", vlans [{}]", ids.join(","));
+        }
+        parts.push(text);
     }
     if parts.is_empty() { "-".to_string() } else { parts.join(", ") }
 }

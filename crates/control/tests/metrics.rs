@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vmq_control::metrics::{
     BuildInfo, CONTENT_TYPE, FdbMetrics, MetricsConfig, MetricsExporter, MetricsSnapshot, NicQueueMetrics, PortMetrics,
-    QueueMetrics, VhostMetrics, WorkerMetrics,
+    QueueMetrics, RxFilterMetrics, VhostMetrics, WorkerMetrics,
 };
 use vmq_control::protocol::{OffloadCounters, PortCounters};
 
@@ -37,9 +37,12 @@ fn snapshot(scrape: u64) -> MetricsSnapshot {
             fdb_moves: base + 14,
             fdb_limit: base + 15,
             mac_change_refused: base + 16,
+            promiscuous_refused: base + 17,
+            qmp_errors: base + 18,
         },
         up,
         queue_assigned: queue,
+        rx_filter: queue.then_some(RxFilterMetrics { promiscuous: true, multicast_entries: base + 19 }),
     };
     MetricsSnapshot {
         ports: vec![port("vm1", 1000 * scrape, true, true), port("up0", 100_000 + scrape, false, false)],
@@ -48,8 +51,25 @@ fn snapshot(scrape: u64) -> MetricsSnapshot {
             WorkerMetrics { worker: 1, busy_ratio: 0.875, panics: 2 },
         ],
         vhost: vec![
-            VhostMetrics { port: "vm1".into(), connected: true, connections: 3 + scrape, refused: 1, panics: 0 },
-            VhostMetrics { port: "vm2".into(), connected: false, connections: 0, refused: 0, panics: 1 },
+            VhostMetrics {
+                port: "vm1".into(),
+                connected: true,
+                connections: 3 + scrape,
+                refused: 1,
+                panics: 0,
+                logging: true,
+                log_starts: 2,
+                migrated_out: 1,
+                announces: 1 + scrape,
+            },
+            VhostMetrics {
+                port: "vm2".into(),
+                connected: false,
+                connections: 0,
+                refused: 0,
+                panics: 1,
+                ..Default::default()
+            },
         ],
         fdb: FdbMetrics { entries: 17 + scrape, capacity: 65536 },
         queues: QueueMetrics {
@@ -195,10 +215,16 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
             ("vmq_fdb_moves_total", c.fdb_moves),
             ("vmq_fdb_limit_total", c.fdb_limit),
             ("vmq_port_mac_change_refused_total", c.mac_change_refused),
+            ("vmq_port_promiscuous_refused_total", c.promiscuous_refused),
+            ("vmq_port_qmp_errors_total", c.qmp_errors),
             ("vmq_queue_assigned", u64::from(p.queue_assigned)),
             ("vmq_port_up", u64::from(p.up)),
         ] {
             wanted.insert(key(name, &port), value as f64);
+        }
+        if let Some(f) = &p.rx_filter {
+            wanted.insert(key("vmq_port_guest_promiscuous", &port), f64::from(u8::from(f.promiscuous)));
+            wanted.insert(key("vmq_port_guest_multicast_entries", &port), f.multicast_entries as f64);
         }
         for (reason, count) in &c.drops {
             wanted.insert(key("vmq_port_drops_total", &[("port", &c.port), ("reason", reason)]), *count as f64);
@@ -214,6 +240,10 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
         wanted.insert(key("vmq_vhost_connections_total", &port), v.connections as f64);
         wanted.insert(key("vmq_vhost_refused_total", &port), v.refused as f64);
         wanted.insert(key("vmq_vhost_panics_total", &port), v.panics as f64);
+        wanted.insert(key("vmq_vhost_dirty_logging", &port), f64::from(u8::from(v.logging)));
+        wanted.insert(key("vmq_vhost_migration_log_starts_total", &port), v.log_starts as f64);
+        wanted.insert(key("vmq_vhost_migrations_out_total", &port), v.migrated_out as f64);
+        wanted.insert(key("vmq_vhost_announces_total", &port), v.announces as f64);
     }
     wanted.insert(key("vmq_fdb_entries", &[]), expected.fdb.entries as f64);
     wanted.insert(key("vmq_fdb_capacity", &[]), expected.fdb.capacity as f64);
@@ -229,7 +259,7 @@ fn a_scrape_parses_as_prometheus_text_and_equals_the_snapshot() {
         let counter = name.ends_with("_total");
         assert_eq!(kind, if counter { "counter" } else { "gauge" }, "{name}");
     }
-    assert_eq!(types.len(), 29);
+    assert_eq!(types.len(), 33);
 
     // The callback runs per scrape: the next scrape has the next snapshot's values.
     let (_, samples) = parse_exposition(&get(exporter.local_addr(), "/metrics?ignored=1").body);
@@ -284,7 +314,7 @@ fn shutdown_is_prompt_and_releases_the_port() {
     let mut names: Vec<&str> = samples.keys().map(|(name, _)| name.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["vmq_build_info", "vmq_fdb_capacity", "vmq_fdb_entries", "vmq_vm_queue_budget"]);
-    assert_eq!(types.len(), 29, "families are described even with no ports");
+    assert_eq!(types.len(), 33, "families are described even with no ports");
 }
 
 /// Metric names (`vmq_...`) in a text: PromQL expressions, dashboard JSON, alert rules.

@@ -49,6 +49,8 @@ fn port_info(name: &str) -> PortInfo {
         ifname: None,
         netns: None,
         vhost: None,
+        rx_filter: None,
+        driver: None,
     }
 }
 
@@ -67,6 +69,8 @@ fn counters(name: &str) -> PortCounters {
         fdb_moves: 2,
         fdb_limit: 3,
         mac_change_refused: 0,
+        promiscuous_refused: 0,
+        qmp_errors: 0,
     }
 }
 

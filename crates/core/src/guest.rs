@@ -65,7 +65,7 @@ mod tests {
             vlan: VlanMode::Access(0),
             allow_mac_spoofing: false,
             max_learned_macs: crate::fdb::DEFAULT_MAX_LEARNED_MACS,
-            guest: GuestPolicy { allow_mac_change: allow },
+            guest: GuestPolicy { allow_mac_change: allow, allow_promiscuous: false },
             offloads: Default::default(),
         }
     }

@@ -5,6 +5,7 @@
 pub mod fdb;
 pub mod guest;
 pub mod port;
+pub mod rxfilter;
 pub mod stats;
 pub mod switch;
 pub mod vmq;
@@ -13,4 +14,5 @@ pub use port::GuestPolicy;
 pub use port::{
     Mode, OffloadCaps, PortBackend, PortConfig, PortId, PortKind, PortSpec, SocketPolicy, VhostMode, VlanMode,
 };
+pub use port::{UplinkDriver, UplinkDriverKind, XdpAttachMode, ZeroCopyMode};
 pub use stats::{DropReason, PortStats};

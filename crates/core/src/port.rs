@@ -88,10 +88,79 @@ pub enum PortBackend {
     VhostUser { socket: std::path::PathBuf, mode: VhostMode, policy: SocketPolicy, trust_frontend_memory: bool },
     /// A TAP interface vmq creates, optionally inside a network namespace (created if asked).
     Tap { ifname: String, netns: Option<String>, create_netns: bool },
-    /// A host interface (in `netns`, if given) used through AF_PACKET.
-    Uplink { ifname: String, netns: Option<String> },
+    /// A host interface (in `netns`, if given) used through AF_PACKET or AF_XDP (`driver`).
+    Uplink { ifname: String, netns: Option<String>, driver: UplinkDriver },
     /// In-process virtio-net device (tests, bench).
     Mem,
+}
+
+/// Which kernel interface an uplink uses, and its AF_XDP settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct UplinkDriver {
+    pub kind: UplinkDriverKind,
+    /// Where the XDP program is attached (AF_XDP only).
+    pub xdp_mode: XdpAttachMode,
+    pub zero_copy: ZeroCopyMode,
+}
+
+/// `driver = "af_packet" | "af_xdp" | "auto"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum UplinkDriverKind {
+    /// Packet sockets in a fanout group, steered by a classic-BPF program.
+    #[default]
+    AfPacket,
+    /// AF_XDP sockets, steered by an XDP program; an error if it cannot be opened.
+    AfXdp,
+    /// AF_XDP where it opens (and the MTU fits), else AF_PACKET; the log says which.
+    Auto,
+}
+
+impl UplinkDriverKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            UplinkDriverKind::AfPacket => "af_packet",
+            UplinkDriverKind::AfXdp => "af_xdp",
+            UplinkDriverKind::Auto => "auto",
+        }
+    }
+}
+
+/// `xdp_mode = "native" | "generic"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum XdpAttachMode {
+    /// In the driver.
+    #[default]
+    Native,
+    /// On the skb after the driver (any interface).
+    Generic,
+}
+
+impl XdpAttachMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            XdpAttachMode::Native => "native",
+            XdpAttachMode::Generic => "generic",
+        }
+    }
+}
+
+/// `zero_copy = "auto" | "on" | "off"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ZeroCopyMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl ZeroCopyMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ZeroCopyMode::Auto => "auto",
+            ZeroCopyMode::On => "on",
+            ZeroCopyMode::Off => "off",
+        }
+    }
 }
 
 /// Which side of a vhost-user socket listens.
@@ -156,11 +225,14 @@ impl Mode {
     }
 }
 
-/// What a guest may change on its port. Off by default: a guest sends only from the MAC the
+/// What a guest may change on its port (its MAC, promiscuous mode). Off by default: a guest sends only from the MAC the
 /// operator gave it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct GuestPolicy {
     /// The guest may move its port to another unicast MAC; the static FDB entry and the VM
     /// queue filter follow it.
     pub allow_mac_change: bool,
+    /// The guest may switch its port to promiscuous (or all-unicast) mode: it then also gets
+    /// the unknown unicast the switch floods. Refused, it is counted (`promiscuous_refused`).
+    pub allow_promiscuous: bool,
 }

@@ -34,10 +34,14 @@ pub enum DropReason {
     /// TX ring breaks (no frame can be read from it, so `rx_packets` does not include it), and
     /// once per frame that finds a broken RX ring.
     RingBroken,
+    /// Toward a VM port: the guest's receive filter (relayed from its VMM, narrowed by the
+    /// port's policy) does not take the frame (another MAC without promiscuous mode, a
+    /// multicast group or VLAN it did not join). Counted on the VM port.
+    RxFilter,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Oversize,
         DropReason::Spoofed,
         DropReason::Vlan,
@@ -49,6 +53,7 @@ impl DropReason {
         DropReason::NoDestination,
         DropReason::Offload,
         DropReason::RingBroken,
+        DropReason::RxFilter,
     ];
 
     /// Stable lowercase name, used in metrics labels and `vmq ctl stats`.
@@ -65,6 +70,7 @@ impl DropReason {
             DropReason::NoDestination => "no_destination",
             DropReason::Offload => "offload",
             DropReason::RingBroken => "ring_broken",
+            DropReason::RxFilter => "rx_filter",
         }
     }
 
@@ -106,6 +112,12 @@ pub struct PortStats {
     last_spoofed_source: AtomicU64,
     /// MAC changes the guest asked for and the port's policy refused (`allow_mac_change`).
     pub mac_change_refused: AtomicU64,
+    /// Times the guest asked for promiscuous (or all-unicast) mode and the port's policy
+    /// refused it (`allow_promiscuous`).
+    pub promiscuous_refused: AtomicU64,
+    /// VM ports with a QMP relay: messages from QEMU that could not be used (unparsable, a
+    /// refused query) and connections lost.
+    pub qmp_errors: AtomicU64,
 }
 
 /// A snapshot of [`PortStats`], plain numbers.
@@ -126,6 +138,8 @@ pub struct PortStatsSnapshot {
     pub fdb_moves: u64,
     pub fdb_limit: u64,
     pub mac_change_refused: u64,
+    pub promiscuous_refused: u64,
+    pub qmp_errors: u64,
 }
 
 impl PortStatsSnapshot {
@@ -204,6 +218,8 @@ impl PortStats {
             fdb_moves: self.fdb_moves.load(Relaxed),
             fdb_limit: self.fdb_limit.load(Relaxed),
             mac_change_refused: self.mac_change_refused.load(Relaxed),
+            promiscuous_refused: self.promiscuous_refused.load(Relaxed),
+            qmp_errors: self.qmp_errors.load(Relaxed),
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct Attachment {
     pub vhost: Option<Arc<ConnectionStatus>>,
     /// Whatever must live as long as the port (a socket registration, a namespace).
     pub keepalive: Option<Box<dyn Any + Send>>,
+    /// Uplinks configured with `driver = "af_xdp"` or `"auto"`: the driver in use, for
+    /// `vmq ctl ports`.
+    pub uplink_driver: Option<&'static str>,
 }
 
 impl Attachment {
@@ -52,6 +55,7 @@ impl Attachment {
             control: None,
             vhost: None,
             keepalive: None,
+            uplink_driver: None,
         }
     }
 }

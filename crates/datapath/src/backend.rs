@@ -1,7 +1,7 @@
 //! The backends of this build: how each configured port kind gets attached.
 
 use vmq_core::vmq::QueueId;
-use vmq_core::{Mode, PortBackend, PortConfig};
+use vmq_core::{Mode, PortBackend, PortConfig, UplinkDriverKind};
 use vmq_sys::packet::RingConfig;
 use vmq_sys::tap::{Tap, TapConfig};
 use vmq_vhost::NetDeviceConfig;
@@ -77,7 +77,7 @@ impl Backends for DefaultBackends {
                 att.control = Some(Box::new(TapControl(tap)));
                 Ok(att)
             }
-            PortBackend::Uplink { ifname, netns } => {
+            PortBackend::Uplink { ifname, netns, driver } => {
                 let err = |e: vmq_sys::packet::PacketError| DatapathError::Backend {
                     port: port.clone(),
                     source: BackendError::Packet(e),
@@ -87,6 +87,24 @@ impl Backends for DefaultBackends {
                 let offloads = config.spec.offloads.accepts_gso();
                 // In switch mode the NIC gets no VM queues: everything on the default queue.
                 let vm_queues = if ctx.mode == Mode::Vmq { ctx.nic_queues } else { 0 };
+                if driver.kind != UplinkDriverKind::AfPacket {
+                    match crate::afxdp_backend::attach(&port, ifname, netns.as_deref(), vm_queues, config, *driver) {
+                        Ok(mut att) => {
+                            att.uplink_driver = Some("af_xdp");
+                            att.control =
+                                Some(Box::new(UplinkControl { ifname: ifname.clone(), netns: netns.clone() }));
+                            return Ok(att);
+                        }
+                        Err(e) if driver.kind == UplinkDriverKind::AfXdp => {
+                            return Err(DatapathError::Backend { port: port.clone(), source: BackendError::AfXdp(e) });
+                        }
+                        Err(e) => {
+                            tracing::warn!(port = %port, "driver = \"auto\": AF_XDP unavailable ({e}); using AF_PACKET")
+                        }
+                    }
+                }
+                let auto = driver.kind == UplinkDriverKind::Auto;
+                tracing::info!(port = %port, ifname = %ifname, "uplink driver: af_packet");
                 match Uplink::open(ifname, netns.as_deref(), vm_queues, offloads, RingConfig::default()) {
                     Ok(uplink) => {
                         let mut att = Attachment::new(Box::new(uplink.sink), None);
@@ -96,6 +114,7 @@ impl Backends for DefaultBackends {
                         }
                         att.steering = Some(Box::new(uplink.steering));
                         att.control = Some(Box::new(UplinkControl { ifname: ifname.clone(), netns: netns.clone() }));
+                        att.uplink_driver = auto.then_some("af_packet");
                         Ok(att)
                     }
                     Err(vmq_sys::packet::PacketError::FanoutRefused { .. }) => {
@@ -109,6 +128,7 @@ impl Backends for DefaultBackends {
                         let mut att = Attachment::new(Box::new(sink), None);
                         att.nic_queues.push((QueueId::DEFAULT, Box::new(single)));
                         att.control = Some(Box::new(UplinkControl { ifname: ifname.clone(), netns: netns.clone() }));
+                        att.uplink_driver = auto.then_some("af_packet");
                         Ok(att)
                     }
                     Err(e) => Err(err(e)),

@@ -54,6 +54,8 @@ pub(crate) struct PortEntry {
     pub sink: Arc<Mutex<Box<dyn FrameSink>>>,
     /// The uplink this port's traffic leaves by in `vmq` mode.
     pub uplink: Option<PortId>,
+    /// VM ports whose guest's receive filter was relayed (QMP): what the switch may deliver.
+    pub rx_filter: Option<Arc<vmq_core::rxfilter::RxFilter>>,
 }
 
 /// The ports as the workers see them: an immutable snapshot, replaced as a whole by the
@@ -259,6 +261,8 @@ struct Decisions<'a> {
     deliveries: &'a mut Vec<Delivery>,
     learn: &'a mut Vec<LearnRequest>,
     flood: &'a mut Vec<PortId>,
+    /// Ports whose guest's receive filter refused a frame of this batch (one entry a frame).
+    filtered: &'a mut Vec<PortId>,
 }
 
 /// A received frame as the decisions see it: its head (every header; the whole frame unless its
@@ -334,6 +338,21 @@ impl Decisions<'_> {
         Ok(())
     }
 
+    /// Does the receive filter of `port`'s guest (if one was relayed) refuse this frame, as it
+    /// would leave with `edit`? Only the switch path needs it: the VM queue and the `vmq` fast
+    /// path deliver to a port's own MAC on an access port, which every filter takes.
+    fn rx_filter_refuses(&self, port: PortId, head: &[u8], vlan: u16, tagged: bool, edit: TagEdit) -> bool {
+        let Some(entry) = self.table.get(port) else { return false };
+        let Some(filter) = entry.rx_filter.as_deref() else { return false };
+        let Some(dst) = head.get(..6).and_then(|d| <[u8; 6]>::try_from(d).ok()) else { return false };
+        let tag = match edit {
+            TagEdit::Push(v) => Some(v),
+            TagEdit::Strip => None,
+            TagEdit::Keep => tagged.then_some(vlan),
+        };
+        !filter.admits(entry.spec.mac, vmq_wire::MacAddr(dst), tag)
+    }
+
     /// The software switch path.
     fn switch_frame(&mut self, in_port: PortId, f: &Incoming<'_>, now: u64) -> Result<(), DropReason> {
         let sw = self.shared.switch_read();
@@ -349,6 +368,10 @@ impl Decisions<'_> {
                         let Some(edit) = sw.egress(p, vlan, tagged) else {
                             return Err(if sw.is_up(p) { DropReason::Vlan } else { DropReason::PortDown });
                         };
+                        if self.rx_filter_refuses(p, f.head, vlan, tagged, edit) {
+                            self.filtered.push(p);
+                            return Ok(());
+                        }
                         self.deliveries.push(Delivery { port: p, frame: f.index, edit });
                     }
                     Dest::Flood => {
@@ -359,6 +382,10 @@ impl Decisions<'_> {
                         }
                         for &p in self.flood.iter() {
                             if let Some(edit) = sw.egress(p, vlan, tagged) {
+                                if self.rx_filter_refuses(p, f.head, vlan, tagged, edit) {
+                                    self.filtered.push(p);
+                                    continue;
+                                }
                                 self.deliveries.push(Delivery { port: p, frame: f.index, edit });
                             }
                         }
@@ -398,6 +425,7 @@ pub(crate) struct Worker {
     /// When learning last took the write lock for a port at its limit.
     last_limited_learn: u64,
     flood: Vec<PortId>,
+    filtered: Vec<PortId>,
     hdrs: Vec<VnetHdr>,
     coalescer: Coalescer,
     rsc_buf: Vec<u8>,
@@ -431,6 +459,7 @@ impl Worker {
             learn: Vec::new(),
             last_limited_learn: 0,
             flood: Vec::new(),
+            filtered: Vec::new(),
             hdrs: Vec::with_capacity(BATCH),
             coalescer: Coalescer::new(),
             rsc_buf: Vec::new(),
@@ -671,6 +700,7 @@ impl Worker {
                 deliveries: &mut self.deliveries,
                 learn: &mut self.learn,
                 flood: &mut self.flood,
+                filtered: &mut self.filtered,
             };
             let result = match task.kind {
                 TaskKind::VmQueue { uplink, .. } => d.vm_queue_frame(uplink, &f, now),
@@ -688,9 +718,34 @@ impl Worker {
             }
         }
         in_entry.stats.add_rx(n as u64, rx_bytes);
+        self.count_filtered(&table);
         self.apply_learning(now, in_entry);
         self.flush_deliveries(in_entry);
         n
+    }
+
+    /// Counts the batch's receive-filter refusals on the VM ports that refused them, once per
+    /// run of the same port.
+    fn count_filtered(&mut self, table: &PortTable) {
+        let count = |port: PortId, n: u64| {
+            if let Some(e) = table.get(port) {
+                e.stats.add_drop(DropReason::RxFilter, n);
+            }
+        };
+        let mut run: Option<(PortId, u64)> = None;
+        for p in self.filtered.drain(..) {
+            run = match run {
+                Some((q, n)) if q == p => Some((q, n + 1)),
+                Some((q, n)) => {
+                    count(q, n);
+                    Some((p, 1))
+                }
+                None => Some((p, 1)),
+            };
+        }
+        if let Some((q, n)) = run {
+            count(q, n);
+        }
     }
 
     fn apply_learning(&mut self, now: u64, in_entry: &PortEntry) {

@@ -42,6 +42,8 @@ pub enum DatapathError {
     },
     #[error("port {port:?}: guest MAC change to {mac} refused: {reason}")]
     MacChangeRefused { port: String, mac: vmq_wire::MacAddr, reason: vmq_core::guest::MacChangeRefused },
+    #[error("port {0:?} is not a VM port: it has no guest receive filter")]
+    NotAVmPort(String),
     #[error("cannot start worker thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -65,4 +67,6 @@ pub enum BackendError {
     Packet(#[source] PacketError),
     #[error("{0}")]
     Link(#[source] LinkError),
+    #[error("AF_XDP uplink: {0}")]
+    AfXdp(#[source] crate::afxdp::AfXdpError),
 }

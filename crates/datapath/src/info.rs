@@ -42,6 +42,10 @@ pub struct PortInfo {
     pub stats: PortStatsSnapshot,
     /// vhost-user ports: the connection to the VM.
     pub vhost: Option<VhostLink>,
+    /// VM ports: the guest's receive filter vmq applies (None: none relayed).
+    pub rx_filter: Option<vmq_core::rxfilter::RxFilter>,
+    /// Uplinks configured with `driver = "af_xdp"` or `"auto"`: the driver in use.
+    pub uplink_driver: Option<&'static str>,
 }
 
 /// A vhost-user port's connection to its VM.
@@ -51,6 +55,12 @@ pub struct VhostLink {
     pub connected: bool,
     /// Connections made since the port was added (every one after the first is a reconnect).
     pub connections: u64,
+    /// Live migration: dirty logging on now; times it was switched on (migrations away from
+    /// this vmq begun); times the VM was handed over; RARP announces injected for it.
+    pub logging: bool,
+    pub log_starts: u64,
+    pub migrated_out: u64,
+    pub announces: u64,
 }
 
 /// Why a port has no VM queue.
@@ -197,7 +207,13 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
                 mode: s.mode(),
                 connected: s.connected(),
                 connections: s.connections(),
+                logging: s.migration().logging(),
+                log_starts: s.migration().log_starts(),
+                migrated_out: s.migration().migrated_out(),
+                announces: s.migration().announces(),
             }),
+            rx_filter: rec.rx_filter.as_deref().cloned(),
+            uplink_driver: rec.uplink_driver,
         });
     }
     out

@@ -11,6 +11,8 @@
 //! queues and re-places work on workers by load.
 #![forbid(unsafe_code)]
 
+pub mod afxdp;
+mod afxdp_backend;
 mod attach;
 mod backend;
 mod builder;
@@ -293,6 +295,50 @@ impl Datapath {
                 tracing::warn!(port = name, %mac, %reason, "guest MAC change refused");
                 Err(DatapathError::MacChangeRefused { port: name.to_string(), mac, reason })
             }
+        }
+    }
+
+    /// A guest's receive filter, relayed from its VMM (QMP `query-rx-filter`): reviewed by the
+    /// port's policy ([`vmq_core::rxfilter::review_rx_filter`]) and applied to every frame the
+    /// switch delivers to the port from the next batch on. A promiscuous request the policy
+    /// refuses is counted (`promiscuous_refused`) once, when it first appears. The guest's MAC
+    /// (`main_mac`) is not applied here: that is [`Datapath::guest_set_mac`]. Returns the
+    /// filter in force.
+    pub fn guest_set_rx_filter(
+        &self,
+        name: &str,
+        request: &vmq_core::rxfilter::GuestRxFilter,
+    ) -> Result<vmq_core::rxfilter::RxFilter, DatapathError> {
+        let mut st = self.lock();
+        let id = st.id(name)?;
+        let rec = st
+            .ports
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| DatapathError::NoSuchPort(name.to_string()))?;
+        if !rec.config.spec.kind.is_vm() {
+            return Err(DatapathError::NotAVmPort(name.to_string()));
+        }
+        let filter = vmq_core::rxfilter::review_rx_filter(&rec.config.spec, request);
+        let was_refused = rec.rx_filter.as_ref().is_some_and(|f| f.promiscuous_refused);
+        if filter.promiscuous_refused && !was_refused {
+            rec.stats.promiscuous_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(port = name, "guest asked for promiscuous mode; refused (allow_promiscuous = false)");
+        }
+        if rec.rx_filter.as_deref() != Some(&filter) {
+            tracing::info!(port = name, promiscuous = filter.promiscuous, multicast = filter.multicast.name(),
+                multicast_entries = filter.multicast_entries(), vlans = ?filter.vlans, "guest receive filter applied");
+            rec.rx_filter = Some(Arc::new(filter.clone()));
+            self.shared.publish(st.port_table());
+        }
+        Ok(filter)
+    }
+
+    /// Counts an error of the QMP relay that feeds `name`'s receive filter (`qmp_errors`).
+    pub fn count_qmp_error(&self, name: &str) {
+        let st = self.lock();
+        if let Some(rec) = st.names.get(name).and_then(|id| st.record(*id)) {
+            rec.stats.qmp_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -32,6 +32,10 @@ pub(crate) struct PortRecord {
     pub control: Option<Box<dyn PortControl>>,
     pub removed: Arc<AtomicBool>,
     pub vhost: Option<Arc<vmq_vhost::server::ConnectionStatus>>,
+    /// The guest's receive filter as last relayed and reviewed (None: not relayed, no filter).
+    pub rx_filter: Option<Arc<vmq_core::rxfilter::RxFilter>>,
+    /// See [`crate::Attachment::uplink_driver`].
+    pub uplink_driver: Option<&'static str>,
     _keepalive: Option<Box<dyn Any + Send>>,
 }
 
@@ -103,6 +107,7 @@ impl ControlState {
                     stats: r.stats.clone(),
                     sink: r.sink.clone(),
                     uplink: self.uplink_of(id),
+                    rx_filter: r.rx_filter.clone(),
                 })
             }));
         }
@@ -218,6 +223,8 @@ impl ControlState {
             control: att.control,
             removed,
             vhost: att.vhost,
+            rx_filter: None,
+            uplink_driver: att.uplink_driver,
             _keepalive: att.keepalive,
         };
         let slot = id.0 as usize;

@@ -20,7 +20,7 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmq_core::{DropReason, OffloadCaps};
 use vmq_vhost::server::{ConnectionStatus, PortStatus, ServerError, SocketPolicy, VhostMode, VhostUserServer};
-use vmq_vhost::{DeviceEvent, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
+use vmq_vhost::{DeviceEvent, DirtyLog, NetDevice, NetDeviceConfig, RX_QUEUE, TX_QUEUE};
 use vmq_wire::VnetHdr;
 
 use crate::attach::{Attachment, PortHandle};
@@ -69,14 +69,16 @@ impl DeviceRing {
     /// Runs `f` on the ring if it is live, then stores the position back into the `Queue`
     /// (GET_VRING_BASE reads it there).
     fn with<R>(&mut self, device: &NetDevice, f: impl FnOnce(&mut Ring<'_, '_>) -> R) -> Result<R, Unserved> {
-        self.with_memory(device, |ring, _| f(ring))
+        self.with_memory(device, |ring, _, _| f(ring))
     }
 
-    /// [`DeviceRing::with`], also handing over the guest memory the ring was opened in.
+    /// [`DeviceRing::with`], also handing over the guest memory the ring was opened in and the
+    /// dirty log while a live migration runs (`f` marks the buffers it writes; the ring's own
+    /// writes, used entries and index, are marked here).
     fn with_memory<R>(
         &mut self,
         device: &NetDevice,
-        f: impl FnOnce(&mut Ring<'_, '_>, &Arc<Memory>) -> R,
+        f: impl FnOnce(&mut Ring<'_, '_>, &Arc<Memory>, Option<&DirtyLog>) -> R,
     ) -> Result<R, Unserved> {
         let mut vring = device.vring(self.index);
         if !vring.is_live() {
@@ -89,11 +91,23 @@ impl DeviceRing {
         }
         let Some(state) = self.state.as_mut() else { return Err(Unserved::NotLive) };
         let mem = device.mem.memory().into_inner();
+        let log = vring.dirty_log.clone();
         let result = match Ring::open(&mem, state) {
-            Ok(mut ring) => Ok(f(&mut ring, &mem)),
+            Ok(mut ring) => {
+                let result = f(&mut ring, &mem, log.as_deref());
+                // Publishes: the used index is written before its page is marked below.
+                drop(ring);
+                Ok(result)
+            }
             Err(RingError::Broken) => Err(Unserved::Broken { now: false }),
             Err(_) => Err(Unserved::Broken { now: true }),
         };
+        if let (Some(log), Ok(_)) = (&log, &result) {
+            // Used entries, used index, flags and avail_event: the whole used ring (a few pages
+            // at most) rather than tracking each store. Still under the ring lock, so before
+            // GET_VRING_BASE can reply.
+            log.mark(state.used_ring.0, 6 + 8 * u64::from(state.size));
+        }
         state.store_position(&mut vring.queue);
         result
     }
@@ -141,7 +155,20 @@ impl FrameSource for VhostTxSource {
         let segments = &mut self.segments;
         let deferred = &mut self.deferred;
         self.deferred_generation = self.device.generation();
-        let result = self.ring.with_memory(&self.device, |ring, mem| {
+        // After a live migration (SEND_RARP): the guest's announce enters the switch as if the
+        // guest had sent it, ahead of its own frames.
+        let mut announced = 0;
+        if self.device.migration.announce_pending()
+            && let Some(mac) = self.device.migration.take_announce()
+        {
+            let mut frame = vec![0u8; VnetHdr::LEN];
+            frame.extend_from_slice(&vmq_wire::rarp::announce(mac));
+            if scratch.push_shared(Arc::from(frame)) {
+                announced = 1;
+            }
+        }
+        let max = max.saturating_sub(announced);
+        let result = self.ring.with_memory(&self.device, |ring, mem, _| {
             let mut n = 0;
             let mut used = false;
             while n < max {
@@ -191,14 +218,14 @@ impl FrameSource for VhostTxSource {
             Ok(r) => r,
             Err(Unserved::Broken { now: true }) => {
                 errors.push(RecvError::RingBroken);
-                return 0;
+                return announced;
             }
-            Err(_) => return 0,
+            Err(_) => return announced,
         };
         if notify {
             self.ring.signal(&self.device);
         }
-        n
+        n + announced
     }
 
     fn complete(&mut self) {
@@ -276,6 +303,8 @@ impl VhostRxSink {
 struct VhostRxBatch<'a, 'r, 'm> {
     ring: &'a mut Ring<'r, 'm>,
     writer: &'a mut RxWriter,
+    /// While a live migration runs: the buffers of every frame written are marked.
+    log: Option<&'a DirtyLog>,
     /// Chains were used (frames written, or bad chains handed back): the guest needs to know.
     used: bool,
 }
@@ -283,6 +312,10 @@ struct VhostRxBatch<'a, 'r, 'm> {
 impl GuestRxWriter for VhostRxBatch<'_, '_, '_> {
     fn push(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: Option<&GuestTail>) -> Result<(), DropReason> {
         let result = self.writer.push_with_tail(self.ring, hdr, parts, tail);
+        if let Some(log) = self.log {
+            // After the write; also after a failed one, which may have written part of it.
+            self.writer.for_each_written(|addr, len| log.mark(addr.0, len));
+        }
         self.used |= !matches!(result, Err(VirtioError::NoBuffer));
         result.map_err(VirtioError::drop_reason)
     }
@@ -302,8 +335,8 @@ impl FrameSink for VhostRxSink {
         self.writer.mrg_rxbuf = has(self.device.acked_features(), VIRTIO_NET_F_MRG_RXBUF);
         let writer = &mut self.writer;
         let was_broken = self.ring.is_broken();
-        let notify = self.ring.with(&self.device, |ring| {
-            let mut batch = VhostRxBatch { ring, writer, used: false };
+        let notify = self.ring.with_memory(&self.device, |ring, _, log| {
+            let mut batch = VhostRxBatch { ring, writer, log, used: false };
             write(&mut batch);
             let used = batch.used;
             ring.publish();
@@ -504,6 +537,7 @@ impl Drop for Registration {
 mod tests {
     use super::*;
     use crate::driver::{BufferSpec, SplitRingDriver};
+    use virtio_queue::QueueT;
     use vm_memory::GuestAddress;
 
     /// A device whose TX ring a driver (this test) set up in guest memory, as after a
@@ -522,6 +556,119 @@ mod tests {
         device.mem.lock().unwrap().replace(mem);
         let mem = device.mem.memory().into_inner();
         (device, mem, driver)
+    }
+
+    /// A device whose ring `index` a driver set up, the protocol state being driven by a real
+    /// backend (as QEMU drives it); `log`: dirty logging on.
+    fn running_ring(index: usize, log: Option<Arc<DirtyLog>>) -> (Arc<NetDevice>, Arc<Memory>, SplitRingDriver) {
+        let device = NetDevice::new();
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (mut driver, _) = SplitRingDriver::new(16, GuestAddress(0));
+        driver.init(&mem).unwrap();
+        {
+            let mut vring = device.vring(index);
+            driver.configure(&mut vring.queue);
+            vring.started = true;
+            vring.enabled = true;
+            vring.dirty_log = log;
+        }
+        device.mem.lock().unwrap().replace(mem);
+        let mem = device.mem.memory().into_inner();
+        (device, mem, driver)
+    }
+
+    fn backend_for(device: &Arc<NetDevice>) -> vmq_vhost::NetBackend {
+        let config = NetDeviceConfig {
+            mac: vmq_wire::MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+            mtu: 1500,
+            offloads: false,
+            trust_unsealed_memory: false,
+        };
+        vmq_vhost::NetBackend::new(config, device.clone(), Box::new(|_| {}))
+    }
+
+    fn used_idx_in_guest(mem: &Memory, used_ring: u64) -> u16 {
+        use vm_memory::Bytes;
+        u16::from_le(mem.load(GuestAddress(used_ring + 2), std::sync::atomic::Ordering::Acquire).unwrap())
+    }
+
+    /// GET_VRING_BASE hands the ring to the VMM (on the source of a live migration: to the
+    /// destination's vmq). Its index must be exactly what the guest sees used: chains vmq took
+    /// but had not returned (a long TX frame still in flight) would otherwise never come back
+    /// on the destination (the guest's TX buffers leak), and nothing may be written into the
+    /// guest after the reply (QEMU has sent the final dirty pages by then).
+    #[test]
+    fn get_vring_base_is_the_used_index_the_guest_sees_and_nothing_is_written_after_it() {
+        use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+        let (device, mem, mut driver) = running_ring(TX_QUEUE, None);
+        let used_ring = device.vring(TX_QUEUE).queue.used_ring();
+        let mut backend = backend_for(&device);
+        let mut source = VhostTxSource::new(device.clone());
+        let mut scratch = Scratch::new();
+        let mut errors = Vec::new();
+        let long = BufferSpec { addr: GuestAddress(0x8_0000), len: 2000, device_writes: false };
+        let short = BufferSpec { addr: GuestAddress(0x9_0000), len: 100, device_writes: false };
+        driver.add_chain(&*mem, &[long]).unwrap();
+        driver.add_chain(&*mem, &[short]).unwrap();
+        driver.publish(&*mem);
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 2);
+        // The worker delivers the long frame's tail now; meanwhile the VMM stops the ring.
+        let base = { backend.get_vring_base(TX_QUEUE as u32).unwrap().num };
+        assert_eq!(base, u32::from(used_idx_in_guest(&mem, used_ring)), "index the guest does not see used");
+        assert_eq!(base, 0);
+        source.complete();
+        assert_eq!(used_idx_in_guest(&mem, used_ring), 0, "a worker wrote into the guest after GET_VRING_BASE");
+        // Nothing is lost: restarted at the base, the ring hands out both chains again.
+        assert_eq!(device.vring(TX_QUEUE).queue.next_avail(), 0);
+    }
+
+    /// While a live migration logs dirty pages, every page vmq writes is marked: the RX buffer
+    /// a frame went to and the used ring; no other page.
+    #[test]
+    fn a_logged_rx_frame_marks_its_buffer_and_the_used_ring() {
+        let file = vmq_sys::memfd::create("log", 4096, 0).unwrap();
+        let log = Arc::new(DirtyLog::map(&file, 0, 4096).unwrap());
+        let (device, mem, mut driver) = running_ring(RX_QUEUE, Some(log.clone()));
+        let used_ring = device.vring(RX_QUEUE).queue.used_ring();
+        // A buffer straddling two pages, and one the frame does not reach.
+        let buf = BufferSpec { addr: GuestAddress(0x8_0f00), len: 4096, device_writes: true };
+        driver.add_chain(&*mem, &[buf]).unwrap();
+        driver.add_chain(&*mem, &[BufferSpec { addr: GuestAddress(0xa_0000), len: 4096, device_writes: true }]);
+        driver.publish(&*mem);
+        let mut sink = VhostRxSink::new(device.clone());
+        let frame = vec![0xabu8; 1000];
+        assert_eq!(sink.send(&VnetHdr::default(), &[&frame]), Ok(()));
+        assert!(log.is_dirty(0x8_0f00) && log.is_dirty(0x8_1000), "RX buffer pages not marked");
+        assert!(!log.is_dirty(0x8_2000), "beyond the frame");
+        assert!(!log.is_dirty(0xa_0000), "a buffer not written");
+        assert!(log.is_dirty(used_ring) && log.is_dirty(used_ring + 2), "used ring not marked");
+        // Logging off: nothing more is marked.
+        let unlogged = Arc::new(DirtyLog::map(&vmq_sys::memfd::create("log", 4096, 0).unwrap(), 0, 4096).unwrap());
+        device.vring(RX_QUEUE).dirty_log = None;
+        assert_eq!(sink.send(&VnetHdr::default(), &[&frame]), Ok(()));
+        assert!(!unlogged.is_dirty(0xa_0000));
+        assert_eq!(driver.pop_used(&*mem).map(|(_, len)| len), Some(1000 + VnetHdr::LEN as u32));
+    }
+
+    /// After SEND_RARP the TX source hands the switch a RARP announce from the guest's MAC.
+    #[test]
+    fn a_requested_announce_comes_out_of_the_tx_source_once() {
+        let (device, _mem, _driver) = running_ring(TX_QUEUE, None);
+        let mut backend = backend_for(&device);
+        let mut source = VhostTxSource::new(device.clone());
+        let mut scratch = Scratch::new();
+        let mut errors = Vec::new();
+        let mac = vmq_wire::MacAddr([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+        assert!(backend.send_rarp(mac).is_err(), "RARP protocol feature not negotiated");
+        use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+        backend.set_protocol_features(vmq_vhost::backend::offered_protocol_features().bits()).unwrap();
+        backend.send_rarp(mac).unwrap();
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 1);
+        let frame = &scratch.get(0)[VnetHdr::LEN..];
+        assert_eq!(frame, &vmq_wire::rarp::announce(mac)[..]);
+        scratch.clear();
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 0, "announced once");
+        assert_eq!(device.migration.announces(), 1);
     }
 
     /// A small frame is copied whole; the worker's batch must not keep the guest's memory

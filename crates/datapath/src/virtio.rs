@@ -156,6 +156,8 @@ pub struct RxWriter {
     segments: Vec<Segment>,
     regions: Vec<Segment>,
     heads: Vec<(u16, u32)>,
+    /// Bytes the last push wrote (or meant to) into `regions`, header included.
+    last_total: usize,
 }
 
 impl RxWriter {
@@ -165,6 +167,21 @@ impl RxWriter {
             segments: Vec::with_capacity(8),
             regions: Vec::with_capacity(8),
             heads: Vec::with_capacity(8),
+            last_total: 0,
+        }
+    }
+
+    /// The guest memory the last push wrote, or may have written part of (a push that failed
+    /// midway), as (address, length) ranges: for the live-migration dirty log.
+    pub fn for_each_written(&self, mut f: impl FnMut(GuestAddress, u64)) {
+        let mut left = self.last_total as u64;
+        for r in &self.regions {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(u64::from(r.len));
+            f(r.addr, n);
+            left -= n;
         }
     }
 
@@ -186,6 +203,7 @@ impl RxWriter {
         let total = VnetHdr::LEN + parts.iter().map(|p| p.len()).sum::<usize>() + tail.map_or(0, GuestTail::len);
         self.heads.clear();
         self.regions.clear();
+        self.last_total = total;
         // Collect enough writable buffer space: one chain, or several with MRG_RXBUF.
         let mut room = 0usize;
         while room < total {

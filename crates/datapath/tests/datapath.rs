@@ -849,3 +849,48 @@ fn guest_mac_change_follows_policy_and_moves_fdb_and_queue_filter() {
         assert!(matches!(dp.guest_set_mac("nope", new1), Err(DatapathError::NoSuchPort(_))));
     }
 }
+
+/// A guest's relayed receive filter decides what the switch floods to it: unknown unicast only
+/// with promiscuous mode where the policy allows it (refused, counted once), multicast by its
+/// table, broadcast always; what it refuses is counted as `rx_filter` on the VM port.
+#[test]
+fn guest_rx_filter_decides_floods_by_policy() {
+    use vmq_core::rxfilter::{GuestRxFilter, RxMode};
+    use vmq_datapath::Attachment;
+    let r = rig(Mode::Switch, &[vm(10, 9000, OffloadCaps::NONE), vm(10, 9000, OffloadCaps::NONE)], 4, Vec::new());
+    let dp = &r.dp;
+    let mut allowed = mem_port_config("vm3", 3, 10);
+    allowed.spec.guest.allow_promiscuous = true;
+    let (g3, source, sink) = mem_port(OffloadCaps::NONE, true);
+    dp.add_port_with(allowed, Attachment::new(Box::new(sink), Some(Box::new(source)))).unwrap();
+    let group = MacAddr([0x01, 0, 0x5e, 0, 0, 0x42]);
+    let promiscuous = GuestRxFilter {
+        promiscuous: true,
+        multicast: RxMode::Normal,
+        multicast_table: vec![group],
+        ..Default::default()
+    };
+    let f1 = dp.guest_set_rx_filter("vm1", &promiscuous).unwrap();
+    assert!(!f1.promiscuous && f1.promiscuous_refused);
+    dp.guest_set_rx_filter("vm1", &promiscuous).unwrap();
+    assert_eq!(dp.stats("vm1").unwrap().promiscuous_refused, 1, "counted once, not per relay");
+    assert!(dp.guest_set_rx_filter("vm3", &promiscuous).unwrap().promiscuous);
+    assert!(dp.ports().iter().any(|p| p.config.spec.name == "vm1" && p.rx_filter.is_some()));
+    assert!(dp.guest_set_rx_filter("up0", &promiscuous).is_err(), "an uplink has no guest");
+
+    let unknown = udp_frame(MacAddr([0x02, 0, 0, 0, 0, 0x99]), mac(2), None, 100, 1);
+    let other_group = udp_frame(MacAddr([0x01, 0, 0x5e, 0, 0, 0x43]), mac(2), None, 100, 2);
+    let joined = udp_frame(group, mac(2), None, 100, 3);
+    let broadcast = udp_frame(MacAddr([0xff; 6]), mac(2), None, 100, 4);
+    for f in [&unknown, &other_group, &joined, &broadcast] {
+        assert!(r.guests[1].send(&VnetHdr::default(), f));
+    }
+    // vm3 (promiscuous allowed) gets all four; vm1 only the group it joined and broadcast.
+    let got3 = collect(&g3, 4);
+    assert_eq!(got3.len(), 4, "{:?}", dp.port_stats());
+    let got1 = collect(&r.guests[0], 2);
+    assert_eq!(got1.iter().map(|g| g.frame.clone()).collect::<Vec<_>>(), vec![joined, broadcast]);
+    assert!(wait_until(|| dp.stats("vm1").unwrap().drops(DropReason::RxFilter) == 2), "{:?}", dp.stats("vm1"));
+    assert_eq!(dp.stats("vm3").unwrap().drops(DropReason::RxFilter), 0);
+    assert_eq!(dp.stats("vm2").unwrap().drops(DropReason::RxFilter), 0, "counted where refused, not at the sender");
+}

@@ -10,19 +10,23 @@
 pub mod config_file;
 pub mod control;
 pub mod offload;
+pub mod qmp;
 pub mod ring;
 pub mod rx;
 pub mod seeds;
 pub mod tx;
 pub mod vhost;
+pub mod xsk;
 
 pub use config_file::config_file;
 pub use control::control_line;
 pub use offload::vnet_offload;
+pub use qmp::qmp_session;
 pub use ring::split_ring;
 pub use rx::rx_writer;
 pub use tx::tx_assembly;
 pub use vhost::vhost_messages;
+pub use xsk::xsk_ring;
 
 /// Reads a fuzz input front to back; past the end everything reads as zero.
 pub struct Input<'a> {

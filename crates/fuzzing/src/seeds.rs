@@ -306,6 +306,50 @@ pub fn vhost_messages() -> Seeds {
     ]
 }
 
+/// `qmp_session` seeds: QEMU's side of a real conversation (greeting, capabilities, a filter,
+/// an event and the filter after it), and one with refusals and junk.
+pub fn qmp_session() -> Seeds {
+    use vmq_control::qmp::rx_filter_reply;
+    let greeting = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": [\"oob\"]}}\r\n";
+    let event = "{\"timestamp\": {\"seconds\": 1764900000, \"microseconds\": 1}, \"event\": \"NIC_RX_FILTER_CHANGED\", \"data\": {\"name\": \"vm1\", \"path\": \"/machine/peripheral/vm1/virtio-backend\"}}\r\n";
+    let mut conversation = vec![16u8];
+    conversation.extend_from_slice(greeting.as_bytes());
+    conversation.extend_from_slice(b"{\"return\": {}, \"id\": 0}\r\n");
+    conversation.extend_from_slice(rx_filter_reply(1, "vm1", "52:54:00:12:34:56", false, &[]).as_bytes());
+    conversation.extend_from_slice(event.as_bytes());
+    conversation.extend_from_slice(
+        rx_filter_reply(2, "vm1", "52:54:00:12:34:57", true, &["01:00:5e:00:00:01", "33:33:00:00:00:01"]).as_bytes(),
+    );
+    let mut hostile = vec![7u8];
+    hostile.extend_from_slice(greeting.as_bytes());
+    hostile.extend_from_slice(b"{\"return\": {}, \"id\": 0}\r\n");
+    hostile.extend_from_slice(
+        b"{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"invalid net client name: vm1\"}}\r\n",
+    );
+    hostile.extend_from_slice(
+        b"[1, 2]\r\n{\"return\": [{\"name\": \"vm1\", \"vlan-table\": [70000]}], \"id\": 2}\r\n\xff\xfe\n",
+    );
+    hostile.extend_from_slice(event.as_bytes());
+    vec![("conversation", conversation), ("hostile", hostile)]
+}
+
+/// `xsk_ring` seeds: indices about to wrap with a descriptor at a chunk's end, and a kernel that
+/// runs more than a ring ahead with a descriptor across two chunks.
+pub fn xsk_ring() -> Seeds {
+    let step = |b: &mut crate::InputBuilder, kind: u8, index: u32, addr: u64, len: u32| {
+        b.u8(kind).u32(index).u64(addr).u32(len);
+    };
+    let mut wrap = crate::InputBuilder::default();
+    wrap.u8(3).u8(8).u32(u32::MAX - 2).u32(u32::MAX - 1);
+    step(&mut wrap, 0, 3, 0x100 + 0xf0, 0x10);
+    step(&mut wrap, 1, 0, 0x7ff, 1);
+    let mut ahead = crate::InputBuilder::default();
+    ahead.u8(2).u8(4).u32(0).u32(0);
+    step(&mut ahead, 0, 5, 0xf0, 0x20);
+    step(&mut ahead, 1, u32::MAX, 0x400, 0);
+    vec![("wrapping", wrap.bytes), ("kernel-ahead", ahead.bytes)]
+}
+
 /// A buffer address 0x100 below the region split, so that a 600-byte buffer straddles it.
 const REGION_SPLIT_SEED: u64 = crate::ring::REGION_SPLIT - 0x100;
 
@@ -322,5 +366,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("rx_writer", rx_writer()),
         ("config_file", config_file()),
         ("vhost_messages", vhost_messages()),
+        ("qmp_session", qmp_session()),
+        ("xsk_ring", xsk_ring()),
     ]
 }

@@ -6,10 +6,13 @@
 //! - [`link`]: interface index, MTU, MAC and up/down through ioctls;
 //! - [`memfd`]: memory files and their seals (vhost-user guest memory must not shrink);
 //! - [`tap`]: TAP interfaces with a 12-byte virtio-net header and kernel offloads;
+//! - [`shared_bitmap`]: a bitmap shared with another process (the vhost-user dirty log);
 //! - [`packet`]: AF_PACKET uplink sockets (TPACKET_V3 RX ring, virtio-net header, fanout);
 //! - [`socket`]: options std's sockets lack (the IPv4 don't-fragment bit);
 //! - [`steering`]: the classic-BPF program that steers uplink frames to VM queues (pure logic).
 //! - [`unix_socket`]: listening Unix sockets with a set owner, group and mode; peer credentials.
+//! - [`xsk`], [`xsk_ring`], [`xdp`]: AF_XDP uplink sockets (UMEM, rings), their ring index checks,
+//!   and the XDP steering program (assembled in Rust) with its maps and BPF link.
 //!
 //! Every file descriptor is non-blocking and exposes `AsRawFd`, for the workers' epoll.
 
@@ -19,10 +22,14 @@ pub mod link;
 pub mod memfd;
 pub mod netns;
 pub mod packet;
+pub mod shared_bitmap;
 pub mod socket;
 pub mod steering;
 pub mod tap;
 pub mod unix_socket;
+pub mod xdp;
+pub mod xsk;
+pub mod xsk_ring;
 
 pub use ifname::IfNameError;
 

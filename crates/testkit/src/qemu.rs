@@ -206,6 +206,16 @@ pub struct GuestConfig {
     /// Appended to the kernel command line (e.g. `vmq.mtu=9000` sets eth0's MTU at boot).
     pub kernel_arg: Option<String>,
     pub boot_timeout: Duration,
+    /// A QMP socket QEMU listens on (`-qmp unix:PATH,server=on,wait=off`) and the id its NIC
+    /// gets there (`-device virtio-net-pci,id=...`), for a switch that follows the guest's
+    /// receive filter.
+    pub qmp: Option<(PathBuf, String)>,
+    /// Start paused, waiting for a live migration from this URI (`-incoming`, e.g.
+    /// `unix:/path`): the destination of a migration. The guest is then not booted here; see
+    /// [`Guest::migrated_in`].
+    pub incoming: Option<String>,
+    /// Extra `key=value` properties of the virtio-net device (e.g. `guest_announce=off`).
+    pub net_device_options: Vec<String>,
 }
 
 impl GuestConfig {
@@ -220,7 +230,17 @@ impl GuestConfig {
             memory_mib: 256,
             kernel_arg: None,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            qmp: None,
+            incoming: None,
+            net_device_options: Vec::new(),
         }
+    }
+
+    /// QEMU serves QMP on `socket` (it listens, without waiting for a client); the NIC's id
+    /// there is `nic_id` (it must differ from the netdev's, `net0`).
+    pub fn qmp(mut self, socket: impl Into<PathBuf>, nic_id: impl Into<String>) -> GuestConfig {
+        self.qmp = Some((socket.into(), nic_id.into()));
+        self
     }
 
     pub fn ipv4(mut self, addr: Ipv4Addr, prefix: u8) -> GuestConfig {
@@ -253,6 +273,16 @@ impl GuestConfig {
         self
     }
 
+    pub fn net_device_option(mut self, option: impl Into<String>) -> GuestConfig {
+        self.net_device_options.push(option.into());
+        self
+    }
+
+    pub fn incoming(mut self, uri: impl Into<String>) -> GuestConfig {
+        self.incoming = Some(uri.into());
+        self
+    }
+
     fn validate(&self) -> Result<(), GuestError> {
         let mac_ok = self.mac.len() == 17
             && self.mac.split(':').count() == 6
@@ -270,6 +300,16 @@ impl GuestConfig {
         }
         if !(64..=16384).contains(&self.memory_mib) {
             return Err(GuestError::Config(format!("{} MiB of guest memory is outside 64..=16384", self.memory_mib)));
+        }
+        if let Some(bad) = self.net_device_options.iter().find(|o| !o.contains('=') || o.contains([',', ' ', '\n'])) {
+            return Err(GuestError::Config(format!("virtio-net device option {bad:?} is not one key=value")));
+        }
+        if let Some((socket, id)) = &self.qmp {
+            let id_ok =
+                !id.is_empty() && id != "net0" && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !id_ok || socket.to_string_lossy().contains(',') {
+                return Err(GuestError::Config(format!("QMP socket {} / NIC id {id:?} unusable", socket.display())));
+            }
         }
         if self.kernel_arg.as_deref().is_some_and(|a| a.contains(['\n', '"'])) {
             return Err(GuestError::Config("kernel argument with a newline or a quote".into()));
@@ -289,6 +329,12 @@ impl GuestConfig {
         let mut device = format!("virtio-net-pci,netdev=net0,mac={},vectors=0", self.mac);
         if let Some(mtu) = self.host_mtu {
             let _ = write!(device, ",host_mtu={mtu}");
+        }
+        for option in &self.net_device_options {
+            let _ = write!(device, ",{option}");
+        }
+        if let Some((_, id)) = &self.qmp {
+            let _ = write!(device, ",id={id}");
         }
         let mib = self.memory_mib;
         let args: Vec<String> = vec![
@@ -326,6 +372,15 @@ impl GuestConfig {
             append,
         ];
         let mut args: Vec<OsString> = args.into_iter().map(OsString::from).collect();
+        if let Some((socket, _)) = &self.qmp {
+            let mut qmp = OsString::from("unix:");
+            qmp.push(socket);
+            qmp.push(",server=on,wait=off");
+            args.extend(["-qmp".into(), qmp]);
+        }
+        if let Some(uri) = &self.incoming {
+            args.extend(["-incoming".into(), uri.into()]);
+        }
         args.extend(["-kernel".into(), image.kernel.clone().into_os_string()]);
         args.extend(["-initrd".into(), image.initrd.clone().into_os_string()]);
         args
@@ -462,6 +517,14 @@ impl Guest {
         let mut guest = Guest::spawn(image, config)?;
         guest.wait_ready(timeout)?;
         Ok(guest)
+    }
+
+    /// Takes over the console of a guest that arrived here by live migration from `source`
+    /// (this QEMU was started with `-incoming`): commands run on this side from now on.
+    pub fn migrated_in(&mut self, source: &Guest) {
+        self.ready_line = source.ready_line.clone();
+        // Fresh marker numbers: nothing of the source's console output is on this one.
+        self.next_command = source.next_command + 1000;
     }
 
     /// Starts QEMU without waiting for the guest (for tests that expect QEMU to fail).

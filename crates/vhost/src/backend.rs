@@ -36,6 +36,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMma
 use vmq_wire::MacAddr;
 
 use crate::device::{MAX_QUEUE_SIZE, NetDevice};
+use crate::migration::{DirtyLog, effective_log};
 
 /// Most memory regions a frontend may hand over (QEMU uses one to a few, at most 8 without
 /// CONFIGURE_MEM_SLOTS; this is also the `vhost` crate's limit of fds per message).
@@ -71,7 +72,11 @@ impl NetDeviceConfig {
             | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Live migration: dirty logging, and the guest announces itself after a move
+            // (QEMU then skips SEND_RARP). See `migration.rs`.
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
+            | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE;
         if self.offloads {
             bits |= 1 << VIRTIO_NET_F_CSUM
                 | 1 << VIRTIO_NET_F_GUEST_CSUM
@@ -102,11 +107,20 @@ impl NetDeviceConfig {
 ///   -device options) and prints one warning per start: "vhost-user backend supports
 ///   VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not". Offered for frontends that read MAC and MTU
 ///   from the backend.
+/// - LOG_SHMFD (with VHOST_F_LOG_ALL in the virtio features): QEMU's live migration hands over
+///   its dirty bitmap (SET_LOG_BASE) and switches logging on and off with SET_FEATURES on running
+///   rings (then repeats SET_VRING_ADDR with the log flag). Without both, QEMU refuses to migrate
+///   the VM ("vhost lacks VHOST_F_LOG_ALL feature"). See `migration.rs`.
+/// - RARP: after a migration, when the guest did not ack VIRTIO_NET_F_GUEST_ANNOUNCE, the
+///   destination QEMU sends SEND_RARP once per announce round (5 by default) and vmq injects a
+///   RARP from the guest's MAC; `server.rs` intercepts it.
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::MTU
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
 }
 
 /// Maps frontend (VMM) virtual addresses, which vring addresses are given in, to guest
@@ -147,6 +161,8 @@ pub struct NetBackend {
     mappings: Vec<AddrMapping>,
     on_event: Box<dyn FnMut(DeviceEvent) + Send>,
     was_running: bool,
+    /// The dirty log of the last SET_LOG_BASE; the rings use it while LOG_ALL is acked.
+    dirty_log: Option<Arc<DirtyLog>>,
 }
 
 fn invalid(reason: &'static str) -> ProtoError {
@@ -212,6 +228,7 @@ impl NetBackend {
             mappings: Vec::new(),
             on_event,
             was_running: false,
+            dirty_log: None,
         }
     }
 
@@ -226,6 +243,7 @@ impl NetBackend {
         self.owned = false;
         self.acked_features = 0;
         self.acked_protocol = VhostUserProtocolFeatures::empty();
+        self.dirty_log = None;
         if self.was_running {
             self.was_running = false;
             (self.on_event)(DeviceEvent::Stopped);
@@ -313,6 +331,50 @@ impl NetBackend {
         }
     }
 
+    /// Gives every ring the dirty log while LOG_ALL is acked, none otherwise (under each
+    /// ring's lock: a worker's batch logs all its writes or none).
+    fn install_dirty_log(&mut self) {
+        let log_all = self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        let log = effective_log(&self.dirty_log, log_all);
+        for i in 0..self.device.num_rings() {
+            self.device.vring(i).dirty_log = log.clone();
+        }
+        self.device.migration.set_logging(log.is_some());
+    }
+
+    /// The used index the guest sees (in guest memory), for GET_VRING_BASE: everything before
+    /// it was used, nothing after it was. A TX chain vmq took but has not returned yet (its
+    /// frame was still in flight) is given back untaken: the ring resumes there, the VMM takes
+    /// the frame again (sent twice rather than lost, and the guest gets its buffer back). The
+    /// device's own position is rewound to it too. None if the ring is not in guest memory.
+    fn published_used_index(queue: &mut virtio_queue::Queue, device: &NetDevice) -> Option<u16> {
+        let mem = device.mem.memory();
+        let used = queue.used_idx(&*mem, std::sync::atomic::Ordering::Acquire).ok()?.0;
+        queue.set_next_avail(used);
+        queue.set_next_used(used);
+        Some(used)
+    }
+
+    /// VHOST_USER_SEND_RARP (intercepted by `server.rs`: the `vhost` crate does not parse it):
+    /// after a live migration, announce the guest's MAC into the switch and the uplink. The TX
+    /// source injects the frame on its next batch; the kick wakes its worker.
+    pub fn send_rarp(&mut self, mac: MacAddr) -> Result<(), Refusal> {
+        if !self.acked_protocol.contains(VhostUserProtocolFeatures::RARP) {
+            return Err(Refusal::Disconnect("the RARP protocol feature was not negotiated".into()));
+        }
+        if mac.0[0] & 1 != 0 {
+            return Err(Refusal::Reply(format!("SEND_RARP with a multicast MAC {mac:?}")));
+        }
+        self.device.migration.request_announce(mac);
+        let ring = self.device.vring(crate::device::TX_QUEUE);
+        if let Some(mut kick) = ring.kick.as_ref() {
+            use std::io::Write;
+            let _ = kick.write(&1u64.to_ne_bytes());
+        }
+        tracing::info!(?mac, "announcing the migrated guest (RARP)");
+        Ok(())
+    }
+
     /// SET_VRING_ENABLE (intercepted by `server.rs`, see there for why).
     pub fn enable_vring(&mut self, index: u32, enable: bool) -> ProtoResult<()> {
         let i = self.check_index(index)?;
@@ -383,10 +445,13 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             return Err(invalid("VIRTIO_F_VERSION_1 is required"));
         }
         // EVENT_IDX changes how a running ring is read: only while everything is stopped.
-        if self.any_ring_started() && features != self.acked_features {
+        // LOG_ALL is the exception: QEMU switches dirty logging on and off on running rings.
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        if self.any_ring_started() && features & !log_all != self.acked_features & !log_all {
             return Err(invalid("features changed while rings run"));
         }
         self.acked_features = features;
+        self.install_dirty_log();
         self.device.set_acked_features(features);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         for i in 0..self.device.num_rings() {
@@ -469,10 +534,19 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         _log: u64,
     ) -> ProtoResult<()> {
         let i = self.check_index(index)?;
-        self.check_stopped(i)?;
         let desc = self.vmm_to_gpa(descriptor)?;
         let avail = self.vmm_to_gpa(available)?;
         let used = self.vmm_to_gpa(used)?;
+        {
+            // QEMU repeats the addresses of running rings when it switches dirty logging on or
+            // off (only the log flag changes): fine as long as the ring stays where it is.
+            let ring = self.device.vring(i);
+            let q = &ring.queue;
+            if ring.started && (q.desc_table(), q.avail_ring(), q.used_ring()) == (desc, avail, used) {
+                return Ok(());
+            }
+        }
+        self.check_stopped(i)?;
         let mut ring = self.device.vring(i);
         let q = &mut ring.queue;
         // Alignment as the virtio spec requires (16, 2, 4); the ring's extent is checked
@@ -498,9 +572,13 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
 
     fn get_vring_base(&mut self, index: u32) -> ProtoResult<VhostUserVringState> {
         let i = self.check_index(index)?;
-        let next_avail = {
+        let base = {
+            // Taking the lock waits for a worker's batch on this ring to end; once `started` is
+            // false no worker writes into guest memory for the ring again (they check
+            // `is_live` under this lock). Only then may the frontend read the dirty log for the
+            // last time (live migration) or hand the ring to someone else.
             let mut ring = self.device.vring(i);
-            // The frontend stops the ring with this message: stop serving it, forget the fds.
+            let was_started = ring.started;
             ring.started = false;
             ring.queue.set_ready(false);
             ring.kick = None;
@@ -508,10 +586,18 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             if self.protocol_features_negotiated() {
                 ring.enabled = false;
             }
-            ring.queue.next_avail()
+            let had_log = ring.dirty_log.take().is_some();
+            let base = if was_started { Self::published_used_index(&mut ring.queue, &self.device) } else { None };
+            (base.unwrap_or_else(|| ring.queue.next_avail()), had_log)
         };
+        let (base, had_log) = base;
+        // The last ring stopped while logging: the VM was handed over (the source's final
+        // stop in a live migration).
+        if had_log && (0..self.device.num_rings()).all(|j| self.device.vring(j).dirty_log.is_none()) {
+            self.device.migration.count_migrated_out();
+        }
         self.update_running();
-        Ok(VhostUserVringState::new(index, next_avail as u32))
+        Ok(VhostUserVringState::new(index, u32::from(base)))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> ProtoResult<()> {
@@ -662,8 +748,19 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         Err(invalid("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> ProtoResult<()> {
-        Err(invalid("dirty logging (live migration) is not supported"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> ProtoResult<()> {
+        // The `vhost` crate refuses this without LOG_SHMFD, and replies once we return.
+        // Same rules as guest memory: a log file that shrinks under the mapping is a SIGBUS.
+        check_region_file(&file, log.mmap_offset, log.mmap_size, self.config.trust_unsealed_memory)?;
+        let map = DirtyLog::map(&file, log.mmap_offset, log.mmap_size).map_err(|e| {
+            tracing::warn!(error = %e, "dirty log refused");
+            ProtoError::InvalidOperation("dirty log size or offset refused")
+        })?;
+        tracing::info!(size = log.mmap_size, "dirty log mapped (live migration)");
+        // A new log (QEMU resizes it when guest memory grows) replaces the old one in the rings.
+        self.dirty_log = Some(Arc::new(map));
+        self.install_dirty_log();
+        Ok(())
     }
 }
 
@@ -725,6 +822,49 @@ mod tests {
         let (pipe_read, _pipe_write) = nix::unistd::pipe().unwrap();
         assert!(check_eventfd(&File::from(pipe_read)).is_err());
         assert!(check_eventfd(&File::open("/proc/self/status").unwrap()).is_err());
+    }
+
+    /// SET_LOG_BASE maps QEMU's log; SET_FEATURES with LOG_ALL hands it to the rings, without
+    /// it takes it away, also while they run; bad logs are refused with an error.
+    #[test]
+    fn dirty_log_follows_log_all_and_bad_logs_are_refused() {
+        use vmq_sys::memfd::{SEAL_SHRINK, create};
+        let mut b = backend(1500);
+        b.set_protocol_features(offered_protocol_features().bits()).unwrap();
+        let base = 1u64 << VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        assert_ne!(b.get_features().unwrap() & log_all, 0, "LOG_ALL offered");
+        b.set_features(base).unwrap();
+        for (size, offset, why) in [(0, 0, "empty"), (8192, 0, "beyond the file"), (4096, 100, "unaligned")] {
+            let file = create("log", 4096, SEAL_SHRINK).unwrap();
+            assert!(b.set_log_base(&VhostUserLog::new(size, offset), file).is_err(), "{why}");
+        }
+        let unsealed = create("log", 4096, 0).unwrap();
+        assert!(b.set_log_base(&VhostUserLog::new(4096, 0), unsealed).is_err(), "unsealed log file");
+        assert!(
+            b.set_log_base(&VhostUserLog::new(u64::MAX, u64::MAX), create("log", 4096, SEAL_SHRINK).unwrap()).is_err()
+        );
+        b.set_log_base(&VhostUserLog::new(4096, 0), create("log", 4096, SEAL_SHRINK).unwrap()).unwrap();
+        assert!(b.device().vring(0).dirty_log.is_none(), "not before LOG_ALL");
+        // Rings running: only LOG_ALL may change.
+        b.device().vring(0).started = true;
+        assert!(b.set_features(base | 1 << VIRTIO_RING_F_EVENT_IDX).is_err());
+        b.set_features(base | log_all).unwrap();
+        assert!(b.device().vring(0).dirty_log.is_some() && b.device().vring(1).dirty_log.is_some());
+        assert!(b.device().migration.logging());
+        assert_eq!(b.device().migration.log_starts(), 1);
+        b.set_features(base).unwrap();
+        assert!(b.device().vring(0).dirty_log.is_none() && !b.device().migration.logging());
+        b.set_features(base | log_all).unwrap();
+        assert_eq!(b.device().migration.log_starts(), 2);
+        // The final stop while logging counts as a migration out; the ring forgets the log.
+        b.get_vring_base(0).unwrap();
+        assert!(b.device().vring(0).dirty_log.is_none());
+        assert_eq!(b.device().migration.migrated_out(), 0, "one ring still runs");
+        b.get_vring_base(1).unwrap();
+        assert_eq!(b.device().migration.migrated_out(), 1);
+        b.disconnected();
+        assert!(!b.device().migration.logging());
     }
 
     #[test]

@@ -10,10 +10,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::fs::File;
 use std::io::Write;
+
+use crate::migration::{DirtyLog, MigrationStatus};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-/// Guest memory as vmq maps it: no dirty-page bitmap (vmq does not offer live-migration logging).
+/// Guest memory as vmq maps it: no vm-memory dirty bitmap (the live-migration log is
+/// [`crate::migration::DirtyLog`], marked by the data path per write).
 pub type GuestMem = GuestMemoryMmap<()>;
 
 /// Index of the receive queue (device -> guest) and the transmit queue (guest -> device) of the
@@ -37,6 +40,9 @@ pub struct Vring {
     pub enabled: bool,
     /// The ring is configured and may be processed.
     pub started: bool,
+    /// While a live migration logs dirty pages: mark every page written for this ring (RX
+    /// buffers, used ring) after the write, before the ring lock is released.
+    pub dirty_log: Option<Arc<DirtyLog>>,
 }
 
 impl Vring {
@@ -47,6 +53,7 @@ impl Vring {
             call: None,
             enabled: false,
             started: false,
+            dirty_log: None,
         }
     }
 
@@ -76,6 +83,8 @@ pub struct NetDevice {
     generation: AtomicU64,
     /// The MTU the frontend told the guest (VHOST_USER_NET_SET_MTU); 0 when it did not say.
     frontend_mtu: AtomicU16,
+    /// Dirty logging and migration counters.
+    pub migration: MigrationStatus,
 }
 
 impl NetDevice {
@@ -95,6 +104,7 @@ impl NetDevice {
             acked_features: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             frontend_mtu: AtomicU16::new(0),
+            migration: MigrationStatus::default(),
         })
     }
 
@@ -155,6 +165,7 @@ impl NetDevice {
         self.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(GuestMem::default());
         self.acked_features.store(0, Ordering::Release);
         self.frontend_mtu.store(0, Ordering::Release);
+        self.migration.set_logging(false);
         self.bump_generation();
     }
 }

@@ -16,8 +16,9 @@
 //! - **Per batch**: take a memory snapshot (`device.mem.memory()`; a new memory table can
 //!   arrive while rings run, the snapshot keeps the old mapping alive until dropped), lock the
 //!   ring (`device.vring(RX_QUEUE)`), check [`Vring::is_live`], and work on `ring.queue` in
-//!   place, under the lock. Never copy the `Queue` out: GET_VRING_BASE reads `next_avail` from
-//!   it to hand the ring back to the VMM (a live migration or guest reboot depends on it).
+//!   place, under the lock. Never copy the `Queue` out: GET_VRING_BASE reads the ring position
+//!   from it (and the used index from guest memory) to hand the ring back to the VMM (a live
+//!   migration or guest reboot depends on it).
 //! - **Kicks**: `ring.kick` is an eventfd (checked), already non-blocking. Register a duplicate
 //!   (`try_clone`) with the worker's epoll at attach and drop it at Stopped; read 8 bytes to
 //!   clear it (EAGAIN means no kick). Process the TX ring once at attach without waiting for a
@@ -36,6 +37,12 @@
 //!   `host_mtu=N` on `-device virtio-net-pci` and then asks vmq (NET_SET_MTU): up to the port MTU
 //!   vmq accepts and records it ([`NetDevice::frontend_mtu`]); above, QEMU leaves the device
 //!   stopped ("NBytes MTU not supported by the backend").
+//! - **Live migration**: while QEMU logs dirty pages, [`Vring::dirty_log`] is set (under the
+//!   ring lock, like everything else): mark every guest page written for the ring, after the
+//!   write and before the lock is released ([`migration::DirtyLog::mark`]). GET_VRING_BASE
+//!   takes the lock to stop the ring, so a batch that holds it finishes (and logs) first; after
+//!   it, `is_live` is false and nothing may be written. A SEND_RARP announce is handed to the TX
+//!   source through [`NetDevice::migration`] (see `migration.rs`).
 //! - **Features**: [`NetDevice::acked_features`] is what the frontend acked. QEMU handles
 //!   VIRTIO_NET_F_MAC and F_STATUS itself and never acks them to a vhost-user backend; the
 //!   offload bits (CSUM, GUEST_CSUM, HOST/GUEST_TSO4/6, ECN) and MRG_RXBUF are passed on.
@@ -43,8 +50,10 @@
 
 pub mod backend;
 pub mod device;
+pub mod migration;
 pub mod mq;
 pub mod server;
 
 pub use backend::{DeviceEvent, NetBackend, NetDeviceConfig};
 pub use device::{GuestMem, MAX_QUEUE_PAIRS, NetDevice, RX_QUEUE, TX_QUEUE, Vring};
+pub use migration::{DirtyLog, MigrationStatus};

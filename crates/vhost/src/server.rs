@@ -118,6 +118,8 @@ const SET_VRING_ENABLE: u32 = 18;
 /// The request that ends the setup timeout.
 const SET_OWNER: u32 = 3;
 const NET_SET_MTU: u32 = 20;
+/// After a live migration: announce the guest's MAC (body: u64, the MAC in its first 6 bytes).
+const SEND_RARP: u32 = 19;
 const FLAG_VERSION_MASK: u32 = 0x3;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -227,18 +229,24 @@ impl Connection {
             && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLOUT))
     }
 
-    /// Handles SET_VRING_ENABLE and NET_SET_MTU here instead of in the `vhost` crate.
+    /// Handles SET_VRING_ENABLE, NET_SET_MTU and SEND_RARP here instead of in the `vhost` crate.
     /// - SET_VRING_ENABLE: the crate refuses it until SET_FEATURES has acked
     ///   VHOST_USER_F_PROTOCOL_FEATURES. QEMU 7.2 sends it earlier (virtio-net's peer_attach,
     ///   right after GET_FEATURES), as the vhost-user spec allows, and then fails to start the
     ///   device. Body: `struct vhost_vring_state { u32 index; u32 num; }`, num 0 or 1.
     /// - NET_SET_MTU: the crate does not parse it at all. Body: u64 MTU.
+    /// - SEND_RARP: neither (live migration, QEMU sends it on the destination when the guest
+    ///   cannot announce itself). Body: u64, the guest's MAC in its first 6 bytes.
     ///
     /// Both have an 8-byte body and no fds; anything else ends the connection. Returns the
     /// reason to disconnect, if any.
     fn intercept(&mut self, backend: &Mutex<NetBackend>, request: u32, flags: u32, size: u32) -> Result<(), String> {
         use std::io::{Read, Write};
-        let name = if request == SET_VRING_ENABLE { "SET_VRING_ENABLE" } else { "NET_SET_MTU" };
+        let name = match request {
+            SET_VRING_ENABLE => "SET_VRING_ENABLE",
+            SEND_RARP => "SEND_RARP",
+            _ => "NET_SET_MTU",
+        };
         if size != 8 {
             return Err(format!("{name} with a {size}-byte body (must be 8)"));
         }
@@ -256,6 +264,10 @@ impl Connection {
                 }
                 num => Err(Refusal::Disconnect(format!("enable value {num} is neither 0 nor 1"))),
             }
+        } else if request == SEND_RARP {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&msg[12..18]);
+            backend.send_rarp(vmq_wire::MacAddr(mac))
         } else {
             let mut mtu = [0u8; 8];
             mtu.copy_from_slice(&msg[12..]);
@@ -303,11 +315,18 @@ pub struct ConnectionStatus {
     mode: VhostMode,
     connected: AtomicBool,
     connections: AtomicU64,
+    /// The port's device, for its live-migration state.
+    device: Arc<NetDevice>,
 }
 
 impl ConnectionStatus {
-    fn new(mode: VhostMode) -> ConnectionStatus {
-        ConnectionStatus { mode, connected: AtomicBool::new(false), connections: AtomicU64::new(0) }
+    fn new(mode: VhostMode, device: Arc<NetDevice>) -> ConnectionStatus {
+        ConnectionStatus { mode, connected: AtomicBool::new(false), connections: AtomicU64::new(0), device }
+    }
+
+    /// Dirty logging and migration counters of the port (live migration).
+    pub fn migration(&self) -> &crate::migration::MigrationStatus {
+        &self.device.migration
     }
 
     pub fn mode(&self) -> VhostMode {
@@ -358,6 +377,12 @@ pub struct PortStatus {
     pub refused: u64,
     /// Panics caught while handling its frontend's messages; each dropped that connection.
     pub panics: u64,
+    /// Live migration: dirty logging on now; times it was switched on; times the VM was
+    /// handed over (rings stopped while logging); RARP announces injected.
+    pub logging: bool,
+    pub log_starts: u64,
+    pub migrated_out: u64,
+    pub announces: u64,
 }
 
 pub struct VhostUserServer {
@@ -454,6 +479,7 @@ impl VhostUserServer {
                 (Endpoint::Connect { retry_at: Some(Instant::now()), backoff: MIN_BACKOFF }, None)
             }
         };
+        let status = Arc::new(ConnectionStatus::new(mode, device.clone()));
         let backend = Arc::new(Mutex::new(NetBackend::new(config, device, on_event)));
         self.ports.push(Some(Port {
             name: name.to_string(),
@@ -462,7 +488,7 @@ impl VhostUserServer {
             endpoint,
             backend,
             connection: None,
-            status: Arc::new(ConnectionStatus::new(mode)),
+            status,
             refused: 0,
             allowed_uids: policy.allowed_uids.clone(),
             setup_timeout: policy.setup_timeout.unwrap_or(SETUP_TIMEOUT),
@@ -504,6 +530,10 @@ impl VhostUserServer {
             .iter()
             .flatten()
             .map(|p| PortStatus {
+                logging: p.status.migration().logging(),
+                log_starts: p.status.migration().log_starts(),
+                migrated_out: p.status.migration().migrated_out(),
+                announces: p.status.migration().announces(),
                 name: p.name.clone(),
                 mode: p.status.mode,
                 connected: p.connection.is_some(),
@@ -767,7 +797,7 @@ impl VhostUserServer {
             // this thread serves every other VM too.
             let backend = port.backend.clone();
             let handled = catch_unwind(AssertUnwindSafe(|| {
-                if request == SET_VRING_ENABLE || request == NET_SET_MTU {
+                if request == SET_VRING_ENABLE || request == NET_SET_MTU || request == SEND_RARP {
                     conn.intercept(&backend, request, flags, size).map_err(Handled::Refused)
                 } else {
                     conn.handler.handle_request().map_err(Handled::Protocol)

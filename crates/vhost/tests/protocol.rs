@@ -39,6 +39,7 @@ const SET_PROTOCOL_FEATURES: u32 = 16;
 const GET_QUEUE_NUM: u32 = 17;
 const SET_VRING_ENABLE: u32 = 18;
 const NET_SET_MTU: u32 = 20;
+const SEND_RARP: u32 = 19;
 const GET_CONFIG: u32 = 24;
 
 const REPLY_ACK_FEATURE: u64 = 1 << 3;
@@ -496,6 +497,15 @@ fn intercepted_requests_are_checked_strictly() {
     attack_closes_connection("mtu-not-negotiated", |raw, _| {
         raw.ok(SET_OWNER, &[], &[]);
         let _ = raw.send(NET_SET_MTU, VERSION_1, &1500u64.to_le_bytes(), &[]);
+    });
+    // SEND_RARP (live migration): same rules.
+    attack_closes_connection("rarp-short", |raw, _| {
+        raw.negotiate();
+        let _ = raw.send(SEND_RARP, VERSION_1, &[0u8; 6], &[]);
+    });
+    attack_closes_connection("rarp-not-negotiated", |raw, _| {
+        raw.ok(SET_OWNER, &[], &[]);
+        let _ = raw.send(SEND_RARP, VERSION_1, &0x0102_0000_5452u64.to_le_bytes(), &[]);
     });
 }
 

@@ -95,8 +95,20 @@ struct RawPort {
     max_learned_macs: Option<Spanned<i64>>,
     /// VM ports: the guest may move its port to another MAC (see `vmq_core::guest`).
     allow_mac_change: Option<Spanned<bool>>,
+    /// VM ports: the guest may switch its port to promiscuous mode (see `vmq_core::rxfilter`).
+    allow_promiscuous: Option<Spanned<bool>>,
+    /// VM ports: the QMP socket of the VM's QEMU, where vmq reads the guest's receive filter.
+    qmp_socket: Option<Spanned<PathBuf>>,
+    /// The QEMU NIC id (`-device virtio-net-pci,id=...`) on that QMP; default: the port name.
+    qmp_device: Option<Spanned<String>>,
     offloads: Option<bool>,
     uplink: Option<Spanned<String>>,
+    /// Uplinks: "af_packet" (default), "af_xdp" or "auto".
+    driver: Option<Spanned<String>>,
+    /// AF_XDP uplinks: "native" (default) or "generic".
+    xdp_mode: Option<Spanned<String>>,
+    /// AF_XDP uplinks: "auto" (default), "on" or "off".
+    zero_copy: Option<Spanned<String>>,
 }
 
 /// `[vhost]`, and the same keys on a vhost-user `[[port]]` (which override `[vhost]`'s).
@@ -150,6 +162,18 @@ pub struct Config {
     /// `None` when metrics are off.
     pub metrics: Option<std::net::SocketAddr>,
     pub ports: Vec<PortConfig>,
+    /// VM ports whose guest's receive filter is read from their QEMU over QMP. Set at start; a
+    /// reload does not change them.
+    pub qmp: Vec<QmpRelayConfig>,
+}
+
+/// A VM port's QMP relay: `qmp_socket` and `qmp_device` of its `[[port]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpRelayConfig {
+    pub port: String,
+    pub socket: PathBuf,
+    /// The QEMU NIC id to ask `query-rx-filter` about.
+    pub device: String,
 }
 
 impl Config {
@@ -265,6 +289,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
 
     let mut names = HashSet::new();
     let mut ports = Vec::with_capacity(raw.port.len());
+    let mut qmp = Vec::new();
     for port in &raw.port {
         let p = port.get_ref();
         let name = p.name.get_ref();
@@ -275,6 +300,9 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             return Err(loc.at(&p.name, format!("duplicate port name {name:?}")));
         }
         let config = port_config(&loc, port, &vhost)?;
+        if let Some(relay) = qmp_relay(&loc, p, &config)? {
+            qmp.push(relay);
+        }
         if let PortBackend::VhostUser { socket, .. } = &config.backend
             && *socket == control_socket
         {
@@ -304,6 +332,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     }
 
     Ok(Config {
+        qmp,
         mode,
         workers: workers as usize,
         fdb_capacity: fdb_capacity as usize,
@@ -369,8 +398,8 @@ pub fn conflict(a: &PortConfig, b: &PortConfig) -> Option<Conflict> {
             return Some(Conflict::Socket(x.clone()));
         }
         (
-            PortBackend::Tap { ifname: x, netns: nx, .. } | PortBackend::Uplink { ifname: x, netns: nx },
-            PortBackend::Tap { ifname: y, netns: ny, .. } | PortBackend::Uplink { ifname: y, netns: ny },
+            PortBackend::Tap { ifname: x, netns: nx, .. } | PortBackend::Uplink { ifname: x, netns: nx, .. },
+            PortBackend::Tap { ifname: y, netns: ny, .. } | PortBackend::Uplink { ifname: y, netns: ny, .. },
         ) if x == y && nx == ny => return Some(Conflict::Ifname(x.clone())),
         _ => {}
     }
@@ -550,7 +579,27 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
             if p.socket.is_some() {
                 return Err(refuses("socket"));
             }
-            PortBackend::Uplink { ifname, netns: netns(&p.netns)? }
+            let choice = |v: &Option<Spanned<String>>, key: &str, names: &[&str]| -> Result<usize, ConfigError> {
+                let Some(v) = v else { return Ok(0) };
+                names.iter().position(|n| n == v.get_ref()).ok_or_else(|| {
+                    let list = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+                    loc.at(v, format!("port {name:?}: {key} must be one of {list}, not {:?}", v.get_ref()))
+                })
+            };
+            use vmq_core::{UplinkDriverKind as K, XdpAttachMode as X, ZeroCopyMode as Z};
+            let kind = [K::AfPacket, K::AfXdp, K::Auto][choice(&p.driver, "driver", &["af_packet", "af_xdp", "auto"])?];
+            let xdp_mode = [X::Native, X::Generic][choice(&p.xdp_mode, "xdp_mode", &["native", "generic"])?];
+            let zero_copy = [Z::Auto, Z::On, Z::Off][choice(&p.zero_copy, "zero_copy", &["auto", "on", "off"])?];
+            if kind == K::AfPacket
+                && let Some(v) = p.xdp_mode.as_ref().or(p.zero_copy.as_ref())
+            {
+                return Err(loc.at(
+                    v,
+                    format!("port {name:?}: xdp_mode and zero_copy apply to driver = \"af_xdp\" or \"auto\" only"),
+                ));
+            }
+            let driver = vmq_core::UplinkDriver { kind, xdp_mode, zero_copy };
+            PortBackend::Uplink { ifname, netns: netns(&p.netns)?, driver }
         }
         PortKind::Mem => PortBackend::Mem,
     };
@@ -568,6 +617,9 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
     }
     if kind != PortKind::Tap && p.create_netns.is_some() {
         return Err(refuses("create_netns"));
+    }
+    if kind != PortKind::Uplink && (p.driver.is_some() || p.xdp_mode.is_some() || p.zero_copy.is_some()) {
+        return Err(refuses("driver/xdp_mode/zero_copy"));
     }
     if !kind.is_vm() && p.uplink.is_some() {
         return Err(refuses("uplink"));
@@ -596,6 +648,13 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
     let allow_mac_change = match &p.allow_mac_change {
         Some(v) if !kind.is_vm() => {
             return Err(loc.at(v, "allow_mac_change is for VM ports (their guest changes the MAC)"));
+        }
+        Some(v) => *v.get_ref(),
+        None => false,
+    };
+    let allow_promiscuous = match &p.allow_promiscuous {
+        Some(v) if !kind.is_vm() => {
+            return Err(loc.at(v, "allow_promiscuous is for VM ports (their guest asks for it)"));
         }
         Some(v) => *v.get_ref(),
         None => false,
@@ -652,7 +711,7 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
             vlan,
             allow_mac_spoofing: p.allow_mac_spoofing.unwrap_or(false),
             max_learned_macs,
-            guest: vmq_core::GuestPolicy { allow_mac_change },
+            guest: vmq_core::GuestPolicy { allow_mac_change, allow_promiscuous },
             offloads: if p.offloads.unwrap_or(true) { OffloadCaps::ALL } else { OffloadCaps::NONE },
         },
         backend,
@@ -660,9 +719,50 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
     })
 }
 
+/// The QMP relay a `[[port]]` asks for, if any: `qmp_socket` on a VM port.
+fn qmp_relay(loc: &Locator<'_>, p: &RawPort, config: &PortConfig) -> Result<Option<QmpRelayConfig>, ConfigError> {
+    let Some(socket) = &p.qmp_socket else {
+        if let Some(d) = &p.qmp_device {
+            return Err(loc.at(d, "qmp_device goes with qmp_socket"));
+        }
+        return Ok(None);
+    };
+    if !config.spec.kind.is_vm() {
+        return Err(loc.at(socket, "qmp_socket is for VM ports (vmq reads their guest's receive filter)"));
+    }
+    if socket.get_ref().as_os_str().is_empty() {
+        return Err(loc.at(socket, "qmp_socket is empty"));
+    }
+    let device = match &p.qmp_device {
+        Some(d) if d.get_ref().is_empty() || d.get_ref().len() > 128 || d.get_ref().chars().any(char::is_control) => {
+            return Err(loc.at(d, "qmp_device must be 1 to 128 printable characters"));
+        }
+        Some(d) => d.get_ref().clone(),
+        None => config.spec.name.clone(),
+    };
+    Ok(Some(QmpRelayConfig { port: config.spec.name.clone(), socket: socket.get_ref().clone(), device }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qmp_relay_keys_only_on_vm_ports_device_defaults_to_port_name() {
+        let vm =
+            |extra: &str| format!("[[port]]\nname = \"vm1\"\nkind = \"mem\"\nmac = \"52:54:00:00:00:01\"\n{extra}");
+        let c = parse(&vm("qmp_socket = \"/run/vm1.qmp\"\nallow_promiscuous = true\n"), "t").unwrap();
+        let name = c.ports[0].spec.name.clone();
+        assert_eq!(c.qmp, vec![QmpRelayConfig { port: name.clone(), socket: "/run/vm1.qmp".into(), device: name }]);
+        assert!(c.ports[0].spec.guest.allow_promiscuous);
+        let c = parse(&vm("qmp_socket = \"/q\"\nqmp_device = \"nic0\"\n"), "t").unwrap();
+        assert_eq!(c.qmp[0].device, "nic0");
+        assert!(!parse(&vm(""), "t").unwrap().ports[0].spec.guest.allow_promiscuous);
+        let uplink = "[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth0\"\n";
+        assert!(err(&format!("{uplink}qmp_socket = \"/q\"\n")).2.contains("VM ports"));
+        assert!(err(&format!("{uplink}allow_promiscuous = true\n")).2.contains("VM ports"));
+        assert!(err(&vm("qmp_device = \"nic0\"\n")).2.contains("qmp_socket"));
+    }
 
     fn err(text: &str) -> (usize, usize, String) {
         match parse(text, "t.toml") {
@@ -760,6 +860,38 @@ trunk = [20, 10, 10]
             err("[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth0\"\nallow_mac_change = true\n");
         assert_eq!(line, 5);
         assert!(message.contains("VM ports"), "{message}");
+    }
+
+    #[test]
+    fn uplink_driver_keys_parse_and_bad_values_are_clear_errors() {
+        use vmq_core::{UplinkDriver, UplinkDriverKind, XdpAttachMode, ZeroCopyMode};
+        let up = |extra: &str| format!("[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth0\"\n{extra}");
+        let driver = |text: &str| match &parse(text, "t").unwrap().ports[0].backend {
+            PortBackend::Uplink { driver, .. } => *driver,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(driver(&up("")), UplinkDriver::default());
+        assert_eq!(driver(&up("")).kind, UplinkDriverKind::AfPacket);
+        let d = driver(&up("driver = \"af_xdp\"\nxdp_mode = \"generic\"\nzero_copy = \"off\"\n"));
+        assert_eq!(
+            d,
+            UplinkDriver {
+                kind: UplinkDriverKind::AfXdp,
+                xdp_mode: XdpAttachMode::Generic,
+                zero_copy: ZeroCopyMode::Off
+            }
+        );
+        assert_eq!(driver(&up("driver = \"auto\"\n")).kind, UplinkDriverKind::Auto);
+        let (line, _, message) = err(&up("driver = \"dpdk\"\n"));
+        assert_eq!(line, 5);
+        assert!(message.contains("\"af_packet\", \"af_xdp\", \"auto\"") && message.contains("dpdk"), "{message}");
+        let (_, _, message) = err(&up("driver = \"af_xdp\"\nzero_copy = \"maybe\"\n"));
+        assert!(message.contains("zero_copy"), "{message}");
+        let (line, _, message) = err(&up("xdp_mode = \"native\"\n"));
+        assert_eq!(line, 5);
+        assert!(message.contains("af_xdp"), "{message}");
+        let (_, _, message) = err("[[port]]\nname = \"t\"\nkind = \"tap\"\ndriver = \"af_xdp\"\n");
+        assert!(message.contains("driver"), "{message}");
     }
 
     #[test]

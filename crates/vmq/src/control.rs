@@ -5,8 +5,8 @@
 
 use vmq_control::metrics::MetricsConfig;
 use vmq_control::protocol::{
-    ControlError, ErrorCode, NewPort, OffloadCounters, OffloadInfo, PortCounters, PortInfo, PortState, SwitchMode,
-    VhostInfo, VhostModeInfo, VlanInfo,
+    ControlError, ErrorCode, MigrationInfo, NewPort, OffloadCounters, OffloadInfo, PortCounters, PortInfo, PortState,
+    SwitchMode, VhostInfo, VhostModeInfo, VlanInfo,
 };
 use vmq_control::server::ServerConfig;
 use vmq_core::stats::PortStatsSnapshot;
@@ -118,7 +118,7 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps, vho
     let spec = &port.spec;
     let (socket, ifname, netns) = match &port.backend {
         PortBackend::VhostUser { socket, .. } => (Some(socket.display().to_string()), None, None),
-        PortBackend::Tap { ifname, netns, .. } | PortBackend::Uplink { ifname, netns } => {
+        PortBackend::Tap { ifname, netns, .. } | PortBackend::Uplink { ifname, netns, .. } => {
             (None, Some(ifname.clone()), netns.clone())
         }
         PortBackend::Mem => (None, None, None),
@@ -146,7 +146,27 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps, vho
             },
             connected: v.connected,
             connections: v.connections,
+            migration: Some(MigrationInfo {
+                logging: v.logging,
+                log_starts: v.log_starts,
+                migrated_out: v.migrated_out,
+                announces: v.announces,
+            }),
         }),
+        rx_filter: None,
+        driver: None,
+    }
+}
+
+/// A port's applied guest receive filter in protocol form.
+pub fn rx_filter_view(f: &vmq_core::rxfilter::RxFilter) -> vmq_control::protocol::RxFilterView {
+    vmq_control::protocol::RxFilterView {
+        promiscuous: f.promiscuous,
+        promiscuous_refused: f.promiscuous_refused,
+        multicast: f.multicast.name().to_string(),
+        multicast_entries: f.multicast_entries() as u32,
+        unicast_entries: f.unicast_table.len() as u32,
+        vlans: f.vlans.clone(),
     }
 }
 
@@ -171,6 +191,8 @@ pub fn port_counters(name: &str, s: &PortStatsSnapshot) -> PortCounters {
         fdb_moves: s.fdb_moves,
         fdb_limit: s.fdb_limit,
         mac_change_refused: s.mac_change_refused,
+        promiscuous_refused: s.promiscuous_refused,
+        qmp_errors: s.qmp_errors,
     }
 }
 

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use vmq_control::ControlHandler;
 use vmq_control::metrics::{
-    BuildInfo, FdbMetrics, MetricsSnapshot, NicQueueMetrics, PortMetrics, QueueMetrics, VhostMetrics, WorkerMetrics,
+    BuildInfo, FdbMetrics, MetricsSnapshot, NicQueueMetrics, PortMetrics, QueueMetrics, RxFilterMetrics, VhostMetrics,
+    WorkerMetrics,
 };
 use vmq_control::protocol::{
     ControlError, ErrorCode, FdbEntry, FdbReport, NicQueue, PortState, QueueAction, QueueAssignment, QueueChange,
@@ -290,6 +291,10 @@ impl DatapathHandler {
                     counters: port_counters(&p.config.spec.name, &p.stats),
                     up: p.up,
                     queue_assigned: p.queue.is_some(),
+                    rx_filter: p.rx_filter.as_ref().map(|f| RxFilterMetrics {
+                        promiscuous: f.promiscuous,
+                        multicast_entries: f.multicast_entries() as u64,
+                    }),
                 })
                 .collect(),
             workers: self
@@ -308,6 +313,10 @@ impl DatapathHandler {
                     connections: v.connections,
                     refused: v.refused,
                     panics: v.panics,
+                    logging: v.logging,
+                    log_starts: v.log_starts,
+                    migrated_out: v.migrated_out,
+                    announces: v.announces,
                 })
                 .collect(),
             fdb: FdbMetrics { entries: self.dp.fdb_len() as u64, capacity: self.dp.fdb_capacity() as u64 },
@@ -343,7 +352,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn info(p: &PortInfo) -> vmq_control::protocol::PortInfo {
-    port_info(&p.config, if p.up { PortState::Up } else { PortState::Down }, p.caps, p.vhost)
+    let mut info = port_info(&p.config, if p.up { PortState::Up } else { PortState::Down }, p.caps, p.vhost);
+    info.rx_filter = p.rx_filter.as_ref().map(crate::control::rx_filter_view);
+    info.driver = p.uplink_driver.map(str::to_string);
+    info
 }
 
 fn no_such_port(name: &str) -> ControlError {

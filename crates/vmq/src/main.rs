@@ -12,6 +12,7 @@ mod handler;
 mod logging;
 mod notify;
 mod persist;
+mod qmp_relay;
 mod reload;
 mod run;
 mod top;

@@ -209,10 +209,15 @@ fn port_table(port: &PortConfig, vhost: &SocketPolicy) -> Table {
                 t["create_netns"] = toml_edit::value(true);
             }
         }
-        PortBackend::Uplink { ifname, netns } => {
+        PortBackend::Uplink { ifname, netns, driver } => {
             t["ifname"] = toml_edit::value(ifname.as_str());
             if let Some(ns) = netns {
                 t["netns"] = toml_edit::value(ns.as_str());
+            }
+            if *driver != vmq_core::UplinkDriver::default() {
+                t["driver"] = toml_edit::value(driver.kind.name());
+                t["xdp_mode"] = toml_edit::value(driver.xdp_mode.name());
+                t["zero_copy"] = toml_edit::value(driver.zero_copy.name());
             }
         }
         PortBackend::Mem => {}

@@ -53,6 +53,14 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
+    let relays = match crate::qmp_relay::QmpRelays::start(datapath.clone(), &config.qmp) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmq: QMP relay thread: {e}");
+            server.shutdown();
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
     let ready = Arc::new(DatapathHandler::new(datapath.clone()).with_config_file(path.to_path_buf(), config.clone()));
     let _ = handler.ready.set(ready.clone());
     let metrics = match control::metrics_config(&config) {
@@ -91,6 +99,9 @@ pub fn run(path: &Path) -> ExitCode {
         break;
     }
     notify::notify(State::Stopping);
+    if let Some(r) = relays {
+        r.shutdown();
+    }
     server.shutdown();
     if let Some(m) = metrics {
         m.shutdown();

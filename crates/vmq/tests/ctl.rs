@@ -57,11 +57,14 @@ fn port(name: &str, kind: PortKind) -> PortInfo {
         socket: (kind == PortKind::VhostUser).then(|| format!("/run/vmq/{name}.sock")),
         ifname: (kind == PortKind::Uplink).then(|| "eth1".to_string()),
         netns: None,
+        driver: None,
         vhost: (kind == PortKind::VhostUser).then_some(VhostInfo {
             mode: VhostModeInfo::Client,
             connected: false,
             connections: 2,
+            migration: Some(MigrationInfo { logging: true, log_starts: 1, migrated_out: 0, announces: 0 }),
         }),
+        rx_filter: None,
     }
 }
 
@@ -83,6 +86,8 @@ fn stats_at(n: u64) -> StatsReport {
         fdb_moves: 0,
         fdb_limit: 0,
         mac_change_refused: 0,
+        promiscuous_refused: 0,
+        qmp_errors: 0,
     };
     let vm2 =
         PortCounters { port: "vm2".into(), drops: [("oversize".to_string(), 0)].into(), ..PortCounters::default() };
@@ -290,7 +295,7 @@ fn show_prints_the_summary_and_an_aligned_port_table() {
         "\
 vmq: mode vmq, 2 worker(s), VM queues 1 of 8 in use, policy dynamic, 2 port(s)
 PORT  KIND        STATE  MAC                 MTU  VLAN         OFFLOADS        ATTACHMENT
-vm1   vhost-user  down   52:54:00:00:00:01  9000  access 10    csum,tso4,tso6  /run/vmq/vm1.sock, client mode, not connected, 2 connections, uplink up0
+vm1   vhost-user  down   52:54:00:00:00:01  9000  access 10    csum,tso4,tso6  /run/vmq/vm1.sock, client mode, not connected, 2 connections, migration: dirty logging on, 1 started, 0 handed over, 0 announces, uplink up0
 up0   uplink      up     -                  9000  trunk 10,20  csum,tso4,tso6  ifname eth1
 "
     );

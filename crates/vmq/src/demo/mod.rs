@@ -224,7 +224,7 @@ fn run_demo(args: &DemoArgs, stop: &AtomicBool) -> Result<Report, DemoError> {
         .iter()
         .find(|p| p.spec.kind == PortKind::Uplink)
         .ok_or_else(|| DemoError::Config("no uplink".into()))?;
-    let (PortBackend::Uplink { ifname, netns: Some(up_ns) }, VlanMode::Trunk { native, .. }) =
+    let (PortBackend::Uplink { ifname, netns: Some(up_ns), .. }, VlanMode::Trunk { native, .. }) =
         (&uplink.backend, &uplink.spec.vlan)
     else {
         return Err(DemoError::Config("the uplink must be a trunk in a namespace".into()));

@@ -1,0 +1,320 @@
+//! Uplink ports over AF_XDP (the second uplink driver, beside AF_PACKET in [`crate::uplink`]).
+//!
+//! An XDP program on the interface (see [`vmq_sys::xdp`]) sorts received frames by destination
+//! MAC + VLAN into one AF_XDP socket per VM queue (XSKMAP index k = VM queue k) and sends
+//! everything else to socket 0, the default queue; frames to the interface's own MAC and the
+//! IEEE link-local group go to the kernel. The sockets share one UMEM on queue 0 of the
+//! interface (see [`vmq_sys::xsk`]); a separate socket transmits.
+//!
+//! Offloads: AF_XDP carries no checksum or GSO metadata. Frames are at most one UMEM chunk
+//! (no multi-buffer), so no GSO frame arrives; the transmit side takes only whole frames
+//! (vmq segments and checksums before, [`OffloadCaps::NONE`]). A frame sent by a local stack
+//! (a veth peer, another namespace) still holds a *partial* checksum — the pseudo-header sum the
+//! kernel would have completed later. [`mark_partial_checksum`] recognises it and marks the
+//! frame `NEEDS_CSUM` for the receiver (as the kernel's packet sockets do), so it comes out
+//! right whether the receiver finishes checksums itself or vmq does.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+
+use vmq_core::vmq::{FilterKey, QueueId};
+use vmq_core::{DropReason, OffloadCaps};
+use vmq_sys::xdp::{PASS_TO_KERNEL, XdpError, XdpMode, XdpSteering};
+use vmq_sys::xsk::{XskConfig, XskError, XskQueue, XskRx, XskTx, XskTxError, ZeroCopy};
+use vmq_wire::VnetHdr;
+use vmq_wire::checksum::fold;
+use vmq_wire::vnet::FLAG_NEEDS_CSUM;
+
+use crate::port::{FrameSink, FrameSource, KernelCounters, NicSteering, RecvError, Scratch, Wake};
+
+/// Why an AF_XDP uplink could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum AfXdpError {
+    #[error(transparent)]
+    Xsk(#[from] XskError),
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
+    #[error(
+        "an MTU of {mtu} needs frames of {frame} bytes; an AF_XDP uplink carries at most {max} (one UMEM chunk, no multi-buffer): use driver = \"af_packet\" (or \"auto\", which falls back)"
+    )]
+    MtuTooLarge { mtu: u16, frame: usize, max: usize },
+}
+
+/// The virtio-net header for a received frame: `NEEDS_CSUM` when its TCP/UDP checksum field holds
+/// exactly the pseudo-header sum, i.e. a local sender left the checksum for the device to finish
+/// (CHECKSUM_PARTIAL). A complete checksum that happens to equal that sum is finished to the same
+/// value, so a wrong guess changes nothing.
+pub fn mark_partial_checksum(frame: &[u8]) -> VnetHdr {
+    let mut hdr = VnetHdr::default();
+    let Ok(layers) = vmq_wire::ip::locate(frame) else {
+        return hdr;
+    };
+    let Some(csum_offset) = layers.l4_csum_offset() else {
+        return hdr;
+    };
+    let l4_len = layers.l4_len(frame);
+    let Some(field) = frame.get(layers.l4 + csum_offset..layers.l4 + csum_offset + 2) else {
+        return hdr;
+    };
+    let field = u16::from_be_bytes([field[0], field[1]]);
+    let pseudo = fold(layers.pseudo_header(frame, l4_len));
+    if field != 0 && field == pseudo && l4_len >= csum_offset + 2 {
+        hdr.flags = FLAG_NEEDS_CSUM;
+        hdr.csum_start = layers.l4 as u16;
+        hdr.csum_offset = csum_offset as u16;
+    }
+    hdr
+}
+
+/// One receive queue: an AF_XDP socket the XDP program redirects to.
+pub struct XdpQueue {
+    socket: XskRx,
+    queue: QueueId,
+    drops_reported: u64,
+    stats_countdown: u32,
+}
+
+impl XdpQueue {
+    pub fn queue(&self) -> QueueId {
+        self.queue
+    }
+}
+
+impl FrameSource for XdpQueue {
+    fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize {
+        let room = crate::port::BATCH.saturating_sub(scratch.len());
+        let mut n = 0;
+        let (_, bad) = self.socket.recv_batch(max.min(room), |frame| {
+            let Some(buf) = scratch.next_buf() else {
+                errors.push(RecvError::Drop(DropReason::NoBuffer));
+                return;
+            };
+            let len = VnetHdr::LEN + frame.len();
+            let Some(out) = buf.get_mut(..len) else {
+                errors.push(RecvError::Drop(DropReason::Oversize));
+                return;
+            };
+            out[..VnetHdr::LEN].copy_from_slice(&mark_partial_checksum(frame).to_bytes());
+            out[VnetHdr::LEN..].copy_from_slice(frame);
+            scratch.commit(len);
+            n += 1;
+        });
+        for _ in 0..bad {
+            errors.push(RecvError::Drop(DropReason::Malformed));
+        }
+        n
+    }
+
+    fn wake(&mut self) -> Wake {
+        // The socket is readable while its RX ring holds frames.
+        Wake::Fd(self.socket.as_raw_fd())
+    }
+
+    fn kernel_counters(&mut self) -> KernelCounters {
+        // A syscall: only every 64th batch.
+        self.stats_countdown = self.stats_countdown.wrapping_sub(1);
+        if !self.stats_countdown.is_multiple_of(64) {
+            return KernelCounters::default();
+        }
+        let total = self.socket.drops();
+        let drops = total.saturating_sub(self.drops_reported);
+        self.drops_reported = total;
+        KernelCounters { drops, corrupt_blocks: 0 }
+    }
+}
+
+/// The transmit side: frames are copied into the TX socket's UMEM chunks.
+pub struct XdpSink {
+    socket: XskTx,
+}
+
+impl XdpSink {
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl FrameSink for XdpSink {
+    fn send(&mut self, _hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
+        // caps() is NONE: the header asks for nothing, the frame is complete.
+        match self.socket.send(parts) {
+            Ok(()) => Ok(()),
+            Err(XskTxError::Busy) => {
+                // Completions may be waiting: take them and try once more.
+                self.socket.flush();
+                self.socket.send(parts).map_err(tx_drop)
+            }
+            Err(e) => Err(tx_drop(e)),
+        }
+    }
+
+    fn flush(&mut self) {
+        self.socket.flush();
+    }
+
+    fn caps(&self) -> OffloadCaps {
+        OffloadCaps::NONE
+    }
+}
+
+fn tx_drop(e: XskTxError) -> DropReason {
+    match e {
+        XskTxError::Busy => DropReason::NoBuffer,
+        XskTxError::TooBig(_) => DropReason::Oversize,
+        XskTxError::Corrupt(_) => DropReason::RingBroken,
+    }
+}
+
+/// The VMQ filters of an AF_XDP uplink, as entries of its XDP program's steering map.
+pub struct XdpUplinkSteering {
+    program: XdpSteering,
+    sockets: usize,
+    filters: BTreeMap<QueueId, FilterKey>,
+    last_error: Option<XdpError>,
+}
+
+impl XdpUplinkSteering {
+    /// Why the last filter change did not take effect, if it did not.
+    pub fn last_error(&self) -> Option<&XdpError> {
+        self.last_error.as_ref()
+    }
+
+    /// Points the map entry of `key` at the lowest queue holding it (a transient duplicate while
+    /// a filter moves between queues), or removes it.
+    fn sync(&self, key: FilterKey) -> Result<(), XdpError> {
+        let holder = self.filters.iter().find(|(_, k)| **k == key).map(|(q, _)| q.0);
+        match holder {
+            Some(q) => self.program.set_rule(key.mac.0, key.vlan, u32::from(q)),
+            None => self.program.remove_rule(key.mac.0, key.vlan),
+        }
+    }
+}
+
+impl NicSteering for XdpUplinkSteering {
+    fn set_filter(&mut self, queue: QueueId, filter: Option<FilterKey>) {
+        if usize::from(queue.0) >= self.sockets || queue == QueueId::DEFAULT {
+            tracing::warn!(
+                "AF_XDP uplink {}: no VM queue {} ({} sockets); filter ignored",
+                self.program.interface(),
+                queue.0,
+                self.sockets
+            );
+            return;
+        }
+        let old = match filter {
+            Some(f) => self.filters.insert(queue, f),
+            None => self.filters.remove(&queue),
+        };
+        let mut result = Ok(());
+        if let Some(o) = old.filter(|o| Some(*o) != filter) {
+            result = self.sync(o);
+        }
+        if let Some(f) = filter {
+            result = result.and(self.sync(f));
+        }
+        self.last_error = result.err();
+        if let Some(e) = &self.last_error {
+            tracing::warn!("AF_XDP uplink steering not updated: {e}");
+        }
+    }
+}
+
+/// How to open an AF_XDP uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AfXdpOptions {
+    pub mode: XdpMode,
+    pub zero_copy: ZeroCopy,
+}
+
+/// An uplink opened over AF_XDP: the queues (default first), the transmit side, the steering.
+pub struct AfXdpUplink {
+    pub queues: Vec<XdpQueue>,
+    pub sink: XdpSink,
+    pub steering: XdpUplinkSteering,
+    /// The driver moves frames without a copy.
+    pub zero_copy: bool,
+}
+
+impl AfXdpUplink {
+    /// Opens `ifname` (in `netns`) with `vm_queues` VM queues plus the default queue, for
+    /// frames of the port's `mtu` (plus Ethernet header and a VLAN tag).
+    pub fn open(
+        ifname: &str,
+        netns: Option<&str>,
+        vm_queues: u16,
+        mtu: u16,
+        opts: AfXdpOptions,
+    ) -> Result<AfXdpUplink, AfXdpError> {
+        let frame = usize::from(mtu) + vmq_wire::ethernet::HEADER_LEN + vmq_wire::vlan::TAG_LEN;
+        if frame > vmq_sys::xsk::MAX_FRAME_LEN {
+            return Err(AfXdpError::MtuTooLarge { mtu, frame, max: vmq_sys::xsk::MAX_FRAME_LEN });
+        }
+        let sockets = usize::from(vm_queues) + 1;
+        let cfg = XskConfig { zero_copy: opts.zero_copy, ..XskConfig::default() };
+        let xsk = XskQueue::open(ifname, netns, 0, sockets, cfg)?;
+        let program = XdpSteering::attach(ifname, netns, opts.mode)?;
+        for (k, s) in xsk.rx.iter().enumerate() {
+            program.set_socket(k as u32, s.as_raw_fd())?;
+        }
+        // What the host itself needs (see vmq_sys::xdp): its own MAC, the link-local group.
+        let own = vmq_sys::link::LinkCtl::new(netns).and_then(|l| l.mac(ifname));
+        match own {
+            Ok(mac) => program.set_rule(mac, 0, PASS_TO_KERNEL)?,
+            Err(e) => tracing::warn!(ifname, "AF_XDP uplink: own MAC unknown ({e}); the host gets no unicast"),
+        }
+        for last in 0..16u8 {
+            program.set_rule([0x01, 0x80, 0xc2, 0, 0, last], 0, PASS_TO_KERNEL)?;
+        }
+        let queues = xsk
+            .rx
+            .into_iter()
+            .enumerate()
+            .map(|(k, socket)| XdpQueue { socket, queue: QueueId(k as u16), drops_reported: 0, stats_countdown: 0 })
+            .collect();
+        Ok(AfXdpUplink {
+            queues,
+            sink: XdpSink { socket: xsk.tx },
+            steering: XdpUplinkSteering { program, sockets, filters: BTreeMap::new(), last_error: None },
+            zero_copy: xsk.zero_copy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp_frame(full_checksum: bool) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1000, 2000, 1, 100);
+        let mut f = Vec::new();
+        b.write(&mut f, b"some payload bytes").unwrap();
+        if !full_checksum {
+            // What a local sender leaves: the pseudo-header sum, not complemented.
+            let l = vmq_wire::ip::locate(&f).unwrap();
+            let p = fold(l.pseudo_header(&f, l.l4_len(&f)));
+            f[l.l4 + 16..l.l4 + 18].copy_from_slice(&p.to_be_bytes());
+        }
+        f
+    }
+
+    #[test]
+    fn partial_checksums_are_marked_for_completion() {
+        let f = tcp_frame(false);
+        let h = mark_partial_checksum(&f);
+        assert_eq!((h.flags, h.csum_start, h.csum_offset), (FLAG_NEEDS_CSUM, 34, 16));
+        // Completing it as the receiver would gives the real checksum.
+        let mut done = f.clone();
+        let c = !fold(vmq_wire::checksum::sum(&done[34..], 0));
+        done[50..52].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(done, tcp_frame(true));
+    }
+
+    #[test]
+    fn complete_checksums_and_other_frames_pass_as_they_are() {
+        assert_eq!(mark_partial_checksum(&tcp_frame(true)), VnetHdr::default());
+        assert_eq!(mark_partial_checksum(&[0xff; 60]), VnetHdr::default());
+        assert_eq!(mark_partial_checksum(&[]), VnetHdr::default());
+    }
+}
