@@ -46,6 +46,19 @@ pub struct PortInfo {
     pub rx_filter: Option<vmq_core::rxfilter::RxFilter>,
     /// Uplinks configured with `driver = "af_xdp"` or `"auto"`: the driver in use.
     pub uplink_driver: Option<&'static str>,
+    /// Multiqueue VM ports: each queue pair (empty for one pair).
+    pub queue_pairs: Vec<QueuePairInfo>,
+}
+
+/// One queue pair of a multiqueue VM port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePairInfo {
+    /// Frames vmq wrote into the pair's RX ring.
+    pub rx_frames: u64,
+    /// Frames vmq took from the pair's TX ring.
+    pub tx_frames: u64,
+    /// The worker serving the pair's TX ring.
+    pub worker: Option<usize>,
 }
 
 /// A vhost-user port's connection to its VM.
@@ -214,6 +227,23 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
             }),
             rx_filter: rec.rx_filter.as_deref().cloned(),
             uplink_driver: rec.uplink_driver,
+            queue_pairs: rec
+                .queue_counters
+                .as_ref()
+                .map(|c| {
+                    let tx: Vec<&Arc<Task>> =
+                        rec.tasks.iter().filter(|t| matches!(t.kind, TaskKind::PortTx { .. })).collect();
+                    c.rx()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(pair, rx_frames)| QueuePairInfo {
+                            rx_frames,
+                            tx_frames: tx.get(pair).map_or(0, |t| t.frames.load(Ordering::Relaxed)),
+                            worker: tx.get(pair).and_then(|t| worker_of(t)),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
     }
     out

@@ -140,6 +140,9 @@ pub enum DeviceEvent {
     /// A ring was stopped (GET_VRING_BASE), reset, lost its memory or its kick fd changed, or
     /// the frontend went away: the worker must stop serving the device.
     Stopped,
+    /// While the device runs, a ring of a further queue pair started, stopped, was enabled or
+    /// disabled (multiqueue; a guest's `ethtool -L`): workers re-read their kick fds.
+    RingsChanged,
 }
 
 /// Why an intercepted request (see `server.rs`) was refused, and what happens to the connection.
@@ -161,6 +164,8 @@ pub struct NetBackend {
     mappings: Vec<AddrMapping>,
     on_event: Box<dyn FnMut(DeviceEvent) + Send>,
     was_running: bool,
+    /// Live rings (bit per ring) as of the last `update_running`.
+    live_rings: u32,
     /// The dirty log of the last SET_LOG_BASE; the rings use it while LOG_ALL is acked.
     dirty_log: Option<Arc<DirtyLog>>,
 }
@@ -228,6 +233,7 @@ impl NetBackend {
             mappings: Vec::new(),
             on_event,
             was_running: false,
+            live_rings: 0,
             dirty_log: None,
         }
     }
@@ -244,6 +250,7 @@ impl NetBackend {
         self.acked_features = 0;
         self.acked_protocol = VhostUserProtocolFeatures::empty();
         self.dirty_log = None;
+        self.live_rings = 0;
         if self.was_running {
             self.was_running = false;
             (self.on_event)(DeviceEvent::Stopped);
@@ -314,11 +321,19 @@ impl NetBackend {
             }
         }
         drop(mem);
+        let live = self.device.live_rings();
+        let layout_changed = live != self.live_rings;
+        if layout_changed {
+            self.live_rings = live;
+            self.device.bump_ring_layout();
+        }
         let running = self.device.is_running();
         if running != self.was_running {
             self.was_running = running;
             self.device.bump_generation();
             (self.on_event)(if running { DeviceEvent::Started } else { DeviceEvent::Stopped });
+        } else if running && layout_changed {
+            (self.on_event)(DeviceEvent::RingsChanged);
         }
     }
 

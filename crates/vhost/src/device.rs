@@ -85,6 +85,10 @@ pub struct NetDevice {
     frontend_mtu: AtomicU16,
     /// Dirty logging and migration counters.
     pub migration: MigrationStatus,
+    /// Bumped whenever the set of live rings changes (a further queue pair started, enabled or
+    /// disabled while the device runs): a worker serving such a ring re-reads its kick fd.
+    /// Unlike `generation`, ring positions stay valid across it.
+    ring_layout: AtomicU64,
 }
 
 impl NetDevice {
@@ -105,6 +109,7 @@ impl NetDevice {
             generation: AtomicU64::new(0),
             frontend_mtu: AtomicU16::new(0),
             migration: MigrationStatus::default(),
+            ring_layout: AtomicU64::new(0),
         })
     }
 
@@ -141,6 +146,20 @@ impl NetDevice {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Changes whenever a ring starts, stops, is enabled or disabled (see `ring_layout`).
+    pub fn ring_layout(&self) -> u64 {
+        self.ring_layout.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn bump_ring_layout(&self) {
+        self.ring_layout.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Bit `i` set: ring `i` is live (may be served now).
+    pub fn live_rings(&self) -> u32 {
+        (0..self.vrings.len()).filter(|&i| self.vring(i).is_live()).fold(0, |mask, i| mask | (1 << i))
+    }
+
     /// Queue pairs the device has (the frontend may enable fewer).
     pub fn queue_pairs(&self) -> u16 {
         (self.vrings.len() / 2) as u16
@@ -166,6 +185,7 @@ impl NetDevice {
         self.acked_features.store(0, Ordering::Release);
         self.frontend_mtu.store(0, Ordering::Release);
         self.migration.set_logging(false);
+        self.bump_ring_layout();
         self.bump_generation();
     }
 }
