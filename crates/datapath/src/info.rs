@@ -227,26 +227,28 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
             }),
             rx_filter: rec.rx_filter.as_deref().cloned(),
             uplink_driver: rec.uplink_driver,
-            queue_pairs: rec
-                .queue_counters
-                .as_ref()
-                .map(|c| {
-                    let tx: Vec<&Arc<Task>> =
-                        rec.tasks.iter().filter(|t| matches!(t.kind, TaskKind::PortTx { .. })).collect();
-                    c.rx()
-                        .into_iter()
-                        .enumerate()
-                        .map(|(pair, rx_frames)| QueuePairInfo {
-                            rx_frames,
-                            tx_frames: tx.get(pair).map_or(0, |t| t.frames.load(Ordering::Relaxed)),
-                            worker: tx.get(pair).and_then(|t| worker_of(t)),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            queue_pairs: queue_pairs(rec, &worker_of),
         });
     }
     out
+}
+
+/// A multiqueue port's pairs: RX frames from its sink's counters, TX from its TX tasks (one per
+/// pair, in pair order). Empty for ports with one TX task and no counters.
+fn queue_pairs(rec: &crate::state::PortRecord, worker_of: &dyn Fn(&Arc<Task>) -> Option<usize>) -> Vec<QueuePairInfo> {
+    let tx: Vec<&Arc<Task>> = rec.tasks.iter().filter(|t| matches!(t.kind, TaskKind::PortTx { .. })).collect();
+    let rx = rec.queue_counters.as_ref().map(|c| c.rx()).unwrap_or_default();
+    let pairs = tx.len().max(rx.len());
+    if pairs < 2 {
+        return Vec::new();
+    }
+    (0..pairs)
+        .map(|pair| QueuePairInfo {
+            rx_frames: rx.get(pair).copied().unwrap_or(0),
+            tx_frames: tx.get(pair).map_or(0, |t| t.frames.load(Ordering::Relaxed)),
+            worker: tx.get(pair).and_then(|t| worker_of(t)),
+        })
+        .collect()
 }
 
 /// The FDB, static and learned entries.

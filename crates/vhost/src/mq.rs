@@ -76,3 +76,65 @@ mod tests {
         assert_eq!(NetDevice::with_queue_pairs(16).num_rings(), 32);
     }
 }
+
+#[cfg(test)]
+mod ring_events {
+    use std::fs::File;
+    use std::sync::{Arc, Mutex};
+
+    use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+    use virtio_queue::QueueT;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmq_wire::MacAddr;
+
+    use crate::backend::{DeviceEvent, NetBackend, NetDeviceConfig, offered_protocol_features};
+    use crate::device::NetDevice;
+
+    /// A further pair's rings start after the first pair runs (QEMU starts pair by pair) and
+    /// come and go with the guest's `ethtool -L`: the data path hears of each change (its TX
+    /// task must pick up the ring's kick fd), and a one-pair device's events stay as they were.
+    #[test]
+    fn a_further_pair_coming_and_going_while_the_device_runs_is_reported() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let device = NetDevice::with_queue_pairs(2);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        device.mem.lock().unwrap().replace(mem);
+        let config = NetDeviceConfig {
+            mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+            mtu: 1500,
+            offloads: false,
+            trust_unsealed_memory: false,
+        };
+        let mut b = NetBackend::new(config, device.clone(), Box::new(move |e| seen.lock().unwrap().push(e)));
+        b.set_protocol_features(offered_protocol_features().bits()).unwrap();
+        for ring in 0..4u64 {
+            let base = ring * 0x1000;
+            let mut v = device.vring(ring as usize);
+            v.queue.set_size(16);
+            v.queue.set_desc_table_address(Some(base as u32), Some(0));
+            v.queue.set_avail_ring_address(Some((base + 0x200) as u32), Some(0));
+            v.queue.set_used_ring_address(Some((base + 0x400) as u32), Some(0));
+            let kick = File::from(std::os::fd::OwnedFd::from(nix::sys::eventfd::EventFd::new().unwrap()));
+            v.kick = Some(kick);
+        }
+        let take = || std::mem::take(&mut *events.lock().unwrap());
+        let layout = device.ring_layout();
+        b.set_vring_enable(0, true).unwrap();
+        b.set_vring_enable(1, true).unwrap();
+        assert_eq!(take(), vec![DeviceEvent::Started]);
+        assert_ne!(device.ring_layout(), layout);
+        b.set_vring_enable(2, true).unwrap();
+        b.set_vring_enable(3, true).unwrap();
+        assert_eq!(take(), vec![DeviceEvent::RingsChanged, DeviceEvent::RingsChanged]);
+        assert_eq!(device.live_rings(), 0b1111);
+        let layout = device.ring_layout();
+        b.set_vring_enable(3, false).unwrap();
+        assert_eq!(take(), vec![DeviceEvent::RingsChanged]);
+        assert_ne!(device.ring_layout(), layout);
+        b.set_vring_enable(3, false).unwrap();
+        assert_eq!(take(), vec![], "nothing changed");
+        b.set_vring_enable(0, false).unwrap();
+        assert_eq!(take(), vec![DeviceEvent::Stopped]);
+    }
+}
