@@ -84,6 +84,7 @@ fn mq(args: &BenchArgs) -> ExitCode {
                 serde_json::json!({
                     "frame_len": r.frame_len, "pairs": r.pairs, "workers": r.workers,
                     "workers_used": r.workers_used, "mpps": finite(r.mpps),
+                    "cpu_ns_per_frame": finite(r.cpu_ns_per_frame), "cores_used": finite(r.cores_used),
                 })
             })
             .collect();
@@ -91,13 +92,19 @@ fn mq(args: &BenchArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!("VM -> uplink, one VM, {workers} workers (median of 3 rounds of {:.2} s)", args.seconds);
-    println!("{:>9}  {:>11}  {:>12}  {:>12}  {:>6}", "frame", "queue pairs", "workers used", "Mpps", "ratio");
+    println!(
+        "{:>9}  {:>11}  {:>12}  {:>8}  {:>6}  {:>10}  {:>10}",
+        "frame", "queue pairs", "workers used", "Mpps", "ratio", "cores got", "CPU ns/fr"
+    );
     for pair in results.chunks(2) {
         let [one, many] = pair else { continue };
         let ratio = if one.mpps > 0.0 { many.mpps / one.mpps } else { f64::NAN };
         for (r, ratio) in [(one, None), (many, Some(ratio))] {
             let ratio = ratio.map_or(String::new(), |x| format!("{x:.2}x"));
-            println!("{:>9}  {:>11}  {:>12}  {:>12.3}  {:>6}", r.frame_len, r.pairs, r.workers_used, r.mpps, ratio);
+            println!(
+                "{:>9}  {:>11}  {:>12}  {:>8.3}  {:>6}  {:>10.2}  {:>10.1}",
+                r.frame_len, r.pairs, r.workers_used, r.mpps, ratio, r.cores_used, r.cpu_ns_per_frame
+            );
         }
     }
     ExitCode::SUCCESS

@@ -661,6 +661,11 @@ pub struct MqBenchResult {
     pub mpps: f64,
     /// Workers serving the VM's TX queues at the end of the run.
     pub workers_used: usize,
+    /// Worker CPU time per frame sent, ns (from the kernel's per-thread accounting): what the
+    /// rate would be bounded by with the cores to themselves.
+    pub cpu_ns_per_frame: f64,
+    /// Worker CPU time over wall time: the cores the workers actually got (2.0 = two whole).
+    pub cores_used: f64,
 }
 
 /// `vmq bench --mq`: one VM with 1 queue pair, then with `max_pairs`, over `workers` workers,
@@ -718,11 +723,12 @@ fn run_mq_one(seconds: f64, workers: usize, pairs: u16, frame_len: usize) -> Res
         dp.port_stats().iter().filter(|(name, _)| name == "up0").map(|(_, s)| s.tx_packets).sum::<u64>()
     };
     std::thread::sleep(Duration::from_secs_f64((seconds * 0.1).min(0.2)));
-    let s0 = sent(&dp);
+    let (s0, cpu0) = (sent(&dp), worker_cpu_ns());
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(seconds));
-    let s1 = sent(&dp);
+    let (s1, cpu1) = (sent(&dp), worker_cpu_ns());
     let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu1.saturating_sub(cpu0) as f64;
     let workers_used = dp
         .ports()
         .iter()
@@ -741,5 +747,7 @@ fn run_mq_one(seconds: f64, workers: usize, pairs: u16, frame_len: usize) -> Res
         frame_len,
         mpps: (s1 - s0) as f64 / elapsed / 1e6,
         workers_used: if pairs == 1 { 1 } else { workers_used },
+        cpu_ns_per_frame: if s1 > s0 { cpu / (s1 - s0) as f64 } else { f64::INFINITY },
+        cores_used: cpu / 1e9 / elapsed,
     })
 }
