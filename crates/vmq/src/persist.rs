@@ -341,7 +341,7 @@ mac = "52:54:00:00:00:02"
         r.ports[0].spec.mtu = 1500;
         r.ports[1].spec.vlan = VlanMode::Trunk { allowed: vec![10, 20], native: Some(10) };
         let added = config::parse(
-            "[[port]]\nname = \"vm3\"\nkind = \"vhost-user\"\nsocket = \"/run/vmq/vm3.sock\"\nmac = \"52:54:00:00:00:03\"\nsocket_mode = \"0660\"\nuplink = \"up0\"\nmtu = 9000\n[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth1\"\n",
+            "[[port]]\nname = \"vm3\"\nkind = \"vhost-user\"\nsocket = \"/run/vmq/vm3.sock\"\nmac = \"52:54:00:00:00:03\"\nsocket_mode = \"0660\"\nuplink = \"up0\"\nmtu = 9000\nqueues = 3\n[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth1\"\n",
             "t",
         )
         .unwrap()
