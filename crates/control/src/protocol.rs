@@ -303,6 +303,23 @@ pub struct PortInfo {
     /// `af_packet`); absent for plain AF_PACKET uplinks and other kinds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
+    /// Multiqueue vhost-user ports (`queues` > 1): each queue pair, in order; absent otherwise.
+    /// (Boxed: `Response::PortAdded` carries a whole `PortInfo`.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_pairs: Option<Box<[QueuePairView]>>,
+}
+
+/// One queue pair of a multiqueue VM port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuePairView {
+    /// Frames vmq wrote into the pair's RX ring (flows spread by their 5-tuple hash).
+    pub rx_frames: u64,
+    /// Frames vmq took from the pair's TX ring.
+    pub tx_frames: u64,
+    /// The worker serving the pair's TX ring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<usize>,
 }
 
 /// A VM port's guest receive filter as vmq applies it (the guest's request narrowed by policy).

@@ -170,6 +170,17 @@ fn attachment(p: &PortInfo) -> String {
     if let Some(d) = &p.driver {
         parts.push(format!("driver {d}"));
     }
+    if let Some(queue_pairs) = &p.queue_pairs {
+        let pairs: Vec<String> = queue_pairs
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let worker = q.worker.map_or("-".to_string(), |w| w.to_string());
+                format!("q{i} rx {} tx {} w{worker}", q.rx_frames, q.tx_frames)
+            })
+            .collect();
+        parts.push(format!("{} queue pairs [{}]", queue_pairs.len(), pairs.join("; ")));
+    }
     if let Some(u) = &p.uplink {
         parts.push(format!("uplink {u}"));
     }

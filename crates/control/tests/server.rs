@@ -51,6 +51,7 @@ fn port_info(name: &str) -> PortInfo {
         vhost: None,
         rx_filter: None,
         driver: None,
+        queue_pairs: None,
     }
 }
 

@@ -77,6 +77,9 @@ impl PortSpec {
     }
 }
 
+/// Most queue pairs a vhost-user port may have (`queues`; VIRTIO_NET_F_MQ).
+pub const MAX_VHOST_QUEUE_PAIRS: u16 = 16;
+
 /// How a port is attached; what the data path needs besides [`PortSpec`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PortBackend {
@@ -85,7 +88,15 @@ pub enum PortBackend {
     /// sealed with F_SEAL_SHRINK, e.g. DPDK virtio-user's hugepage files); such a frontend can
     /// crash vmq, so only for frontends as trusted as vmq itself.
     /// `mode`: who listens on `socket` (vmq, or the VM's QEMU).
-    VhostUser { socket: std::path::PathBuf, mode: VhostMode, policy: SocketPolicy, trust_frontend_memory: bool },
+    /// `queues`: queue pairs offered to the guest (1..=16; more than one offers
+    /// VIRTIO_NET_F_MQ; QEMU's `-netdev vhost-user,queues=N` must not ask for more).
+    VhostUser {
+        socket: std::path::PathBuf,
+        mode: VhostMode,
+        policy: SocketPolicy,
+        trust_frontend_memory: bool,
+        queues: u16,
+    },
     /// A TAP interface vmq creates, optionally inside a network namespace (created if asked).
     Tap { ifname: String, netns: Option<String>, create_netns: bool },
     /// A host interface (in `netns`, if given) used through AF_PACKET or AF_XDP (`driver`).

@@ -26,6 +26,10 @@ pub struct Attachment {
     pub sink: Box<dyn FrameSink>,
     /// Frames the port sends into vmq (None for uplinks: they send through NIC queues).
     pub source: Option<Box<dyn FrameSource>>,
+    /// Multiqueue VM ports: the TX rings of the further queue pairs, each a task of its own.
+    pub more_sources: Vec<Box<dyn FrameSource>>,
+    /// Multiqueue VM ports: frames written into each pair's RX ring.
+    pub queue_counters: Option<Arc<crate::vhost_mq::QueueCounters>>,
     /// Uplinks: the NIC's RX queues (the default queue and the VM queues).
     pub nic_queues: Vec<(QueueId, Box<dyn FrameSource>)>,
     /// Uplinks: control of the NIC's VM queue filters.
@@ -49,6 +53,8 @@ impl Attachment {
         Attachment {
             sink,
             source,
+            more_sources: Vec::new(),
+            queue_counters: None,
             nic_queues: Vec::new(),
             steering: None,
             up: true,

@@ -37,7 +37,7 @@ impl Backends for DefaultBackends {
                 let (_guest, source, sink) = crate::mem::mem_port(config.spec.offloads, false);
                 Ok(Attachment::new(Box::new(sink), Some(Box::new(source))))
             }
-            PortBackend::VhostUser { socket, mode, policy, trust_frontend_memory } => {
+            PortBackend::VhostUser { socket, mode, policy, trust_frontend_memory, queues } => {
                 let mac = config.spec.mac.ok_or_else(|| DatapathError::Backend {
                     port: port.clone(),
                     source: BackendError::VhostNeedsMac,
@@ -58,7 +58,7 @@ impl Backends for DefaultBackends {
                     port: port.clone(),
                     source: BackendError::VhostServiceUnavailable,
                 })?;
-                service.attach(&port, socket.clone(), *mode, policy.clone(), device, ctx.handle)
+                service.attach(&port, socket.clone(), *mode, policy.clone(), device, ctx.handle, *queues)
             }
             PortBackend::Tap { ifname, netns, create_netns } => {
                 let cfg = TapConfig {

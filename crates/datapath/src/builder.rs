@@ -79,6 +79,12 @@ impl DatapathBuilder {
         Ok(id)
     }
 
+    /// Adds a further TX queue to port `name` (a multiqueue VM's next pair): a task of its own.
+    pub fn attach_more_source(&mut self, name: &str, source: Box<dyn FrameSource>) -> Result<(), DatapathError> {
+        self.attachment(name)?.more_sources.push(source);
+        Ok(())
+    }
+
     /// Adds a NIC RX queue of uplink `uplink`: the queue a VM port was given, or the default.
     pub fn attach_nic_queue(
         &mut self,

@@ -46,6 +46,19 @@ pub struct PortInfo {
     pub rx_filter: Option<vmq_core::rxfilter::RxFilter>,
     /// Uplinks configured with `driver = "af_xdp"` or `"auto"`: the driver in use.
     pub uplink_driver: Option<&'static str>,
+    /// Multiqueue VM ports: each queue pair (empty for one pair).
+    pub queue_pairs: Vec<QueuePairInfo>,
+}
+
+/// One queue pair of a multiqueue VM port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePairInfo {
+    /// Frames vmq wrote into the pair's RX ring.
+    pub rx_frames: u64,
+    /// Frames vmq took from the pair's TX ring.
+    pub tx_frames: u64,
+    /// The worker serving the pair's TX ring.
+    pub worker: Option<usize>,
 }
 
 /// A vhost-user port's connection to its VM.
@@ -214,9 +227,28 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
             }),
             rx_filter: rec.rx_filter.as_deref().cloned(),
             uplink_driver: rec.uplink_driver,
+            queue_pairs: queue_pairs(rec, &worker_of),
         });
     }
     out
+}
+
+/// A multiqueue port's pairs: RX frames from its sink's counters, TX from its TX tasks (one per
+/// pair, in pair order). Empty for ports with one TX task and no counters.
+fn queue_pairs(rec: &crate::state::PortRecord, worker_of: &dyn Fn(&Arc<Task>) -> Option<usize>) -> Vec<QueuePairInfo> {
+    let tx: Vec<&Arc<Task>> = rec.tasks.iter().filter(|t| matches!(t.kind, TaskKind::PortTx { .. })).collect();
+    let rx = rec.queue_counters.as_ref().map(|c| c.rx()).unwrap_or_default();
+    let pairs = tx.len().max(rx.len());
+    if pairs < 2 {
+        return Vec::new();
+    }
+    (0..pairs)
+        .map(|pair| QueuePairInfo {
+            rx_frames: rx.get(pair).copied().unwrap_or(0),
+            tx_frames: tx.get(pair).map_or(0, |t| t.frames.load(Ordering::Relaxed)),
+            worker: tx.get(pair).and_then(|t| worker_of(t)),
+        })
+        .collect()
 }
 
 /// The FDB, static and learned entries.

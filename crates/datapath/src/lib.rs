@@ -38,6 +38,7 @@ mod supervise;
 pub mod tap;
 pub mod uplink;
 mod vhost;
+pub mod vhost_mq;
 pub mod virtio;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,7 +57,7 @@ pub use attach::{AttachContext, Attachment, Backends, PendingAttach, PortControl
 pub use builder::{DatapathBuilder, NicQueueTarget};
 pub use config::DatapathConfig;
 pub use error::{BackendError, DatapathError};
-pub use info::{FdbRow, LockHoldStats, NoQueueReason, PortInfo, QueueStats, VhostLink, WorkerInfo};
+pub use info::{FdbRow, LockHoldStats, NoQueueReason, PortInfo, QueuePairInfo, QueueStats, VhostLink, WorkerInfo};
 pub use port::{FrameSink, FrameSource, NicSteering, Wake};
 pub use vmq_vhost::server::PortStatus as VhostPortStatus;
 

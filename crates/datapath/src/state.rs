@@ -36,6 +36,8 @@ pub(crate) struct PortRecord {
     pub rx_filter: Option<Arc<vmq_core::rxfilter::RxFilter>>,
     /// See [`crate::Attachment::uplink_driver`].
     pub uplink_driver: Option<&'static str>,
+    /// See [`crate::Attachment::queue_counters`].
+    pub queue_counters: Option<Arc<crate::vhost_mq::QueueCounters>>,
     _keepalive: Option<Box<dyn Any + Send>>,
 }
 
@@ -203,6 +205,10 @@ impl ControlState {
         if let Some(source) = att.source {
             tasks.push(Task::new(TaskKind::PortTx { port: id }, source, stats.clone()));
         }
+        // Further TX queues of a multiqueue port: tasks of the same kind, placed apart.
+        for source in att.more_sources {
+            tasks.push(Task::new(TaskKind::PortTx { port: id }, source, stats.clone()));
+        }
         let mut nic_queue_count = 0u16;
         for (queue, source) in att.nic_queues {
             let kind = if queue == QueueId::DEFAULT {
@@ -225,6 +231,7 @@ impl ControlState {
             vhost: att.vhost,
             rx_filter: None,
             uplink_driver: att.uplink_driver,
+            queue_counters: att.queue_counters,
             _keepalive: att.keepalive,
         };
         let slot = id.0 as usize;

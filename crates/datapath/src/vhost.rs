@@ -55,14 +55,14 @@ enum Unserved {
 /// The device's view of one of the guest's rings, rebuilt from the protocol's `Queue` whenever
 /// the device (re)starts: that is also how a broken ring recovers, when the frontend stops and
 /// restarts it (GET_VRING_BASE, then SET_VRING_BASE/ADDR/KICK) or reconnects.
-struct DeviceRing {
-    index: usize,
-    state: Option<RingState>,
-    generation: u64,
+pub(crate) struct DeviceRing {
+    pub(crate) index: usize,
+    pub(crate) state: Option<RingState>,
+    pub(crate) generation: u64,
 }
 
 impl DeviceRing {
-    fn new(index: usize) -> DeviceRing {
+    pub(crate) fn new(index: usize) -> DeviceRing {
         DeviceRing { index, state: None, generation: u64::MAX }
     }
 
@@ -133,19 +133,27 @@ pub struct VhostTxSource {
     /// Our own handle on the current kick eventfd: the worker's epoll holds this fd number, and
     /// the frontend may replace its kick fd on reconnect.
     kick: Option<File>,
-    kick_generation: u64,
+    /// The device generation and ring layout the kick fd was taken at.
+    kick_generation: (u64, u64),
 }
 
 impl VhostTxSource {
+    /// The TX ring of the first queue pair.
     pub fn new(device: Arc<NetDevice>) -> VhostTxSource {
+        VhostTxSource::for_pair(device, 0)
+    }
+
+    /// The TX ring of queue pair `pair` (ring `2 * pair + 1`); each is a task of its own, so
+    /// the TX rings of one multiqueue VM are served by different workers.
+    pub fn for_pair(device: Arc<NetDevice>, pair: u16) -> VhostTxSource {
         VhostTxSource {
             device,
-            ring: DeviceRing::new(TX_QUEUE),
+            ring: DeviceRing::new(TX_QUEUE + 2 * usize::from(pair)),
             segments: Vec::new(),
             deferred: Vec::new(),
             deferred_generation: 0,
             kick: None,
-            kick_generation: u64::MAX,
+            kick_generation: (u64::MAX, u64::MAX),
         }
     }
 }
@@ -158,7 +166,8 @@ impl FrameSource for VhostTxSource {
         // After a live migration (SEND_RARP): the guest's announce enters the switch as if the
         // guest had sent it, ahead of its own frames.
         let mut announced = 0;
-        if self.device.migration.announce_pending()
+        if self.ring.index == TX_QUEUE
+            && self.device.migration.announce_pending()
             && let Some(mac) = self.device.migration.take_announce()
         {
             let mut frame = vec![0u8; VnetHdr::LEN];
@@ -252,18 +261,20 @@ impl FrameSource for VhostTxSource {
     }
 
     fn wake(&mut self) -> Wake {
-        // Asked again after every state change: take a handle on the current kick fd.
-        let generation = self.device.generation();
+        // Asked again after every state change: take a handle on the current kick fd. The ring
+        // layout changes when a further queue pair's ring starts (after the device started).
+        let generation = (self.device.generation(), self.device.ring_layout());
         if generation != self.kick_generation {
             self.kick_generation = generation;
-            let ring = self.device.vring(TX_QUEUE);
+            let ring = self.device.vring(self.ring.index);
             self.kick = ring.kick.as_ref().and_then(|k| k.try_clone().ok());
         }
         match &self.kick {
             Some(kick) => Wake::Fd(kick.as_raw_fd()),
             // A device that does not run has no frames to give; when it starts, the port comes
-            // up, which refreshes the workers (after the generation changed).
-            None if !self.device.is_running() => Wake::Never,
+            // up, which refreshes the workers (after the generation changed). A further pair's
+            // ring without a kick fd has not started: its start refreshes the workers too.
+            None if !self.device.is_running() || self.ring.index != TX_QUEUE => Wake::Never,
             // Running without a kick fd (the frontend asked for a polled ring).
             None => Wake::Poll,
         }
@@ -300,7 +311,7 @@ impl VhostRxSink {
     }
 }
 
-struct VhostRxBatch<'a, 'r, 'm> {
+pub(crate) struct VhostRxBatch<'a, 'r, 'm> {
     ring: &'a mut Ring<'r, 'm>,
     writer: &'a mut RxWriter,
     /// While a live migration runs: the buffers of every frame written are marked.
@@ -431,6 +442,7 @@ impl VhostService {
                                 let on_event = Box::new(move |event| match event {
                                     DeviceEvent::Started => handle.set_up(true),
                                     DeviceEvent::Stopped => handle.set_up(false),
+                                    DeviceEvent::RingsChanged => handle.refresh(),
                                 });
                                 let result = server
                                     .add_port_mode(&name, &socket, mode, &policy, config, device, on_event)
@@ -462,6 +474,7 @@ impl VhostService {
 
     /// Listens on `socket` for the VM of port `name` (server mode), or connects to it (client
     /// mode); the port comes up when the guest's driver has started both rings.
+    #[allow(clippy::too_many_arguments)] // the port's configuration, field by field
     pub fn attach(
         &self,
         name: &str,
@@ -470,8 +483,9 @@ impl VhostService {
         policy: SocketPolicy,
         config: NetDeviceConfig,
         handle: PortHandle,
+        queue_pairs: u16,
     ) -> Result<Attachment, DatapathError> {
-        let device = NetDevice::new();
+        let device = NetDevice::with_queue_pairs(queue_pairs);
         let (reply, result) = channel();
         let backend_err = |source: BackendError| DatapathError::Backend { port: name.to_string(), source };
         let sent = self.commands.send(Command::Add {
@@ -491,8 +505,20 @@ impl VhostService {
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| backend_err(BackendError::VhostServiceTimeout))?
             .map_err(|e| backend_err(BackendError::Vhost(e)))?;
-        let mut att =
-            Attachment::new(Box::new(VhostRxSink::new(device.clone())), Some(Box::new(VhostTxSource::new(device))));
+        let pairs = device.queue_pairs();
+        let mut att = if pairs == 1 {
+            Attachment::new(Box::new(VhostRxSink::new(device.clone())), Some(Box::new(VhostTxSource::new(device))))
+        } else {
+            // Multiqueue: one sink over every RX ring, one task per TX ring (vhost_mq.rs).
+            let counters = crate::vhost_mq::QueueCounters::new(pairs);
+            let sink = crate::vhost_mq::VhostMqRxSink::new(device.clone(), counters.clone());
+            let mut att = Attachment::new(Box::new(sink), Some(Box::new(VhostTxSource::new(device.clone()))));
+            for pair in 1..pairs {
+                att.more_sources.push(Box::new(VhostTxSource::for_pair(device.clone(), pair)));
+            }
+            att.queue_counters = Some(counters);
+            att
+        };
         att.up = false;
         att.vhost = Some(status);
         att.keepalive = Some(Box::new(Registration { name: name.to_string(), commands: self.commands.clone() }));

@@ -216,6 +216,11 @@ pub struct GuestConfig {
     pub incoming: Option<String>,
     /// Extra `key=value` properties of the virtio-net device (e.g. `guest_announce=off`).
     pub net_device_options: Vec<String>,
+    /// Virtual CPUs (`-smp`).
+    pub cpus: u8,
+    /// Queue pairs of the vhost-user NIC: more than one sets `queues=N` on the netdev and
+    /// `mq=on` on the device (the backend must offer that many).
+    pub queue_pairs: u16,
 }
 
 impl GuestConfig {
@@ -233,6 +238,8 @@ impl GuestConfig {
             qmp: None,
             incoming: None,
             net_device_options: Vec::new(),
+            cpus: 1,
+            queue_pairs: 1,
         }
     }
 
@@ -278,6 +285,17 @@ impl GuestConfig {
         self
     }
 
+    pub fn cpus(mut self, cpus: u8) -> GuestConfig {
+        self.cpus = cpus;
+        self
+    }
+
+    /// A multiqueue NIC with `pairs` queue pairs (see [`GuestConfig::queue_pairs`]).
+    pub fn queue_pairs(mut self, pairs: u16) -> GuestConfig {
+        self.queue_pairs = pairs;
+        self
+    }
+
     pub fn incoming(mut self, uri: impl Into<String>) -> GuestConfig {
         self.incoming = Some(uri.into());
         self
@@ -297,6 +315,12 @@ impl GuestConfig {
         }
         if self.host_mtu.is_some_and(|m| m < 68) {
             return Err(GuestError::Config("host_mtu below 68".into()));
+        }
+        if !(1..=16).contains(&self.cpus) || !(1..=16).contains(&self.queue_pairs) {
+            return Err(GuestError::Config(format!(
+                "{} CPUs / {} queue pairs outside 1..=16",
+                self.cpus, self.queue_pairs
+            )));
         }
         if !(64..=16384).contains(&self.memory_mib) {
             return Err(GuestError::Config(format!("{} MiB of guest memory is outside 64..=16384", self.memory_mib)));
@@ -330,8 +354,15 @@ impl GuestConfig {
         if let Some(mtu) = self.host_mtu {
             let _ = write!(device, ",host_mtu={mtu}");
         }
+        if self.queue_pairs > 1 {
+            device.push_str(",mq=on");
+        }
         for option in &self.net_device_options {
             let _ = write!(device, ",{option}");
+        }
+        let mut netdev = vhost_user_netdev("net0", "vhu0");
+        if self.queue_pairs > 1 {
+            let _ = write!(netdev, ",queues={}", self.queue_pairs);
         }
         if let Some((_, id)) = &self.qmp {
             let _ = write!(device, ",id={id}");
@@ -343,7 +374,7 @@ impl GuestConfig {
             "-accel".into(),
             "tcg".into(),
             "-smp".into(),
-            "1".into(),
+            self.cpus.to_string(),
             "-m".into(),
             format!("{mib}M"),
             // vhost-user needs guest memory the backend can map: a shared memfd.
@@ -360,7 +391,7 @@ impl GuestConfig {
             "-chardev".into(),
             vhost_user_chardev("vhu0", &self.socket, self.chardev),
             "-netdev".into(),
-            vhost_user_netdev("net0", "vhu0"),
+            netdev,
             "-device".into(),
             device,
             // The serial console is QEMU's stdin/stdout.
@@ -831,6 +862,14 @@ mod tests {
         assert!(joined.contains("-m 128M"), "{joined}");
         assert!(joined.contains("console=ttyS0 panic=-1 vmq.ip=10.0.0.1/24 vmq.mtu=9000"), "{joined}");
         assert!(joined.contains("-netdev vhost-user,id=net0,chardev=vhu0"), "{joined}");
+        assert!(joined.contains("-smp 1 ") && !joined.contains("mq=on"), "{joined}");
+        let mq = GuestConfig::new("g", "/tmp/s", "52:54:00:00:00:01").cpus(2).queue_pairs(2);
+        let joined =
+            mq.qemu_args(&image).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(joined.contains("-smp 2 "), "{joined}");
+        assert!(joined.contains("-netdev vhost-user,id=net0,chardev=vhu0,queues=2"), "{joined}");
+        assert!(joined.contains("vectors=0,mq=on"), "{joined}");
+        assert!(mq.clone().queue_pairs(17).validate().is_err() && mq.cpus(0).validate().is_err());
     }
 
     #[test]

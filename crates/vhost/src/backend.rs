@@ -35,7 +35,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
 use vmq_wire::MacAddr;
 
-use crate::device::{MAX_QUEUE_SIZE, NUM_QUEUES, NetDevice};
+use crate::device::{MAX_QUEUE_SIZE, NetDevice};
 use crate::migration::{DirtyLog, effective_log};
 
 /// Most memory regions a frontend may hand over (QEMU uses one to a few, at most 8 without
@@ -100,8 +100,8 @@ impl NetDeviceConfig {
 ///   guest still sees MTU N but no frame ever moves). The `vhost` crate does not parse this
 ///   request; `server.rs` intercepts it.
 /// - MQ: QEMU asks GET_QUEUE_NUM and compares it with its `queues=` (queue *pairs*); vmq
-///   answers 1, so `queues=2` fails at QEMU start with "you are asking more queues than
-///   supported: 1". With one pair nothing changes: QEMU 7.2 sends SET_VRING_ENABLE as early
+///   answers the port's pairs (`mq.rs`), so `queues=2` on a one-pair port fails at QEMU start
+///   with "you are asking more queues than supported: 1". With one pair nothing changes: QEMU 7.2 sends SET_VRING_ENABLE as early
 ///   (before SET_FEATURES) with or without MQ; `server.rs` intercepts it.
 /// - CONFIG: QEMU 7.2's vhost-user-net does not use GET_CONFIG (its config space comes from the
 ///   -device options) and prints one warning per start: "vhost-user backend supports
@@ -140,6 +140,9 @@ pub enum DeviceEvent {
     /// A ring was stopped (GET_VRING_BASE), reset, lost its memory or its kick fd changed, or
     /// the frontend went away: the worker must stop serving the device.
     Stopped,
+    /// While the device runs, a ring of a further queue pair started, stopped, was enabled or
+    /// disabled (multiqueue; a guest's `ethtool -L`): workers re-read their kick fds.
+    RingsChanged,
 }
 
 /// Why an intercepted request (see `server.rs`) was refused, and what happens to the connection.
@@ -161,6 +164,8 @@ pub struct NetBackend {
     mappings: Vec<AddrMapping>,
     on_event: Box<dyn FnMut(DeviceEvent) + Send>,
     was_running: bool,
+    /// Live rings (bit per ring) as of the last `update_running`.
+    live_rings: u32,
     /// The dirty log of the last SET_LOG_BASE; the rings use it while LOG_ALL is acked.
     dirty_log: Option<Arc<DirtyLog>>,
 }
@@ -228,6 +233,7 @@ impl NetBackend {
             mappings: Vec::new(),
             on_event,
             was_running: false,
+            live_rings: 0,
             dirty_log: None,
         }
     }
@@ -244,6 +250,7 @@ impl NetBackend {
         self.acked_features = 0;
         self.acked_protocol = VhostUserProtocolFeatures::empty();
         self.dirty_log = None;
+        self.live_rings = 0;
         if self.was_running {
             self.was_running = false;
             (self.on_event)(DeviceEvent::Stopped);
@@ -258,9 +265,9 @@ impl NetBackend {
             .ok_or_else(|| invalid("ring address outside the memory table"))
     }
 
-    fn check_index(index: u32) -> ProtoResult<usize> {
+    fn check_index(&self, index: u32) -> ProtoResult<usize> {
         let i = index as usize;
-        if i < NUM_QUEUES { Ok(i) } else { Err(invalid("queue index beyond the single queue pair")) }
+        if i < self.device.num_rings() { Ok(i) } else { Err(invalid("queue index beyond the port's queue pairs")) }
     }
 
     /// Ring setup (size, addresses, base) is only allowed while the ring is stopped: the worker
@@ -274,7 +281,7 @@ impl NetBackend {
     }
 
     fn any_ring_started(&self) -> bool {
-        (0..NUM_QUEUES).any(|i| self.device.vring(i).started)
+        (0..self.device.num_rings()).any(|i| self.device.vring(i).started)
     }
 
     /// VHOST_USER_F_PROTOCOL_FEATURES counts as negotiated once the backend offers it (it is a
@@ -293,7 +300,7 @@ impl NetBackend {
     /// the data path when the device runs or stops.
     fn update_running(&mut self) {
         let mem = self.device.mem.memory();
-        for i in 0..NUM_QUEUES {
+        for i in 0..self.device.num_rings() {
             let mut ring = self.device.vring(i);
             if ring.kick.is_some() && !ring.started {
                 // `is_valid` checks the whole descriptor table and both rings against guest
@@ -314,11 +321,19 @@ impl NetBackend {
             }
         }
         drop(mem);
+        let live = self.device.live_rings();
+        let layout_changed = live != self.live_rings;
+        if layout_changed {
+            self.live_rings = live;
+            self.device.bump_ring_layout();
+        }
         let running = self.device.is_running();
         if running != self.was_running {
             self.was_running = running;
             self.device.bump_generation();
             (self.on_event)(if running { DeviceEvent::Started } else { DeviceEvent::Stopped });
+        } else if running && layout_changed {
+            (self.on_event)(DeviceEvent::RingsChanged);
         }
     }
 
@@ -336,7 +351,7 @@ impl NetBackend {
     fn install_dirty_log(&mut self) {
         let log_all = self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         let log = effective_log(&self.dirty_log, log_all);
-        for i in 0..NUM_QUEUES {
+        for i in 0..self.device.num_rings() {
             self.device.vring(i).dirty_log = log.clone();
         }
         self.device.migration.set_logging(log.is_some());
@@ -377,7 +392,7 @@ impl NetBackend {
 
     /// SET_VRING_ENABLE (intercepted by `server.rs`, see there for why).
     pub fn enable_vring(&mut self, index: u32, enable: bool) -> ProtoResult<()> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         self.device.vring(i).enabled = enable;
         self.update_running();
         Ok(())
@@ -407,7 +422,7 @@ impl NetBackend {
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.config.mac.0);
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&self.device.queue_pairs().to_le_bytes());
         c[10..12].copy_from_slice(&self.config.mtu.to_le_bytes());
         c
     }
@@ -433,11 +448,11 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_features(&mut self) -> ProtoResult<u64> {
-        Ok(self.config.offered_features())
+        Ok(crate::mq::offered_features(&self.config, &self.device))
     }
 
     fn set_features(&mut self, features: u64) -> ProtoResult<()> {
-        let offered = self.config.offered_features();
+        let offered = crate::mq::offered_features(&self.config, &self.device);
         if features & !offered != 0 {
             return Err(invalid("frontend acknowledged features vmq did not offer"));
         }
@@ -454,7 +469,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         self.install_dirty_log();
         self.device.set_acked_features(features);
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        for i in 0..NUM_QUEUES {
+        for i in 0..self.device.num_rings() {
             let mut ring = self.device.vring(i);
             ring.queue.set_event_idx(event_idx);
             // Without protocol features, rings are enabled as soon as they are kicked.
@@ -515,7 +530,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> ProtoResult<()> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         self.check_stopped(i)?;
         let size = u16::try_from(num).map_err(|_| invalid("ring size beyond 16 bits"))?;
         if size > MAX_QUEUE_SIZE {
@@ -533,7 +548,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         available: u64,
         _log: u64,
     ) -> ProtoResult<()> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         let desc = self.vmm_to_gpa(descriptor)?;
         let avail = self.vmm_to_gpa(available)?;
         let used = self.vmm_to_gpa(used)?;
@@ -560,7 +575,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> ProtoResult<()> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         self.check_stopped(i)?;
         // Ring indices are free-running 16-bit counters: any 16-bit value is a valid position.
         let base = u16::try_from(base).map_err(|_| invalid("ring base beyond 16 bits"))?;
@@ -571,7 +586,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_vring_base(&mut self, index: u32) -> ProtoResult<VhostUserVringState> {
-        let i = Self::check_index(index)?;
+        let i = self.check_index(index)?;
         let base = {
             // Taking the lock waits for a worker's batch on this ring to end; once `started` is
             // false no worker writes into guest memory for the ring again (they check
@@ -593,7 +608,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         let (base, had_log) = base;
         // The last ring stopped while logging: the VM was handed over (the source's final
         // stop in a live migration).
-        if had_log && (0..NUM_QUEUES).all(|j| self.device.vring(j).dirty_log.is_none()) {
+        if had_log && (0..self.device.num_rings()).all(|j| self.device.vring(j).dirty_log.is_none()) {
             self.device.migration.count_migrated_out();
         }
         self.update_running();
@@ -601,7 +616,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> ProtoResult<()> {
-        let i = Self::check_index(index as u32)?;
+        let i = self.check_index(index as u32)?;
         // Polling mode (no kick fd) is not offered: vmq's workers sleep on kicks.
         let fd = fd.ok_or_else(|| invalid("ring without a kick fd (polling mode) is not supported"))?;
         check_eventfd(&fd)?;
@@ -631,7 +646,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> ProtoResult<()> {
-        let i = Self::check_index(index as u32)?;
+        let i = self.check_index(index as u32)?;
         // QEMU replaces the call fd of running rings (interrupt masking), and sends the final
         // one of a starting device only after its kick, i.e. after `Started`. Workers read it
         // from the ring under its lock for every signal, so the next one goes to the new fd;
@@ -650,7 +665,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
 
     fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> ProtoResult<()> {
         // vmq never reports ring errors this way; the fd is closed.
-        Self::check_index(index as u32)?;
+        self.check_index(index as u32)?;
         Ok(())
     }
 
@@ -669,8 +684,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_queue_num(&mut self) -> ProtoResult<u64> {
-        // For vhost-user-net, QEMU (and DPDK) read this as queue *pairs*: vmq serves one.
-        Ok(1)
+        // For vhost-user-net, QEMU (and DPDK) read this as queue *pairs*.
+        Ok(u64::from(self.device.queue_pairs()))
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> ProtoResult<()> {

@@ -19,10 +19,12 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 /// [`crate::migration::DirtyLog`], marked by the data path per write).
 pub type GuestMem = GuestMemoryMmap<()>;
 
-/// Index of the receive queue (device -> guest) and the transmit queue (guest -> device).
+/// Index of the receive queue (device -> guest) and the transmit queue (guest -> device) of the
+/// first queue pair; pair `p` has its RX ring at `2p` and its TX ring at `2p + 1` (virtio-net).
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
-pub const NUM_QUEUES: usize = 2;
+/// Most queue pairs a port may have (VIRTIO_NET_F_MQ's `max_virtqueue_pairs`; vmq's limit).
+pub const MAX_QUEUE_PAIRS: u16 = 16;
 /// Largest ring vmq accepts; QEMU's default is 256, up to 1024 with rx/tx_queue_size.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
@@ -72,7 +74,8 @@ impl Vring {
 #[derive(Debug)]
 pub struct NetDevice {
     pub mem: GuestMemoryAtomic<GuestMem>,
-    vrings: [Mutex<Vring>; NUM_QUEUES],
+    /// Two rings per queue pair, at least one pair.
+    vrings: Vec<Mutex<Vring>>,
     /// Virtio features the guest acknowledged.
     acked_features: AtomicU64,
     /// Bumped every time the device (re)starts or stops, so a worker notices a reconnect and
@@ -82,24 +85,38 @@ pub struct NetDevice {
     frontend_mtu: AtomicU16,
     /// Dirty logging and migration counters.
     pub migration: MigrationStatus,
+    /// Bumped whenever the set of live rings changes (a further queue pair started, enabled or
+    /// disabled while the device runs): a worker serving such a ring re-reads its kick fd.
+    /// Unlike `generation`, ring positions stay valid across it.
+    ring_layout: AtomicU64,
 }
 
 impl NetDevice {
+    /// A single-queue device.
     pub fn new() -> Arc<NetDevice> {
+        NetDevice::with_queue_pairs(1)
+    }
+
+    /// A device with `pairs` queue pairs, clamped to 1..=[`MAX_QUEUE_PAIRS`] (the port
+    /// configuration rejects other values before this). With more than one pair the port offers
+    /// VIRTIO_NET_F_MQ and answers GET_QUEUE_NUM with `pairs`.
+    pub fn with_queue_pairs(pairs: u16) -> Arc<NetDevice> {
+        let rings = 2 * usize::from(pairs.clamp(1, MAX_QUEUE_PAIRS));
         Arc::new(NetDevice {
             mem: GuestMemoryAtomic::new(GuestMem::default()),
-            vrings: [Mutex::new(Vring::new()), Mutex::new(Vring::new())],
+            vrings: (0..rings).map(|_| Mutex::new(Vring::new())).collect(),
             acked_features: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             frontend_mtu: AtomicU16::new(0),
             migration: MigrationStatus::default(),
+            ring_layout: AtomicU64::new(0),
         })
     }
 
     /// Locks a ring. A poisoned lock (a worker panicked) is recovered: the ring state is plain
     /// data and stays consistent at every await-free point.
     pub fn vring(&self, index: usize) -> MutexGuard<'_, Vring> {
-        let ring = &self.vrings[index.min(NUM_QUEUES - 1)];
+        let ring = &self.vrings[index.min(self.vrings.len() - 1)];
         ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -129,20 +146,46 @@ impl NetDevice {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Both rings are live: the device can move frames.
+    /// Changes whenever a ring starts, stops, is enabled or disabled (see `ring_layout`).
+    pub fn ring_layout(&self) -> u64 {
+        self.ring_layout.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn bump_ring_layout(&self) {
+        self.ring_layout.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Bit `i` set: ring `i` is live (may be served now).
+    pub fn live_rings(&self) -> u32 {
+        (0..self.vrings.len()).filter(|&i| self.vring(i).is_live()).fold(0, |mask, i| mask | (1 << i))
+    }
+
+    /// Queue pairs the device has (the frontend may enable fewer).
+    pub fn queue_pairs(&self) -> u16 {
+        (self.vrings.len() / 2) as u16
+    }
+
+    /// Rings the device has: twice [`NetDevice::queue_pairs`].
+    pub fn num_rings(&self) -> usize {
+        self.vrings.len()
+    }
+
+    /// Both rings of the first pair are live: the device can move frames. (Further pairs come
+    /// and go with SET_VRING_ENABLE while the device runs: a guest's `ethtool -L`.)
     pub fn is_running(&self) -> bool {
-        (0..NUM_QUEUES).all(|i| self.vring(i).is_live())
+        (0..2).all(|i| self.vring(i).is_live())
     }
 
     /// Forget everything about the previous connection.
     pub(crate) fn reset(&self) {
-        for i in 0..NUM_QUEUES {
+        for i in 0..self.vrings.len() {
             *self.vring(i) = Vring::new();
         }
         self.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(GuestMem::default());
         self.acked_features.store(0, Ordering::Release);
         self.frontend_mtu.store(0, Ordering::Release);
         self.migration.set_logging(false);
+        self.bump_ring_layout();
         self.bump_generation();
     }
 }

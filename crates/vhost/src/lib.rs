@@ -51,8 +51,9 @@
 pub mod backend;
 pub mod device;
 pub mod migration;
+pub mod mq;
 pub mod server;
 
 pub use backend::{DeviceEvent, NetBackend, NetDeviceConfig};
-pub use device::{GuestMem, NetDevice, RX_QUEUE, TX_QUEUE, Vring};
+pub use device::{GuestMem, MAX_QUEUE_PAIRS, NetDevice, RX_QUEUE, TX_QUEUE, Vring};
 pub use migration::{DirtyLog, MigrationStatus};

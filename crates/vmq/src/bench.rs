@@ -53,6 +53,61 @@ pub struct BenchArgs {
     /// the switch's write lock. 3 rounds of `--seconds` per case.
     #[arg(long, conflicts_with_all = ["mode", "path", "frame_lens", "no_tcp"])]
     mac_flood: bool,
+    /// Instead: the multiqueue measurement. One VM transmits to the uplink as fast as it can
+    /// over one queue pair, then over `--mq-pairs` pairs (each TX ring a task of its own, spread
+    /// over `--workers`); prints both rates and their ratio (median of 3 alternating rounds of
+    /// `--seconds` each, per frame length; default 64 and 1518 bytes).
+    #[arg(long, conflicts_with_all = ["mode", "path", "no_tcp", "mac_flood"])]
+    mq: bool,
+    /// Queue pairs of the multiqueue measurement's VM.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=16))]
+    mq_pairs: u16,
+}
+
+fn mq(args: &BenchArgs) -> ExitCode {
+    let lens: Vec<usize> =
+        if args.frame_lens.is_empty() { vec![64, 1518] } else { args.frame_lens.iter().map(|&l| l as usize).collect() };
+    let workers = args.workers as usize;
+    let machine = Machine::this();
+    eprintln!("vmq bench --mq: on {} ({} CPUs), Linux {}", machine.cpu, machine.cpus, machine.kernel);
+    let results = match harness::run_mq_bench(args.seconds, workers, args.mq_pairs, &lens, 3) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmq bench: {e}");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    if args.json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "frame_len": r.frame_len, "pairs": r.pairs, "workers": r.workers,
+                    "workers_used": r.workers_used, "mpps": finite(r.mpps),
+                    "cpu_ns_per_frame": finite(r.cpu_ns_per_frame), "cores_used": finite(r.cores_used),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "machine": machine, "mq": rows }));
+        return ExitCode::SUCCESS;
+    }
+    println!("VM -> uplink, one VM, {workers} workers (median of 3 rounds of {:.2} s)", args.seconds);
+    println!(
+        "{:>9}  {:>11}  {:>12}  {:>8}  {:>6}  {:>10}  {:>10}",
+        "frame", "queue pairs", "workers used", "Mpps", "ratio", "cores got", "CPU ns/fr"
+    );
+    for pair in results.chunks(2) {
+        let [one, many] = pair else { continue };
+        let ratio = if one.mpps > 0.0 { many.mpps / one.mpps } else { f64::NAN };
+        for (r, ratio) in [(one, None), (many, Some(ratio))] {
+            let ratio = ratio.map_or(String::new(), |x| format!("{x:.2}x"));
+            println!(
+                "{:>9}  {:>11}  {:>12}  {:>8.3}  {:>6}  {:>10.2}  {:>10.1}",
+                r.frame_len, r.pairs, r.workers_used, r.mpps, ratio, r.cores_used, r.cpu_ns_per_frame
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn mac_flood(args: &BenchArgs) -> ExitCode {
@@ -203,6 +258,9 @@ fn path_name(path: BenchPath) -> &'static str {
 pub fn bench(args: &BenchArgs) -> ExitCode {
     if args.mac_flood {
         return mac_flood(args);
+    }
+    if args.mq {
+        return mq(args);
     }
     let frame_lens = if args.frame_lens.is_empty() {
         vec![64, 1518, 9018]

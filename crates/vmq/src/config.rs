@@ -86,6 +86,8 @@ struct RawPort {
     create_netns: Option<Spanned<bool>>,
     /// vhost-user: accept unsealed guest memory (see `PortBackend::VhostUser`).
     trust_frontend_memory: Option<Spanned<bool>>,
+    /// vhost-user: queue pairs (1..=16; more than one offers VIRTIO_NET_F_MQ).
+    queues: Option<Spanned<i64>>,
     mac: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     vlan: Option<Spanned<i64>>,
@@ -555,7 +557,9 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
                 }
             };
             let trust_frontend_memory = p.trust_frontend_memory.as_ref().is_some_and(|t| *t.get_ref());
-            PortBackend::VhostUser { socket, mode, policy, trust_frontend_memory }
+            let max = i64::from(vmq_core::port::MAX_VHOST_QUEUE_PAIRS);
+            let queues = int_in(loc, p.queues.as_ref(), 1, 1, max, &format!("port {name:?}: queues"))? as u16;
+            PortBackend::VhostUser { socket, mode, policy, trust_frontend_memory, queues }
         }
         PortKind::Tap => {
             let ifname = match &p.ifname {
@@ -611,6 +615,9 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
     }
     if kind != PortKind::VhostUser && p.trust_frontend_memory.is_some() {
         return Err(refuses("trust_frontend_memory"));
+    }
+    if kind != PortKind::VhostUser && p.queues.is_some() {
+        return Err(refuses("queues"));
     }
     if kind != PortKind::VhostUser && p.vhost_mode.is_some() {
         return Err(refuses("vhost_mode"));
@@ -841,7 +848,8 @@ trunk = [20, 10, 10]
                 socket: "/run/vmq/vm1.sock".into(),
                 mode: VhostMode::Server,
                 policy: SocketPolicy::default(),
-                trust_frontend_memory: false
+                trust_frontend_memory: false,
+                queues: 1,
             }
         );
         assert_eq!(c.ports[1].spec.vlan, VlanMode::Trunk { allowed: vec![10, 20], native: None });
@@ -920,6 +928,26 @@ trunk = [20, 10, 10]
     }
 
     #[test]
+    fn queues_sets_a_vhost_user_ports_queue_pairs_within_1_to_16() {
+        let vhost =
+            "[[port]]\nname = \"v\"\nkind = \"vhost-user\"\nsocket = \"/run/v.sock\"\nmac = \"52:54:00:00:00:01\"\n";
+        let queues = |c: &Config| match &c.ports[0].backend {
+            PortBackend::VhostUser { queues, .. } => *queues,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(queues(&parse(vhost, "t.toml").unwrap()), 1);
+        assert_eq!(queues(&parse(&format!("{vhost}queues = 4\n"), "t.toml").unwrap()), 4);
+        assert_eq!(queues(&parse(&format!("{vhost}queues = 16\n"), "t.toml").unwrap()), 16);
+        for bad in ["0", "17", "-1"] {
+            let (line, _, m) = err(&format!("{vhost}queues = {bad}\n"));
+            assert_eq!(line, 6, "{m}");
+            assert!(m.contains("queues must be from 1 to 16"), "{m}");
+        }
+        let (_, _, m) = err("[[port]]\nname = \"t\"\nkind = \"tap\"\nqueues = 2\n");
+        assert!(m.contains("takes no `queues`"), "{m}");
+    }
+
+    #[test]
     fn trust_frontend_memory_is_a_vhost_user_opt_in() {
         let vhost =
             "[[port]]\nname = \"v\"\nkind = \"vhost-user\"\nsocket = \"/run/v.sock\"\nmac = \"52:54:00:00:00:01\"\n";
@@ -930,7 +958,8 @@ trunk = [20, 10, 10]
                 socket: "/run/v.sock".into(),
                 mode: VhostMode::Server,
                 policy: SocketPolicy::default(),
-                trust_frontend_memory: false
+                trust_frontend_memory: false,
+                queues: 1,
             }
         );
         let c = parse(&format!("{vhost}trust_frontend_memory = true\n"), "t.toml").unwrap();
@@ -940,7 +969,8 @@ trunk = [20, 10, 10]
                 socket: "/run/v.sock".into(),
                 mode: VhostMode::Server,
                 policy: SocketPolicy::default(),
-                trust_frontend_memory: true
+                trust_frontend_memory: true,
+                queues: 1,
             }
         );
         let (_, _, m) = err("[[port]]\nname = \"t\"\nkind = \"tap\"\ntrust_frontend_memory = true\n");
@@ -1082,7 +1112,8 @@ trunk = [20, 10, 10]
                 socket: "/run/vmq/a.sock".into(),
                 mode: VhostMode::Server,
                 policy: global.clone(),
-                trust_frontend_memory: false
+                trust_frontend_memory: false,
+                queues: 1,
             }
         );
         let own = SocketPolicy { group: Some(0), mode: Some(0o600), allowed_uids: Some(vec![1000]), ..global };
@@ -1092,7 +1123,8 @@ trunk = [20, 10, 10]
                 socket: "/run/vmq/b.sock".into(),
                 mode: VhostMode::Server,
                 policy: own,
-                trust_frontend_memory: false
+                trust_frontend_memory: false,
+                queues: 1,
             }
         );
     }
@@ -1112,7 +1144,8 @@ trunk = [20, 10, 10]
                 socket: "/run/v.sock".into(),
                 mode: VhostMode::Client,
                 policy: timeout_only,
-                trust_frontend_memory: false
+                trust_frontend_memory: false,
+                queues: 1,
             }
         );
         let c = parse(&format!("{vhost}vhost_mode = \"server\"\n"), "t.toml").unwrap();

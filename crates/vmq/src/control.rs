@@ -155,6 +155,7 @@ pub fn port_info(port: &PortConfig, state: PortState, offloads: OffloadCaps, vho
         }),
         rx_filter: None,
         driver: None,
+        queue_pairs: None,
     }
 }
 
@@ -228,7 +229,8 @@ mod tests {
                 socket: "/run/vmq/vm3.sock".into(),
                 mode: VhostMode::Server,
                 policy: Default::default(),
-                trust_frontend_memory: false
+                trust_frontend_memory: false,
+                queues: 1,
             }
         );
         let tap = port_config(&NewPort { name: "t1".into(), kind: Kind::Tap, ..NewPort::default() }, &[]).unwrap();

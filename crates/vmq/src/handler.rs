@@ -355,6 +355,14 @@ fn info(p: &PortInfo) -> vmq_control::protocol::PortInfo {
     let mut info = port_info(&p.config, if p.up { PortState::Up } else { PortState::Down }, p.caps, p.vhost);
     info.rx_filter = p.rx_filter.as_ref().map(crate::control::rx_filter_view);
     info.driver = p.uplink_driver.map(str::to_string);
+    if !p.queue_pairs.is_empty() {
+        let view = |q: &vmq_datapath::QueuePairInfo| vmq_control::protocol::QueuePairView {
+            rx_frames: q.rx_frames,
+            tx_frames: q.tx_frames,
+            worker: q.worker,
+        };
+        info.queue_pairs = Some(p.queue_pairs.iter().map(view).collect());
+    }
     info
 }
 

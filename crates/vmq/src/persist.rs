@@ -166,7 +166,7 @@ fn port_table(port: &PortConfig, vhost: &SocketPolicy) -> Table {
     };
     t["kind"] = toml_edit::value(kind);
     match &port.backend {
-        PortBackend::VhostUser { socket, mode, policy, trust_frontend_memory } => {
+        PortBackend::VhostUser { socket, mode, policy, trust_frontend_memory, queues } => {
             t["socket"] = toml_edit::value(socket.display().to_string());
             if *mode == VhostMode::Client {
                 t["vhost_mode"] = toml_edit::value("client");
@@ -195,6 +195,9 @@ fn port_table(port: &PortConfig, vhost: &SocketPolicy) -> Table {
                 && let Some(timeout) = policy.setup_timeout
             {
                 t["setup_timeout_secs"] = toml_edit::value(timeout.as_secs() as i64);
+            }
+            if *queues > 1 {
+                t["queues"] = toml_edit::value(i64::from(*queues));
             }
             if *trust_frontend_memory {
                 t["trust_frontend_memory"] = toml_edit::value(true);
@@ -338,7 +341,7 @@ mac = "52:54:00:00:00:02"
         r.ports[0].spec.mtu = 1500;
         r.ports[1].spec.vlan = VlanMode::Trunk { allowed: vec![10, 20], native: Some(10) };
         let added = config::parse(
-            "[[port]]\nname = \"vm3\"\nkind = \"vhost-user\"\nsocket = \"/run/vmq/vm3.sock\"\nmac = \"52:54:00:00:00:03\"\nsocket_mode = \"0660\"\nuplink = \"up0\"\nmtu = 9000\n[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth1\"\n",
+            "[[port]]\nname = \"vm3\"\nkind = \"vhost-user\"\nsocket = \"/run/vmq/vm3.sock\"\nmac = \"52:54:00:00:00:03\"\nsocket_mode = \"0660\"\nuplink = \"up0\"\nmtu = 9000\nqueues = 3\n[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth1\"\n",
             "t",
         )
         .unwrap()

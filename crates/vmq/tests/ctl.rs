@@ -58,6 +58,7 @@ fn port(name: &str, kind: PortKind) -> PortInfo {
         ifname: (kind == PortKind::Uplink).then(|| "eth1".to_string()),
         netns: None,
         driver: None,
+        queue_pairs: None,
         vhost: (kind == PortKind::VhostUser).then_some(VhostInfo {
             mode: VhostModeInfo::Client,
             connected: false,

@@ -8,6 +8,7 @@
 
 pub mod checksum;
 pub mod ethernet;
+pub mod flow;
 pub mod ip;
 pub mod rarp;
 pub mod vlan;

@@ -649,3 +649,105 @@ mod tests {
         assert!(r.rate_ratio() > 0.9, "{r:?}");
     }
 }
+
+/// One multiqueue measurement: a VM transmitting as fast as it can over `pairs` TX queues
+/// (each a task of its own) to the uplink, with `workers` workers.
+#[derive(Debug, Clone)]
+pub struct MqBenchResult {
+    pub pairs: u16,
+    pub workers: usize,
+    pub frame_len: usize,
+    /// Frames per second the uplink got from the VM.
+    pub mpps: f64,
+    /// Workers serving the VM's TX queues at the end of the run.
+    pub workers_used: usize,
+    /// Worker CPU time per frame sent, ns (from the kernel's per-thread accounting): what the
+    /// rate would be bounded by with the cores to themselves.
+    pub cpu_ns_per_frame: f64,
+    /// Worker CPU time over wall time: the cores the workers actually got (2.0 = two whole).
+    pub cores_used: f64,
+}
+
+/// `vmq bench --mq`: one VM with 1 queue pair, then with `max_pairs`, over `workers` workers,
+/// each run `seconds` long, `rounds` times in alternation (the median is reported), per frame
+/// length. Each queue pair is an in-process virtio ring pair replaying frames (as a guest that
+/// transmits as fast as it can on every queue).
+pub fn run_mq_bench(
+    seconds: f64,
+    workers: usize,
+    max_pairs: u16,
+    frame_lens: &[usize],
+    rounds: usize,
+) -> Result<Vec<MqBenchResult>, DatapathError> {
+    let mut out = Vec::new();
+    for &len in frame_lens {
+        let mut runs: Vec<Vec<MqBenchResult>> = vec![Vec::new(), Vec::new()];
+        for round in 0..rounds.max(1) {
+            // Alternate which goes first, so neither always meets a warmer machine.
+            for (slot, pairs) in rotated(&[(0usize, 1u16), (1, max_pairs)], round) {
+                runs[slot].push(run_mq_one(seconds, workers, pairs, len)?);
+            }
+        }
+        for mut r in runs {
+            r.sort_by(|a, b| a.mpps.total_cmp(&b.mpps));
+            out.push(r[r.len() / 2].clone());
+        }
+    }
+    Ok(out)
+}
+
+fn run_mq_one(seconds: f64, workers: usize, pairs: u16, frame_len: usize) -> Result<MqBenchResult, DatapathError> {
+    let mut cfg = config(Mode::Vmq, 1, workers.max(1), DEFAULT_QUEUES, QueuePolicy::Static);
+    cfg.ports[1].uplink = Some("up0".into());
+    let mut b = DatapathBuilder::new(cfg)?;
+    b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None)?;
+    let vm_len = frame_len.saturating_sub(4).max(60);
+    let frames: Vec<(VnetHdr, Vec<u8>)> = (0..vmq_datapath::mem::QUEUE_SIZE)
+        .map(|f| (VnetHdr::default(), udp_frame(EXTERNAL_MAC, vm_mac(0), None, vm_len, f)))
+        .collect();
+    let mut guests = Vec::new();
+    for pair in 0..pairs {
+        let (guest, source, sink) = mem_port(OffloadCaps::ALL, false);
+        if pair == 0 {
+            b.attach("vm0", Box::new(sink), Some(Box::new(source)))?;
+        } else {
+            b.attach_more_source("vm0", Box::new(source))?;
+        }
+        guests.push(guest);
+    }
+    for g in &guests {
+        g.start_replay(&frames);
+    }
+    let dp = b.start()?;
+    let sent = |dp: &Datapath| {
+        dp.port_stats().iter().filter(|(name, _)| name == "up0").map(|(_, s)| s.tx_packets).sum::<u64>()
+    };
+    std::thread::sleep(Duration::from_secs_f64((seconds * 0.1).min(0.2)));
+    let (s0, cpu0) = (sent(&dp), worker_cpu_ns());
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (s1, cpu1) = (sent(&dp), worker_cpu_ns());
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu1.saturating_sub(cpu0) as f64;
+    let workers_used = dp
+        .ports()
+        .iter()
+        .find(|p| p.config.spec.name == "vm0")
+        .map(|p| {
+            let mut w: Vec<usize> = p.queue_pairs.iter().filter_map(|q| q.worker).collect();
+            w.sort_unstable();
+            w.dedup();
+            w.len()
+        })
+        .unwrap_or(0);
+    dp.shutdown();
+    Ok(MqBenchResult {
+        pairs,
+        workers,
+        frame_len,
+        mpps: (s1 - s0) as f64 / elapsed / 1e6,
+        workers_used: if pairs == 1 { 1 } else { workers_used },
+        cpu_ns_per_frame: if s1 > s0 { cpu / (s1 - s0) as f64 } else { f64::INFINITY },
+        cores_used: cpu / 1e9 / elapsed,
+    })
+}
