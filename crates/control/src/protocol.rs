@@ -156,6 +156,9 @@ pub struct NewPort {
     /// TAP ports: create `netns` if it does not exist (and delete it with the port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_netns: Option<bool>,
+    /// vhost-user ports: queue pairs offered to the VM (the port's `queues` key, 1..=16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u32>,
 }
 
 /// What `set` changes.

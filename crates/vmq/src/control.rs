@@ -54,7 +54,8 @@ pub fn port_config(new: &NewPort, existing: &[PortConfig]) -> Result<PortConfig,
             port.insert(key.into(), Value::String(v.clone()));
         }
     }
-    for (key, value) in [("mtu", new.mtu), ("vlan", new.vlan), ("native_vlan", new.native_vlan)] {
+    for (key, value) in [("mtu", new.mtu), ("vlan", new.vlan), ("native_vlan", new.native_vlan), ("queues", new.queues)]
+    {
         if let Some(v) = value {
             port.insert(key.into(), Value::Integer(i64::from(v)));
         }
@@ -246,10 +247,13 @@ mod tests {
             uplink: Some("up0".into()),
             allow_mac_spoofing: Some(true),
             offloads: Some(false),
+            queues: Some(4),
             ..vm("vm3")
         };
         let p = port_config(&new, &[uplink()]).unwrap();
         assert_eq!(p.spec.mtu, 9000);
+        let PortBackend::VhostUser { queues, .. } = &p.backend else { panic!("not a VM port: {:?}", p.backend) };
+        assert_eq!(*queues, 4, "--queue-pairs reaches the port");
         assert_eq!(p.spec.vlan, VlanMode::Trunk { allowed: vec![10, 20], native: Some(10) });
         assert_eq!(p.uplink.as_deref(), Some("up0"));
         assert!(p.spec.allow_mac_spoofing);
@@ -279,6 +283,10 @@ mod tests {
         assert!(invalid(NewPort { uplink: Some("nope".into()), ..vm("a") }).contains("not the name of a port"));
         let tap = NewPort { name: "t".into(), kind: Kind::Tap, uplink: Some("up0".into()), ..NewPort::default() };
         assert!(invalid(tap).contains("takes no `uplink`"));
+        assert!(invalid(NewPort { queues: Some(17), ..vm("a") }).contains("queues"), "queue pairs above 16");
+        assert!(invalid(NewPort { queues: Some(0), ..vm("a") }).contains("queues"), "no queue pairs");
+        let tap_mq = NewPort { name: "t".into(), kind: Kind::Tap, queues: Some(2), ..NewPort::default() };
+        assert!(invalid(tap_mq).contains("queues"), "TAP ports take no queue pairs");
         let e = port_config(&vm("up0"), &[uplink()]).unwrap_err();
         assert_eq!(e.code, ErrorCode::PortExists);
         // Conflicts with running ports, as between ports of the file.

@@ -115,6 +115,9 @@ struct AddPortArgs {
     /// TAP ports: create the namespace given with --netns if it does not exist.
     #[arg(long, requires = "netns")]
     create_netns: bool,
+    /// vhost-user ports: queue pairs offered to the VM (multiqueue, 1 to 16; default 1).
+    #[arg(long, value_name = "N")]
+    queue_pairs: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -175,6 +178,7 @@ impl CtlCommand {
                 allow_mac_spoofing: a.allow_mac_spoofing.then_some(true),
                 offloads: a.no_offloads.then_some(false),
                 create_netns: a.create_netns.then_some(true),
+                queues: a.queue_pairs,
             }),
             CtlCommand::DelPort { name } => Request::DelPort { name },
             CtlCommand::Set { setting } => Request::Set(match setting {

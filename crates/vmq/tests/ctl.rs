@@ -411,6 +411,8 @@ fn write_commands_send_the_request_the_arguments_say() {
             "up0",
             "--allow-mac-spoofing",
             "--no-offloads",
+            "--queue-pairs",
+            "4",
         ],
     );
     assert!(added.starts_with("port vm3 added\nPORT  KIND"), "{added}");
@@ -438,6 +440,7 @@ fn write_commands_send_the_request_the_arguments_say() {
                 uplink: Some("up0".into()),
                 allow_mac_spoofing: Some(true),
                 offloads: Some(false),
+                queues: Some(4),
                 ..NewPort::default()
             }),
             Request::AddPort(NewPort {
