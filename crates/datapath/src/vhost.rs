@@ -320,15 +320,30 @@ pub(crate) struct VhostRxBatch<'a, 'r, 'm> {
     used: bool,
 }
 
+/// One frame into a guest RX ring (one queue pair's or one of several), its buffers marked in
+/// the dirty log while a live migration runs. `used` becomes true once chains were used (frames
+/// written, or bad chains handed back): the guest needs to know.
+pub(crate) fn push_logged(
+    writer: &mut RxWriter,
+    ring: &mut Ring<'_, '_>,
+    log: Option<&DirtyLog>,
+    used: &mut bool,
+    frame: (&VnetHdr, &[&[u8]], Option<&GuestTail>),
+) -> Result<(), VirtioError> {
+    let (hdr, parts, tail) = frame;
+    let result = writer.push_with_tail(ring, hdr, parts, tail);
+    if let Some(log) = log {
+        // After the write; also after a failed one, which may have written part of it.
+        writer.for_each_written(|addr, len| log.mark(addr.0, len));
+    }
+    *used |= !matches!(result, Err(VirtioError::NoBuffer));
+    result
+}
+
 impl GuestRxWriter for VhostRxBatch<'_, '_, '_> {
     fn push(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: Option<&GuestTail>) -> Result<(), DropReason> {
-        let result = self.writer.push_with_tail(self.ring, hdr, parts, tail);
-        if let Some(log) = self.log {
-            // After the write; also after a failed one, which may have written part of it.
-            self.writer.for_each_written(|addr, len| log.mark(addr.0, len));
-        }
-        self.used |= !matches!(result, Err(VirtioError::NoBuffer));
-        result.map_err(VirtioError::drop_reason)
+        push_logged(self.writer, self.ring, self.log, &mut self.used, (hdr, parts, tail))
+            .map_err(VirtioError::drop_reason)
     }
 }
 

@@ -21,7 +21,7 @@ use vmq_wire::VnetHdr;
 
 use crate::port::{FrameSink, FrameWriter, GuestRxWriter, GuestTail, Refuse};
 use crate::ring::{Ring, RingError, RingState};
-use crate::vhost::{DeviceRing, guest_caps};
+use crate::vhost::{DeviceRing, guest_caps, push_logged};
 use crate::virtio::{RxWriter, VirtioError};
 
 /// Frames written into each queue pair's RX ring (index = pair), for `vmq ctl ports`.
@@ -98,11 +98,7 @@ impl GuestRxWriter for MqBatch<'_, '_, '_> {
         let head = frame_head(parts, &mut buf);
         let k = vmq_wire::flow::pick_ring(head, self.choices).ok_or(DropReason::PortDown)?;
         let open = self.rings.get_mut(k).ok_or(DropReason::PortDown)?;
-        let result = self.writer.push_with_tail(&mut open.ring, hdr, parts, tail);
-        if let Some(log) = &open.log {
-            self.writer.for_each_written(|addr, len| log.mark(addr.0, len));
-        }
-        open.used |= !matches!(result, Err(VirtioError::NoBuffer));
+        let result = push_logged(self.writer, &mut open.ring, open.log.as_deref(), &mut open.used, (hdr, parts, tail));
         if result.is_ok() {
             open.frames += 1;
         }
