@@ -4,7 +4,7 @@
 
 use std::any::Any;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vmq_core::vmq::QueueId;
 use vmq_core::{Mode, PortConfig, PortId};
@@ -29,7 +29,7 @@ pub struct Attachment {
     /// Multiqueue VM ports: the TX rings of the further queue pairs, each a task of its own.
     pub more_sources: Vec<Box<dyn FrameSource>>,
     /// Multiqueue VM ports: frames written into each pair's RX ring.
-    pub queue_counters: Option<Arc<crate::vhost_mq::QueueCounters>>,
+    pub queue_counters: Option<Arc<QueueCounters>>,
     /// Uplinks: the NIC's RX queues (the default queue and the VM queues).
     pub nic_queues: Vec<(QueueId, Box<dyn FrameSource>)>,
     /// Uplinks: control of the NIC's VM queue filters.
@@ -121,5 +121,21 @@ pub struct PendingAttach {
 impl PendingAttach {
     pub(crate) fn into_context(self) -> AttachContext {
         AttachContext { handle: self.handle, nic_queues: self.nic_queues, mode: self.mode }
+    }
+}
+
+/// Frames written into each queue pair's RX ring (index = pair), for `vmq ctl ports`.
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    pub rx_frames: Vec<AtomicU64>,
+}
+
+impl QueueCounters {
+    pub fn new(pairs: u16) -> Arc<QueueCounters> {
+        Arc::new(QueueCounters { rx_frames: (0..pairs).map(|_| AtomicU64::new(0)).collect() })
+    }
+
+    pub fn rx(&self) -> Vec<u64> {
+        self.rx_frames.iter().map(|c| c.load(Ordering::Relaxed)).collect()
     }
 }

@@ -25,6 +25,7 @@ mod driver;
 mod egress;
 mod engine;
 mod error;
+mod guest_ring;
 mod info;
 pub mod mem;
 #[cfg(feature = "testing")]

@@ -37,7 +37,7 @@ pub(crate) struct PortRecord {
     /// See [`crate::Attachment::uplink_driver`].
     pub uplink_driver: Option<&'static str>,
     /// See [`crate::Attachment::queue_counters`].
-    pub queue_counters: Option<Arc<crate::vhost_mq::QueueCounters>>,
+    pub queue_counters: Option<Arc<crate::attach::QueueCounters>>,
     _keepalive: Option<Box<dyn Any + Send>>,
 }
 

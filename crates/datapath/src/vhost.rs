@@ -12,11 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_MRG_RXBUF,
-};
-use vm_memory::GuestAddressSpace;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmq_core::{DropReason, OffloadCaps};
 use vmq_vhost::server::{ConnectionStatus, PortStatus, ServerError, SocketPolicy, VhostMode, VhostUserServer};
@@ -25,101 +21,11 @@ use vmq_wire::VnetHdr;
 
 use crate::attach::{Attachment, PortHandle};
 use crate::error::{BackendError, DatapathError};
+pub use crate::guest_ring::guest_caps;
+use crate::guest_ring::{DeviceRing, Unserved, has, push_logged};
 use crate::port::{FrameSink, FrameSource, FrameWriter, GuestRxWriter, GuestTail, RecvError, Refuse, Scratch, Wake};
-use crate::ring::{Memory, Ring, RingError, RingState, Segment};
+use crate::ring::{Ring, Segment};
 use crate::virtio::{RxWriter, VirtioError, pop_tx_split};
-
-fn has(features: u64, bit: u32) -> bool {
-    features & (1u64 << bit) != 0
-}
-
-/// What the guest's driver accepts in the virtio-net header, from its acknowledged features.
-pub fn guest_caps(features: u64) -> OffloadCaps {
-    OffloadCaps {
-        csum: has(features, VIRTIO_NET_F_GUEST_CSUM),
-        tso4: has(features, VIRTIO_NET_F_GUEST_TSO4),
-        tso6: has(features, VIRTIO_NET_F_GUEST_TSO6),
-        ecn: has(features, VIRTIO_NET_F_GUEST_ECN),
-    }
-}
-
-/// Why a ring could not be served this time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unserved {
-    /// Not started (VM not connected, or stopping).
-    NotLive,
-    /// Broken by the driver (see [`RingError::Broken`]); `now`: it broke on this attempt.
-    Broken { now: bool },
-}
-
-/// The device's view of one of the guest's rings, rebuilt from the protocol's `Queue` whenever
-/// the device (re)starts: that is also how a broken ring recovers, when the frontend stops and
-/// restarts it (GET_VRING_BASE, then SET_VRING_BASE/ADDR/KICK) or reconnects.
-pub(crate) struct DeviceRing {
-    pub(crate) index: usize,
-    pub(crate) state: Option<RingState>,
-    pub(crate) generation: u64,
-}
-
-impl DeviceRing {
-    pub(crate) fn new(index: usize) -> DeviceRing {
-        DeviceRing { index, state: None, generation: u64::MAX }
-    }
-
-    /// Runs `f` on the ring if it is live, then stores the position back into the `Queue`
-    /// (GET_VRING_BASE reads it there).
-    fn with<R>(&mut self, device: &NetDevice, f: impl FnOnce(&mut Ring<'_, '_>) -> R) -> Result<R, Unserved> {
-        self.with_memory(device, |ring, _, _| f(ring))
-    }
-
-    /// [`DeviceRing::with`], also handing over the guest memory the ring was opened in and the
-    /// dirty log while a live migration runs (`f` marks the buffers it writes; the ring's own
-    /// writes, used entries and index, are marked here).
-    fn with_memory<R>(
-        &mut self,
-        device: &NetDevice,
-        f: impl FnOnce(&mut Ring<'_, '_>, &Arc<Memory>, Option<&DirtyLog>) -> R,
-    ) -> Result<R, Unserved> {
-        let mut vring = device.vring(self.index);
-        if !vring.is_live() {
-            return Err(Unserved::NotLive);
-        }
-        let generation = device.generation();
-        if generation != self.generation || self.state.is_none() {
-            self.generation = generation;
-            self.state = Some(RingState::from_queue(&vring.queue));
-        }
-        let Some(state) = self.state.as_mut() else { return Err(Unserved::NotLive) };
-        let mem = device.mem.memory().into_inner();
-        let log = vring.dirty_log.clone();
-        let result = match Ring::open(&mem, state) {
-            Ok(mut ring) => {
-                let result = f(&mut ring, &mem, log.as_deref());
-                // Publishes: the used index is written before its page is marked below.
-                drop(ring);
-                Ok(result)
-            }
-            Err(RingError::Broken) => Err(Unserved::Broken { now: false }),
-            Err(_) => Err(Unserved::Broken { now: true }),
-        };
-        if let (Some(log), Ok(_)) = (&log, &result) {
-            // Used entries, used index, flags and avail_event: the whole used ring (a few pages
-            // at most) rather than tracking each store. Still under the ring lock, so before
-            // GET_VRING_BASE can reply.
-            log.mark(state.used_ring.0, 6 + 8 * u64::from(state.size));
-        }
-        state.store_position(&mut vring.queue);
-        result
-    }
-
-    fn is_broken(&self) -> bool {
-        self.state.as_ref().is_some_and(RingState::is_broken)
-    }
-
-    fn signal(&self, device: &NetDevice) {
-        device.vring(self.index).signal_guest();
-    }
-}
 
 /// The guest's TX queue.
 pub struct VhostTxSource {
@@ -320,26 +226,6 @@ pub(crate) struct VhostRxBatch<'a, 'r, 'm> {
     used: bool,
 }
 
-/// One frame into a guest RX ring (one queue pair's or one of several), its buffers marked in
-/// the dirty log while a live migration runs. `used` becomes true once chains were used (frames
-/// written, or bad chains handed back): the guest needs to know.
-pub(crate) fn push_logged(
-    writer: &mut RxWriter,
-    ring: &mut Ring<'_, '_>,
-    log: Option<&DirtyLog>,
-    used: &mut bool,
-    frame: (&VnetHdr, &[&[u8]], Option<&GuestTail>),
-) -> Result<(), VirtioError> {
-    let (hdr, parts, tail) = frame;
-    let result = writer.push_with_tail(ring, hdr, parts, tail);
-    if let Some(log) = log {
-        // After the write; also after a failed one, which may have written part of it.
-        writer.for_each_written(|addr, len| log.mark(addr.0, len));
-    }
-    *used |= !matches!(result, Err(VirtioError::NoBuffer));
-    result
-}
-
 impl GuestRxWriter for VhostRxBatch<'_, '_, '_> {
     fn push(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: Option<&GuestTail>) -> Result<(), DropReason> {
         push_logged(self.writer, self.ring, self.log, &mut self.used, (hdr, parts, tail))
@@ -525,7 +411,7 @@ impl VhostService {
             Attachment::new(Box::new(VhostRxSink::new(device.clone())), Some(Box::new(VhostTxSource::new(device))))
         } else {
             // Multiqueue: one sink over every RX ring, one task per TX ring (vhost_mq.rs).
-            let counters = crate::vhost_mq::QueueCounters::new(pairs);
+            let counters = crate::attach::QueueCounters::new(pairs);
             let sink = crate::vhost_mq::VhostMqRxSink::new(device.clone(), counters.clone());
             let mut att = Attachment::new(Box::new(sink), Some(Box::new(VhostTxSource::new(device.clone()))));
             for pair in 1..pairs {
@@ -578,8 +464,10 @@ impl Drop for Registration {
 mod tests {
     use super::*;
     use crate::driver::{BufferSpec, SplitRingDriver};
+    use crate::ring::Memory;
     use virtio_queue::QueueT;
     use vm_memory::GuestAddress;
+    use vm_memory::GuestAddressSpace;
 
     /// A device whose TX ring a driver (this test) set up in guest memory, as after a
     /// vhost-user frontend started it.

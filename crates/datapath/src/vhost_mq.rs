@@ -11,7 +11,7 @@
 //! One-pair ports keep [`crate::vhost::VhostRxSink`] unchanged.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vm_memory::GuestAddressSpace;
@@ -19,26 +19,11 @@ use vmq_core::{DropReason, OffloadCaps};
 use vmq_vhost::{DirtyLog, NetDevice, RX_QUEUE};
 use vmq_wire::VnetHdr;
 
+use crate::attach::QueueCounters;
+use crate::guest_ring::{DeviceRing, guest_caps, push_logged};
 use crate::port::{FrameSink, FrameWriter, GuestRxWriter, GuestTail, Refuse};
 use crate::ring::{Ring, RingError, RingState};
-use crate::vhost::{DeviceRing, guest_caps, push_logged};
 use crate::virtio::{RxWriter, VirtioError};
-
-/// Frames written into each queue pair's RX ring (index = pair), for `vmq ctl ports`.
-#[derive(Debug, Default)]
-pub struct QueueCounters {
-    pub rx_frames: Vec<AtomicU64>,
-}
-
-impl QueueCounters {
-    pub fn new(pairs: u16) -> Arc<QueueCounters> {
-        Arc::new(QueueCounters { rx_frames: (0..pairs).map(|_| AtomicU64::new(0)).collect() })
-    }
-
-    pub fn rx(&self) -> Vec<u64> {
-        self.rx_frames.iter().map(|c| c.load(Ordering::Relaxed)).collect()
-    }
-}
 
 /// The guest's RX rings of a multiqueue port.
 pub struct VhostMqRxSink {

@@ -8,7 +8,7 @@
 //! Everything the frontend hands over is checked before the data path can touch it: memory
 //! regions must be regular files (memfd, hugetlbfs, tmpfs) at least as large as the region,
 //! sealed against shrinking (unless the port trusts its frontend's memory), must not overlap or
-//! wrap and must stay within [`MAX_GUEST_MEMORY`]; ring addresses must lie in the
+//! wrap and must stay within [`MAX_GUEST_MEMORY`](crate::limits::MAX_GUEST_MEMORY); ring addresses must lie in the
 //! memory table, be aligned, and the whole ring must be inside guest memory; kick and call fds
 //! must be eventfds and are made non-blocking, so that a worker can neither block on them nor be
 //! handed a pipe that never drains; a ring that runs cannot be resized, moved or rewound.
@@ -36,14 +36,12 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMma
 use vmq_wire::MacAddr;
 
 use crate::device::{MAX_QUEUE_SIZE, NetDevice};
+use crate::limits::MAX_GUEST_MEMORY;
 use crate::migration::{DirtyLog, effective_log};
 
 /// Most memory regions a frontend may hand over (QEMU uses one to a few, at most 8 without
 /// CONFIGURE_MEM_SLOTS; this is also the `vhost` crate's limit of fds per message).
 pub const MAX_MEM_REGIONS: usize = 32;
-/// Most guest memory one port maps (sum of all regions): bounds the address space a frontend
-/// can make vmq reserve.
-pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
 /// Smallest MTU a frontend may set (the IPv4 minimum, as virtio-net's).
 pub const MIN_MTU: u16 = 68;
 
@@ -448,11 +446,11 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_features(&mut self) -> ProtoResult<u64> {
-        Ok(crate::mq::offered_features(&self.config, &self.device))
+        Ok(crate::mq::offered_features(self.config.offered_features(), &self.device))
     }
 
     fn set_features(&mut self, features: u64) -> ProtoResult<()> {
-        let offered = crate::mq::offered_features(&self.config, &self.device);
+        let offered = crate::mq::offered_features(self.config.offered_features(), &self.device);
         if features & !offered != 0 {
             return Err(invalid("frontend acknowledged features vmq did not offer"));
         }

@@ -50,6 +50,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod limits;
 pub mod migration;
 pub mod mq;
 pub mod server;

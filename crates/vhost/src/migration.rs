@@ -16,8 +16,8 @@ use vmq_sys::shared_bitmap::{SharedBitmap, SharedBitmapError};
 
 /// Page size of the dirty log (fixed by the vhost protocol, whatever the host's page size).
 pub const LOG_PAGE_SIZE: u64 = 4096;
-/// Largest log vmq maps: one bit per page of [`crate::backend::MAX_GUEST_MEMORY`].
-pub const MAX_LOG_SIZE: u64 = crate::backend::MAX_GUEST_MEMORY / LOG_PAGE_SIZE / 8;
+/// Largest log vmq maps: one bit per page of [`crate::limits::MAX_GUEST_MEMORY`].
+pub const MAX_LOG_SIZE: u64 = crate::limits::MAX_GUEST_MEMORY / LOG_PAGE_SIZE / 8;
 
 /// The frontend's dirty-page bitmap.
 #[derive(Debug)]

@@ -11,13 +11,12 @@
 
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MQ;
 
-use crate::backend::NetDeviceConfig;
 use crate::device::NetDevice;
 
-/// The virtio features the port offers: the configuration's, plus MQ when the device has more
-/// than one queue pair.
-pub fn offered_features(config: &NetDeviceConfig, device: &NetDevice) -> u64 {
-    let mut bits = config.offered_features();
+/// The virtio features the port offers: the configuration's (`configured`), plus MQ when the
+/// device has more than one queue pair.
+pub fn offered_features(configured: u64, device: &NetDevice) -> u64 {
+    let mut bits = configured;
     if device.queue_pairs() > 1 {
         bits |= 1 << VIRTIO_NET_F_MQ;
     }
@@ -27,7 +26,7 @@ pub fn offered_features(config: &NetDeviceConfig, device: &NetDevice) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::NetBackend;
+    use crate::backend::{NetBackend, NetDeviceConfig};
     use crate::device::MAX_QUEUE_PAIRS;
     use vhost::vhost_user::VhostUserBackendReqHandlerMut;
     use vhost::vhost_user::message::VhostUserConfigFlags;
