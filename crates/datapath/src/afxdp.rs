@@ -6,8 +6,9 @@
 //! IEEE link-local group go to the kernel. The sockets share one UMEM on queue 0 of the
 //! interface (see [`vmq_sys::xsk`]); a separate socket transmits.
 //!
-//! Offloads: AF_XDP carries no checksum or GSO metadata. Frames are at most one UMEM chunk
-//! (no multi-buffer), so no GSO frame arrives; the transmit side takes only whole frames
+//! Offloads: AF_XDP carries no checksum or GSO metadata. Frames of more than one UMEM chunk
+//! (jumbo MTUs) come and go as several descriptors (multi-buffer), up to the port's MTU; no GSO
+//! frame arrives (native XDP on a veth makes the peer segment); the transmit side takes only whole frames
 //! (vmq segments and checksums before, [`OffloadCaps::NONE`]). A frame sent by a local stack
 //! (a veth peer, another namespace) still holds a *partial* checksum — the pseudo-header sum the
 //! kernel would have completed later. [`mark_partial_checksum`] recognises it and marks the
@@ -35,7 +36,7 @@ pub enum AfXdpError {
     #[error(transparent)]
     Xdp(#[from] XdpError),
     #[error(
-        "an MTU of {mtu} needs frames of {frame} bytes; an AF_XDP uplink carries at most {max} (one UMEM chunk, no multi-buffer): use driver = \"af_packet\" (or \"auto\", which falls back)"
+        "an MTU of {mtu} needs frames of {frame} bytes; this AF_XDP uplink carries at most {max} (one UMEM chunk: the kernel or driver refused multi-buffer, XDP_USE_SG, which needs Linux 6.6): use driver = \"af_packet\" (or \"auto\", which falls back)"
     )]
     MtuTooLarge { mtu: u16, frame: usize, max: usize },
 }
@@ -84,23 +85,32 @@ impl FrameSource for XdpQueue {
     fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize {
         let room = crate::port::BATCH.saturating_sub(scratch.len());
         let mut n = 0;
-        let (_, bad) = self.socket.recv_batch(max.min(room), |frame| {
+        let counts = self.socket.recv_batch(max.min(room), |parts| {
             let Some(buf) = scratch.next_buf() else {
                 errors.push(RecvError::Drop(DropReason::NoBuffer));
                 return;
             };
-            let len = VnetHdr::LEN + frame.len();
+            let frame_len: usize = parts.iter().map(|p| p.len()).sum();
+            let len = VnetHdr::LEN + frame_len;
             let Some(out) = buf.get_mut(..len) else {
                 errors.push(RecvError::Drop(DropReason::Oversize));
                 return;
             };
-            out[..VnetHdr::LEN].copy_from_slice(&mark_partial_checksum(frame).to_bytes());
-            out[VnetHdr::LEN..].copy_from_slice(frame);
+            let (head, frame) = out.split_at_mut(VnetHdr::LEN);
+            let mut at = 0;
+            for p in parts {
+                frame[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            head.copy_from_slice(&mark_partial_checksum(frame).to_bytes());
             scratch.commit(len);
             n += 1;
         });
-        for _ in 0..bad {
+        for _ in 0..counts.bad {
             errors.push(RecvError::Drop(DropReason::Malformed));
+        }
+        for _ in 0..counts.oversize {
+            errors.push(RecvError::Drop(DropReason::Oversize));
         }
         n
     }
@@ -160,7 +170,7 @@ impl FrameSink for XdpSink {
 fn tx_drop(e: XskTxError) -> DropReason {
     match e {
         XskTxError::Busy => DropReason::NoBuffer,
-        XskTxError::TooBig(_) => DropReason::Oversize,
+        XskTxError::TooBig { .. } => DropReason::Oversize,
         XskTxError::Corrupt(_) => DropReason::RingBroken,
     }
 }
@@ -233,6 +243,8 @@ pub struct AfXdpUplink {
     pub steering: XdpUplinkSteering,
     /// The driver moves frames without a copy.
     pub zero_copy: bool,
+    /// Frames may span several UMEM chunks (multi-buffer).
+    pub multi_buffer: bool,
 }
 
 impl AfXdpUplink {
@@ -246,13 +258,15 @@ impl AfXdpUplink {
         opts: AfXdpOptions,
     ) -> Result<AfXdpUplink, AfXdpError> {
         let frame = usize::from(mtu) + vmq_wire::ethernet::HEADER_LEN + vmq_wire::vlan::TAG_LEN;
-        if frame > vmq_sys::xsk::MAX_FRAME_LEN {
-            return Err(AfXdpError::MtuTooLarge { mtu, frame, max: vmq_sys::xsk::MAX_FRAME_LEN });
-        }
         let sockets = usize::from(vm_queues) + 1;
         let cfg = XskConfig { zero_copy: opts.zero_copy, ..XskConfig::default() };
         let xsk = XskQueue::open(ifname, netns, 0, sockets, cfg)?;
-        let program = XdpSteering::attach(ifname, netns, opts.mode)?;
+        if frame > xsk.max_frame_len() {
+            return Err(AfXdpError::MtuTooLarge { mtu, frame, max: xsk.max_frame_len() });
+        }
+        // A multi-buffer program on a single-buffer socket would have frames of several pages
+        // dropped in the kernel; without multi-buffer the driver keeps frames to one page.
+        let program = XdpSteering::attach(ifname, netns, opts.mode, xsk.multi_buffer)?;
         for (k, s) in xsk.rx.iter().enumerate() {
             program.set_socket(k as u32, s.as_raw_fd())?;
         }
@@ -276,6 +290,7 @@ impl AfXdpUplink {
             sink: XdpSink { socket: xsk.tx },
             steering: XdpUplinkSteering { program, sockets, filters: BTreeMap::new(), last_error: None },
             zero_copy: xsk.zero_copy,
+            multi_buffer: xsk.multi_buffer,
         })
     }
 }

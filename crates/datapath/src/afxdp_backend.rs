@@ -34,6 +34,7 @@ pub(crate) fn attach(
         ifname,
         xdp_mode = driver.xdp_mode.name(),
         zero_copy = uplink.zero_copy,
+        multi_buffer = uplink.multi_buffer,
         vm_queues,
         "uplink driver: af_xdp"
     );

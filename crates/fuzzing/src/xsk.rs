@@ -11,9 +11,14 @@
 //! when the kernel's index is more than a ring away from vmq's (wrapping); every slot touched
 //! is inside the ring; vmq's own index only moves by what it was allowed; a descriptor range is
 //! accepted only inside the UMEM and inside one chunk, with exactly the descriptor's length; a
-//! chunk base is a chunk boundary at or below the address, inside the UMEM.
+//! chunk base is a chunk boundary at or below the address, inside the UMEM. The multi-buffer walk
+//! ([`next_frame`], options bits taken from the step's index) never looks past what is available
+//! nor past one descriptor over the limit, and says Whole only for a frame that really ends
+//! within the limit.
 
-use vmq_sys::xsk_ring::{chunk_base, consumer_ready, desc_range, producer_free, slot};
+use vmq_sys::xsk_ring::{
+    FrameSpan, PKT_CONTD, chunk_base, consumer_ready, desc_range, next_frame, producer_free, slot,
+};
 
 use crate::Input;
 
@@ -83,6 +88,26 @@ pub fn xsk_ring(data: &[u8]) {
         match chunk_base(addr, umem_len, FRAME) {
             Some(c) => assert!(c <= addr && c % u64::from(FRAME) == 0 && c < umem_len && addr - c < u64::from(FRAME)),
             None => assert!(addr >= umem_len),
+        }
+        // The multi-buffer walk: descriptor i continues its frame when bit i of the index is set.
+        let options = |i: u32| if i < 32 && (index >> i) & 1 == 1 { PKT_CONTD } else { 0 };
+        let available = (addr % 40) as u32;
+        let max_parts = len % 6;
+        let continues = |n: u32| (0..n).all(|i| options(i) & PKT_CONTD != 0);
+        match next_frame(
+            |i| {
+                assert!(i < available && i <= max_parts, "looked at descriptor {i}");
+                options(i)
+            },
+            available,
+            max_parts,
+        ) {
+            FrameSpan::Whole(n) => {
+                assert!(n >= 1 && n <= max_parts && n <= available);
+                assert!(continues(n - 1) && options(n - 1) & PKT_CONTD == 0);
+            }
+            FrameSpan::TooLong(n) => assert!(n == max_parts + 1 && n <= available && continues(max_parts)),
+            FrameSpan::Partial => assert!(available <= max_parts && continues(available)),
         }
     }
 }

@@ -214,6 +214,9 @@ const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const XDP_FLAGS_SKB_MODE: u32 = 2;
 const XDP_FLAGS_DRV_MODE: u32 = 4;
+/// prog_flags: the program handles multi-buffer frames (it reads only the first buffer's
+/// headers), so drivers may hand it frames larger than a page (Linux 5.18 and later).
+const BPF_F_XDP_HAS_FRAGS: u32 = 1 << 5;
 
 /// `union bpf_attr`, as a zeroed block the commands fill their fields into (the kernel wants
 /// the unused tail zero).
@@ -270,8 +273,10 @@ pub struct XdpSteering {
 }
 
 impl XdpSteering {
-    /// Creates the maps, loads the program and attaches it to `ifname` (in `netns`).
-    pub fn attach(ifname: &str, netns: Option<&str>, mode: XdpMode) -> Result<XdpSteering, XdpError> {
+    /// Creates the maps, loads the program and attaches it to `ifname` (in `netns`). With
+    /// `frags` the program is loaded as multi-buffer capable (for sockets bound with
+    /// `XDP_USE_SG`): a driver then passes it frames of several pages (jumbo MTUs on a veth).
+    pub fn attach(ifname: &str, netns: Option<&str>, mode: XdpMode, frags: bool) -> Result<XdpSteering, XdpError> {
         let at = IfRef { name: ifname.to_string(), netns: netns.map(str::to_string) };
         let ifindex = LinkCtl::new(netns)?.ifindex(ifname)?;
         let os = |op| {
@@ -291,7 +296,8 @@ impl XdpSteering {
                 .u32(24, u32::from(!log.is_empty()))
                 .u32(28, log.len() as u32)
                 // No log: the pointer must be null, not an empty slice's dangling one.
-                .u64(32, if log.is_empty() { 0 } else { log.as_mut_ptr() as u64 });
+                .u64(32, if log.is_empty() { 0 } else { log.as_mut_ptr() as u64 })
+                .u32(44, if frags { BPF_F_XDP_HAS_FRAGS } else { 0 });
             bpf_fd(BPF_PROG_LOAD, &a)
         };
         let prog = match load(&mut []) {

@@ -11,6 +11,11 @@
 //!
 //! The fill and completion rings are shared by all the sockets' users (workers), so they sit
 //! behind a mutex; each socket's own RX or TX ring belongs to one user.
+//!
+//! Frames larger than a chunk (jumbo MTUs) travel as several descriptors, one chunk each, all
+//! but the last marked `XDP_PKT_CONTD` (multi-buffer, `XDP_USE_SG`, Linux 6.6 and later). The
+//! sockets ask for it at bind; a kernel or driver that refuses it leaves them single-buffer,
+//! which [`XskQueue::max_frame_len`] reports.
 
 use std::io;
 use std::mem::size_of;
@@ -29,13 +34,20 @@ pub const FRAME_SIZE: u32 = 4096;
 /// Where the kernel puts a received frame in its chunk (XDP_PACKET_HEADROOM, copy mode): the
 /// largest frame a chunk holds is `FRAME_SIZE - RX_HEADROOM`.
 pub const RX_HEADROOM: u32 = 256;
-/// The largest Ethernet frame an AF_XDP uplink carries (no multi-buffer): with a VLAN tag and
-/// the kernel's skb_shared_info reserve (320 bytes) it must fit one chunk.
+/// The largest Ethernet frame an AF_XDP uplink carries without multi-buffer: with a VLAN tag
+/// and the kernel's skb_shared_info reserve (320 bytes) it must fit one chunk.
 pub const MAX_FRAME_LEN: usize = (FRAME_SIZE - RX_HEADROOM - 320) as usize;
+/// The most descriptors (chunks) one frame may have with multi-buffer: enough for a 9000-byte
+/// MTU with a VLAN tag (3 chunks), with room to spare. A frame with more is dropped and counted.
+pub const MAX_PARTS: u32 = 4;
+/// The largest Ethernet frame with multi-buffer.
+pub const MAX_FRAME_LEN_MULTI_BUFFER: usize = MAX_FRAME_LEN * MAX_PARTS as usize;
 
 const XDP_SHARED_UMEM: u16 = 1 << 0;
 const XDP_COPY: u16 = 1 << 1;
 const XDP_ZEROCOPY: u16 = 1 << 2;
+/// Multi-buffer frames (since Linux 6.6; older kernels refuse the flag with EINVAL).
+const XDP_USE_SG: u16 = 1 << 4;
 /// Most `sendto` kicks per flush (each sends up to the kernel's copy-mode budget of 32).
 const MAX_KICKS: usize = 64;
 
@@ -54,11 +66,13 @@ pub struct XskConfig {
     pub rx_frames: u32,
     pub tx_frames: u32,
     pub zero_copy: ZeroCopy,
+    /// Ask for multi-buffer frames (`XDP_USE_SG`); without them a frame is one chunk at most.
+    pub multi_buffer: bool,
 }
 
 impl Default for XskConfig {
     fn default() -> Self {
-        XskConfig { rx_frames: 4096, tx_frames: 1024, zero_copy: ZeroCopy::Auto }
+        XskConfig { rx_frames: 4096, tx_frames: 1024, zero_copy: ZeroCopy::Auto, multi_buffer: true }
     }
 }
 
@@ -81,8 +95,8 @@ pub enum XskError {
 pub enum XskTxError {
     #[error("no free transmit buffer or ring slot")]
     Busy,
-    #[error("frame of {0} bytes does not fit one UMEM chunk")]
-    TooBig(usize),
+    #[error("frame of {len} bytes is larger than the socket carries ({max})")]
+    TooBig { len: usize, max: usize },
     #[error(transparent)]
     Corrupt(#[from] RingCorrupt),
 }
@@ -325,6 +339,26 @@ pub struct XskQueue {
     pub tx: XskTx,
     /// The driver moves frames without a copy.
     pub zero_copy: bool,
+    /// Frames may span several chunks (`XDP_USE_SG` was accepted).
+    pub multi_buffer: bool,
+}
+
+impl XskQueue {
+    /// The largest Ethernet frame the sockets carry.
+    pub fn max_frame_len(&self) -> usize {
+        if self.multi_buffer { MAX_FRAME_LEN_MULTI_BUFFER } else { MAX_FRAME_LEN }
+    }
+}
+
+/// What one [`XskRx::recv_batch`] took from the ring.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecvCounts {
+    /// Frames handed over.
+    pub frames: usize,
+    /// Frames dropped for a descriptor outside the UMEM or its chunk.
+    pub bad: u64,
+    /// Frames dropped for having more than [`MAX_PARTS`] parts.
+    pub oversize: u64,
 }
 
 /// A receive socket.
@@ -334,6 +368,10 @@ pub struct XskRx {
     umem: Arc<Umem>,
     /// Chunks read in the current batch, returned to the fill ring together.
     done: Vec<u64>,
+    /// Most descriptors per frame (1 without multi-buffer).
+    max_parts: u32,
+    /// Inside a frame with too many parts: its remaining descriptors are skipped.
+    discarding: bool,
 }
 
 /// The transmit socket.
@@ -343,6 +381,8 @@ pub struct XskTx {
     umem: Arc<Umem>,
     /// Descriptors written but not yet submitted.
     pending: u32,
+    /// Most descriptors per frame (1 without multi-buffer).
+    max_parts: u32,
 }
 
 impl std::fmt::Debug for XskRx {
@@ -415,28 +455,30 @@ impl XskQueue {
         }
         fill.submit(cfg.rx_frames);
         let free_tx = (cfg.rx_frames..frames).map(|k| u64::from(k) * u64::from(FRAME_SIZE)).collect();
-        let zero_copy = match cfg.zero_copy {
-            ZeroCopy::Off => {
-                bind(&first, ifindex, queue, XDP_COPY, None).map_err(os("bind (copy mode)"))?;
-                false
+        // Multi-buffer first where asked for; a kernel (before 6.6) or zero-copy driver without
+        // it refuses the flag, and the socket is bound again without it.
+        let bind_mode = |mode: u16| -> io::Result<bool> {
+            if cfg.multi_buffer && bind(&first, ifindex, queue, mode | XDP_USE_SG, None).is_ok() {
+                return Ok(true);
             }
+            bind(&first, ifindex, queue, mode, None).map(|()| false)
+        };
+        let (zero_copy, multi_buffer) = match cfg.zero_copy {
+            ZeroCopy::Off => (false, bind_mode(XDP_COPY).map_err(os("bind (copy mode)"))?),
             ZeroCopy::On => {
-                bind(&first, ifindex, queue, XDP_ZEROCOPY, None)
-                    .map_err(|source| XskError::NoZeroCopy { at: at.clone(), source })?;
-                true
+                (true, bind_mode(XDP_ZEROCOPY).map_err(|source| XskError::NoZeroCopy { at: at.clone(), source })?)
             }
-            ZeroCopy::Auto => match bind(&first, ifindex, queue, XDP_ZEROCOPY, None) {
-                Ok(()) => true,
-                Err(_) => {
-                    bind(&first, ifindex, queue, XDP_COPY, None).map_err(os("bind (copy mode)"))?;
-                    false
-                }
+            ZeroCopy::Auto => match bind_mode(XDP_ZEROCOPY) {
+                Ok(sg) => (true, sg),
+                Err(_) => (false, bind_mode(XDP_COPY).map_err(os("bind (copy mode)"))?),
             },
         };
+        let max_parts = if multi_buffer { MAX_PARTS } else { 1 };
         let first_raw = first.as_raw_fd();
         let umem = Arc::new(Umem { shared: Mutex::new(Shared { fill, completion, free_tx, corrupt: 0 }), first, area });
         let first_dup = umem.first.try_clone().map_err(os("dup"))?;
-        let mut rx = vec![XskRx { ring: rx0, fd: first_dup, umem: umem.clone(), done: Vec::new() }];
+        let new_rx = |ring, fd, umem| XskRx { ring, fd, umem, done: Vec::new(), max_parts, discarding: false };
+        let mut rx = vec![new_rx(rx0, first_dup, umem.clone())];
         let shared_socket = |ring_opt: libc::c_int, size: u32| -> Result<(OwnedFd, Ring), XskError> {
             let fd = open()?.map_err(os("socket(AF_XDP)"))?;
             setsockopt(&fd, ring_opt, &size).map_err(os("XDP_RX_RING/XDP_TX_RING"))?;
@@ -452,48 +494,77 @@ impl XskQueue {
         };
         for _ in 1..rx_sockets.max(1) {
             let (fd, ring) = shared_socket(libc::XDP_RX_RING, cfg.rx_frames)?;
-            rx.push(XskRx { ring, fd, umem: umem.clone(), done: Vec::new() });
+            rx.push(new_rx(ring, fd, umem.clone()));
         }
         let (fd, ring) = shared_socket(libc::XDP_TX_RING, cfg.tx_frames)?;
-        let tx = XskTx { ring, fd, umem, pending: 0 };
-        Ok(XskQueue { rx, tx, zero_copy })
+        let tx = XskTx { ring, fd, umem, pending: 0, max_parts };
+        Ok(XskQueue { rx, tx, zero_copy, multi_buffer })
     }
 }
 
 impl XskRx {
-    /// Hands up to `max` received frames to `each`, then returns their chunks to the fill ring.
-    /// Returns how many frames were handed over and how many descriptors were bad (skipped).
-    pub fn recv_batch(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> (usize, u64) {
+    /// Hands up to `max` received frames to `each` (a frame as its parts, one per chunk), then
+    /// returns their chunks to the fill ring.
+    pub fn recv_batch(&mut self, max: usize, mut each: impl FnMut(&[&[u8]])) -> RecvCounts {
+        let mut counts = RecvCounts::default();
         let ready = match self.ring.ready() {
-            Ok(n) => n.min(max as u32),
-            Err(_) => return (0, 1),
+            Ok(n) => n,
+            Err(_) => {
+                counts.bad = 1;
+                return counts;
+            }
         };
         if ready == 0 {
-            return (0, 0);
+            return counts;
         }
         let umem_len = self.umem.area.len as u64;
-        let mut bad = 0;
+        let base = self.umem.area.base;
         self.done.clear();
-        for k in 0..ready {
-            let d = self.ring.read_desc(k);
-            match xsk_ring::desc_range(d.addr, d.len, umem_len, FRAME_SIZE) {
-                Some(range) => {
-                    // SAFETY: the range lies inside the UMEM (desc_range), in a chunk the
-                    // kernel handed to vmq and does not touch until it is on the fill ring again.
-                    let bytes = unsafe {
-                        std::slice::from_raw_parts(self.umem.area.base.add(range.start), range.end - range.start)
-                    };
-                    each(bytes);
+        let mut taken = 0u32;
+        while taken < ready && counts.frames < max {
+            let span = xsk_ring::next_frame(|i| self.ring.read_desc(taken + i).options, ready - taken, self.max_parts);
+            let (n, whole) = match span {
+                xsk_ring::FrameSpan::Whole(n) => (n, true),
+                xsk_ring::FrameSpan::TooLong(n) => (n, false),
+                xsk_ring::FrameSpan::Partial => break,
+            };
+            let mut parts: [&[u8]; MAX_PARTS as usize] = [&[]; MAX_PARTS as usize];
+            let mut in_umem = true;
+            for k in 0..n {
+                let d = self.ring.read_desc(taken + k);
+                match (xsk_ring::desc_range(d.addr, d.len, umem_len, FRAME_SIZE), parts.get_mut(k as usize)) {
+                    (Some(range), Some(part)) => {
+                        // SAFETY: the range lies inside the UMEM (desc_range), in a chunk the
+                        // kernel handed to vmq and does not touch until it is on the fill ring
+                        // again, which happens after `each` returns.
+                        *part = unsafe { std::slice::from_raw_parts(base.add(range.start), range.end - range.start) };
+                    }
+                    (None, _) => in_umem = false,
+                    (Some(_), None) => {}
                 }
-                None => bad += 1,
+                if let Some(c) = xsk_ring::chunk_base(d.addr, umem_len, FRAME_SIZE) {
+                    self.done.push(c);
+                }
             }
-            if let Some(c) = xsk_ring::chunk_base(d.addr, umem_len, FRAME_SIZE) {
-                self.done.push(c);
+            taken += n;
+            if !whole {
+                // Counted once, at its first descriptors; the rest is skipped as it comes.
+                if !self.discarding {
+                    counts.oversize += 1;
+                }
+                self.discarding = true;
+            } else if std::mem::take(&mut self.discarding) {
+                // The tail of a frame with too many parts.
+            } else if in_umem {
+                each(&parts[..n as usize]);
+                counts.frames += 1;
+            } else {
+                counts.bad += 1;
             }
         }
-        self.ring.release(ready);
+        self.ring.release(taken);
         self.umem.refill(&self.done);
-        (ready as usize, bad)
+        counts
     }
 
     /// The socket's kernel drop counter (`XDP_STATISTICS` rx_dropped + rx_ring_full), running total.
@@ -551,33 +622,57 @@ impl XskTx {
         s.completion.release(ready);
     }
 
-    /// Copies one frame (the concatenation of `parts`) into a transmit chunk and queues it;
-    /// [`XskTx::flush`] starts the transmission.
+    /// Copies one frame (the concatenation of `parts`) into transmit chunks (one, or several
+    /// with multi-buffer) and queues it; [`XskTx::flush`] starts the transmission.
     pub fn send(&mut self, parts: &[&[u8]]) -> Result<(), XskTxError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        if len > FRAME_SIZE as usize {
-            return Err(XskTxError::TooBig(len));
+        let max = self.max_parts as usize * FRAME_SIZE as usize;
+        if len > max || len == 0 {
+            return Err(XskTxError::TooBig { len, max });
         }
-        if self.ring.free()? <= self.pending {
+        let chunks_needed = len.div_ceil(FRAME_SIZE as usize);
+        if (self.ring.free()? as usize) < self.pending as usize + chunks_needed {
             return Err(XskTxError::Busy);
         }
+        let mut chunks = [0u64; MAX_PARTS as usize];
         let mut s = self.umem.lock();
-        if s.free_tx.is_empty() {
+        if s.free_tx.len() < chunks_needed {
             self.complete(&mut s);
+            if s.free_tx.len() < chunks_needed {
+                return Err(XskTxError::Busy);
+            }
         }
-        let Some(chunk) = s.free_tx.pop() else {
-            return Err(XskTxError::Busy);
-        };
+        for c in chunks.iter_mut().take(chunks_needed) {
+            *c = s.free_tx.pop().unwrap_or_default();
+        }
         drop(s);
-        let mut at = chunk as usize;
+        // Fill the chunks in order, each up to FRAME_SIZE bytes.
+        let mut chunk = 0usize;
+        let mut used = 0usize;
         for p in parts {
-            // SAFETY: the chunk is a transmit chunk vmq owns (off every ring), inside the UMEM,
-            // and len <= FRAME_SIZE keeps the copy inside it.
-            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), self.umem.area.base.add(at), p.len()) };
-            at += p.len();
+            let mut rest: &[u8] = p;
+            while !rest.is_empty() {
+                if used == FRAME_SIZE as usize {
+                    chunk += 1;
+                    used = 0;
+                }
+                let n = rest.len().min(FRAME_SIZE as usize - used);
+                let at = chunks[chunk] as usize + used;
+                // SAFETY: chunks[chunk] is a transmit chunk vmq owns (off every ring), inside
+                // the UMEM; used + n <= FRAME_SIZE keeps the copy inside it, and chunk stays
+                // below chunks_needed since len bytes fill exactly that many chunks.
+                unsafe { std::ptr::copy_nonoverlapping(rest.as_ptr(), self.umem.area.base.add(at), n) };
+                used += n;
+                rest = &rest[n..];
+            }
         }
-        self.ring.write_desc(self.pending, libc::xdp_desc { addr: chunk, len: len as u32, options: 0 });
-        self.pending += 1;
+        for (k, &addr) in chunks[..chunks_needed].iter().enumerate() {
+            let last = k + 1 == chunks_needed;
+            let part_len = if last { len - k * FRAME_SIZE as usize } else { FRAME_SIZE as usize };
+            let options = if last { 0 } else { xsk_ring::PKT_CONTD };
+            self.ring.write_desc(self.pending, libc::xdp_desc { addr, len: part_len as u32, options });
+            self.pending += 1;
+        }
         Ok(())
     }
 

@@ -48,6 +48,37 @@ pub fn desc_range(addr: u64, len: u32, umem_len: u64, frame_size: u32) -> Option
     Some(usize::try_from(addr).ok()?..usize::try_from(end).ok()?)
 }
 
+/// Bit of a descriptor's `options`: more descriptors of the same frame follow (multi-buffer,
+/// `XDP_PKT_CONTD`).
+pub const PKT_CONTD: u32 = 1;
+
+/// Where the frame at the head of a receive ring ends, found by [`next_frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameSpan {
+    /// The frame is the next `n` descriptors (the last one without [`PKT_CONTD`]).
+    Whole(u32),
+    /// The next `n` descriptors (one more than the limit) all continue: the frame has more parts
+    /// than the caller takes. It is dropped; the caller skips its remaining parts up to and
+    /// including the next [`FrameSpan::Whole`].
+    TooLong(u32),
+    /// The descriptors available end inside a frame: wait for the rest (the kernel publishes a
+    /// frame's parts together, so this is seen only when a batch limit cut a frame).
+    Partial,
+}
+
+/// Finds the end of the frame whose first descriptor is the next one: `options(i)` is the
+/// options word of the i-th descriptor from there, `available` how many there are, `max_parts`
+/// the most descriptors a frame may have. Looks at no more than `max_parts + 1` descriptors.
+pub fn next_frame(options: impl Fn(u32) -> u32, available: u32, max_parts: u32) -> FrameSpan {
+    let limit = available.min(max_parts.saturating_add(1));
+    for i in 0..limit {
+        if options(i) & PKT_CONTD == 0 {
+            return if i < max_parts { FrameSpan::Whole(i + 1) } else { FrameSpan::TooLong(i + 1) };
+        }
+    }
+    if limit > max_parts { FrameSpan::TooLong(limit) } else { FrameSpan::Partial }
+}
+
 /// The chunk (its base address) a UMEM address lies in; None outside the UMEM.
 pub fn chunk_base(addr: u64, umem_len: u64, frame_size: u32) -> Option<u64> {
     if addr >= umem_len || frame_size == 0 {
@@ -82,5 +113,23 @@ mod tests {
         assert_eq!(desc_range(0, 4096, 16384, 4096), Some(0..4096));
         assert_eq!(chunk_base(4096 + 300, 16384, 4096), Some(4096));
         assert_eq!(chunk_base(16384, 16384, 4096), None);
+    }
+
+    #[test]
+    fn frames_of_several_descriptors_are_found_whole_or_refused() {
+        let opts = |v: &'static [u32]| move |i: u32| v[i as usize];
+        assert_eq!(next_frame(opts(&[0, 0]), 2, 4), FrameSpan::Whole(1));
+        assert_eq!(next_frame(opts(&[1, 1, 0, 0]), 4, 4), FrameSpan::Whole(3));
+        assert_eq!(next_frame(opts(&[1, 1, 1, 0]), 4, 4), FrameSpan::Whole(4), "exactly the limit");
+        assert_eq!(next_frame(opts(&[1, 1, 1, 1, 0]), 5, 4), FrameSpan::TooLong(5));
+        assert_eq!(next_frame(opts(&[1, 1, 1, 1, 1, 1]), 6, 4), FrameSpan::TooLong(5), "stops looking at the limit");
+        assert_eq!(next_frame(opts(&[1, 1]), 2, 4), FrameSpan::Partial, "the rest is not there yet");
+        assert_eq!(next_frame(opts(&[]), 0, 4), FrameSpan::Partial);
+        assert_eq!(
+            next_frame(opts(&[1, 0]), 2, 1),
+            FrameSpan::TooLong(2),
+            "single-buffer: a continued frame is too long"
+        );
+        assert_eq!(next_frame(opts(&[2, 0]), 2, 1), FrameSpan::Whole(1), "other option bits do not continue");
     }
 }

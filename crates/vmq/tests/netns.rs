@@ -52,10 +52,6 @@ impl External {
     }
 }
 
-fn drops(c: &vmq_control::protocol::PortCounters, reason: &str) -> u64 {
-    c.drops.get(reason).copied().unwrap_or_else(|| panic!("no drop reason {reason:?} in {c:?}"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Ping and TCP, TAP <-> TAP and external host <-> TAP, in both modes.
 

@@ -440,6 +440,11 @@ impl Drop for Vmq {
 }
 
 /// `n` random bytes from the kernel.
+/// A port's drop counter for `reason` (the test fails if the reason is unknown).
+pub fn drops(c: &vmq_control::protocol::PortCounters, reason: &str) -> u64 {
+    c.drops.get(reason).copied().unwrap_or_else(|| panic!("no drop reason {reason:?} in {c:?}"))
+}
+
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("read /dev/urandom");
