@@ -480,6 +480,10 @@ pub struct NicQueue {
     /// The port VM queue `queue` feeds now; `null` for the default queue or a VM queue no port
     /// holds.
     pub port: Option<String>,
+    /// The interface receive queue, where the uplink has a socket set per queue (AF_XDP);
+    /// absent where one queue spans the interface (AF_PACKET).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_queue: Option<u32>,
     /// Frames read from the queue since the uplink was added.
     pub rx_packets: u64,
 }

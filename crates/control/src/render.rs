@@ -279,12 +279,13 @@ fn queues(q: &QueueReport, out: &mut String) {
             "
 uplink receive queues:"
         );
-        let mut t = Table::new(&[("UPLINK", L), ("QUEUE", L), ("PORT", L), ("RX_PACKETS", R)]);
+        let mut t = Table::new(&[("UPLINK", L), ("QUEUE", L), ("PORT", L), ("RXQ", R), ("RX_PACKETS", R)]);
         for n in &q.nic_queues {
             t.row(vec![
                 n.uplink.clone(),
                 if n.queue == 0 { "default".to_string() } else { n.queue.to_string() },
                 n.port.clone().unwrap_or_else(|| "-".to_string()),
+                n.rx_queue.map_or_else(|| "-".to_string(), |r| r.to_string()),
                 n.rx_packets.to_string(),
             ]);
         }

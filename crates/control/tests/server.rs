@@ -109,7 +109,7 @@ fn answer(request: &Request) -> Result<Response, ControlError> {
                 rx_pps: 5,
                 rx_bits_per_sec: 6000,
             }],
-            nic_queues: vec![NicQueue { uplink: "up0".into(), queue: 0, port: None, rx_packets: 3 }],
+            nic_queues: vec![NicQueue { uplink: "up0".into(), queue: 0, port: None, rx_queue: None, rx_packets: 3 }],
         }),
         Request::Fdb => Response::Fdb(FdbReport {
             entries: vec![FdbEntry { mac: "52:54:00:00:00:01".into(), vlan: 10, port: "vm1".into(), age_secs: None }],

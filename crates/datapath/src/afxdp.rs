@@ -3,8 +3,9 @@
 //! An XDP program on the interface (see [`vmq_sys::xdp`]) sorts received frames by destination
 //! MAC + VLAN into one AF_XDP socket per VM queue (XSKMAP index k = VM queue k) and sends
 //! everything else to socket 0, the default queue; frames to the interface's own MAC and the
-//! IEEE link-local group go to the kernel. The sockets share one UMEM on queue 0 of the
-//! interface (see [`vmq_sys::xsk`]); a separate socket transmits.
+//! IEEE link-local group go to the kernel. Each receive queue of the interface has such a socket
+//! set (a socket only gets frames of the queue it is bound to), sharing one UMEM per queue (see
+//! [`vmq_sys::xsk`]); a separate socket on queue 0 transmits.
 //!
 //! Offloads: AF_XDP carries no checksum or GSO metadata. Frames of more than one UMEM chunk
 //! (jumbo MTUs) come and go as several descriptors (multi-buffer), up to the port's MTU; no GSO
@@ -39,6 +40,13 @@ pub enum AfXdpError {
         "an MTU of {mtu} needs frames of {frame} bytes; this AF_XDP uplink carries at most {max} (one UMEM chunk: the kernel or driver refused multi-buffer, XDP_USE_SG, which needs Linux 6.6): use driver = \"af_packet\" (or \"auto\", which falls back)"
     )]
     MtuTooLarge { mtu: u16, frame: usize, max: usize },
+    #[error(
+        "{rx_queues} receive queues x {sockets} sockets exceed the XSKMAP's {max} entries: give the interface fewer queues (ethtool -L) or vmq a smaller queue budget"
+    )]
+    TooManySockets { rx_queues: u32, sockets: usize, max: u32 },
+    /// Queue 0's socket set comes with the transmit socket; not seeing it is a bug.
+    #[error("no AF_XDP transmit socket was opened")]
+    NoTransmitSocket,
 }
 
 /// The virtio-net header for a received frame: `NEEDS_CSUM` when its TCP/UDP checksum field holds
@@ -71,6 +79,8 @@ pub fn mark_partial_checksum(frame: &[u8]) -> VnetHdr {
 pub struct XdpQueue {
     socket: XskRx,
     queue: QueueId,
+    /// The interface's receive queue the socket is bound to.
+    rx_queue: u16,
     drops_reported: u64,
     stats_countdown: u32,
 }
@@ -78,6 +88,10 @@ pub struct XdpQueue {
 impl XdpQueue {
     pub fn queue(&self) -> QueueId {
         self.queue
+    }
+
+    pub fn rx_queue(&self) -> u16 {
+        self.rx_queue
     }
 }
 
@@ -113,6 +127,10 @@ impl FrameSource for XdpQueue {
             errors.push(RecvError::Drop(DropReason::Oversize));
         }
         n
+    }
+
+    fn nic_rx_queue(&self) -> Option<u16> {
+        Some(self.rx_queue)
     }
 
     fn wake(&mut self) -> Wake {
@@ -245,11 +263,14 @@ pub struct AfXdpUplink {
     pub zero_copy: bool,
     /// Frames may span several UMEM chunks (multi-buffer).
     pub multi_buffer: bool,
+    /// Receive queues of the interface, each with its socket set.
+    pub rx_queues: u32,
 }
 
 impl AfXdpUplink {
-    /// Opens `ifname` (in `netns`) with `vm_queues` VM queues plus the default queue, for
-    /// frames of the port's `mtu` (plus Ethernet header and a VLAN tag).
+    /// Opens `ifname` (in `netns`) with `vm_queues` VM queues plus the default queue on every
+    /// receive queue of the interface, for frames of the port's `mtu` (plus Ethernet header and
+    /// a VLAN tag).
     pub fn open(
         ifname: &str,
         netns: Option<&str>,
@@ -259,16 +280,31 @@ impl AfXdpUplink {
     ) -> Result<AfXdpUplink, AfXdpError> {
         let frame = usize::from(mtu) + vmq_wire::ethernet::HEADER_LEN + vmq_wire::vlan::TAG_LEN;
         let sockets = usize::from(vm_queues) + 1;
-        let cfg = XskConfig { zero_copy: opts.zero_copy, ..XskConfig::default() };
-        let xsk = XskQueue::open(ifname, netns, 0, sockets, cfg)?;
-        if frame > xsk.max_frame_len() {
-            return Err(AfXdpError::MtuTooLarge { mtu, frame, max: xsk.max_frame_len() });
+        let rx_queues = vmq_sys::link::LinkCtl::new(netns).and_then(|l| l.rx_queues(ifname)).map_err(XskError::from)?;
+        let max = vmq_sys::xdp::MAX_ENTRIES;
+        if rx_queues as usize * sockets > max as usize || rx_queues > u32::from(u16::MAX) {
+            return Err(AfXdpError::TooManySockets { rx_queues, sockets, max });
+        }
+        let mut sets = Vec::with_capacity(rx_queues as usize);
+        for q in 0..rx_queues {
+            // One transmit socket (queue 0's) serves the whole interface.
+            let tx_frames = if q == 0 { XskConfig::default().tx_frames } else { 0 };
+            let cfg = XskConfig { zero_copy: opts.zero_copy, tx_frames, ..XskConfig::default() };
+            sets.push(XskQueue::open(ifname, netns, q, sockets, cfg)?);
+        }
+        let multi_buffer = sets.iter().all(|s| s.multi_buffer);
+        let zero_copy = sets.iter().all(|s| s.zero_copy);
+        let max_frame = sets.iter().map(XskQueue::max_frame_len).min().unwrap_or(0);
+        if frame > max_frame {
+            return Err(AfXdpError::MtuTooLarge { mtu, frame, max: max_frame });
         }
         // A multi-buffer program on a single-buffer socket would have frames of several pages
         // dropped in the kernel; without multi-buffer the driver keeps frames to one page.
-        let program = XdpSteering::attach(ifname, netns, opts.mode, xsk.multi_buffer)?;
-        for (k, s) in xsk.rx.iter().enumerate() {
-            program.set_socket(k as u32, s.as_raw_fd())?;
+        let program = XdpSteering::attach(ifname, netns, opts.mode, multi_buffer, sockets as u32)?;
+        for (q, set) in sets.iter().enumerate() {
+            for (k, s) in set.rx.iter().enumerate() {
+                program.set_socket((q * sockets + k) as u32, s.as_raw_fd())?;
+            }
         }
         // What the host itself needs (see vmq_sys::xdp): its own MAC, the link-local group.
         let own = vmq_sys::link::LinkCtl::new(netns).and_then(|l| l.mac(ifname));
@@ -279,18 +315,26 @@ impl AfXdpUplink {
         for last in 0..16u8 {
             program.set_rule([0x01, 0x80, 0xc2, 0, 0, last], 0, PASS_TO_KERNEL)?;
         }
-        let queues = xsk
-            .rx
-            .into_iter()
-            .enumerate()
-            .map(|(k, socket)| XdpQueue { socket, queue: QueueId(k as u16), drops_reported: 0, stats_countdown: 0 })
-            .collect();
+        let mut queues = Vec::with_capacity(sets.len() * sockets);
+        let mut tx = None;
+        for (q, set) in sets.into_iter().enumerate() {
+            tx = tx.or(set.tx);
+            queues.extend(set.rx.into_iter().enumerate().map(|(k, socket)| XdpQueue {
+                socket,
+                queue: QueueId(k as u16),
+                rx_queue: q as u16,
+                drops_reported: 0,
+                stats_countdown: 0,
+            }));
+        }
+        let tx = tx.ok_or(AfXdpError::NoTransmitSocket)?;
         Ok(AfXdpUplink {
             queues,
-            sink: XdpSink { socket: xsk.tx },
+            sink: XdpSink { socket: tx },
             steering: XdpUplinkSteering { program, sockets, filters: BTreeMap::new(), last_error: None },
-            zero_copy: xsk.zero_copy,
-            multi_buffer: xsk.multi_buffer,
+            zero_copy,
+            multi_buffer,
+            rx_queues,
         })
     }
 }

@@ -35,6 +35,7 @@ pub(crate) fn attach(
         xdp_mode = driver.xdp_mode.name(),
         zero_copy = uplink.zero_copy,
         multi_buffer = uplink.multi_buffer,
+        rx_queues = uplink.rx_queues,
         vm_queues,
         "uplink driver: af_xdp"
     );

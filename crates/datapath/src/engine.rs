@@ -104,11 +104,14 @@ pub(crate) struct Task {
     /// The counters of the port frames of this task enter by: frames taken while the port is
     /// already gone from the worker's port table (removed mid-batch) are counted there.
     pub stats: Arc<PortStats>,
+    /// The interface receive queue a NIC queue task reads, where the uplink has several.
+    pub nic_rx_queue: Option<u16>,
 }
 
 impl Task {
     pub fn new(kind: TaskKind, source: Box<dyn FrameSource>, stats: Arc<PortStats>) -> Arc<Task> {
-        Arc::new(Task { kind, source: Mutex::new(source), frames: AtomicU64::new(0), stats })
+        let nic_rx_queue = source.nic_rx_queue();
+        Arc::new(Task { kind, source: Mutex::new(source), frames: AtomicU64::new(0), stats, nic_rx_queue })
     }
 }
 

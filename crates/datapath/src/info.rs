@@ -21,6 +21,9 @@ pub struct QueueStats {
     pub queue: Option<QueueId>,
     /// The VM port a VM queue feeds.
     pub port: Option<String>,
+    /// The interface receive queue (an AF_XDP uplink has a socket set per queue); None where
+    /// the uplink's queue spans the interface (AF_PACKET).
+    pub rx_queue: Option<u16>,
     pub rx_packets: u64,
 }
 
@@ -179,11 +182,16 @@ pub(crate) fn queue_stats(st: &ControlState) -> Vec<QueueStats> {
                         .assignments()
                         .find(|(p, q)| *q == Some(queue) && st.uplink_of(*p) == Some(uplink))
                         .map(|(p, _)| name(p)),
+                    rx_queue: t.nic_rx_queue,
                     rx_packets,
                 }),
-                TaskKind::DefaultQueue { uplink } => {
-                    out.push(QueueStats { uplink: name(uplink), queue: None, port: None, rx_packets })
-                }
+                TaskKind::DefaultQueue { uplink } => out.push(QueueStats {
+                    uplink: name(uplink),
+                    queue: None,
+                    port: None,
+                    rx_queue: t.nic_rx_queue,
+                    rx_packets,
+                }),
                 TaskKind::PortTx { .. } => {}
             }
         }

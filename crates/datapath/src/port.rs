@@ -64,6 +64,12 @@ pub trait FrameSource: Send {
         Wake::Poll
     }
 
+    /// The interface receive queue this source reads (NIC queue sources of a multi-queue
+    /// uplink), for the queue counters.
+    fn nic_rx_queue(&self) -> Option<u16> {
+        None
+    }
+
     /// Is a poll that finds nothing cheap (a ring in memory), or a syscall (a TAP read)? Costly
     /// sources are only polled when their wake fd reports something.
     fn polls_cheaply(&self) -> bool {

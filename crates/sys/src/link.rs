@@ -155,6 +155,35 @@ impl LinkCtl {
         self.ioctl(name, "SIOCSIFHWADDR", libc::SIOCSIFHWADDR, &mut ifr)
     }
 
+    /// How many receive queues the interface has (ethtool's channels: RX-only plus combined).
+    /// A driver without channel information (no `ETHTOOL_GCHANNELS`) counts as one queue.
+    pub fn rx_queues(&self, name: &str) -> Result<u32, LinkError> {
+        #[repr(C)]
+        #[derive(Default)]
+        struct EthtoolChannels {
+            cmd: u32,
+            max_rx: u32,
+            max_tx: u32,
+            max_other: u32,
+            max_combined: u32,
+            rx_count: u32,
+            tx_count: u32,
+            other_count: u32,
+            combined_count: u32,
+        }
+        const ETHTOOL_GCHANNELS: u32 = 0x3c;
+        let mut channels = EthtoolChannels { cmd: ETHTOOL_GCHANNELS, ..EthtoolChannels::default() };
+        let mut ifr = Self::ifreq(name, "SIOCETHTOOL")?;
+        // The kernel reads the command from and writes the counts into `channels`, alive until
+        // the call returns.
+        ifr.ifr_ifru.ifru_data = (&mut channels as *mut EthtoolChannels).cast();
+        match self.ioctl(name, "SIOCETHTOOL (ETHTOOL_GCHANNELS)", libc::SIOCETHTOOL, &mut ifr) {
+            Ok(()) => Ok((channels.rx_count + channels.combined_count).max(1)),
+            Err(LinkError::Os { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(1),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn flags(&self, name: &str) -> Result<LinkFlags, LinkError> {
         let mut ifr = Self::ifreq(name, "SIOCGIFFLAGS")?;
         self.ioctl(name, "SIOCGIFFLAGS", libc::SIOCGIFFLAGS, &mut ifr)?;

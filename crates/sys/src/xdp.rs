@@ -1,6 +1,6 @@
 //! The XDP program of an AF_XDP uplink, its maps, and its attachment (a BPF link).
 //!
-//! Why an eBPF assembler in Rust: the program is 30 instructions, and building it here keeps
+//! Why an eBPF assembler in Rust: the program is some 35 instructions, and building it here keeps
 //! vmq free of a C/clang build step and of `libbpf` (the `aya` loader needs a newer Rust than
 //! vmq's 1.95). [`program`] is pure and unit-tested; the kernel's verifier checks it again at
 //! load time.
@@ -11,8 +11,10 @@
 //! 3. the key is looked up in the steering hash map: a hit gives an XSKMAP index (the socket of
 //!    the VM queue holding that filter) or [`PASS_TO_KERNEL`]; a miss gives index 0, the
 //!    default queue's socket;
-//! 4. `bpf_redirect_map(xskmap, index, XDP_PASS)`: a missing socket leaves the frame to the
-//!    kernel rather than losing it.
+//! 4. `bpf_redirect_map(xskmap, index + rx_queue_index * sockets_per_queue, XDP_PASS)`: each
+//!    receive queue of the interface has its own set of sockets (an AF_XDP socket only gets
+//!    frames of the queue it is bound to); a missing socket leaves the frame to the kernel
+//!    rather than losing it.
 //!
 //! Entries the uplink passes to the kernel (see the AF_XDP uplink in the data path): frames to
 //! the interface's own MAC (by definition for the host, no VM has it) and the IEEE 802.1D
@@ -108,6 +110,14 @@ pub mod asm {
     pub const fn add_imm(dst: u8, imm: i32) -> Insn {
         insn(0x07, dst, 0, 0, imm)
     }
+    /// dst += src (64-bit)
+    pub const fn add(dst: u8, src: u8) -> Insn {
+        insn(0x0f, dst, src, 0, 0)
+    }
+    /// dst *= imm (64-bit)
+    pub const fn mul_imm(dst: u8, imm: i32) -> Insn {
+        insn(0x27, dst, 0, 0, imm)
+    }
     pub const fn and_imm(dst: u8, imm: i32) -> Insn {
         insn(0x57, dst, 0, 0, imm)
     }
@@ -148,15 +158,17 @@ const ETH_P_8021Q_LE: i32 = 0x0081;
 /// The VLAN id bits of a big-endian TCI, as a little-endian 16-bit load sees them.
 const VID_MASK_LE: i32 = 0xff0f;
 
-/// The steering program for maps `steer_fd` (hash: [`steer_key`] → u32) and `xsk_fd` (XSKMAP).
-pub fn program(steer_fd: RawFd, xsk_fd: RawFd) -> Vec<Insn> {
+/// The steering program for maps `steer_fd` (hash: [`steer_key`] → u32) and `xsk_fd` (XSKMAP),
+/// with `sockets_per_queue` XSKMAP entries for each receive queue of the interface.
+pub fn program(steer_fd: RawFd, xsk_fd: RawFd, sockets_per_queue: u32) -> Vec<Insn> {
     use asm::*;
     let mut p = vec![
-        ldx(W, R2, R1, 0), // r2 = ctx->data
-        ldx(W, R3, R1, 4), // r3 = ctx->data_end
+        ldx(W, R6, R1, 16), // r6 = ctx->rx_queue_index (r6 survives helper calls)
+        ldx(W, R2, R1, 0),  // r2 = ctx->data
+        ldx(W, R3, R1, 4),  // r3 = ctx->data_end
         mov(R4, R2),
         add_imm(R4, 14),
-        jgt(R4, R3, 28), // shorter than an Ethernet header: -> pass
+        jgt(R4, R3, 30), // shorter than an Ethernet header: -> pass
         // key at r10-8: dst MAC (6 bytes), VLAN id (2 bytes, big-endian; 0 untagged)
         ldx(W, R5, R2, 0),
         stx(W, R10, R5, -8),
@@ -182,9 +194,11 @@ pub fn program(steer_fd: RawFd, xsk_fd: RawFd) -> Vec<Insn> {
         jeq_imm(R0, 0, 3),    // miss: index 0, the default queue
         ldx(W, R2, R0, 0),    // hit: the value
         jne32_imm(R2, -1, 1), // PASS_TO_KERNEL? (32-bit compare)
-        ja(5),                // -> pass
+        ja(7),                // -> pass
+        // redirect: the socket set of the frame's receive queue
+        mul_imm(R6, sockets_per_queue as i32),
+        add(R2, R6),
     ]);
-    // redirect:
     p.extend(ld_map_fd(R1, xsk_fd));
     p.extend([
         mov_imm(R3, XDP_PASS), // no socket at that index: the kernel gets the frame
@@ -273,10 +287,18 @@ pub struct XdpSteering {
 }
 
 impl XdpSteering {
-    /// Creates the maps, loads the program and attaches it to `ifname` (in `netns`). With
+    /// Creates the maps, loads the program and attaches it to `ifname` (in `netns`), for
+    /// `sockets_per_queue` sockets on each receive queue (XSKMAP index `queue * sockets_per_queue
+    /// + k`). With
     /// `frags` the program is loaded as multi-buffer capable (for sockets bound with
     /// `XDP_USE_SG`): a driver then passes it frames of several pages (jumbo MTUs on a veth).
-    pub fn attach(ifname: &str, netns: Option<&str>, mode: XdpMode, frags: bool) -> Result<XdpSteering, XdpError> {
+    pub fn attach(
+        ifname: &str,
+        netns: Option<&str>,
+        mode: XdpMode,
+        frags: bool,
+        sockets_per_queue: u32,
+    ) -> Result<XdpSteering, XdpError> {
         let at = IfRef { name: ifname.to_string(), netns: netns.map(str::to_string) };
         let ifindex = LinkCtl::new(netns)?.ifindex(ifname)?;
         let os = |op| {
@@ -285,7 +307,7 @@ impl XdpSteering {
         };
         let steer = map_create(BPF_MAP_TYPE_HASH, 8, 4, MAX_ENTRIES).map_err(os("BPF_MAP_CREATE (hash)"))?;
         let xsks = map_create(BPF_MAP_TYPE_XSKMAP, 4, 4, MAX_ENTRIES).map_err(os("BPF_MAP_CREATE (XSKMAP)"))?;
-        let insns = program(steer.as_raw_fd(), xsks.as_raw_fd());
+        let insns = program(steer.as_raw_fd(), xsks.as_raw_fd(), sockets_per_queue);
         let license = c"Dual MIT/GPL";
         let load = |log: &mut [u8]| {
             let a = Attr::new()
@@ -350,7 +372,7 @@ mod tests {
 
     #[test]
     fn jumps_land_inside_the_program_and_it_ends_with_exit() {
-        let p = program(3, 4);
+        let p = program(3, 4, 5);
         for (pc, i) in p.iter().enumerate() {
             let class = i.code & 0x07;
             if (class == 0x05 || class == 0x06) && i.code != 0x85 && i.code != 0x95 {
@@ -363,6 +385,8 @@ mod tests {
         // The map fds are in the wide loads.
         let fds: Vec<i32> = p.iter().filter(|i| i.code == 0x18).map(|i| i.imm).collect();
         assert_eq!(fds, vec![3, 4]);
+        // The queue's socket set: r6 = rx_queue_index, scaled by the sockets per queue.
+        assert!(p.iter().any(|i| i.code == 0x27 && i.imm == 5), "no multiply by the set size");
     }
 
     #[test]

@@ -48,6 +48,9 @@ const XDP_COPY: u16 = 1 << 1;
 const XDP_ZEROCOPY: u16 = 1 << 2;
 /// Multi-buffer frames (since Linux 6.6; older kernels refuse the flag with EINVAL).
 const XDP_USE_SG: u16 = 1 << 4;
+/// Completion ring size (and transmit chunks) of a UMEM without a transmit socket: the kernel
+/// wants the ring, nothing uses it.
+const MIN_COMPLETION_RING: u32 = 64;
 /// Most `sendto` kicks per flush (each sends up to the kernel's copy-mode budget of 32).
 const MAX_KICKS: usize = 64;
 
@@ -64,6 +67,7 @@ pub enum ZeroCopy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XskConfig {
     pub rx_frames: u32,
+    /// Transmit chunks; 0: no transmit socket.
     pub tx_frames: u32,
     pub zero_copy: ZeroCopy,
     /// Ask for multi-buffer frames (`XDP_USE_SG`); without them a frame is one chunk at most.
@@ -333,10 +337,10 @@ fn bind(fd: &OwnedFd, ifindex: u32, queue: u32, flags: u16, shared_fd: Option<Ra
 }
 
 /// The AF_XDP sockets of one interface queue: `rx` receive sockets (the XSKMAP's entries) and
-/// one transmit socket, on one shared UMEM.
+/// a transmit socket where asked for (one per interface is enough), on one shared UMEM.
 pub struct XskQueue {
     pub rx: Vec<XskRx>,
-    pub tx: XskTx,
+    pub tx: Option<XskTx>,
     /// The driver moves frames without a copy.
     pub zero_copy: bool,
     /// Frames may span several chunks (`XDP_USE_SG` was accepted).
@@ -392,8 +396,8 @@ impl std::fmt::Debug for XskRx {
 }
 
 impl XskQueue {
-    /// Opens `rx_sockets` receive sockets and a transmit socket on queue `queue` of `ifname`
-    /// (in `netns`).
+    /// Opens `rx_sockets` receive sockets on queue `queue` of `ifname` (in `netns`), and a
+    /// transmit socket if `cfg.tx_frames` is not 0.
     pub fn open(
         ifname: &str,
         netns: Option<&str>,
@@ -401,6 +405,9 @@ impl XskQueue {
         rx_sockets: usize,
         cfg: XskConfig,
     ) -> Result<XskQueue, XskError> {
+        let with_tx = cfg.tx_frames > 0;
+        // The completion ring must exist even without a transmit socket.
+        let cfg = XskConfig { tx_frames: cfg.tx_frames.max(MIN_COMPLETION_RING), ..cfg };
         let at = IfRef { name: ifname.to_string(), netns: netns.map(str::to_string) };
         if !cfg.rx_frames.is_power_of_two() || !cfg.tx_frames.is_power_of_two() {
             return Err(XskError::BadSizes { at, rx: cfg.rx_frames, tx: cfg.tx_frames });
@@ -496,8 +503,12 @@ impl XskQueue {
             let (fd, ring) = shared_socket(libc::XDP_RX_RING, cfg.rx_frames)?;
             rx.push(new_rx(ring, fd, umem.clone()));
         }
-        let (fd, ring) = shared_socket(libc::XDP_TX_RING, cfg.tx_frames)?;
-        let tx = XskTx { ring, fd, umem, pending: 0, max_parts };
+        let tx = if with_tx {
+            let (fd, ring) = shared_socket(libc::XDP_TX_RING, cfg.tx_frames)?;
+            Some(XskTx { ring, fd, umem, pending: 0, max_parts })
+        } else {
+            None
+        };
         Ok(XskQueue { rx, tx, zero_copy, multi_buffer })
     }
 }

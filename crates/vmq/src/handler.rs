@@ -191,6 +191,7 @@ impl DatapathHandler {
                 uplink: q.uplink,
                 queue: u32::from(q.queue.map_or(0, |q| q.0)),
                 port: q.port,
+                rx_queue: q.rx_queue.map(u32::from),
                 rx_packets: q.rx_packets,
             })
             .collect();
@@ -323,18 +324,25 @@ impl DatapathHandler {
             queues: QueueMetrics {
                 budget: u64::from(self.dp.queue_config().queues),
                 in_use,
-                nic_queues: nic
-                    .into_iter()
-                    .map(|q| NicQueueMetrics {
-                        uplink: q.uplink,
-                        queue: q.queue.map_or_else(|| "default".to_string(), |q| q.0.to_string()),
-                        rx_packets: q.rx_packets,
-                    })
-                    .collect(),
+                nic_queues: nic_queue_metrics(nic),
             },
             build: build_info(),
         }
     }
+}
+
+/// One series per (uplink, VM queue): the socket sets of an AF_XDP uplink's interface receive
+/// queues are summed (`vmq ctl queues` shows them apart).
+fn nic_queue_metrics(queues: Vec<vmq_datapath::QueueStats>) -> Vec<NicQueueMetrics> {
+    let mut out: Vec<NicQueueMetrics> = Vec::new();
+    for q in queues {
+        let queue = q.queue.map_or_else(|| "default".to_string(), |q| q.0.to_string());
+        match out.iter_mut().find(|m| m.uplink == q.uplink && m.queue == queue) {
+            Some(m) => m.rx_packets += q.rx_packets,
+            None => out.push(NicQueueMetrics { uplink: q.uplink, queue, rx_packets: q.rx_packets }),
+        }
+    }
+    out
 }
 
 /// This build: the crate version, and the commit when the build set `VMQ_BUILD_COMMIT`.

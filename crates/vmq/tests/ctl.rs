@@ -132,8 +132,14 @@ impl ControlHandler for Mock {
                     rx_bits_per_sec: 1_440_000,
                 }],
                 nic_queues: vec![
-                    NicQueue { uplink: "up0".into(), queue: 0, port: None, rx_packets: 17 },
-                    NicQueue { uplink: "up0".into(), queue: 1, port: Some("vm1".into()), rx_packets: 90_210 },
+                    NicQueue { uplink: "up0".into(), queue: 0, port: None, rx_queue: None, rx_packets: 17 },
+                    NicQueue {
+                        uplink: "up0".into(),
+                        queue: 1,
+                        port: Some("vm1".into()),
+                        rx_queue: Some(1),
+                        rx_packets: 90_210,
+                    },
                 ],
             }),
             Request::Fdb => Response::Fdb(FdbReport {
@@ -324,9 +330,9 @@ PORT  REASON            RX_PPS  RX_GBIT/S
 vm2   budget_exhausted     120      0.001
 
 uplink receive queues:
-UPLINK  QUEUE    PORT  RX_PACKETS
-up0     default  -             17
-up0     1        vm1        90210
+UPLINK  QUEUE    PORT  RXQ  RX_PACKETS
+up0     default  -       -          17
+up0     1        vm1     1       90210
 "
     );
 

@@ -160,6 +160,46 @@ fn af_xdp_jumbo_frames_multi_buffer_generic() {
     jumbo("generic", "xjg");
 }
 
+/// An interface with two receive queues gets a socket set on each (an AF_XDP socket only
+/// receives the frames of the queue it is bound to): TCP connections the external host spreads
+/// over its two transmit queues (one queue per connection, by its hash) arrive on both of the
+/// uplink's receive queues, each on VM queue a's socket of that queue, and all data is intact.
+#[test]
+fn af_xdp_socket_set_per_receive_queue() {
+    if !can_run() {
+        return;
+    }
+    let p = unique("xq");
+    let a = TapHost::new(&p, "a", 1);
+    let sw = Ns::new(&format!("{p}s"));
+    let ext = Ns::new(&format!("{p}x"));
+    let (up_if, ext_if) = (format!("{p}u"), format!("{p}x"));
+    veth_with_queues(&sw, &up_if, &ext, &ext_if, 2);
+    let ext_ip = "10.0.0.100";
+    ext.ip(&["addr", "add", &format!("{ext_ip}/24"), "dev", &ext_if]);
+    let keys = "driver = \"af_xdp\"\nxdp_mode = \"native\"\n";
+    let vmq = Vmq::start(&p, &[switch_section("vmq"), uplink_port("up0", &up_if, &sw, keys), a.port("a", "")].concat());
+    assert!(vmq.log().contains("rx_queues=2"), "{}", vmq.log());
+    a.address();
+    assert!(ext.ping(&a.ip, 2, &[]), "external -> a");
+    ext.neigh(&ext_if, &a.ip, &a.mac);
+    a.ns.neigh(&a.ifname, ext_ip, &ext.mac(&ext_if));
+    // 16 connections: all on one transmit queue by chance has a probability of 2^-15.
+    for _ in 0..16 {
+        tcp_transfer(&ext, &a.ns, &a.ip, &random_bytes(MIB / 4)).assert_intact();
+    }
+    let report = vmq.queues();
+    let a_queue: Vec<_> =
+        report.nic_queues.iter().filter(|q| q.uplink == "up0" && q.port.as_deref() == Some("a")).collect();
+    for rxq in [0, 1] {
+        let on = a_queue
+            .iter()
+            .find(|q| q.rx_queue == Some(rxq))
+            .unwrap_or_else(|| panic!("no socket on rx queue {rxq}: {report:?}"));
+        assert!(on.rx_packets > 50, "receive queue {rxq} brought a's frames in through its own socket: {report:?}");
+    }
+}
+
 /// `auto` picks AF_XDP on a veth with a standard MTU.
 #[test]
 fn auto_picks_af_xdp_where_it_works() {

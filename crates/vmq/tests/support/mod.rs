@@ -176,7 +176,15 @@ impl Drop for Ns {
 
 /// A veth pair with one end in each namespace (deleted with them).
 pub fn veth(a: &Ns, a_if: &str, b: &Ns, b_if: &str) {
-    ip_ok(&["link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns", b.name()]);
+    veth_with_queues(a, a_if, b, b_if, 1);
+}
+
+/// A veth pair whose ends have `queues` receive and transmit queues each.
+pub fn veth_with_queues(a: &Ns, a_if: &str, b: &Ns, b_if: &str, queues: u32) {
+    let q = queues.to_string();
+    let per_end = ["numrxqueues", q.as_str(), "numtxqueues", q.as_str()];
+    let peer = ["type", "veth", "peer", "name", b_if, "netns", b.name()];
+    ip_ok(&[&["link", "add", a_if, "netns", a.name()][..], &per_end, &peer, &per_end].concat());
     a.ip(&["link", "set", a_if, "up"]);
     b.ip(&["link", "set", b_if, "up"]);
 }
