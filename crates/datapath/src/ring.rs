@@ -17,6 +17,8 @@ use std::sync::atomic::{Ordering, fence};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
+use crate::guest_view::GuestView;
+
 const DESC_LEN: usize = 16;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -122,6 +124,8 @@ impl RingState {
 /// A ring opened on guest memory for one batch.
 pub struct Ring<'a, 'm> {
     mem: &'m Memory,
+    /// Buffer addresses resolved with the region of the last hit kept (see [`GuestView`]).
+    view: GuestView<'m>,
     state: &'a mut RingState,
     desc: Slice<'m>,
     avail: Slice<'m>,
@@ -145,7 +149,16 @@ impl<'a, 'm> Ring<'a, 'm> {
             state.broken = true;
         }
         let (desc, avail, used) = result?;
-        Ok(Ring { desc, avail, used, avail_seen: state.next_avail, mem, state, unpublished: false })
+        Ok(Ring {
+            desc,
+            avail,
+            used,
+            avail_seen: state.next_avail,
+            mem,
+            view: GuestView::new(mem),
+            state,
+            unpublished: false,
+        })
     }
 
     fn open_areas(mem: &'m Memory, state: &RingState) -> Result<(Slice<'m>, Slice<'m>, Slice<'m>), RingError> {
@@ -175,6 +188,11 @@ impl<'a, 'm> Ring<'a, 'm> {
 
     pub fn memory(&self) -> &'m Memory {
         self.mem
+    }
+
+    /// The ring's guest memory for buffer accesses, translation cached (see [`GuestView`]).
+    pub fn guest(&self) -> &GuestView<'m> {
+        &self.view
     }
 
     fn load16(slice: &Slice<'m>, offset: usize, order: Ordering) -> u16 {
@@ -255,8 +273,8 @@ impl<'a, 'm> Ring<'a, 'm> {
             if flags & F_INDIRECT != 0 || len == 0 {
                 return;
             }
-            if let Ok(host) = self.mem.get_host_address(GuestAddress(addr)) {
-                let host = host.cast_const();
+            if let Some(buffer) = self.view.slice(GuestAddress(addr), 1) {
+                let host = buffer.ptr_guard().as_ptr();
                 vmq_sys::cpu::prefetch(host);
                 // A small frame with its 12-byte header often straddles two lines.
                 vmq_sys::cpu::prefetch(host.wrapping_add(64));
@@ -311,7 +329,7 @@ impl<'a, 'm> Ring<'a, 'm> {
                     return Err(());
                 }
                 let entries = len / DESC_LEN;
-                let table = self.mem.get_slice(GuestAddress(addr), len).map_err(|_| ())?;
+                let table = self.view.slice(GuestAddress(addr), len).ok_or(())?;
                 let mut i = 0usize;
                 // The indirect descriptor itself counted as one step; its entries replace it.
                 budget += 1;
