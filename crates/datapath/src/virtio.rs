@@ -162,6 +162,8 @@ pub struct RxWriter {
     heads: Vec<(u16, u32)>,
     /// Bytes the last push wrote (or meant to) into `regions`, header included.
     last_total: usize,
+    /// Where a small frame is assembled: kept, so that it is not zeroed for every frame.
+    small: Box<[u8; SMALL_FRAME]>,
 }
 
 impl RxWriter {
@@ -172,6 +174,7 @@ impl RxWriter {
             regions: Vec::with_capacity(8),
             heads: Vec::with_capacity(8),
             last_total: 0,
+            small: Box::new([0u8; SMALL_FRAME]),
         }
     }
 
@@ -277,7 +280,7 @@ impl RxWriter {
         } else if total <= SMALL_FRAME {
             // Small frames: header and frame in one guest-memory write (each write has a fixed
             // cost that dominates at 64 bytes).
-            let mut small = [0u8; SMALL_FRAME];
+            let small = &mut *self.small;
             small[..VnetHdr::LEN].copy_from_slice(&header_bytes);
             let mut at = VnetHdr::LEN;
             for part in parts {

@@ -54,11 +54,12 @@ impl<'m> RingWords<'m> {
     /// naturally aligned (in host memory, which for a mapped guest page is its guest alignment).
     #[inline(always)]
     fn word(&self, offset: usize, size: usize) -> Option<*mut u8> {
-        if offset > self.len.saturating_sub(size) || self.len < size {
-            return None;
+        match offset.checked_add(size) {
+            Some(end) if end <= self.len => {}
+            _ => return None,
         }
         let at = self.base.wrapping_add(offset);
-        if !(at as usize).is_multiple_of(size) {
+        if (at as usize) & (size - 1) != 0 {
             return None;
         }
         Some(at)
