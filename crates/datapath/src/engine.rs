@@ -266,6 +266,20 @@ struct Decisions<'a> {
     flood: &'a mut Vec<PortId>,
     /// Ports whose guest's receive filter refused a frame of this batch (one entry a frame).
     filtered: &'a mut Vec<PortId>,
+    /// The `vmq` fast path's last decision in this batch, see [`FastDest`].
+    last_dest: &'a mut Option<FastDest>,
+}
+
+/// A `vmq`-mode TX decision kept for the rest of its batch: frames of one batch mostly go to
+/// the same place (one flow, or a VM talking to one peer), and the table and the in-port cannot
+/// change within a batch, so the same (destination, VLAN, tagged) gets the same port and tag
+/// edit without the address lookup. The per-frame checks (VLAN admission, source, MTU) still run.
+#[derive(Clone, Copy)]
+pub(crate) struct FastDest {
+    key: u64,
+    tagged: bool,
+    port: PortId,
+    edit: TagEdit,
 }
 
 /// A received frame as the decisions see it: its head (every header; the whole frame unless its
@@ -327,7 +341,16 @@ impl Decisions<'_> {
         if !fits_mtu(f.len, l2.header_len, f.segment_len, spec.mtu) {
             return Err(DropReason::Oversize);
         }
-        let out = match self.table.local.get(&local_key(l2.dst, vlan)) {
+        let key = local_key(l2.dst, vlan);
+        let tagged = l2.vlan.is_some();
+        if let Some(last) = *self.last_dest
+            && last.key == key
+            && last.tagged == tagged
+        {
+            self.deliveries.push(Delivery { port: last.port, frame: f.index, edit: last.edit });
+            return Ok(());
+        }
+        let out = match self.table.local.get(&key) {
             Some(&p) if p == in_port => return Err(DropReason::NoDestination),
             Some(&p) => p,
             None => match in_entry.uplink {
@@ -336,7 +359,8 @@ impl Decisions<'_> {
             },
         };
         let out_entry = self.table.get(out).ok_or(DropReason::PortDown)?;
-        let edit = egress_tag(&out_entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
+        let edit = egress_tag(&out_entry.spec.vlan, vlan, tagged).ok_or(DropReason::Vlan)?;
+        *self.last_dest = Some(FastDest { key, tagged, port: out, edit });
         self.deliveries.push(Delivery { port: out, frame: f.index, edit });
         Ok(())
     }
@@ -429,6 +453,8 @@ pub(crate) struct Worker {
     last_limited_learn: u64,
     flood: Vec<PortId>,
     filtered: Vec<PortId>,
+    /// See [`FastDest`]; cleared at the start of every batch.
+    last_dest: Option<FastDest>,
     hdrs: Vec<VnetHdr>,
     coalescer: Coalescer,
     rsc_buf: Vec<u8>,
@@ -463,6 +489,7 @@ impl Worker {
             last_limited_learn: 0,
             flood: Vec::new(),
             filtered: Vec::new(),
+            last_dest: None,
             hdrs: Vec::with_capacity(BATCH),
             coalescer: Coalescer::new(),
             rsc_buf: Vec::new(),
@@ -674,6 +701,7 @@ impl Worker {
         let now = self.shared.now_ns();
         self.deliveries.clear();
         self.hdrs.clear();
+        self.last_dest = None;
         let mut rx_bytes = 0u64;
         for i in 0..n {
             let raw = self.scratch.get(i);
@@ -704,6 +732,7 @@ impl Worker {
                 learn: &mut self.learn,
                 flood: &mut self.flood,
                 filtered: &mut self.filtered,
+                last_dest: &mut self.last_dest,
             };
             let result = match task.kind {
                 TaskKind::VmQueue { uplink, .. } => d.vm_queue_frame(uplink, &f, now),

@@ -26,6 +26,7 @@ mod egress;
 mod engine;
 mod error;
 mod guest_ring;
+pub mod guest_view;
 mod info;
 pub mod mem;
 #[cfg(feature = "testing")]

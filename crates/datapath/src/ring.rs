@@ -17,6 +17,9 @@ use std::sync::atomic::{Ordering, fence};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
+use crate::guest_view::GuestView;
+use vmq_sys::ring_words::RingWords;
+
 const DESC_LEN: usize = 16;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -122,10 +125,17 @@ impl RingState {
 /// A ring opened on guest memory for one batch.
 pub struct Ring<'a, 'm> {
     mem: &'m Memory,
+    /// Buffer addresses resolved with the region of the last hit kept (see [`GuestView`]).
+    view: GuestView<'m>,
     state: &'a mut RingState,
-    desc: Slice<'m>,
-    avail: Slice<'m>,
-    used: Slice<'m>,
+    /// The three ring areas, resolved once per batch; accessed word by word with one bounds
+    /// and alignment check each (vm-memory's volatile accessors cost several times that).
+    desc: RingWords<'m>,
+    avail: RingWords<'m>,
+    used: RingWords<'m>,
+    /// `size - 1`: ring positions are taken modulo the (power-of-two) size with a mask, not
+    /// a division.
+    mask: u16,
     /// Used entries written but not yet published.
     unpublished: bool,
     /// The driver's available index as last read: re-read only when the device has caught up
@@ -145,7 +155,17 @@ impl<'a, 'm> Ring<'a, 'm> {
             state.broken = true;
         }
         let (desc, avail, used) = result?;
-        Ok(Ring { desc, avail, used, avail_seen: state.next_avail, mem, state, unpublished: false })
+        Ok(Ring {
+            desc: RingWords::new(desc),
+            avail: RingWords::new(avail),
+            used: RingWords::new(used),
+            mask: state.size - 1,
+            avail_seen: state.next_avail,
+            mem,
+            view: GuestView::new(mem),
+            state,
+            unpublished: false,
+        })
     }
 
     fn open_areas(mem: &'m Memory, state: &RingState) -> Result<(Slice<'m>, Slice<'m>, Slice<'m>), RingError> {
@@ -177,13 +197,20 @@ impl<'a, 'm> Ring<'a, 'm> {
         self.mem
     }
 
-    fn load16(slice: &Slice<'m>, offset: usize, order: Ordering) -> u16 {
-        // In bounds by construction of the slices; a failure reads as 0 (an empty ring).
-        slice.load::<u16>(offset, order).map(u16::from_le).unwrap_or(0)
+    /// The ring's guest memory for buffer accesses, translation cached (see [`GuestView`]).
+    pub fn guest(&self) -> &GuestView<'m> {
+        &self.view
     }
 
-    fn store16(slice: &Slice<'m>, offset: usize, value: u16, order: Ordering) {
-        let _ = slice.store(value.to_le(), offset, order);
+    #[inline(always)]
+    fn load16(area: &RingWords<'m>, offset: usize, order: Ordering) -> u16 {
+        // In bounds by construction of the areas; a failure reads as 0 (an empty ring).
+        area.load_u16(offset, order).unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn store16(area: &RingWords<'m>, offset: usize, value: u16, order: Ordering) {
+        let _ = area.store_u16(offset, value, order);
     }
 
     fn avail_idx(&self) -> Wrapping<u16> {
@@ -217,7 +244,7 @@ impl<'a, 'm> Ring<'a, 'm> {
         self.prefetch_ahead(available);
         // The ring entries the index covers are visible after the acquire load of the index.
         let size = self.state.size;
-        let slot = usize::from((self.state.next_avail.0) % size);
+        let slot = usize::from(self.state.next_avail.0 & self.mask);
         let head = Self::load16(&self.avail, 4 + 2 * slot, Ordering::Relaxed);
         self.state.next_avail += Wrapping(1);
         segments.clear();
@@ -237,13 +264,13 @@ impl<'a, 'm> Ring<'a, 'm> {
     fn prefetch_ahead(&self, available: u16) {
         let size = self.state.size;
         let head_at = |ahead: u16| {
-            let slot = usize::from((self.state.next_avail + Wrapping(ahead)).0 % size);
+            let slot = usize::from((self.state.next_avail + Wrapping(ahead)).0 & self.mask);
             usize::from(Self::load16(&self.avail, 4 + 2 * slot, Ordering::Relaxed))
         };
         if available > PREFETCH_DESC_AHEAD {
             let head = head_at(PREFETCH_DESC_AHEAD);
             if head < usize::from(size) {
-                vmq_sys::cpu::prefetch(self.desc.ptr_guard().as_ptr().wrapping_add(head * DESC_LEN));
+                vmq_sys::cpu::prefetch(self.desc.hint_address(head * DESC_LEN));
             }
         }
         if available > PREFETCH_BUF_AHEAD {
@@ -255,8 +282,8 @@ impl<'a, 'm> Ring<'a, 'm> {
             if flags & F_INDIRECT != 0 || len == 0 {
                 return;
             }
-            if let Ok(host) = self.mem.get_host_address(GuestAddress(addr)) {
-                let host = host.cast_const();
+            if let Some(buffer) = self.view.slice(GuestAddress(addr), 1) {
+                let host = buffer.ptr_guard().as_ptr();
                 vmq_sys::cpu::prefetch(host);
                 // A small frame with its 12-byte header often straddles two lines.
                 vmq_sys::cpu::prefetch(host.wrapping_add(64));
@@ -270,23 +297,22 @@ impl<'a, 'm> Ring<'a, 'm> {
         // Whatever was seen is still available (the driver never takes chains back).
     }
 
-    fn read_desc(table: &Slice<'m>, index: usize) -> Option<(u64, u32, u16, u16)> {
-        // Two aligned 8-byte loads (descriptor tables are 16-byte aligned): cheaper than a
-        // byte copy through the volatile slice.
+    /// Descriptor `index` of a table: two aligned 8-byte loads.
+    #[inline(always)]
+    fn read_desc(table: &RingWords<'m>, index: usize) -> Option<(u64, u32, u16, u16)> {
         let at = index * DESC_LEN;
-        let (addr, rest) =
-            match (table.load::<u64>(at, Ordering::Relaxed), table.load::<u64>(at + 8, Ordering::Relaxed)) {
-                (Ok(a), Ok(r)) => (u64::from_le(a), u64::from_le(r)),
-                // A misaligned (indirect) table: read it bytewise.
-                _ => {
-                    let mut d = [0u8; DESC_LEN];
-                    table.read_slice(&mut d, at).ok()?;
-                    let word = |i: usize| {
-                        u64::from_le_bytes([d[i], d[i + 1], d[i + 2], d[i + 3], d[i + 4], d[i + 5], d[i + 6], d[i + 7]])
-                    };
-                    (word(0), word(8))
-                }
-            };
+        let addr = table.load_u64(at, Ordering::Relaxed)?;
+        let rest = table.load_u64(at + 8, Ordering::Relaxed)?;
+        Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
+    }
+
+    /// Descriptor `index` of an indirect table the driver did not align: read bytewise.
+    fn read_desc_unaligned(table: &Slice<'m>, index: usize) -> Option<(u64, u32, u16, u16)> {
+        let mut d = [0u8; DESC_LEN];
+        table.read_slice(&mut d, index * DESC_LEN).ok()?;
+        let word =
+            |i: usize| u64::from_le_bytes([d[i], d[i + 1], d[i + 2], d[i + 3], d[i + 4], d[i + 5], d[i + 6], d[i + 7]]);
+        let (addr, rest) = (word(0), word(8));
         Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
     }
 
@@ -311,13 +337,15 @@ impl<'a, 'm> Ring<'a, 'm> {
                     return Err(());
                 }
                 let entries = len / DESC_LEN;
-                let table = self.mem.get_slice(GuestAddress(addr), len).map_err(|_| ())?;
+                let table = self.view.slice(GuestAddress(addr), len).ok_or(())?;
+                let table_words = RingWords::new(table);
                 let mut i = 0usize;
                 // The indirect descriptor itself counted as one step; its entries replace it.
                 budget += 1;
                 while budget > 0 {
                     budget -= 1;
-                    let (addr, len, flags, next) = Self::read_desc(&table, i).ok_or(())?;
+                    let (addr, len, flags, next) =
+                        Self::read_desc(&table_words, i).or_else(|| Self::read_desc_unaligned(&table, i)).ok_or(())?;
                     if flags & F_INDIRECT != 0 {
                         return Err(()); // nested indirect tables are forbidden
                     }
@@ -346,10 +374,10 @@ impl<'a, 'm> Ring<'a, 'm> {
 
     /// Returns chain `head` to the driver with `len` bytes written. Published by [`Ring::publish`].
     pub fn add_used(&mut self, head: u16, len: u32) {
-        let slot = usize::from(self.state.next_used.0 % self.state.size);
+        let slot = usize::from(self.state.next_used.0 & self.mask);
         // Two aligned 4-byte stores ({u32 id, u32 len}); visible with the index's release store.
-        let _ = self.used.store(u32::from(head).to_le(), 4 + 8 * slot, Ordering::Relaxed);
-        let _ = self.used.store(len.to_le(), 8 + 8 * slot, Ordering::Relaxed);
+        let _ = self.used.store_u32(4 + 8 * slot, u32::from(head), Ordering::Relaxed);
+        let _ = self.used.store_u32(8 + 8 * slot, len, Ordering::Relaxed);
         self.state.next_used += Wrapping(1);
         self.unpublished = true;
     }

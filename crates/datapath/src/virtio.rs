@@ -6,14 +6,15 @@
 //! Hand-written because it is the per-frame hot path and has to count every bad guest input
 //! instead of stopping the queue.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, VolatileSlice};
 use vmq_core::DropReason;
 use vmq_wire::VnetHdr;
 
 use std::sync::Arc;
 
+use crate::guest_view::GuestView;
 use crate::port::GuestTail;
-use crate::ring::{Memory, Ring, RingError, Segment, read_guest, write_guest};
+use crate::ring::{Memory, Ring, RingError, Segment, write_guest};
 
 /// Why a frame could not be taken from or given to a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -103,12 +104,15 @@ pub fn pop_tx_split(
     }
     let split = total > SPLIT_MIN;
     let want = if split { SPLIT_HEAD } else { total };
-    tail.reset(mem.clone());
+    if split {
+        // Only a split frame uses its tail: no reference count taken and dropped per frame.
+        tail.reset(mem.clone());
+    }
     let mut copied = 0usize;
     for seg in segments.iter() {
         let seg_len = seg.len as usize;
         let n = seg_len.min(want - copied);
-        if n > 0 && !read_guest(ring.memory(), seg.addr, &mut buf[copied..copied + n]) {
+        if n > 0 && !ring.guest().read(seg.addr, &mut buf[copied..copied + n]) {
             return fail(ring, VirtioError::BadDescriptor);
         }
         copied += n;
@@ -138,7 +142,7 @@ fn copy_whole(
     let mut at = 0;
     for seg in segments {
         let n = seg.len as usize;
-        if !read_guest(ring.memory(), seg.addr, &mut buf[at..at + n]) {
+        if !ring.guest().read(seg.addr, &mut buf[at..at + n]) {
             return Err(VirtioError::BadDescriptor);
         }
         at += n;
@@ -158,6 +162,8 @@ pub struct RxWriter {
     heads: Vec<(u16, u32)>,
     /// Bytes the last push wrote (or meant to) into `regions`, header included.
     last_total: usize,
+    /// Where a small frame is assembled: kept, so that it is not zeroed for every frame.
+    small: Box<[u8; SMALL_FRAME]>,
 }
 
 impl RxWriter {
@@ -168,6 +174,7 @@ impl RxWriter {
             regions: Vec::with_capacity(8),
             heads: Vec::with_capacity(8),
             last_total: 0,
+            small: Box::new([0u8; SMALL_FRAME]),
         }
     }
 
@@ -260,7 +267,7 @@ impl RxWriter {
         let mut header = *hdr;
         header.num_buffers = self.heads.len() as u16;
         let header_bytes = header.to_bytes();
-        let mut cursor = RegionCursor::new(&self.regions, ring.memory());
+        let mut cursor = RegionCursor::new(&self.regions, ring.guest());
         let ok = if let Some(tail) = tail {
             let mut ok = cursor.write(&header_bytes);
             for part in parts {
@@ -273,7 +280,7 @@ impl RxWriter {
         } else if total <= SMALL_FRAME {
             // Small frames: header and frame in one guest-memory write (each write has a fixed
             // cost that dominates at 64 bytes).
-            let mut small = [0u8; SMALL_FRAME];
+            let small = &mut *self.small;
             small[..VnetHdr::LEN].copy_from_slice(&header_bytes);
             let mut at = VnetHdr::LEN;
             for part in parts {
@@ -304,7 +311,7 @@ impl RxWriter {
 /// Writes a byte stream across a chain's buffers, translating each buffer once.
 struct RegionCursor<'a, 'm> {
     regions: &'a [Segment],
-    mem: &'m Memory,
+    view: &'a GuestView<'m>,
     index: usize,
     /// The current buffer, resolved in guest memory, and how much of it is written.
     current: Option<VolatileSlice<'m, ()>>,
@@ -327,7 +334,7 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
                 continue;
             }
             if self.current.is_none() {
-                self.current = self.mem.get_slice(r.addr, r.len as usize).ok();
+                self.current = self.view.slice(r.addr, r.len as usize);
             }
             return Some((avail, r.addr.0.checked_add(self.offset as u64).map(GuestAddress)));
         }
@@ -352,8 +359,8 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
         true
     }
 
-    fn new(regions: &'a [Segment], mem: &'m Memory) -> Self {
-        RegionCursor { regions, mem, index: 0, current: None, offset: 0 }
+    fn new(regions: &'a [Segment], view: &'a GuestView<'m>) -> Self {
+        RegionCursor { regions, view, index: 0, current: None, offset: 0 }
     }
 
     /// Writes `data` across regions; false if guest memory rejected a write.
@@ -374,7 +381,7 @@ impl<'a, 'm> RegionCursor<'a, 'm> {
                     let Some(addr) = at else {
                         return false;
                     };
-                    if !write_guest(self.mem, addr, &data[..n]) {
+                    if !write_guest(self.view.memory(), addr, &data[..n]) {
                         return false;
                     }
                 }

@@ -22,6 +22,7 @@ pub mod link;
 pub mod memfd;
 pub mod netns;
 pub mod packet;
+pub mod ring_words;
 pub mod shared_bitmap;
 pub mod socket;
 pub mod steering;

@@ -236,6 +236,8 @@ struct JsonResult {
     mpps: f64,
     gbps: f64,
     delivered: u64,
+    /// Frames delivered over the whole run, warm-up included (for callgrind's whole-run counts).
+    delivered_total: u64,
     drops: u64,
     segments: u64,
     /// Worker threads' CPU time during the measurement (kernel accounting, polling included).
@@ -341,6 +343,7 @@ fn json_result(r: &BenchResult) -> JsonResult {
         mpps: r.mpps,
         gbps: r.gbps,
         delivered: r.delivered,
+        delivered_total: r.delivered_total,
         drops: r.drops,
         segments: r.segments,
         worker_cpu_ns: r.worker_cpu_ns,

@@ -60,6 +60,9 @@ pub struct BenchResult {
     pub gbps: f64,
     /// Frames the guests received during the measurement.
     pub delivered: u64,
+    /// Frames the guests received from the start of the workers to their shutdown (warm-up
+    /// included): what whole-run instruction counts (callgrind) are divided by.
+    pub delivered_total: u64,
     pub drops: u64,
     pub segments: u64,
     /// CPU time of the worker threads during the measurement (from the kernel's per-thread
@@ -228,6 +231,7 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
     let (d1, s1) = totals(&dp);
     let vms_with_queue = dp.queue_assignments().iter().filter(|(_, q)| q.is_some()).count();
     dp.shutdown();
+    let delivered_total = received(&guests);
     let delivered = r1 - r0;
     let mpps = delivered as f64 / elapsed / 1e6;
     Ok(BenchResult {
@@ -237,6 +241,7 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
         mpps,
         gbps: delivered as f64 * frame_len as f64 * 8.0 / elapsed / 1e9,
         delivered,
+        delivered_total,
         drops: d1 - d0,
         segments: s1 - s0,
         worker_cpu_ns: cpu1.saturating_sub(cpu0),
