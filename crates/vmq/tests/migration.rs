@@ -305,8 +305,15 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
     // A -> B, then B -> A.
     for (tag, dest) in [("to-b", &b), ("to-a", &a)] {
         let start = now_unix();
+        let streamed_before = progress.load(Ordering::Acquire);
         let (mut target, target_qmp, mut m) = migrate(&image, &mut vm, &mut qmp, dest, tag, guest_announce);
         let done = now_unix();
+        // Where the stream was around the move: damage found later (a wrong word holds the
+        // offset it came from) can be placed before, during or after it.
+        eprintln!(
+            "migration {tag}: stream at {streamed_before} bytes when it began, {} when it completed",
+            progress.load(Ordering::Acquire)
+        );
         qmp = target_qmp;
         // The source QEMU stays paused after a migration; it is done.
         target.run_ok("true");
