@@ -311,7 +311,7 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
         // Where the stream was around the move: damage found later (a wrong word holds the
         // offset it came from) can be placed before, during or after it.
         eprintln!(
-            "migration {tag}: stream at {streamed_before} bytes when it began, {} when it completed",
+            "migration {tag} ({test}): stream at {streamed_before} bytes when it began, {} when it completed",
             progress.load(Ordering::Acquire)
         );
         qmp = target_qmp;
@@ -355,7 +355,7 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
     let received =
         vm.run_ok("for i in $(seq 300); do [ -s /tmp/stream.sum ] && break; sleep 0.1; done; cat /tmp/stream.sum");
     let received_hash = received.split_whitespace().next().unwrap_or("");
-    eprintln!("stream: {sent} bytes, sha256 {sent_hash}");
+    eprintln!("stream ({test}): {sent} bytes, sha256 {sent_hash}");
     if received_hash != sent_hash {
         let damage = locate_damage(&mut vm, sent);
         panic!(
