@@ -46,11 +46,27 @@ pub(crate) struct DeviceRing {
     pub(crate) index: usize,
     pub(crate) state: Option<RingState>,
     pub(crate) generation: u64,
+    /// The ring's [`vmq_vhost::Vring::stops`] at the last batch: chains taken then are only
+    /// returned while it is unchanged ([`DeviceRing::with_unless_stopped_since`]).
+    pub(crate) stops: u64,
 }
 
 impl DeviceRing {
     pub(crate) fn new(index: usize) -> DeviceRing {
-        DeviceRing { index, state: None, generation: u64::MAX }
+        DeviceRing { index, state: None, generation: u64::MAX, stops: 0 }
+    }
+
+    /// [`DeviceRing::with`], but only if the ring was not stopped since `stops` (a value of
+    /// [`DeviceRing::stops`]): chains taken before a stop were handed back by it (GET_VRING_BASE
+    /// resumes the ring at the used index), so they must not be returned again. A stop of the
+    /// device alone (the pair's other ring) leaves them this ring's to return.
+    pub(crate) fn with_unless_stopped_since<R>(
+        &mut self,
+        device: &NetDevice,
+        stops: u64,
+        f: impl FnOnce(&mut Ring<'_, '_>) -> R,
+    ) -> Result<R, Unserved> {
+        self.open_with(device, Some(stops), |ring, _, _| f(ring))
     }
 
     /// Runs `f` on the ring if it is live, then stores the position back into the `Queue`
@@ -71,13 +87,25 @@ impl DeviceRing {
         device: &NetDevice,
         f: impl FnOnce(&mut Ring<'_, '_>, &Arc<Memory>, Option<&DirtyLog>) -> R,
     ) -> Result<R, Unserved> {
+        self.open_with(device, None, f)
+    }
+
+    fn open_with<R>(
+        &mut self,
+        device: &NetDevice,
+        unless_stopped_since: Option<u64>,
+        f: impl FnOnce(&mut Ring<'_, '_>, &Arc<Memory>, Option<&DirtyLog>) -> R,
+    ) -> Result<R, Unserved> {
         let mut vring = device.vring(self.index);
-        if !vring.is_live() {
+        if !vring.is_live() || unless_stopped_since.is_some_and(|stops| stops != vring.stops) {
             return Err(Unserved::NotLive);
         }
         let generation = device.generation();
-        if generation != self.generation || self.state.is_none() {
+        // A ring stopped and set up again while the other ring of its pair was down needs a
+        // fresh position too: the device's generation does not change then.
+        if generation != self.generation || vring.stops != self.stops || self.state.is_none() {
             self.generation = generation;
+            self.stops = vring.stops;
             self.state = Some(RingState::from_queue(&vring.queue));
         }
         let Some(state) = self.state.as_mut() else { return Err(Unserved::NotLive) };

@@ -32,10 +32,11 @@ pub struct VhostTxSource {
     device: Arc<NetDevice>,
     ring: DeviceRing,
     segments: Vec<Segment>,
-    /// Chains whose frames are still being delivered from guest memory, and the device
-    /// generation they belong to (a restarted device must not get them back).
+    /// Chains whose frames are still being delivered from guest memory, and the ring's stop
+    /// count they were taken at (a ring stopped since must not get them back: the stop handed
+    /// them back already).
     deferred: Vec<u16>,
-    deferred_generation: u64,
+    deferred_stops: u64,
     /// Our own handle on the current kick eventfd: the worker's epoll holds this fd number, and
     /// the frontend may replace its kick fd on reconnect.
     kick: Option<File>,
@@ -57,7 +58,7 @@ impl VhostTxSource {
             ring: DeviceRing::new(TX_QUEUE + 2 * usize::from(pair)),
             segments: Vec::new(),
             deferred: Vec::new(),
-            deferred_generation: 0,
+            deferred_stops: 0,
             kick: None,
             kick_generation: (u64::MAX, u64::MAX),
         }
@@ -68,7 +69,6 @@ impl FrameSource for VhostTxSource {
     fn recv(&mut self, scratch: &mut Scratch, max: usize, errors: &mut Vec<RecvError>) -> usize {
         let segments = &mut self.segments;
         let deferred = &mut self.deferred;
-        self.deferred_generation = self.device.generation();
         // After a live migration (SEND_RARP): the guest's announce enters the switch as if the
         // guest had sent it, ahead of its own frames.
         let mut announced = 0;
@@ -129,6 +129,8 @@ impl FrameSource for VhostTxSource {
             ring.publish();
             (n, used && ring.needs_notification())
         });
+        // Read under the ring lock of the batch that took the chains.
+        self.deferred_stops = self.ring.stops;
         let (n, notify) = match result {
             Ok(r) => r,
             Err(Unserved::Broken { now: true }) => {
@@ -147,13 +149,12 @@ impl FrameSource for VhostTxSource {
         if self.deferred.is_empty() {
             return;
         }
-        if self.device.generation() != self.deferred_generation {
-            // The device restarted meanwhile: these chains belong to a ring that is gone.
-            self.deferred.clear();
-            return;
-        }
+        // Not the device's generation: it also changes when only the RX ring stops (QEMU stops
+        // RX first), and chains of a TX ring still running that were never returned would
+        // leave the used index short of them: GET_VRING_BASE would then hand a later chain out
+        // twice. If this ring stopped, the stop gave them back and they are dropped here.
         let deferred = &mut self.deferred;
-        let notify = self.ring.with(&self.device, |ring| {
+        let notify = self.ring.with_unless_stopped_since(&self.device, self.deferred_stops, |ring| {
             for head in deferred.drain(..) {
                 ring.add_used(head, 0);
             }
@@ -549,6 +550,94 @@ mod tests {
         assert_eq!(used_idx_in_guest(&mem, used_ring), 0, "a worker wrote into the guest after GET_VRING_BASE");
         // Nothing is lost: restarted at the base, the ring hands out both chains again.
         assert_eq!(device.vring(TX_QUEUE).queue.next_avail(), 0);
+    }
+
+    /// At the end of a live migration QEMU stops the RX ring first (GET_VRING_BASE 0, then 1):
+    /// the device stops while its TX ring still runs. A long TX frame in flight then must still
+    /// come back to the guest: dropped, its chain would never be used while the short one after
+    /// it is, and the TX ring's GET_VRING_BASE (the used index) would hand a chain vmq already
+    /// sent and returned to the destination a second time (a double completion in the guest).
+    #[test]
+    fn a_tx_chain_in_flight_when_the_rx_ring_stops_first_is_returned_and_counted_once() {
+        use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+        let (device, mem, mut driver) = running_ring(TX_QUEUE, None);
+        let (mut rx_driver, _) = SplitRingDriver::new(16, GuestAddress(0x4_0000));
+        rx_driver.init(&*mem).unwrap();
+        {
+            let mut vring = device.vring(RX_QUEUE);
+            rx_driver.configure(&mut vring.queue);
+            vring.started = true;
+            vring.enabled = true;
+        }
+        let used_ring = device.vring(TX_QUEUE).queue.used_ring();
+        let mut backend = backend_for(&device);
+        backend.enable_vring(RX_QUEUE as u32, true).unwrap();
+        assert!(device.is_running());
+        let mut source = VhostTxSource::new(device.clone());
+        let mut scratch = Scratch::new();
+        let mut errors = Vec::new();
+        let long = BufferSpec { addr: GuestAddress(0x8_0000), len: 2000, device_writes: false };
+        let short = BufferSpec { addr: GuestAddress(0x9_0000), len: 100, device_writes: false };
+        driver.add_chain(&*mem, &[long]).unwrap();
+        driver.add_chain(&*mem, &[short]).unwrap();
+        driver.publish(&*mem);
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 2);
+        backend.get_vring_base(RX_QUEUE as u32).unwrap();
+        assert!(!device.is_running() && device.vring(TX_QUEUE).is_live(), "the TX ring still runs");
+        // The long frame's tail is delivered now.
+        source.complete();
+        assert_eq!(used_idx_in_guest(&mem, used_ring), 2, "the chain in flight was not returned");
+        // A third frame on the still running TX ring, then the TX ring stops too.
+        driver.add_chain(&*mem, &[short]).unwrap();
+        driver.publish(&*mem);
+        scratch.clear();
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 1);
+        source.complete();
+        let base = { backend.get_vring_base(TX_QUEUE as u32).unwrap().num };
+        assert_eq!(base, 3, "GET_VRING_BASE does not count every chain taken and returned");
+        let mut used = Vec::new();
+        while let Some((head, _)) = driver.pop_used(&*mem) {
+            used.push(head);
+        }
+        used.sort_unstable();
+        used.dedup();
+        assert_eq!(used.len(), 3, "each chain used exactly once: {used:?}");
+    }
+
+    /// A TX chain in flight when the TX ring itself stops was handed back by GET_VRING_BASE
+    /// (the ring resumes at the used index, the frame is sent again): it must not be returned
+    /// too, nor may a restarted ring start from the worker's old position.
+    #[test]
+    fn a_tx_chain_in_flight_when_its_ring_stops_is_not_returned_after_the_stop() {
+        use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+        let (device, mem, mut driver) = running_ring(TX_QUEUE, None);
+        let used_ring = device.vring(TX_QUEUE).queue.used_ring();
+        let mut backend = backend_for(&device);
+        let mut source = VhostTxSource::new(device.clone());
+        let mut scratch = Scratch::new();
+        let mut errors = Vec::new();
+        let long = BufferSpec { addr: GuestAddress(0x8_0000), len: 2000, device_writes: false };
+        driver.add_chain(&*mem, &[long]).unwrap();
+        driver.publish(&*mem);
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 1);
+        let base = { backend.get_vring_base(TX_QUEUE as u32).unwrap().num };
+        assert_eq!(base, 0);
+        // The frontend restarts the ring where vmq said (the device's generation may not move:
+        // the RX ring of the pair is down here).
+        backend.set_vring_base(TX_QUEUE as u32, 0).unwrap();
+        {
+            let mut vring = device.vring(TX_QUEUE);
+            vring.queue.set_ready(true);
+            vring.started = true;
+            vring.enabled = true;
+        }
+        source.complete();
+        assert_eq!(used_idx_in_guest(&mem, used_ring), 0, "a chain handed back by the stop was returned too");
+        // Served again from the base: the long frame once more, then returned once.
+        scratch.clear();
+        assert_eq!(source.recv(&mut scratch, 32, &mut errors), 1, "the restarted ring lost the chain");
+        source.complete();
+        assert_eq!(used_idx_in_guest(&mem, used_ring), 1);
     }
 
     /// While a live migration logs dirty pages, every page vmq writes is marked: the RX buffer

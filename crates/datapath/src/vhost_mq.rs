@@ -116,8 +116,9 @@ impl FrameSink for VhostMqRxSink {
             if !vring.is_live() {
                 continue;
             }
-            if generation != dr.generation || dr.state.is_none() {
+            if generation != dr.generation || vring.stops != dr.stops || dr.state.is_none() {
                 dr.generation = generation;
+                dr.stops = vring.stops;
                 dr.state = Some(RingState::from_queue(&vring.queue));
             }
             let Some(state) = dr.state.as_mut() else { continue };

@@ -313,6 +313,7 @@ impl NetBackend {
                 // A new memory table no longer holds the ring: stopped until the frontend sets
                 // it up again (down to a new kick fd).
                 ring.started = false;
+                ring.count_stop();
                 ring.queue.set_ready(false);
                 ring.kick = None;
                 tracing::warn!(queue = i, "ring no longer inside guest memory; ring stopped");
@@ -593,6 +594,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             let mut ring = self.device.vring(i);
             let was_started = ring.started;
             ring.started = false;
+            ring.count_stop();
             ring.queue.set_ready(false);
             ring.kick = None;
             ring.call = None;
@@ -622,6 +624,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         // the device and pick it up again (Stopped, then Started).
         if self.device.vring(i).started {
             self.stop_if_running();
+            // Not a stop in the sense of `Vring::stops`: the ring keeps its position, and
+            // chains a worker holds are still its to return.
             let mut ring = self.device.vring(i);
             ring.started = false;
             ring.queue.set_ready(false);

@@ -43,6 +43,11 @@ pub struct Vring {
     /// While a live migration logs dirty pages: mark every page written for this ring (RX
     /// buffers, used ring) after the write, before the ring lock is released.
     pub dirty_log: Option<Arc<DirtyLog>>,
+    /// Times this ring was stopped (GET_VRING_BASE, a new kick fd, lost memory, a reset). A
+    /// chain a worker took before a stop was handed back by the stop (the ring resumes at the
+    /// used index); one taken since is still the worker's to return, even when the device as a
+    /// whole stopped meanwhile (the other ring of the pair stops first in a migration).
+    pub stops: u64,
 }
 
 impl Vring {
@@ -54,7 +59,13 @@ impl Vring {
             enabled: false,
             started: false,
             dirty_log: None,
+            stops: 0,
         }
+    }
+
+    /// Marks the ring stopped (see [`Vring::stops`]); the caller clears `started`.
+    pub(crate) fn count_stop(&mut self) {
+        self.stops = self.stops.wrapping_add(1);
     }
 
     /// The ring may be served by a worker now.
@@ -179,7 +190,10 @@ impl NetDevice {
     /// Forget everything about the previous connection.
     pub(crate) fn reset(&self) {
         for i in 0..self.vrings.len() {
-            *self.vring(i) = Vring::new();
+            let mut ring = self.vring(i);
+            let stops = ring.stops.wrapping_add(1);
+            *ring = Vring::new();
+            ring.stops = stops;
         }
         self.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(GuestMem::default());
         self.acked_features.store(0, Ordering::Release);

@@ -39,6 +39,9 @@ impl DirtyLog {
         if len == 0 {
             return;
         }
+        // The guest-memory writes before this (plain copies) must not be reordered after the
+        // mark, by the compiler or the CPU: QEMU copies the page as soon as it sees the bit.
+        std::sync::atomic::fence(Ordering::Release);
         let first = gpa / LOG_PAGE_SIZE;
         let last = gpa.saturating_add(len - 1) / LOG_PAGE_SIZE;
         let beyond = self.bitmap.set_range(first, last);

@@ -144,6 +144,53 @@ fn ping_gap_after(ping_log: &Path, from: f64, since: f64) -> f64 {
     window.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max) * 1000.0
 }
 
+/// The stream's content: every 4-byte word holds its own offset in the stream (little-endian),
+/// so a wrong word found in the guest tells where the damage is and, for stale data, which
+/// older part of the stream (or 0: a page never written) the guest saw instead.
+fn fill_pattern(chunk: &mut [u8], offset: u64) {
+    for (i, word) in chunk.chunks_mut(4).enumerate() {
+        let at = (offset + 4 * i as u64) as u32;
+        word.copy_from_slice(&at.to_le_bytes()[..word.len()]);
+    }
+}
+
+/// After a hash mismatch: which MiB of what the guest kept (`/tmp/stream.bin`) differs from
+/// the pattern, and the first wrong words of the first bad MiB (offset, what was there). Makes
+/// a failure say where and what, not only that.
+fn locate_damage(vm: &mut Guest, sent: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    let mibs = sent.div_ceil(MIB);
+    let listing = vm.run_ok(&format!(
+        "ls -l /tmp/stream.bin; for i in $(seq 0 {}); do dd if=/tmp/stream.bin bs=1048576 skip=$i count=1 2>/dev/null | sha256sum; done",
+        mibs - 1
+    ));
+    let mut lines = listing.lines();
+    let mut report = format!("guest kept: {}\n", lines.next().unwrap_or("?"));
+    let mut bad = Vec::new();
+    for (i, line) in lines.filter(|l| l.contains(" -")).enumerate() {
+        let len = MIB.min(sent - i as u64 * MIB) as usize;
+        let mut expected = vec![0u8; len];
+        fill_pattern(&mut expected, i as u64 * MIB);
+        let want: String = Sha256::digest(&expected).iter().map(|b| format!("{b:02x}")).collect();
+        if line.split_whitespace().next() != Some(want.as_str()) {
+            bad.push(i as u64);
+        }
+    }
+    report += &format!("bad MiB (of {mibs}): {bad:?}\n");
+    if let Some(&first) = bad.first() {
+        // od prints four words a line (no addresses: busybox awk reads "0000016" as octal);
+        // awk compares each word with its expected value, prints the first wrong ones and
+        // counts them.
+        let words = vm.run_ok(&format!(
+            "dd if=/tmp/stream.bin bs=1048576 skip={first} count=1 2>/dev/null | od -A n -t u4 -v | \
+             awk -v base={} '{{for(k=1;k<=NF;k++){{e=base+(NR-1)*16+(k-1)*4; if($k!=e){{n++; if(n<=24) print e, $k; last=e}}}}}} END{{print \"wrong words:\", n+0, \"last at\", last}}'",
+            first * MIB
+        ));
+        report += &format!("MiB {first}: offset, word found (expected: the offset)\n{words}");
+    }
+    report
+}
+
 /// The external host's TCP stream to the guest: deterministic bytes at a steady pace until
 /// `stop`, then the connection is closed. Returns (bytes sent, SHA-256 hex).
 fn stream_to_guest(
@@ -161,17 +208,10 @@ fn stream_to_guest(
             stream.set_write_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
             let mut hash = Sha256::new();
             let mut sent = 0u64;
-            let mut state = 0x9e37_79b9_7f4a_7c15u64;
             let mut chunk = vec![0u8; CHUNK];
             let mut next = Instant::now();
             while !stop.load(Ordering::Acquire) {
-                for word in chunk.chunks_mut(8) {
-                    // xorshift64: cheap, and no two chunks alike.
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
-                }
+                fill_pattern(&mut chunk, sent);
                 stream.write_all(&chunk).map_err(|e| format!("after {sent} bytes: {e}"))?;
                 hash.update(&chunk);
                 sent += CHUNK as u64;
@@ -240,7 +280,9 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
     assert_ping(&mut vm, EXT_IP, 2);
 
     // The guest hashes what it receives; the external host streams and pings throughout.
-    vm.spawn_background(&format!("nc -l -p {STREAM_PORT} | sha256sum > /tmp/stream.sum")).expect("receiver");
+    // The guest keeps a copy, so that a mismatch can be located (`locate_damage`).
+    vm.spawn_background(&format!("nc -l -p {STREAM_PORT} | tee /tmp/stream.bin | sha256sum > /tmp/stream.sum"))
+        .expect("receiver");
     vm.run_ok(&format!(
         "for i in $(seq 100); do netstat -ltn | grep -q ':{STREAM_PORT} ' && exit 0; sleep 0.1; done; exit 1"
     ));
@@ -263,8 +305,15 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
     // A -> B, then B -> A.
     for (tag, dest) in [("to-b", &b), ("to-a", &a)] {
         let start = now_unix();
+        let streamed_before = progress.load(Ordering::Acquire);
         let (mut target, target_qmp, mut m) = migrate(&image, &mut vm, &mut qmp, dest, tag, guest_announce);
         let done = now_unix();
+        // Where the stream was around the move: damage found later (a wrong word holds the
+        // offset it came from) can be placed before, during or after it.
+        eprintln!(
+            "migration {tag} ({test}): stream at {streamed_before} bytes when it began, {} when it completed",
+            progress.load(Ordering::Acquire)
+        );
         qmp = target_qmp;
         // The source QEMU stays paused after a migration; it is done.
         target.run_ok("true");
@@ -282,7 +331,18 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
             panic!("the stream ended during migration {tag}: {result:?}");
         }
     }
-    assert_ping(&mut vm, EXT_IP, 2);
+    // The way out still works after both moves. On a very busy host (load 16) one echo of two
+    // was seen lost once, right after the move back: a few tries, each one reported.
+    let mut tries = Vec::new();
+    let answered = (0..3).any(|_| {
+        let (sent, received, output) = guest_ping(&mut vm, EXT_IP, 2, 5);
+        tries.push(output);
+        sent == 2 && received == 2
+    });
+    assert!(answered, "pings from the guest after the moves:\n{}", tries.join("\n"));
+    if tries.len() > 1 {
+        eprintln!("pings after the moves answered on try {}: {}", tries.len(), tries[0]);
+    }
     // A page vmq wrote but did not log arrives stale on the destination: in a frame buffer it
     // corrupts the stream (below), in a used ring or a buffer the kernel reuses it corrupts the
     // guest kernel (a previous attempt saw list corruption after a move).
@@ -295,8 +355,13 @@ fn migrate_there_and_back(test: &str, guest_announce: bool) {
     let received =
         vm.run_ok("for i in $(seq 300); do [ -s /tmp/stream.sum ] && break; sleep 0.1; done; cat /tmp/stream.sum");
     let received_hash = received.split_whitespace().next().unwrap_or("");
-    eprintln!("stream: {sent} bytes, sha256 {sent_hash}");
-    assert_eq!(received_hash, sent_hash, "the guest received other bytes than the {sent} sent");
+    eprintln!("stream ({test}): {sent} bytes, sha256 {sent_hash}");
+    if received_hash != sent_hash {
+        let damage = locate_damage(&mut vm, sent);
+        panic!(
+            "the guest received other bytes than the {sent} sent (sha256 {received_hash} instead of {sent_hash}):\n{damage}"
+        );
+    }
 
     let migration = |host: &Host| {
         let ports = host.vmq.ports().expect("ports");
