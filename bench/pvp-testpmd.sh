@@ -37,7 +37,9 @@
 #   --repeat    runs per switch and size, vmq and testpmd alternating (default 3; medians shown)
 #   --vmq-only  no testpmd switch runs (profiling vmq)
 #   --no-json   don't write bench/results/pvp-testpmd-DATE.json
-#   --switches  the switches to compare (default "vmq testpmd")
+#   --switches  the switches to compare (default "vmq testpmd"); "vmq-packed" is vmq with the
+#               VM's virtio-user ports on packed virtqueues (packed_vq=1), "vmq" on split ones:
+#               --switches "vmq vmq-packed" compares the two ring layouts in one run
 #   --json-out  where the JSON goes (default bench/results/pvp-testpmd-DATE.json)
 #   --prefix    prefix of the work directory and DPDK file prefixes (default vqq)
 # Environment: VMQ=path/to/vmq (default: cargo build --release -p vmq), CARGO_TARGET_DIR,
@@ -82,7 +84,7 @@ fi
 [ "$vmq_only" = 1 ] && switches=vmq
 has_switch() { [[ " $switches " == *" $1 "* ]]; }
 for sw in $switches; do
-    case "$sw" in vmq|testpmd|ovs-dpdk) ;; *) echo "pvp-testpmd: unknown switch $sw (vmq, testpmd, ovs-dpdk)" >&2; exit 2 ;; esac
+    case "$sw" in vmq|vmq-packed|testpmd|ovs-dpdk) ;; *) echo "pvp-testpmd: unknown switch $sw (vmq, vmq-packed, testpmd, ovs-dpdk)" >&2; exit 2 ;; esac
 done
 
 die() { echo "pvp-testpmd: $*" >&2; exit 1; }
@@ -234,8 +236,9 @@ size_args() { # SIZE: testpmd options for the frame size (jumbo: large mbufs, MT
     fi
 }
 
+vm_rings=""         # ",packed_vq=1": the VM's virtio-user ports use packed virtqueues
 start_vm() { # SIZE [VHOST-SERVER: ,server=1 when the switch is the vhost-user client]
-    local size=$1 server=${2:-}
+    local size=$1 server=${2:-}$vm_rings
     # shellcheck disable=SC2046
     tp_start vm 0 --single-file-segments \
         --vdev "net_virtio_user0,path=$work/a.sock,queues=1,queue_size=1024,mac=$mac_a$server" \
@@ -444,9 +447,11 @@ for size in $sizes; do
         for k in $(seq 0 $((n - 1))); do
             sw=${switch_list[$(( (k + rep - 1) % n ))]}
             case "$sw" in
-                vmq)
+                vmq|vmq-packed)
                     vmq_rate="" vmq_check="{}" vmq_cpu=""
+                    [ "$sw" = vmq-packed ] && vm_rings=",packed_vq=1"
                     run_vmq "$size"
+                    vm_rings=""
                     rate=$vmq_rate cpu=$vmq_cpu check=$vmq_check ;;
                 testpmd)
                     run_testpmd_switch "$size"
@@ -462,9 +467,9 @@ for size in $sizes; do
 import json, sys
 sw, rate, check = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
 assert rate > 1000, f"no frames flow through {sw} ({rate:.0f} frames/s)"
-if sw == "vmq":
+if sw.startswith("vmq"):
     assert check["vmq_tx_frames"] > 0 and not check["drops"], f"vmq counters: {check}"
-print(f"quick check passed: {rate/1e6:.3f} Mpps delivered through {sw}" + (", no drops" if sw == "vmq" else ""))
+print(f"quick check passed: {rate/1e6:.3f} Mpps delivered through {sw}" + (", no drops" if sw.startswith("vmq") else ""))
 PY
             fi
         done
@@ -510,6 +515,11 @@ for size, by in runs.items():
         "vmq_cpu_ns_per_frame": round(cpu["vmq"], 1) if "vmq" in cpu else None,
         "testpmd_cpu_ns_per_frame": round(cpu["testpmd"], 1) if "testpmd" in cpu else None,
         "ovs_dpdk_cpu_ns_per_frame": round(cpu["ovs-dpdk"], 1) if "ovs-dpdk" in cpu else None,
+        # Packed virtqueues in the VM (vmq-packed) against split ones (vmq), same switch.
+        "vmq_packed_mpps": round(med["vmq-packed"] / 1e6, 4) if "vmq-packed" in med else None,
+        "ratio_packed_split": round(med["vmq-packed"] / vmq, 3) if vmq and "vmq-packed" in med else None,
+        "paired_ratios_packed_split": [round(a["fps"] / b["fps"], 3) for a, b in zip(by.get("vmq-packed", []), by.get("vmq", []))],
+        "vmq_packed_cpu_ns_per_frame": round(cpu["vmq-packed"], 1) if "vmq-packed" in cpu else None,
         "runs": {sw: [{"mpps": round(r["fps"] / 1e6, 4), "cpu_ns_per_frame": round(r["cpu_ns"], 1), **({"vmq_counters": r["counters"]} if r["counters"] else {})} for r in rs]
                  for sw, rs in by.items()},
     })
@@ -530,6 +540,9 @@ for r in rows:
         print(f"{r['frame_bytes']:>6}: vmq/testpmd of each run pair: {r['paired_ratios']}")
     if r["paired_ratios_ovs_dpdk"]:
         print(f"{r['frame_bytes']:>6}: vmq/OVS-DPDK of each run pair: {r['paired_ratios_ovs_dpdk']}")
+    if r["paired_ratios_packed_split"]:
+        print(f"{r['frame_bytes']:>6}: packed {r['vmq_packed_mpps']:.3f} Mpps ({r['vmq_packed_cpu_ns_per_frame']:.1f} ns/frame) vs split "
+              f"{r['vmq_mpps']:.3f} Mpps: packed/split {r['ratio_packed_split']:.2f}x, each run pair: {r['paired_ratios_packed_split']}")
 if write:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

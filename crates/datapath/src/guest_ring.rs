@@ -106,7 +106,7 @@ impl DeviceRing {
         if generation != self.generation || vring.stops != self.stops || self.state.is_none() {
             self.generation = generation;
             self.stops = vring.stops;
-            self.state = Some(RingState::from_queue(&vring.queue));
+            self.state = Some(RingState::from_device_queue(&vring.queue, device.acked_features()));
         }
         let Some(state) = self.state.as_mut() else { return Err(Unserved::NotLive) };
         let mem = device.mem.memory().into_inner();
@@ -125,7 +125,10 @@ impl DeviceRing {
             // Used entries, used index, flags and avail_event: the whole used ring (a few pages
             // at most) rather than tracking each store. Still under the ring lock, so before
             // GET_VRING_BASE can reply.
-            log.mark(state.used_ring.0, 6 + 8 * u64::from(state.size));
+            // A packed ring's used descriptors are in its descriptor ring.
+            for (addr, len) in state.device_written_areas() {
+                log.mark(addr, len);
+            }
         }
         state.store_position(&mut vring.queue);
         result

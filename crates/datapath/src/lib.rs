@@ -31,6 +31,9 @@ mod info;
 pub mod mem;
 #[cfg(feature = "testing")]
 pub mod nic;
+#[cfg(any(test, feature = "testing"))]
+pub mod packed_driver;
+pub mod packed_ring;
 pub mod port;
 mod rebalance;
 pub mod ring;

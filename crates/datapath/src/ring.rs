@@ -15,12 +15,14 @@ use std::num::Wrapping;
 use std::sync::atomic::{Ordering, fence};
 
 use virtio_queue::{Queue, QueueT};
+
+use crate::packed_ring::{self, PackedState};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use crate::guest_view::GuestView;
 use vmq_sys::ring_words::RingWords;
 
-const DESC_LEN: usize = 16;
+pub(crate) const DESC_LEN: usize = 16;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
@@ -37,7 +39,7 @@ const PREFETCH_BUF_AHEAD: u16 = 4;
 
 /// Guest memory as vmq maps it (no dirty-page bitmap).
 pub type Memory = GuestMemoryMmap<()>;
-type Slice<'m> = VolatileSlice<'m, ()>;
+pub(crate) type Slice<'m> = VolatileSlice<'m, ()>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RingError {
@@ -77,7 +79,10 @@ pub struct RingState {
     /// The driver broke the ring (bad index, areas outside memory). Nothing it writes can be
     /// trusted until it resets the queue, so the ring is left alone: otherwise every poll
     /// reports the same error again and the worker never sleeps.
-    broken: bool,
+    pub(crate) broken: bool,
+    /// A packed ring (VIRTIO_F_RING_PACKED): `desc_table` is its descriptor ring, `avail_ring`
+    /// the driver's and `used_ring` the device's event suppression area; see [`crate::packed_ring`].
+    pub packed: Option<PackedState>,
 }
 
 impl RingState {
@@ -92,6 +97,7 @@ impl RingState {
             event_idx: false,
             signalled_used: None,
             broken: false,
+            packed: None,
         }
     }
 
@@ -107,6 +113,7 @@ impl RingState {
             event_idx: queue.event_idx_enabled(),
             signalled_used: None,
             broken: false,
+            packed: None,
         }
     }
 
@@ -117,6 +124,9 @@ impl RingState {
 
     /// Writes the device's position back (GET_VRING_BASE reads it there).
     pub fn store_position(&self, queue: &mut Queue) {
+        if let Some(packed) = &self.packed {
+            return packed.store_position(self, queue);
+        }
         queue.set_next_avail(self.next_avail.0);
         queue.set_next_used(self.next_used.0);
     }
@@ -124,20 +134,22 @@ impl RingState {
 
 /// A ring opened on guest memory for one batch.
 pub struct Ring<'a, 'm> {
-    mem: &'m Memory,
+    pub(crate) mem: &'m Memory,
     /// Buffer addresses resolved with the region of the last hit kept (see [`GuestView`]).
     view: GuestView<'m>,
-    state: &'a mut RingState,
+    pub(crate) state: &'a mut RingState,
     /// The three ring areas, resolved once per batch; accessed word by word with one bounds
     /// and alignment check each (vm-memory's volatile accessors cost several times that).
-    desc: RingWords<'m>,
-    avail: RingWords<'m>,
-    used: RingWords<'m>,
+    pub(crate) desc: RingWords<'m>,
+    pub(crate) avail: RingWords<'m>,
+    pub(crate) used: RingWords<'m>,
     /// `size - 1`: ring positions are taken modulo the (power-of-two) size with a mask, not
     /// a division.
     mask: u16,
     /// Used entries written but not yet published.
-    unpublished: bool,
+    pub(crate) unpublished: bool,
+    /// A packed ring: every operation goes to [`crate::packed_ring`].
+    packed: bool,
     /// The driver's available index as last read: re-read only when the device has caught up
     /// with it (one acquire load per burst, not per chain).
     avail_seen: Wrapping<u16>,
@@ -150,7 +162,8 @@ impl<'a, 'm> Ring<'a, 'm> {
         if state.broken {
             return Err(RingError::Broken);
         }
-        let result = Self::open_areas(mem, state);
+        let packed = state.packed.is_some();
+        let result = if packed { packed_ring::open_areas(mem, state) } else { Self::open_areas(mem, state) };
         if result.is_err() {
             state.broken = true;
         }
@@ -165,6 +178,7 @@ impl<'a, 'm> Ring<'a, 'm> {
             view: GuestView::new(mem),
             state,
             unpublished: false,
+            packed,
         })
     }
 
@@ -220,6 +234,9 @@ impl<'a, 'm> Ring<'a, 'm> {
     /// Frames the driver has made available and the device has not taken yet. An index more
     /// than a ring ahead is reported once ([`RingError::BadAvailIndex`]) and breaks the ring.
     pub fn pending(&mut self) -> Result<u16, RingError> {
+        if self.packed {
+            return packed_ring::pending(self);
+        }
         if self.state.broken {
             return Err(RingError::Broken);
         }
@@ -237,6 +254,9 @@ impl<'a, 'm> Ring<'a, 'm> {
     /// Takes the next available chain: its buffers go to `segments` (cleared first). `Ok(None)`:
     /// nothing available. A bad chain is consumed and reported; hand it back with `add_used`.
     pub fn pop(&mut self, segments: &mut Vec<Segment>) -> Result<Option<u16>, RingError> {
+        if self.packed {
+            return packed_ring::pop(self, segments);
+        }
         let available = self.pending()?;
         if available == 0 {
             return Ok(None);
@@ -293,6 +313,9 @@ impl<'a, 'm> Ring<'a, 'm> {
 
     /// Gives back the last `count` chains taken (a frame that found too little room).
     pub fn unpop(&mut self, count: u16) {
+        if self.packed {
+            return packed_ring::unpop(self, count);
+        }
         self.state.next_avail -= Wrapping(count);
         // Whatever was seen is still available (the driver never takes chains back).
     }
@@ -374,6 +397,9 @@ impl<'a, 'm> Ring<'a, 'm> {
 
     /// Returns chain `head` to the driver with `len` bytes written. Published by [`Ring::publish`].
     pub fn add_used(&mut self, head: u16, len: u32) {
+        if self.packed {
+            return packed_ring::add_used(self, head, len);
+        }
         let slot = usize::from(self.state.next_used.0 & self.mask);
         // Two aligned 4-byte stores ({u32 id, u32 len}); visible with the index's release store.
         let _ = self.used.store_u32(4 + 8 * slot, u32::from(head), Ordering::Relaxed);
@@ -384,6 +410,9 @@ impl<'a, 'm> Ring<'a, 'm> {
 
     /// Makes the used entries visible to the driver (one index store per batch).
     pub fn publish(&mut self) {
+        if self.packed {
+            return packed_ring::publish(self);
+        }
         if std::mem::take(&mut self.unpublished) {
             Self::store16(&self.used, 2, self.state.next_used.0, Ordering::Release);
         }
@@ -398,6 +427,9 @@ impl<'a, 'm> Ring<'a, 'm> {
 
     /// After [`Ring::publish`]: does the driver want an interrupt now?
     pub fn needs_notification(&mut self) -> bool {
+        if self.packed {
+            return packed_ring::needs_notification(self);
+        }
         if !self.state.event_idx {
             return Self::load16(&self.avail, 0, Ordering::Acquire) & AVAIL_F_NO_INTERRUPT == 0;
         }
@@ -415,6 +447,9 @@ impl<'a, 'm> Ring<'a, 'm> {
     /// Asks the driver to kick on new buffers. True if some arrived meanwhile (don't sleep);
     /// never for a broken ring, whatever its index says.
     pub fn enable_notification(&mut self) -> bool {
+        if self.packed {
+            return packed_ring::enable_notification(self);
+        }
         if self.state.broken {
             return false;
         }
@@ -433,6 +468,9 @@ impl<'a, 'm> Ring<'a, 'm> {
 
     /// The device is polling: kicks are not needed.
     pub fn disable_notification(&mut self) {
+        if self.packed {
+            return packed_ring::disable_notification(self);
+        }
         if !self.state.event_idx {
             let flags = Self::load16(&self.used, 0, Ordering::Relaxed);
             Self::store16(&self.used, 0, flags | USED_F_NO_NOTIFY, Ordering::Relaxed);

@@ -119,7 +119,7 @@ impl FrameSink for VhostMqRxSink {
             if generation != dr.generation || vring.stops != dr.stops || dr.state.is_none() {
                 dr.generation = generation;
                 dr.stops = vring.stops;
-                dr.state = Some(RingState::from_queue(&vring.queue));
+                dr.state = Some(RingState::from_device_queue(&vring.queue, device.acked_features()));
             }
             let Some(state) = dr.state.as_mut() else { continue };
             if state.is_broken() {
@@ -165,7 +165,9 @@ impl FrameSink for VhostMqRxSink {
         for (_, vring, state) in live.iter_mut() {
             if let Some(log) = &vring.dirty_log {
                 // The whole used ring, as the single-queue sink does.
-                log.mark(state.used_ring.0, 6 + 8 * u64::from(state.size));
+                for (addr, len) in state.device_written_areas() {
+                    log.mark(addr, len);
+                }
             }
             state.store_position(&mut vring.queue);
         }

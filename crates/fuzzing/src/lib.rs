@@ -10,6 +10,7 @@
 pub mod config_file;
 pub mod control;
 pub mod offload;
+pub mod packed_ring;
 pub mod qmp;
 pub mod ring;
 pub mod rx;
@@ -21,6 +22,7 @@ pub mod xsk;
 pub use config_file::config_file;
 pub use control::control_line;
 pub use offload::vnet_offload;
+pub use packed_ring::packed_ring;
 pub use qmp::qmp_session;
 pub use ring::split_ring;
 pub use rx::rx_writer;

@@ -368,5 +368,32 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("vhost_messages", vhost_messages()),
         ("qmp_session", qmp_session()),
         ("xsk_ring", xsk_ring()),
+        ("packed_ring", packed_ring()),
+    ]
+}
+
+/// `packed_ring` seeds: a direct chain and an indirect one made available on a fresh ring
+/// (wrap counter 1: AVAIL set, USED clear), a wrapped start, and a chain that never ends.
+pub fn packed_ring() -> Seeds {
+    use crate::packed_ring::encode;
+    const AVAIL: u16 = 1 << 7;
+    let table: Vec<u8> = [(0x3000u64, 12u32, 0u16, 2u16), (0x3200, 100, 0, 2)]
+        .iter()
+        .flat_map(|&(a, l, i, f): &(u64, u32, u16, u16)| {
+            let mut d = a.to_le_bytes().to_vec();
+            d.extend_from_slice(&l.to_le_bytes());
+            d.extend_from_slice(&i.to_le_bytes());
+            d.extend_from_slice(&f.to_le_bytes());
+            d
+        })
+        .collect();
+    let chains = [(0x3000, 12, 0, AVAIL | 1), (0x3100, 1500, 0, AVAIL), (0x3c00, 32, 1, AVAIL | 4)];
+    vec![
+        ("direct-and-indirect", encode(8, 0x8000, true, &chains, &[(0x3c00, table)])),
+        (
+            "wrapped-start",
+            encode(4, 0x0003, false, &[(0x3000, 64, 2, 0), (0, 0, 0, 0), (0, 0, 0, 0), (0x3000, 64, 2, 1 << 15)], &[]),
+        ),
+        ("endless-chain", encode(4, 0x8000, false, &[(0x3000, 8, 0, AVAIL | 1); 4], &[])),
     ]
 }

@@ -74,7 +74,10 @@ impl NetDeviceConfig {
             // Live migration: dirty logging, and the guest announces itself after a move
             // (QEMU then skips SEND_RARP). See `migration.rs`.
             | VhostUserVirtioFeatures::LOG_ALL.bits()
-            | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE;
+            | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE
+            // Packed virtqueues: used when the frontend acks them (QEMU `packed=on`, DPDK
+            // virtio-user `packed_vq=1`); see `packed.rs`.
+            | 1 << crate::packed::VIRTIO_F_RING_PACKED;
         if self.offloads {
             bits |= 1 << VIRTIO_NET_F_CSUM
                 | 1 << VIRTIO_NET_F_GUEST_CSUM
@@ -278,6 +281,10 @@ impl NetBackend {
         Ok(())
     }
 
+    fn packed(&self) -> bool {
+        crate::packed::is_packed(self.acked_features)
+    }
+
     fn any_ring_started(&self) -> bool {
         (0..self.device.num_rings()).any(|i| self.device.vring(i).started)
     }
@@ -304,12 +311,12 @@ impl NetBackend {
                 // `is_valid` checks the whole descriptor table and both rings against guest
                 // memory, and only for a queue marked ready.
                 ring.queue.set_ready(true);
-                ring.started = ring.queue.is_valid(&*mem);
+                ring.started = crate::packed::ring_fits(&ring.queue, &*mem, self.packed());
                 if !ring.started {
                     ring.queue.set_ready(false);
                     tracing::warn!(queue = i, "ring not inside guest memory; ring not started");
                 }
-            } else if ring.started && !ring.queue.is_valid(&*mem) {
+            } else if ring.started && !crate::packed::ring_fits(&ring.queue, &*mem, self.packed()) {
                 // A new memory table no longer holds the ring: stopped until the frontend sets
                 // it up again (down to a new kick fd).
                 ring.started = false;
@@ -362,6 +369,9 @@ impl NetBackend {
     /// the frame again (sent twice rather than lost, and the guest gets its buffer back). The
     /// device's own position is rewound to it too. None if the ring is not in guest memory.
     fn published_used_index(queue: &mut virtio_queue::Queue, device: &NetDevice) -> Option<u16> {
+        if crate::packed::is_packed(device.acked_features()) {
+            return Some(crate::packed::published_position(queue));
+        }
         let mem = device.mem.memory();
         let used = queue.used_idx(&*mem, std::sync::atomic::Ordering::Acquire).ok()?.0;
         queue.set_next_avail(used);
@@ -577,6 +587,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         let i = self.check_index(index)?;
         self.check_stopped(i)?;
         // Ring indices are free-running 16-bit counters: any 16-bit value is a valid position.
+        // Packed rings: QEMU adds its used position in bits 16..32 (see `packed.rs`).
+        let base = if self.packed() { crate::packed::avail_base(base) } else { base };
         let base = u16::try_from(base).map_err(|_| invalid("ring base beyond 16 bits"))?;
         let mut ring = self.device.vring(i);
         ring.queue.set_next_avail(base);
@@ -636,7 +648,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             let mem = self.device.mem.memory();
             let mut ring = self.device.vring(i);
             ring.queue.set_ready(true);
-            let fits = ring.queue.is_valid(&*mem);
+            let fits = crate::packed::ring_fits(&ring.queue, &*mem, self.packed());
             ring.queue.set_ready(false);
             if !fits {
                 return Err(invalid("ring (size and addresses) not inside guest memory"));

@@ -53,6 +53,7 @@ pub mod device;
 pub mod limits;
 pub mod migration;
 pub mod mq;
+pub mod packed;
 pub mod server;
 
 pub use backend::{DeviceEvent, NetBackend, NetDeviceConfig};

@@ -260,6 +260,8 @@ pub fn bring_up_on(stream: std::os::unix::net::UnixStream, port: &TestPort, dir:
     fe.set_owner().expect("SET_OWNER");
     let features = fe.get_features().expect("GET_FEATURES");
     assert_ne!(features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+    // This frontend lays out split rings: it acks everything else offered.
+    let features = features & !(1u64 << vmq_vhost::packed::VIRTIO_F_RING_PACKED);
     fe.set_features(features).expect("SET_FEATURES");
     let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
     assert!(proto.contains(VhostUserProtocolFeatures::REPLY_ACK));
