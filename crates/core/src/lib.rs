@@ -14,5 +14,5 @@ pub use port::GuestPolicy;
 pub use port::{
     Mode, OffloadCaps, PortBackend, PortConfig, PortId, PortKind, PortSpec, SocketPolicy, VhostMode, VlanMode,
 };
-pub use port::{UplinkDriver, UplinkDriverKind, XdpAttachMode, ZeroCopyMode};
+pub use port::{UplinkDriver, UplinkDriverKind, XdpAttachMode, XdpQueues, ZeroCopyMode};
 pub use stats::{DropReason, PortStats};

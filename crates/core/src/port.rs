@@ -112,6 +112,47 @@ pub struct UplinkDriver {
     /// Where the XDP program is attached (AF_XDP only).
     pub xdp_mode: XdpAttachMode,
     pub zero_copy: ZeroCopyMode,
+    /// The interface's receive queues AF_XDP takes over (AF_XDP only).
+    pub xdp_queues: XdpQueues,
+}
+
+/// `xdp_queues = [0, 1, ...]`: the receive queues of the interface whose frames the XDP program
+/// sorts into vmq's sockets; frames arriving on the others stay with the kernel (the operator
+/// steers VM traffic to vmq's queues with the NIC's flow rules or RSS table, as with OVS's
+/// `n_rxq` or VPP's `af_xdp` queue options). The default is every queue. A set, as a bitmask:
+/// queue ids up to [`XdpQueues::MAX_ID`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct XdpQueues(u64);
+
+impl XdpQueues {
+    /// Highest queue id a set can hold.
+    pub const MAX_ID: u16 = 63;
+
+    /// Every receive queue the interface has.
+    pub fn all() -> XdpQueues {
+        XdpQueues(0)
+    }
+
+    /// Exactly `ids`; `None` if empty, or an id is above [`Self::MAX_ID`] or repeated.
+    pub fn only(ids: &[u16]) -> Option<XdpQueues> {
+        let mut mask = 0u64;
+        for &id in ids {
+            if id > Self::MAX_ID || mask & (1 << id) != 0 {
+                return None;
+            }
+            mask |= 1 << id;
+        }
+        (mask != 0).then_some(XdpQueues(mask))
+    }
+
+    pub fn is_all(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The chosen ids in ascending order; `None` for every queue.
+    pub fn ids(self) -> Option<Vec<u16>> {
+        (!self.is_all()).then(|| (0..=Self::MAX_ID).filter(|&q| self.0 & (1 << q) != 0).collect())
+    }
 }
 
 /// `driver = "af_packet" | "af_xdp" | "auto"`.

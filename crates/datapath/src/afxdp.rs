@@ -41,9 +41,11 @@ pub enum AfXdpError {
     )]
     MtuTooLarge { mtu: u16, frame: usize, max: usize },
     #[error(
-        "{rx_queues} receive queues x {sockets} sockets exceed the XSKMAP's {max} entries: give the interface fewer queues (ethtool -L) or vmq a smaller queue budget"
+        "{rx_queues} receive queues x {sockets} sockets exceed the XSKMAP's {max} entries: give the interface fewer queues (ethtool -L), list fewer or lower ones in xdp_queues, or give vmq a smaller queue budget"
     )]
     TooManySockets { rx_queues: u32, sockets: usize, max: u32 },
+    #[error("xdp_queues lists receive queue {queue}, but {ifname} has {rx_queues} (0 to {last}; ethtool -l)", last = rx_queues.saturating_sub(1))]
+    NoSuchRxQueue { ifname: String, queue: u32, rx_queues: u32 },
     /// Queue 0's socket set comes with the transmit socket; not seeing it is a bug.
     #[error("no AF_XDP transmit socket was opened")]
     NoTransmitSocket,
@@ -248,10 +250,12 @@ impl NicSteering for XdpUplinkSteering {
 }
 
 /// How to open an AF_XDP uplink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AfXdpOptions {
     pub mode: XdpMode,
     pub zero_copy: ZeroCopy,
+    /// The receive queues to take over (ascending); `None`: every queue the interface has.
+    pub rx_queues: Option<Vec<u16>>,
 }
 
 /// An uplink opened over AF_XDP: the queues (default first), the transmit side, the steering.
@@ -263,8 +267,9 @@ pub struct AfXdpUplink {
     pub zero_copy: bool,
     /// Frames may span several UMEM chunks (multi-buffer).
     pub multi_buffer: bool,
-    /// Receive queues of the interface, each with its socket set.
-    pub rx_queues: u32,
+    /// The receive queues with a socket set (ascending); the interface's others stay with the
+    /// kernel.
+    pub rx_queues: Vec<u32>,
 }
 
 impl AfXdpUplink {
@@ -280,30 +285,40 @@ impl AfXdpUplink {
     ) -> Result<AfXdpUplink, AfXdpError> {
         let frame = usize::from(mtu) + vmq_wire::ethernet::HEADER_LEN + vmq_wire::vlan::TAG_LEN;
         let sockets = usize::from(vm_queues) + 1;
-        let rx_queues = vmq_sys::link::LinkCtl::new(netns).and_then(|l| l.rx_queues(ifname)).map_err(XskError::from)?;
+        let present = vmq_sys::link::LinkCtl::new(netns).and_then(|l| l.rx_queues(ifname)).map_err(XskError::from)?;
+        let rx_queues: Vec<u32> = match &opts.rx_queues {
+            None => (0..present).collect(),
+            Some(ids) => ids.iter().map(|&q| u32::from(q)).collect(),
+        };
+        if let Some(&queue) = rx_queues.iter().find(|&&q| q >= present) {
+            return Err(AfXdpError::NoSuchRxQueue { ifname: ifname.to_string(), queue, rx_queues: present });
+        }
+        // The program finds a queue's set at `rx_queue_index * sockets`: the map spans up to the
+        // highest queue taken.
+        let span = rx_queues.last().map_or(0, |&q| q + 1);
         let max = vmq_sys::xdp::MAX_ENTRIES;
-        if rx_queues as usize * sockets > max as usize || rx_queues > u32::from(u16::MAX) {
-            return Err(AfXdpError::TooManySockets { rx_queues, sockets, max });
+        if span as usize * sockets > max as usize || span > u32::from(u16::MAX) {
+            return Err(AfXdpError::TooManySockets { rx_queues: span, sockets, max });
         }
-        let mut sets = Vec::with_capacity(rx_queues as usize);
-        for q in 0..rx_queues {
-            // One transmit socket (queue 0's) serves the whole interface.
-            let tx_frames = if q == 0 { XskConfig::default().tx_frames } else { 0 };
+        let mut sets = Vec::with_capacity(rx_queues.len());
+        for (i, &q) in rx_queues.iter().enumerate() {
+            // One transmit socket (the first queue's) serves the whole interface.
+            let tx_frames = if i == 0 { XskConfig::default().tx_frames } else { 0 };
             let cfg = XskConfig { zero_copy: opts.zero_copy, tx_frames, ..XskConfig::default() };
-            sets.push(XskQueue::open(ifname, netns, q, sockets, cfg)?);
+            sets.push((q, XskQueue::open(ifname, netns, q, sockets, cfg)?));
         }
-        let multi_buffer = sets.iter().all(|s| s.multi_buffer);
-        let zero_copy = sets.iter().all(|s| s.zero_copy);
-        let max_frame = sets.iter().map(XskQueue::max_frame_len).min().unwrap_or(0);
+        let multi_buffer = sets.iter().all(|(_, s)| s.multi_buffer);
+        let zero_copy = sets.iter().all(|(_, s)| s.zero_copy);
+        let max_frame = sets.iter().map(|(_, s)| s.max_frame_len()).min().unwrap_or(0);
         if frame > max_frame {
             return Err(AfXdpError::MtuTooLarge { mtu, frame, max: max_frame });
         }
         // A multi-buffer program on a single-buffer socket would have frames of several pages
         // dropped in the kernel; without multi-buffer the driver keeps frames to one page.
         let program = XdpSteering::attach(ifname, netns, opts.mode, multi_buffer, sockets as u32)?;
-        for (q, set) in sets.iter().enumerate() {
+        for (q, set) in &sets {
             for (k, s) in set.rx.iter().enumerate() {
-                program.set_socket((q * sockets + k) as u32, s.as_raw_fd())?;
+                program.set_socket(*q * sockets as u32 + k as u32, s.as_raw_fd())?;
             }
         }
         // What the host itself needs (see vmq_sys::xdp): its own MAC, the link-local group.
@@ -317,7 +332,7 @@ impl AfXdpUplink {
         }
         let mut queues = Vec::with_capacity(sets.len() * sockets);
         let mut tx = None;
-        for (q, set) in sets.into_iter().enumerate() {
+        for (q, set) in sets {
             tx = tx.or(set.tx);
             queues.extend(set.rx.into_iter().enumerate().map(|(k, socket)| XdpQueue {
                 socket,

@@ -27,6 +27,7 @@ pub(crate) fn attach(
             ZeroCopyMode::On => ZeroCopy::On,
             ZeroCopyMode::Off => ZeroCopy::Off,
         },
+        rx_queues: driver.xdp_queues.ids(),
     };
     let uplink = AfXdpUplink::open(ifname, netns, vm_queues, config.spec.mtu, opts)?;
     tracing::info!(
@@ -35,7 +36,7 @@ pub(crate) fn attach(
         xdp_mode = driver.xdp_mode.name(),
         zero_copy = uplink.zero_copy,
         multi_buffer = uplink.multi_buffer,
-        rx_queues = uplink.rx_queues,
+        rx_queues = ?uplink.rx_queues,
         vm_queues,
         "uplink driver: af_xdp"
     );

@@ -111,6 +111,8 @@ struct RawPort {
     xdp_mode: Option<Spanned<String>>,
     /// AF_XDP uplinks: "auto" (default), "on" or "off".
     zero_copy: Option<Spanned<String>>,
+    /// AF_XDP uplinks: the interface's receive queues vmq takes over (default: all).
+    xdp_queues: Option<Spanned<Vec<i64>>>,
 }
 
 /// `[vhost]`, and the same keys on a vhost-user `[[port]]` (which override `[vhost]`'s).
@@ -602,7 +604,28 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
                     format!("port {name:?}: xdp_mode and zero_copy apply to driver = \"af_xdp\" or \"auto\" only"),
                 ));
             }
-            let driver = vmq_core::UplinkDriver { kind, xdp_mode, zero_copy };
+            let xdp_queues = match &p.xdp_queues {
+                None => vmq_core::XdpQueues::all(),
+                Some(v) if kind == K::AfPacket => {
+                    return Err(
+                        loc.at(v, format!("port {name:?}: xdp_queues applies to driver = \"af_xdp\" or \"auto\" only"))
+                    );
+                }
+                Some(v) => {
+                    let ids: Option<Vec<u16>> = v.get_ref().iter().map(|&q| u16::try_from(q).ok()).collect();
+                    ids.as_deref().and_then(vmq_core::XdpQueues::only).ok_or_else(|| {
+                        loc.at(
+                            v,
+                            format!(
+                                "port {name:?}: xdp_queues must list distinct receive queue ids from 0 to {}, at least one, not {:?}",
+                                vmq_core::XdpQueues::MAX_ID,
+                                v.get_ref()
+                            ),
+                        )
+                    })?
+                }
+            };
+            let driver = vmq_core::UplinkDriver { kind, xdp_mode, zero_copy, xdp_queues };
             PortBackend::Uplink { ifname, netns: netns(&p.netns)?, driver }
         }
         PortKind::Mem => PortBackend::Mem,
@@ -625,8 +648,10 @@ fn port_config(loc: &Locator<'_>, port: &Spanned<RawPort>, vhost: &SocketPolicy)
     if kind != PortKind::Tap && p.create_netns.is_some() {
         return Err(refuses("create_netns"));
     }
-    if kind != PortKind::Uplink && (p.driver.is_some() || p.xdp_mode.is_some() || p.zero_copy.is_some()) {
-        return Err(refuses("driver/xdp_mode/zero_copy"));
+    if kind != PortKind::Uplink
+        && (p.driver.is_some() || p.xdp_mode.is_some() || p.zero_copy.is_some() || p.xdp_queues.is_some())
+    {
+        return Err(refuses("driver/xdp_mode/zero_copy/xdp_queues"));
     }
     if !kind.is_vm() && p.uplink.is_some() {
         return Err(refuses("uplink"));
@@ -886,10 +911,20 @@ trunk = [20, 10, 10]
             UplinkDriver {
                 kind: UplinkDriverKind::AfXdp,
                 xdp_mode: XdpAttachMode::Generic,
-                zero_copy: ZeroCopyMode::Off
+                zero_copy: ZeroCopyMode::Off,
+                xdp_queues: vmq_core::XdpQueues::all(),
             }
         );
         assert_eq!(driver(&up("driver = \"auto\"\n")).kind, UplinkDriverKind::Auto);
+        let queues = driver(&up("driver = \"af_xdp\"\nxdp_queues = [3, 1]\n")).xdp_queues;
+        assert_eq!(queues.ids(), Some(vec![1, 3]));
+        for bad in ["[]", "[1, 1]", "[64]", "[-1]", "[70000]"] {
+            let (line, _, message) = err(&up(&format!("driver = \"af_xdp\"\nxdp_queues = {bad}\n")));
+            assert_eq!(line, 6, "{bad}");
+            assert!(message.contains("xdp_queues must list distinct"), "{bad}: {message}");
+        }
+        let (_, _, message) = err(&up("xdp_queues = [0]\n"));
+        assert!(message.contains("xdp_queues applies to driver"), "{message}");
         let (line, _, message) = err(&up("driver = \"dpdk\"\n"));
         assert_eq!(line, 5);
         assert!(message.contains("\"af_packet\", \"af_xdp\", \"auto\"") && message.contains("dpdk"), "{message}");

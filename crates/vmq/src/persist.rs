@@ -221,6 +221,9 @@ fn port_table(port: &PortConfig, vhost: &SocketPolicy) -> Table {
                 t["driver"] = toml_edit::value(driver.kind.name());
                 t["xdp_mode"] = toml_edit::value(driver.xdp_mode.name());
                 t["zero_copy"] = toml_edit::value(driver.zero_copy.name());
+                if let Some(ids) = driver.xdp_queues.ids() {
+                    t["xdp_queues"] = toml_edit::value(ids.iter().map(|&q| i64::from(q)).collect::<toml_edit::Array>());
+                }
             }
         }
         PortBackend::Mem => {}
@@ -378,6 +381,22 @@ mac = "52:54:00:00:00:02"
         let text = updated_text(FILE, "t", &r).unwrap();
         assert!(text.contains("# VM one: its comment stays.\n[[port]]\nname = \"vm1\"\nkind = \"tap\""), "{text}");
         assert_eq!(config::parse(&text, "t").unwrap().ports[1], tap);
+    }
+
+    #[test]
+    fn an_af_xdp_uplink_keeps_its_driver_keys() {
+        let mut r = running(FILE);
+        let up = config::parse(
+            "[[port]]\nname = \"up0\"\nkind = \"uplink\"\nifname = \"eth1\"\ndriver = \"af_xdp\"\nxdp_mode = \"generic\"\nxdp_queues = [2, 0]\n",
+            "t",
+        )
+        .unwrap()
+        .ports
+        .remove(0);
+        r.ports[0] = up.clone();
+        let text = updated_text(FILE, "t", &r).unwrap();
+        assert!(text.contains("xdp_queues = [0, 2]"), "{text}");
+        assert_eq!(config::parse(&text, "t").unwrap().ports[0], up);
     }
 
     #[test]

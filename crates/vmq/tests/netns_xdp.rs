@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::*;
 
 const MIB: usize = 1024 * 1024;
@@ -179,7 +181,7 @@ fn af_xdp_socket_set_per_receive_queue() {
     ext.ip(&["addr", "add", &format!("{ext_ip}/24"), "dev", &ext_if]);
     let keys = "driver = \"af_xdp\"\nxdp_mode = \"native\"\n";
     let vmq = Vmq::start(&p, &[switch_section("vmq"), uplink_port("up0", &up_if, &sw, keys), a.port("a", "")].concat());
-    assert!(vmq.log().contains("rx_queues=2"), "{}", vmq.log());
+    assert!(vmq.log().contains("rx_queues=[0, 1]"), "{}", vmq.log());
     a.address();
     assert!(ext.ping(&a.ip, 2, &[]), "external -> a");
     ext.neigh(&ext_if, &a.ip, &a.mac);
@@ -198,6 +200,70 @@ fn af_xdp_socket_set_per_receive_queue() {
             .unwrap_or_else(|| panic!("no socket on rx queue {rxq}: {report:?}"));
         assert!(on.rx_packets > 50, "receive queue {rxq} brought a's frames in through its own socket: {report:?}");
     }
+}
+
+/// Sends everything `ns` transmits on `ifname` out of transmit queue `queue` (XPS: every CPU
+/// mapped to that queue, none to the others). On a veth, the peer receives on the queue of the
+/// same number.
+fn send_on_queue(ns: &Ns, ifname: &str, queues: u32, queue: u32) {
+    for q in 0..queues {
+        // Every online CPU, as a hex mask (bits beyond them are refused).
+        let cpus = if q == queue { "$(printf %x $(( (1 << $(nproc --all)) - 1 )))" } else { "0" };
+        let path = format!("/sys/class/net/{ifname}/queues/tx-{q}/xps_cpus");
+        let out = ns.exec(&["sh", "-c", &format!("echo {cpus} > {path}")], Duration::from_secs(5));
+        assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// `xdp_queues = [1]`: vmq takes over receive queue 1 only. Frames arriving there reach the VM
+/// (a ping and verified TCP); frames the external host sends on queue 0 stay with the switch
+/// namespace's kernel and never reach vmq. A queue the interface does not have is refused at
+/// start, with the count.
+#[test]
+fn af_xdp_takes_only_the_listed_receive_queues() {
+    if !can_run() {
+        return;
+    }
+    let p = unique("xl");
+    let a = TapHost::new(&p, "a", 1);
+    let sw = Ns::new(&format!("{p}s"));
+    let ext = Ns::new(&format!("{p}x"));
+    let (up_if, ext_if) = (format!("{p}u"), format!("{p}x"));
+    veth_with_queues(&sw, &up_if, &ext, &ext_if, 2);
+    let ext_ip = "10.0.0.100";
+    ext.ip(&["addr", "add", &format!("{ext_ip}/24"), "dev", &ext_if]);
+
+    let keys = |queues: &str| format!("driver = \"af_xdp\"\nxdp_mode = \"native\"\nxdp_queues = {queues}\n");
+    let refused = Vmq::expect_failure(
+        &p,
+        &[switch_section("vmq"), uplink_port("up0", &up_if, &sw, &keys("[2]")), a.port("a", "")].concat(),
+    );
+    assert!(
+        refused.stderr.contains("xdp_queues lists receive queue 2") && refused.stderr.contains("has 2"),
+        "{}",
+        refused.stderr
+    );
+
+    let vmq = Vmq::start(
+        &p,
+        &[switch_section("vmq"), uplink_port("up0", &up_if, &sw, &keys("[1]")), a.port("a", "")].concat(),
+    );
+    assert!(vmq.log().contains("rx_queues=[1]"), "{}", vmq.log());
+    let report = vmq.queues();
+    let sockets: Vec<_> = report.nic_queues.iter().filter(|q| q.uplink == "up0").collect();
+    assert!(!sockets.is_empty() && sockets.iter().all(|q| q.rx_queue == Some(1)), "{report:?}");
+    a.address();
+    ext.neigh(&ext_if, &a.ip, &a.mac);
+    a.ns.neigh(&a.ifname, ext_ip, &ext.mac(&ext_if));
+
+    send_on_queue(&ext, &ext_if, 2, 1);
+    assert!(ext.ping(&a.ip, 3, &[]), "external -> a on receive queue 1");
+    tcp_transfer(&ext, &a.ns, &a.ip, &random_bytes(MIB)).assert_intact();
+
+    send_on_queue(&ext, &ext_if, 2, 0);
+    let before = vmq.stats("up0").rx_packets;
+    assert!(ext.ping_fails(&a.ip, 3, &[]), "frames on receive queue 0 reached a: vmq took a queue it was not given");
+    assert_eq!(vmq.stats("up0").rx_packets, before, "vmq received frames of receive queue 0");
 }
 
 /// `auto` picks AF_XDP on a veth with a standard MTU.
