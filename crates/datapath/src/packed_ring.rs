@@ -19,7 +19,7 @@ use std::num::Wrapping;
 use std::sync::atomic::{Ordering, fence};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use vmq_sys::ring_words::RingWords;
 
@@ -172,17 +172,6 @@ fn read_desc(table: &RingWords<'_>, index: usize) -> Option<(u64, u32, u16, u16)
     Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
 }
 
-/// A descriptor of an indirect table, which the driver need not align: read bytewise (indirect
-/// tables are the rare path).
-fn read_indirect_desc(table: &Slice<'_>, index: usize) -> Option<(u64, u32, u16, u16)> {
-    let mut d = [0u8; DESC_LEN];
-    table.read_slice(&mut d, index.checked_mul(DESC_LEN)?).ok()?;
-    let word =
-        |i: usize| u64::from_le_bytes([d[i], d[i + 1], d[i + 2], d[i + 3], d[i + 4], d[i + 5], d[i + 6], d[i + 7]]);
-    let (addr, rest) = (word(0), word(8));
-    Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
-}
-
 fn is_available(flags: u16, wrap: bool) -> bool {
     (flags & F_AVAIL != 0) == wrap && (flags & F_USED != 0) != wrap
 }
@@ -282,7 +271,7 @@ fn walk_indirect(mem: &Memory, addr: u64, len: u32, budget: &mut usize, segments
     }
     let Ok(table) = mem.get_slice(GuestAddress(addr), len) else { return false };
     for i in 0..len / DESC_LEN {
-        let Some((addr, len, _, flags)) = read_indirect_desc(&table, i) else { return false };
+        let Some((addr, len, _, flags)) = Ring::read_desc_unaligned(&table, i) else { return false };
         if flags & F_INDIRECT != 0 {
             return false;
         }

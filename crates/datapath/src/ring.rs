@@ -329,8 +329,10 @@ impl<'a, 'm> Ring<'a, 'm> {
         Some((addr, rest as u32, (rest >> 32) as u16, (rest >> 48) as u16))
     }
 
-    /// Descriptor `index` of an indirect table the driver did not align: read bytewise.
-    fn read_desc_unaligned(table: &Slice<'m>, index: usize) -> Option<(u64, u32, u16, u16)> {
+    /// Descriptor `index` of an indirect table the driver did not align: read bytewise. The
+    /// (addr, len, u16 at 12, u16 at 14) layout is a split descriptor's (flags, next) and a
+    /// packed one's (id, flags) alike.
+    pub(crate) fn read_desc_unaligned(table: &Slice<'m>, index: usize) -> Option<(u64, u32, u16, u16)> {
         let mut d = [0u8; DESC_LEN];
         table.read_slice(&mut d, index * DESC_LEN).ok()?;
         let word =

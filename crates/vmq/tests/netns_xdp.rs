@@ -162,6 +162,30 @@ fn af_xdp_jumbo_frames_multi_buffer_generic() {
     jumbo("generic", "xjg");
 }
 
+/// A TAP host `a`, and a veth with two queues per end from the switch namespace (`up_if`) to an
+/// external host (`ext_if`, address `ext_ip`).
+struct TwoQueueUplink {
+    a: TapHost,
+    sw: Ns,
+    ext: Ns,
+    up_if: String,
+    ext_if: String,
+    ext_ip: &'static str,
+}
+
+impl TwoQueueUplink {
+    fn new(p: &str) -> TwoQueueUplink {
+        let a = TapHost::new(p, "a", 1);
+        let sw = Ns::new(&format!("{p}s"));
+        let ext = Ns::new(&format!("{p}x"));
+        let (up_if, ext_if) = (format!("{p}u"), format!("{p}x"));
+        veth_with_queues(&sw, &up_if, &ext, &ext_if, 2);
+        let ext_ip = "10.0.0.100";
+        ext.ip(&["addr", "add", &format!("{ext_ip}/24"), "dev", &ext_if]);
+        TwoQueueUplink { a, sw, ext, up_if, ext_if, ext_ip }
+    }
+}
+
 /// An interface with two receive queues gets a socket set on each (an AF_XDP socket only
 /// receives the frames of the queue it is bound to): TCP connections the external host spreads
 /// over its two transmit queues (one queue per connection, by its hash) arrive on both of the
@@ -172,13 +196,7 @@ fn af_xdp_socket_set_per_receive_queue() {
         return;
     }
     let p = unique("xq");
-    let a = TapHost::new(&p, "a", 1);
-    let sw = Ns::new(&format!("{p}s"));
-    let ext = Ns::new(&format!("{p}x"));
-    let (up_if, ext_if) = (format!("{p}u"), format!("{p}x"));
-    veth_with_queues(&sw, &up_if, &ext, &ext_if, 2);
-    let ext_ip = "10.0.0.100";
-    ext.ip(&["addr", "add", &format!("{ext_ip}/24"), "dev", &ext_if]);
+    let TwoQueueUplink { a, sw, ext, up_if, ext_if, ext_ip } = TwoQueueUplink::new(&p);
     let keys = "driver = \"af_xdp\"\nxdp_mode = \"native\"\n";
     let vmq = Vmq::start(&p, &[switch_section("vmq"), uplink_port("up0", &up_if, &sw, keys), a.port("a", "")].concat());
     assert!(vmq.log().contains("rx_queues=[0, 1]"), "{}", vmq.log());
@@ -225,13 +243,7 @@ fn af_xdp_takes_only_the_listed_receive_queues() {
         return;
     }
     let p = unique("xl");
-    let a = TapHost::new(&p, "a", 1);
-    let sw = Ns::new(&format!("{p}s"));
-    let ext = Ns::new(&format!("{p}x"));
-    let (up_if, ext_if) = (format!("{p}u"), format!("{p}x"));
-    veth_with_queues(&sw, &up_if, &ext, &ext_if, 2);
-    let ext_ip = "10.0.0.100";
-    ext.ip(&["addr", "add", &format!("{ext_ip}/24"), "dev", &ext_if]);
+    let TwoQueueUplink { a, sw, ext, up_if, ext_if, ext_ip } = TwoQueueUplink::new(&p);
 
     let keys = |queues: &str| format!("driver = \"af_xdp\"\nxdp_mode = \"native\"\nxdp_queues = {queues}\n");
     let refused = Vmq::expect_failure(
