@@ -48,6 +48,15 @@ impl<'m> GuestView<'m> {
         self.slice_slow(addr, len)
     }
 
+    /// The host address of `addr` if it lies in the region of the last hit, for a prefetch hint
+    /// only (never dereferenced; no region search for a hint).
+    #[inline]
+    pub fn hint(&self, addr: GuestAddress) -> Option<*const u8> {
+        let (start, region) = self.last.get()?;
+        let offset = addr.0.wrapping_sub(start);
+        (offset < region.len() as u64).then(|| region.ptr_guard().as_ptr().wrapping_add(offset as usize))
+    }
+
     #[cold]
     fn slice_slow(&self, addr: GuestAddress, len: usize) -> Option<Slice<'m>> {
         let region = self.mem.find_region(addr)?;

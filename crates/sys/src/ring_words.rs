@@ -86,6 +86,47 @@ impl<'m> RingWords<'m> {
         Some(u64::from_le(word.load(order)))
     }
 
+    /// The two little-endian u64s at `offset` and `offset + 8` (a split-ring descriptor), with
+    /// one bounds and alignment check for both.
+    #[inline(always)]
+    pub fn load_u64_pair(&self, offset: usize, order: Ordering) -> Option<(u64, u64)> {
+        match offset.checked_add(16) {
+            Some(end) if end <= self.len => {}
+            _ => return None,
+        }
+        let at = self.base.wrapping_add(offset);
+        if (at as usize) & 7 != 0 {
+            return None;
+        }
+        // SAFETY: [at, at + 16) lies inside the area (checked above), which `new` took from a
+        // `VolatileSlice` of guest memory mapped for 'm; `at` and `at + 8` are 8-byte aligned
+        // as `AtomicU64` requires. Atomic accesses, as in `load_u16`.
+        let (first, second) =
+            unsafe { (AtomicU64::from_ptr(at.cast::<u64>()), AtomicU64::from_ptr(at.add(8).cast::<u64>())) };
+        Some((u64::from_le(first.load(order)), u64::from_le(second.load(order))))
+    }
+
+    /// Stores `first` and `second` little-endian at `offset` and `offset + 4` (a split ring's
+    /// used entry), with one bounds and alignment check for both; false (nothing stored) if
+    /// the pair is outside or misaligned.
+    #[inline(always)]
+    pub fn store_u32_pair(&self, offset: usize, first: u32, second: u32, order: Ordering) -> bool {
+        match offset.checked_add(8) {
+            Some(end) if end <= self.len => {}
+            _ => return false,
+        }
+        let at = self.base.wrapping_add(offset);
+        if (at as usize) & 3 != 0 {
+            return false;
+        }
+        // SAFETY: [at, at + 8) lies inside the area (checked above), mapped writable for 'm;
+        // `at` and `at + 4` are 4-byte aligned as `AtomicU32` requires. Atomic, as in `load_u16`.
+        let (a, b) = unsafe { (AtomicU32::from_ptr(at.cast::<u32>()), AtomicU32::from_ptr(at.add(4).cast::<u32>())) };
+        a.store(first.to_le(), order);
+        b.store(second.to_le(), order);
+        true
+    }
+
     /// Stores `value` little-endian at `offset`; false if the word is outside or misaligned.
     #[inline(always)]
     pub fn store_u16(&self, offset: usize, value: u16, order: Ordering) -> bool {
@@ -130,7 +171,7 @@ mod tests {
         fn loads_and_stores_are_bounds_and_alignment_checked(
             len in 0usize..64,
             skew in 0usize..8,
-            accesses in prop::collection::vec((prop_oneof![0usize..80, (usize::MAX - 16)..=usize::MAX], 0u8..3, any::<u16>()), 1..64),
+            accesses in prop::collection::vec((prop_oneof![0usize..80, (usize::MAX - 16)..=usize::MAX], 0u8..4, any::<u16>()), 1..64),
         ) {
             let mut bytes: Vec<u8> = (0..len + skew + 8).map(|i| (i as u8).wrapping_mul(37) ^ 0xa5).collect();
             // The area starts `skew` bytes past an 8-byte aligned address.
@@ -141,7 +182,25 @@ mod tests {
             for (offset, kind, value) in accesses {
                 match kind {
                     0 => prop_assert_eq!(area.load_u16(offset, Ordering::Relaxed).map(u64::from), model(&shadow, offset, 2, skew)),
-                    1 => prop_assert_eq!(area.load_u64(offset, Ordering::Relaxed), model(&shadow, offset, 8, skew)),
+                    1 => {
+                        prop_assert_eq!(area.load_u64(offset, Ordering::Relaxed), model(&shadow, offset, 8, skew));
+                        // A pair: both words in bounds and aligned, or refused as a whole.
+                        let pair = offset.checked_add(8).and_then(|second| {
+                            Some((model(&shadow, offset, 8, skew)?, model(&shadow, second, 8, skew)?))
+                        });
+                        prop_assert_eq!(area.load_u64_pair(offset, Ordering::Relaxed), pair);
+                    }
+                    2 => {
+                        let second = offset.checked_add(4);
+                        let expect = model(&shadow, offset, 4, skew).is_some()
+                            && second.is_some_and(|s| model(&shadow, s, 4, skew).is_some());
+                        let (a, b) = (u32::from(value) | 0x1100_0000, u32::from(value).rotate_left(9));
+                        prop_assert_eq!(area.store_u32_pair(offset, a, b, Ordering::Relaxed), expect);
+                        if expect {
+                            shadow[offset..offset + 4].copy_from_slice(&a.to_le_bytes());
+                            shadow[offset + 4..offset + 8].copy_from_slice(&b.to_le_bytes());
+                        }
+                    }
                     _ => {
                         let expect = model(&shadow, offset, 4, skew).is_some();
                         prop_assert_eq!(area.store_u32(offset, u32::from(value) << 8 | 0x5a, Ordering::Relaxed), expect);
