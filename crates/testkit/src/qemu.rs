@@ -202,7 +202,9 @@ pub struct GuestConfig {
     /// `host_mtu` of the virtio-net device: the guest sees VIRTIO_NET_F_MTU with this value and
     /// QEMU sends VHOST_USER_NET_SET_MTU to the backend (if it offers the NET_MTU protocol feature).
     pub host_mtu: Option<u16>,
-    pub memory_mib: u32,
+    /// Guest RAM in KiB (QEMU's `-m ...K`): whole MiB unless a test needs otherwise (see
+    /// [`GuestConfig::memory_kib`]).
+    pub memory_kib: u32,
     /// Appended to the kernel command line (e.g. `vmq.mtu=9000` sets eth0's MTU at boot).
     pub kernel_arg: Option<String>,
     pub boot_timeout: Duration,
@@ -232,7 +234,7 @@ impl GuestConfig {
             mac: mac.into(),
             ipv4: None,
             host_mtu: None,
-            memory_mib: 256,
+            memory_kib: 256 * 1024,
             kernel_arg: None,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             qmp: None,
@@ -266,7 +268,17 @@ impl GuestConfig {
     }
 
     pub fn memory_mib(mut self, mib: u32) -> GuestConfig {
-        self.memory_mib = mib;
+        self.memory_kib = mib.saturating_mul(1024);
+        self
+    }
+
+    /// Guest RAM to the KiB, for sizes that are not whole MiB: QEMU 7.2 under TCG loses dirty
+    /// pages the guest CPU writes during a live migration when RAM is a multiple of 256 KiB
+    /// (its word-at-a-time dirty bitmap sync then skips TCG's TLB reset; fixed in QEMU 9.0,
+    /// "physmem: Fix migration dirty bitmap coherency with TCG memory access"). The migration
+    /// test sizes its guests off that multiple.
+    pub fn memory_kib(mut self, kib: u32) -> GuestConfig {
+        self.memory_kib = kib;
         self
     }
 
@@ -322,8 +334,11 @@ impl GuestConfig {
                 self.cpus, self.queue_pairs
             )));
         }
-        if !(64..=16384).contains(&self.memory_mib) {
-            return Err(GuestError::Config(format!("{} MiB of guest memory is outside 64..=16384", self.memory_mib)));
+        if !(64 * 1024..=16384 * 1024).contains(&self.memory_kib) || !self.memory_kib.is_multiple_of(4) {
+            return Err(GuestError::Config(format!(
+                "{} KiB of guest memory is outside 64 MiB..=16 GiB or not whole 4 KiB pages",
+                self.memory_kib
+            )));
         }
         if let Some(bad) = self.net_device_options.iter().find(|o| !o.contains('=') || o.contains([',', ' ', '\n'])) {
             return Err(GuestError::Config(format!("virtio-net device option {bad:?} is not one key=value")));
@@ -370,7 +385,7 @@ impl GuestConfig {
         if let Some((_, id)) = &self.qmp {
             let _ = write!(device, ",id={id}");
         }
-        let mib = self.memory_mib;
+        let kib = self.memory_kib;
         let args: Vec<String> = vec![
             "-name".into(),
             format!("vmq-test-{}", self.name.replace(',', "_")),
@@ -379,10 +394,10 @@ impl GuestConfig {
             "-smp".into(),
             self.cpus.to_string(),
             "-m".into(),
-            format!("{mib}M"),
+            format!("{kib}K"),
             // vhost-user needs guest memory the backend can map: a shared memfd.
             "-object".into(),
-            format!("memory-backend-memfd,id=mem,size={mib}M,share=on"),
+            format!("memory-backend-memfd,id=mem,size={kib}K,share=on"),
             "-machine".into(),
             "q35,memory-backend=mem".into(),
             "-display".into(),
@@ -846,6 +861,8 @@ mod tests {
         assert!(ok.clone().ipv4(Ipv4Addr::LOCALHOST, 33).validate().is_err());
         assert!(ok.clone().host_mtu(10).validate().is_err());
         assert!(ok.clone().memory_mib(1).validate().is_err());
+        assert!(ok.clone().memory_kib(262_134).validate().is_err(), "not whole pages");
+        assert!(ok.clone().memory_kib(262_136).validate().is_ok());
         assert!(ok.kernel_arg("a\nb").validate().is_err());
     }
 
@@ -861,8 +878,8 @@ mod tests {
         let joined = args.join(" ");
         assert!(joined.contains("socket,id=vhu0,path=/tmp/a,,b.sock"), "{joined}");
         assert!(joined.contains("mac=52:54:00:00:00:01,vectors=0,host_mtu=9000"), "{joined}");
-        assert!(joined.contains("memory-backend-memfd,id=mem,size=128M,share=on"), "{joined}");
-        assert!(joined.contains("-m 128M"), "{joined}");
+        assert!(joined.contains("memory-backend-memfd,id=mem,size=131072K,share=on"), "{joined}");
+        assert!(joined.contains("-m 131072K"), "{joined}");
         assert!(joined.contains("console=ttyS0 panic=-1 vmq.ip=10.0.0.1/24 vmq.mtu=9000"), "{joined}");
         assert!(joined.contains("-netdev vhost-user,id=net0,chardev=vhu0"), "{joined}");
         assert!(joined.contains("-smp 1 ") && !joined.contains("mq=on"), "{joined}");

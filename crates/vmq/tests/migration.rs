@@ -53,9 +53,28 @@ impl Host {
     }
 
     fn guest_config(&self, qmp: &str, guest_announce: bool) -> GuestConfig {
-        let config = guest_config(&self.dir, "vm1", MAC, GUEST_IP).qmp(self.dir.join(qmp), "vm1");
+        let config =
+            guest_config(&self.dir, "vm1", MAC, GUEST_IP).qmp(self.dir.join(qmp), "vm1").memory_kib(guest_memory_kib());
         if guest_announce { config } else { config.net_device_option("guest_announce=off") }
     }
+}
+
+/// Guest RAM: 256 MiB less 8 KiB, so that QEMU 7.2 (Debian 12) under TCG syncs its dirty bitmap
+/// page by page. With RAM a multiple of 256 KiB it takes a word-at-a-time path that does not
+/// reset TCG's TLB dirty tracking, and pages the guest CPU writes during the move are lost
+/// (fixed in QEMU 9.0: "physmem: Fix migration dirty bitmap coherency with TCG memory access").
+/// Seen here as guest kernel crashes and a stale stream page after a move: 11 failures in 127
+/// runs at 256 MiB, none in 128 at this size (docs/design.md). `VMQ_TEST_GUEST_MEMORY` (e.g.
+/// `256M` or `262136K`) overrides it, to show the QEMU bug.
+fn guest_memory_kib() -> u32 {
+    const DEFAULT_KIB: u32 = 256 * 1024 - 8;
+    let Ok(text) = std::env::var("VMQ_TEST_GUEST_MEMORY") else { return DEFAULT_KIB };
+    let parsed = if let Some(mib) = text.strip_suffix(['M', 'm']) {
+        mib.parse::<u32>().ok().and_then(|m| m.checked_mul(1024))
+    } else {
+        text.strip_suffix(['K', 'k']).and_then(|k| k.parse::<u32>().ok())
+    };
+    parsed.unwrap_or_else(|| panic!("VMQ_TEST_GUEST_MEMORY={text:?}: want a size like 256M or 262136K"))
 }
 
 /// Sets the flag when dropped.
@@ -233,7 +252,6 @@ fn stream_to_guest(
 /// The guest announces itself after each move (VIRTIO_NET_F_GUEST_ANNOUNCE, which vmq offers):
 /// QEMU then sends no SEND_RARP.
 #[test]
-#[ignore = "guest memory corruption after a move seen in 2 of about 27 runs on 2026-12-05 (README limits); run with --ignored"]
 fn vm_migrates_between_two_vmqs_and_back_with_a_tcp_stream_intact() {
     migrate_there_and_back("vm_migrates_between_two_vmqs_and_back_with_a_tcp_stream_intact", true);
 }
@@ -241,7 +259,6 @@ fn vm_migrates_between_two_vmqs_and_back_with_a_tcp_stream_intact() {
 /// The guest cannot announce itself (`guest_announce=off`): QEMU asks vmq (SEND_RARP) and vmq
 /// injects a RARP from the guest's MAC, which teaches the network's bridge the new way.
 #[test]
-#[ignore = "guest memory corruption after a move seen in 2 of about 27 runs on 2026-12-05 (README limits); run with --ignored"]
 fn vm_migrates_between_two_vmqs_and_back_announced_by_vmq_rarp() {
     migrate_there_and_back("vm_migrates_between_two_vmqs_and_back_announced_by_vmq_rarp", false);
 }
