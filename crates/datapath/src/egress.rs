@@ -82,9 +82,10 @@ pub struct EgressTally {
 
 impl EgressTally {
     /// Adds the tally to `stats` and starts over.
-    pub fn flush(&mut self, stats: &PortStats) {
+    /// Adds the tally to `stats` (the frame counters in worker `worker`'s shard) and clears it.
+    pub fn flush(&mut self, stats: &PortStats, worker: usize) {
         let t = std::mem::take(self);
-        stats.add_tx(t.packets, t.bytes);
+        stats.add_tx_on(worker, t.packets, t.bytes);
         for (counter, n) in [
             (&stats.offload_gso_passed, t.gso_passed),
             (&stats.offload_csum_finished, t.csum_finished),
@@ -100,6 +101,7 @@ impl EgressTally {
 /// Delivers `frame` (Ethernet, no virtio header) with header `hdr` to `sink`, counting what was
 /// handed to the sink (segments individually) in `tally`. Returns the drop reason if the frame
 /// (or any of its segments) was not delivered.
+#[inline]
 #[allow(clippy::too_many_arguments)] // the egress step's inputs, each used once; a struct would only rename them
 pub fn deliver(
     sink: &mut dyn FrameWriter,
@@ -256,11 +258,11 @@ mod tests {
         assert_eq!(sink.0.len(), 2);
         assert_eq!(tally, EgressTally { packets: 2, bytes: 1574, ..EgressTally::default() });
         assert_eq!(stats.snapshot().tx_packets, 0, "nothing reaches the shared counters before flush");
-        tally.flush(&stats);
+        tally.flush(&stats, 0);
         let snap = stats.snapshot();
         assert_eq!((snap.tx_packets, snap.tx_bytes), (2, 1574));
         assert_eq!(tally, EgressTally::default(), "flush starts over");
-        tally.flush(&stats);
+        tally.flush(&stats, 0);
         assert_eq!(stats.snapshot().tx_packets, 2);
     }
 }

@@ -206,6 +206,14 @@ impl Shared {
         lock(&self.table).clone()
     }
 
+    /// The current port table as a worker's own copy. A worker clones its table `Arc` every
+    /// batch; on one `Arc` shared by all workers that reference count is a cache line written
+    /// by every core (and it sits beside the table's own header, which every lookup reads).
+    pub fn worker_table(&self) -> Arc<PortTable> {
+        let table = self.table();
+        Arc::new(PortTable { ports: table.ports.clone(), local: table.local.clone() })
+    }
+
     /// Installs a new port table; workers switch to it before their next batch.
     pub fn publish(&self, table: PortTable) {
         *lock(&self.table) = Arc::new(table);
@@ -471,7 +479,7 @@ impl Worker {
         Ok(Worker {
             index,
             list: shared.lists[index].clone(),
-            table: shared.table(),
+            table: shared.worker_table(),
             seen_table: u64::MAX,
             shared,
             tasks: Vec::new(),
@@ -510,7 +518,7 @@ impl Worker {
             let table_generation = self.shared.table_generation.load(Ordering::Acquire);
             if table_generation != self.seen_table {
                 self.seen_table = table_generation;
-                self.table = self.shared.table();
+                self.table = self.shared.worker_table();
             }
             // Sources polled by syscall (TAP reads) are read only once epoll says they have
             // something: one epoll_wait instead of an EAGAIN read per source per round.
@@ -749,7 +757,7 @@ impl Worker {
                 }
             }
         }
-        in_entry.stats.add_rx(n as u64, rx_bytes);
+        in_entry.stats.add_rx_on(self.index, n as u64, rx_bytes);
         self.count_filtered(&table);
         self.apply_learning(now, in_entry);
         self.flush_deliveries(in_entry);
@@ -828,7 +836,7 @@ impl Worker {
             let generation = self.shared.table_generation.load(Ordering::Acquire);
             if self.table.get(port).is_none() && generation != self.seen_table {
                 self.seen_table = generation;
-                self.table = self.shared.table();
+                self.table = self.shared.worker_table();
             }
             let table = self.table.clone();
             let Some(entry) = table.get(port) else {
@@ -843,6 +851,7 @@ impl Worker {
                 // RSC/LRO toward receivers that take GSO frames (like GRO, on by default).
                 let coalesce = caps.accepts_gso();
                 let merged_before = self.coalescer.merged_segments();
+                let worker_index = self.index;
                 let Worker { scratch, hdrs, egress, coalescer, rsc_buf, deliveries, .. } = self;
                 let out = OutPort { caps, spec: &entry.spec };
                 let mut tally = EgressTally::default();
@@ -875,7 +884,7 @@ impl Worker {
                     if merged != 0 {
                         entry.stats.offload_coalesced.fetch_add(merged, Ordering::Relaxed);
                     }
-                    tally.flush(&entry.stats);
+                    tally.flush(&entry.stats, worker_index);
                 });
             }
             i = j;

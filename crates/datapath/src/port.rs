@@ -352,6 +352,7 @@ impl Scratch {
 
     /// Frame `i` (virtio-net header + Ethernet frame), or its head when the rest is still in a
     /// guest's memory ([`Scratch::tail`]). The head holds every header vmq looks at.
+    #[inline]
     pub fn get(&self, i: usize) -> &[u8] {
         match &self.slots[i] {
             Slot::Owned { buf, len } => &self.bufs[*buf][..*len],

@@ -70,7 +70,7 @@ impl Rebalancer {
         for (i, rec) in st.ports.iter().enumerate() {
             let Some(rec) = rec else { continue };
             let id = PortId(i as u16);
-            let now = (rec.stats.tx_packets.load(Ordering::Relaxed), rec.stats.tx_bytes.load(Ordering::Relaxed));
+            let now = (rec.stats.tx_packets(), rec.stats.tx_bytes());
             let before = self.last_port_tx.get(&id).copied().unwrap_or(now);
             let per_sec = |now: u64, before: u64| (now.saturating_sub(before) as f64 / secs) as u64;
             rates.push((id, per_sec(now.0, before.0)));
