@@ -166,12 +166,9 @@ impl PortStatsSnapshot {
 }
 
 impl PortStats {
-    pub fn add_rx(&self, packets: u64, bytes: u64) {
-        self.add_rx_on(0, packets, bytes);
-    }
-
-    /// [`PortStats::add_rx`] from worker `worker` (its own shard of the counters).
-    pub fn add_rx_on(&self, worker: usize, packets: u64, bytes: u64) {
+    /// Frames received, counted in worker `worker`'s shard (any index; threads that are not
+    /// workers use 0).
+    pub fn add_rx(&self, worker: usize, packets: u64, bytes: u64) {
         if packets != 0 {
             let shard = &self.traffic[worker % TRAFFIC_SHARDS];
             shard.rx_packets.fetch_add(packets, Relaxed);
@@ -179,12 +176,8 @@ impl PortStats {
         }
     }
 
-    pub fn add_tx(&self, packets: u64, bytes: u64) {
-        self.add_tx_on(0, packets, bytes);
-    }
-
-    /// [`PortStats::add_tx`] from worker `worker` (its own shard of the counters).
-    pub fn add_tx_on(&self, worker: usize, packets: u64, bytes: u64) {
+    /// Frames sent, counted in worker `worker`'s shard (as [`PortStats::add_rx`]).
+    pub fn add_tx(&self, worker: usize, packets: u64, bytes: u64) {
         if packets != 0 {
             let shard = &self.traffic[worker % TRAFFIC_SHARDS];
             shard.tx_packets.fetch_add(packets, Relaxed);
@@ -292,10 +285,10 @@ mod tests {
         let s = PortStats::default();
         // More workers than shards: some share one.
         for worker in 0..9 {
-            s.add_rx_on(worker, 2, 100);
-            s.add_tx_on(worker, 1, 50);
+            s.add_rx(worker, 2, 100);
+            s.add_tx(worker, 1, 50);
         }
-        s.add_rx(1, 10);
+        s.add_rx(0, 1, 10);
         let snap = s.snapshot();
         assert_eq!((snap.rx_packets, snap.rx_bytes, snap.tx_packets, snap.tx_bytes), (19, 910, 9, 450));
         assert_eq!((s.rx_packets(), s.tx_bytes()), (19, 450));
@@ -327,7 +320,7 @@ mod tests {
     #[test]
     fn counters_accumulate() {
         let s = PortStats::default();
-        s.add_rx(2, 128);
+        s.add_rx(0, 2, 128);
         s.add_drop(DropReason::Oversize, 1);
         let snap = s.snapshot();
         assert_eq!((snap.rx_packets, snap.rx_bytes), (2, 128));

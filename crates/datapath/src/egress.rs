@@ -81,11 +81,10 @@ pub struct EgressTally {
 }
 
 impl EgressTally {
-    /// Adds the tally to `stats` and starts over.
-    /// Adds the tally to `stats` (the frame counters in worker `worker`'s shard) and clears it.
+    /// Adds the tally to `stats` (the frame counters in worker `worker`'s shard) and starts over.
     pub fn flush(&mut self, stats: &PortStats, worker: usize) {
         let t = std::mem::take(self);
-        stats.add_tx_on(worker, t.packets, t.bytes);
+        stats.add_tx(worker, t.packets, t.bytes);
         for (counter, n) in [
             (&stats.offload_gso_passed, t.gso_passed),
             (&stats.offload_csum_finished, t.csum_finished),

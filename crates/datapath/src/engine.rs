@@ -661,6 +661,7 @@ impl Worker {
     /// Decides and delivers the `n` frames of `task` now in the scratch batch.
     fn process(&mut self, task: &Task, n: usize) -> usize {
         let in_port = task.kind.in_port();
+        let worker = self.index;
         let table = self.table.clone();
         let Some(in_entry) = table.get(in_port) else {
             // The port was removed while this task still ran: its frames go nowhere, but every
@@ -669,7 +670,7 @@ impl Worker {
             for e in self.errors.drain(..) {
                 match e {
                     RecvError::Drop(r) => {
-                        stats.add_rx(1, 0);
+                        stats.add_rx(worker, 1, 0);
                         stats.add_drop(r, 1);
                     }
                     RecvError::RingBroken => stats.add_drop(DropReason::RingBroken, 1),
@@ -677,14 +678,14 @@ impl Worker {
                 }
             }
             let bytes = (0..n).map(|i| self.scratch.frame_len(i).saturating_sub(VnetHdr::LEN) as u64).sum();
-            stats.add_rx(n as u64, bytes);
+            stats.add_rx(worker, n as u64, bytes);
             stats.add_drop(DropReason::PortDown, n as u64);
             return n;
         };
         for e in self.errors.drain(..) {
             match e {
                 RecvError::Drop(r) => {
-                    in_entry.stats.add_rx(1, 0);
+                    in_entry.stats.add_rx(worker, 1, 0);
                     in_entry.stats.add_drop(r, 1);
                 }
                 RecvError::RingBroken => {
@@ -757,7 +758,7 @@ impl Worker {
                 }
             }
         }
-        in_entry.stats.add_rx_on(self.index, n as u64, rx_bytes);
+        in_entry.stats.add_rx(worker, n as u64, rx_bytes);
         self.count_filtered(&table);
         self.apply_learning(now, in_entry);
         self.flush_deliveries(in_entry);

@@ -764,7 +764,7 @@ mod tests {
     /// What the test guest does between vmq's turns (its own writes are not vmq's to log).
     #[derive(Debug, Clone)]
     enum GuestStep {
-        /// An RX chain of writable buffers `(page offset, length)` in the buffer area.
+        /// An RX chain of writable buffers `(offset in the buffer area, length)`.
         PostRx(Vec<(u32, u32)>),
         /// A TX frame of this length.
         PostTx(u32),
