@@ -12,7 +12,7 @@ use vmq_vhost::server::ConnectionStatus;
 
 use crate::engine::Shared;
 use crate::error::{BackendError, DatapathError};
-use crate::port::{FrameSink, FrameSource, NicSteering};
+use crate::port::{FrameSink, FrameSource, LiveLanes, NicSteering};
 
 /// Run-time changes a backend applies to its attachment (the kernel side of a TAP, say).
 pub trait PortControl: Send {
@@ -28,6 +28,10 @@ pub struct Attachment {
     pub source: Option<Box<dyn FrameSource>>,
     /// Multiqueue VM ports: the TX rings of the further queue pairs, each a task of its own.
     pub more_sources: Vec<Box<dyn FrameSource>>,
+    /// Multiqueue VM ports: the RX rings of the further queue pairs, each a sink (lane) of its
+    /// own, and which of them are live (see [`crate::port::PortSinks`]).
+    pub more_sinks: Vec<Box<dyn FrameSink>>,
+    pub live_lanes: Option<Arc<dyn LiveLanes>>,
     /// Multiqueue VM ports: frames written into each pair's RX ring.
     pub queue_counters: Option<Arc<QueueCounters>>,
     /// Uplinks: the NIC's RX queues (the default queue and the VM queues).
@@ -54,6 +58,8 @@ impl Attachment {
             sink,
             source,
             more_sources: Vec::new(),
+            more_sinks: Vec::new(),
+            live_lanes: None,
             queue_counters: None,
             nic_queues: Vec::new(),
             steering: None,

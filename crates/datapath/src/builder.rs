@@ -99,6 +99,13 @@ impl DatapathBuilder {
         self.attach_nic_queue_id(uplink, queue, source)
     }
 
+    /// Adds a further RX queue to port `name` (a multiqueue VM's next pair): a lane of its own,
+    /// always live.
+    pub fn attach_more_sink(&mut self, name: &str, sink: Box<dyn FrameSink>) -> Result<(), DatapathError> {
+        self.attachment(name)?.more_sinks.push(sink);
+        Ok(())
+    }
+
     /// Adds NIC RX queue `queue` of uplink `uplink` (whatever filter it gets over time).
     pub fn attach_nic_queue_id(
         &mut self,

@@ -27,7 +27,7 @@ use vmq_wire::ethernet::parse_l2;
 use vmq_wire::vlan;
 
 use crate::egress::{EgressScratch, EgressTally, OutPort, apply_edit, deliver, is_tcp_candidate};
-use crate::port::{BATCH, FrameSink, FrameSource, GuestTail, KernelCounters, RecvError, Scratch, Wake};
+use crate::port::{BATCH, FrameSource, GuestTail, KernelCounters, PortSinks, RecvError, Scratch, Wake};
 use vmq_offload::Coalescer;
 
 /// How long a worker keeps polling after its last frame before it sleeps: long enough to catch
@@ -51,7 +51,7 @@ pub(crate) struct PortEntry {
     pub stats: Arc<PortStats>,
     /// Shared by every version of the port table: a spec change (MTU, VLAN) makes a new entry
     /// around the same sink and counters.
-    pub sink: Arc<Mutex<Box<dyn FrameSink>>>,
+    pub sinks: PortSinks,
     /// The uplink this port's traffic leaves by in `vmq` mode.
     pub uplink: Option<PortId>,
     /// VM ports whose guest's receive filter was relayed (QMP): what the switch may deliver.
@@ -263,6 +263,8 @@ struct Delivery {
     port: PortId,
     frame: u8,
     edit: TagEdit,
+    /// Multiqueue ports: the lane (guest RX queue), set at delivery.
+    lane: u8,
 }
 
 /// The per-frame decision step, borrowing only what it writes.
@@ -318,7 +320,7 @@ impl Decisions<'_> {
         };
         let entry = self.table.get(port).ok_or(DropReason::PortDown)?;
         let edit = egress_tag(&entry.spec.vlan, vlan, l2.vlan.is_some()).ok_or(DropReason::Vlan)?;
-        self.deliveries.push(Delivery { port, frame: f.index, edit });
+        self.deliveries.push(Delivery { port, frame: f.index, edit, lane: 0 });
         Ok(())
     }
 
@@ -355,7 +357,7 @@ impl Decisions<'_> {
             && last.key == key
             && last.tagged == tagged
         {
-            self.deliveries.push(Delivery { port: last.port, frame: f.index, edit: last.edit });
+            self.deliveries.push(Delivery { port: last.port, frame: f.index, edit: last.edit, lane: 0 });
             return Ok(());
         }
         let out = match self.table.local.get(&key) {
@@ -369,7 +371,7 @@ impl Decisions<'_> {
         let out_entry = self.table.get(out).ok_or(DropReason::PortDown)?;
         let edit = egress_tag(&out_entry.spec.vlan, vlan, tagged).ok_or(DropReason::Vlan)?;
         *self.last_dest = Some(FastDest { key, tagged, port: out, edit });
-        self.deliveries.push(Delivery { port: out, frame: f.index, edit });
+        self.deliveries.push(Delivery { port: out, frame: f.index, edit, lane: 0 });
         Ok(())
     }
 
@@ -407,7 +409,7 @@ impl Decisions<'_> {
                             self.filtered.push(p);
                             return Ok(());
                         }
-                        self.deliveries.push(Delivery { port: p, frame: f.index, edit });
+                        self.deliveries.push(Delivery { port: p, frame: f.index, edit, lane: 0 });
                     }
                     Dest::Flood => {
                         self.flood.clear();
@@ -421,7 +423,7 @@ impl Decisions<'_> {
                                     self.filtered.push(p);
                                     continue;
                                 }
-                                self.deliveries.push(Delivery { port: p, frame: f.index, edit });
+                                self.deliveries.push(Delivery { port: p, frame: f.index, edit, lane: 0 });
                             }
                         }
                     }
@@ -461,6 +463,8 @@ pub(crate) struct Worker {
     last_limited_learn: u64,
     flood: Vec<PortId>,
     filtered: Vec<PortId>,
+    /// Live lanes of the multiqueue port being delivered to.
+    live_lanes: Vec<u8>,
     /// See [`FastDest`]; cleared at the start of every batch.
     last_dest: Option<FastDest>,
     hdrs: Vec<VnetHdr>,
@@ -497,6 +501,7 @@ impl Worker {
             last_limited_learn: 0,
             flood: Vec::new(),
             filtered: Vec::new(),
+            live_lanes: Vec::with_capacity(32),
             last_dest: None,
             hdrs: Vec::with_capacity(BATCH),
             coalescer: Coalescer::new(),
@@ -822,7 +827,7 @@ impl Worker {
         self.shared.worker_stats[self.index].learn_lock.record(held.elapsed());
     }
 
-    /// Sends every decided delivery, one sink lock per destination per batch.
+    /// Sends every decided delivery, one sink lock per destination (and lane) per batch.
     fn flush_deliveries(&mut self, in_entry: &PortEntry) {
         // Stable: frames of one flow keep their order.
         self.deliveries.sort_by_key(|d| d.port);
@@ -846,51 +851,88 @@ impl Worker {
                 i = j;
                 continue;
             };
-            {
-                let mut sink = lock(&entry.sink);
-                let caps = sink.caps();
-                // RSC/LRO toward receivers that take GSO frames (like GRO, on by default).
-                let coalesce = caps.accepts_gso();
-                let merged_before = self.coalescer.merged_segments();
-                let worker_index = self.index;
-                let Worker { scratch, hdrs, egress, coalescer, rsc_buf, deliveries, .. } = self;
-                let out = OutPort { caps, spec: &entry.spec };
-                let mut tally = EgressTally::default();
-                sink.batch(&mut |writer| {
-                    let mut send = |h: &VnetHdr, f: &[u8], tail: Option<&GuestTail>, edit: TagEdit| {
-                        if let Err(r) = deliver(writer, &out, h, f, tail, edit, egress, &mut tally) {
-                            entry.stats.add_drop(r, 1);
-                        }
-                    };
-                    for d in &deliveries[i..j] {
-                        let raw = scratch.get(d.frame as usize);
-                        let tail = scratch.tail(d.frame as usize);
-                        let hdr = &hdrs[d.frame as usize];
-                        let frame = &raw[VnetHdr::LEN..];
-                        if coalesce && is_tcp_candidate(frame, hdr) {
-                            apply_edit(frame, d.edit, rsc_buf);
-                            if tail.is_some_and(|t| !t.append_to(rsc_buf)) {
-                                entry.stats.add_drop(DropReason::BadDescriptor, 1);
-                                continue;
-                            }
-                            coalescer.offer(hdr, rsc_buf, &mut |h, f| send(h, f, None, TagEdit::Keep));
-                        } else {
-                            coalescer.flush(&mut |h, f| send(h, f, None, TagEdit::Keep));
-                            send(hdr, frame, tail, d.edit);
-                        }
-                    }
-                    coalescer.flush(&mut |h, f| send(h, f, None, TagEdit::Keep));
-                    // Counted before the batch ends, so never later than the receiver sees it.
-                    let merged = coalescer.merged_segments() - merged_before;
-                    if merged != 0 {
-                        entry.stats.offload_coalesced.fetch_add(merged, Ordering::Relaxed);
-                    }
-                    tally.flush(&entry.stats, worker_index);
-                });
+            if entry.sinks.count() == 1 {
+                self.deliver_run(entry, 0, i..j);
+            } else {
+                self.deliver_to_lanes(entry, i..j);
             }
             i = j;
         }
         self.deliveries.clear();
+    }
+
+    /// A multiqueue port: each frame goes to the lane (guest RX queue) its flow picks among the
+    /// live ones ([`crate::port::lane_pick`]), one lock per lane.
+    fn deliver_to_lanes(&mut self, entry: &PortEntry, run: std::ops::Range<usize>) {
+        entry.sinks.live_lanes(&mut self.live_lanes);
+        if self.live_lanes.is_empty() {
+            entry.stats.add_drop(DropReason::PortDown, run.len() as u64);
+            return;
+        }
+        for d in &mut self.deliveries[run.clone()] {
+            let frame = self.scratch.get(d.frame as usize).get(VnetHdr::LEN..).unwrap_or_default();
+            d.lane = self.live_lanes[crate::port::lane_pick(frame, self.live_lanes.len())];
+        }
+        // Stable: a flow's frames keep their order within its lane.
+        self.deliveries[run.clone()].sort_by_key(|d| d.lane);
+        let mut i = run.start;
+        while i < run.end {
+            let lane = self.deliveries[i].lane;
+            let mut j = i;
+            while j < run.end && self.deliveries[j].lane == lane {
+                j += 1;
+            }
+            self.deliver_run(entry, usize::from(lane), i..j);
+            i = j;
+        }
+    }
+
+    /// Delivers `deliveries[run]` to lane `lane` of `entry` in one batch of its sink.
+    fn deliver_run(&mut self, entry: &PortEntry, lane: usize, run: std::ops::Range<usize>) {
+        let Some(sink) = entry.sinks.lane(lane) else {
+            entry.stats.add_drop(DropReason::PortDown, run.len() as u64);
+            return;
+        };
+        let mut sink = lock(sink);
+        let caps = sink.caps();
+        // RSC/LRO toward receivers that take GSO frames (like GRO, on by default).
+        let coalesce = caps.accepts_gso();
+        let merged_before = self.coalescer.merged_segments();
+        let worker_index = self.index;
+        let Worker { scratch, hdrs, egress, coalescer, rsc_buf, deliveries, .. } = self;
+        let out = OutPort { caps, spec: &entry.spec };
+        let mut tally = EgressTally::default();
+        sink.batch(&mut |writer| {
+            let mut send = |h: &VnetHdr, f: &[u8], tail: Option<&GuestTail>, edit: TagEdit| {
+                if let Err(r) = deliver(writer, &out, h, f, tail, edit, egress, &mut tally) {
+                    entry.stats.add_drop(r, 1);
+                }
+            };
+            for d in &deliveries[run.clone()] {
+                let raw = scratch.get(d.frame as usize);
+                let tail = scratch.tail(d.frame as usize);
+                let hdr = &hdrs[d.frame as usize];
+                let frame = &raw[VnetHdr::LEN..];
+                if coalesce && is_tcp_candidate(frame, hdr) {
+                    apply_edit(frame, d.edit, rsc_buf);
+                    if tail.is_some_and(|t| !t.append_to(rsc_buf)) {
+                        entry.stats.add_drop(DropReason::BadDescriptor, 1);
+                        continue;
+                    }
+                    coalescer.offer(hdr, rsc_buf, &mut |h, f| send(h, f, None, TagEdit::Keep));
+                } else {
+                    coalescer.flush(&mut |h, f| send(h, f, None, TagEdit::Keep));
+                    send(hdr, frame, tail, d.edit);
+                }
+            }
+            coalescer.flush(&mut |h, f| send(h, f, None, TagEdit::Keep));
+            // Counted before the batch ends, so never later than the receiver sees it.
+            let merged = coalescer.merged_segments() - merged_before;
+            if merged != 0 {
+                entry.stats.offload_coalesced.fetch_add(merged, Ordering::Relaxed);
+            }
+            tally.flush(&entry.stats, worker_index);
+        });
     }
 }
 

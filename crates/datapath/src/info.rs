@@ -146,7 +146,15 @@ pub(crate) fn stats(st: &ControlState, name: &str) -> Option<PortStatsSnapshot> 
 /// VM queue assignments: (port name, queue; None = default queue).
 pub(crate) fn queue_assignments(st: &ControlState) -> Vec<(String, Option<QueueId>)> {
     let names: HashMap<PortId, String> = st.names_by_id().into_iter().collect();
-    st.vmq.assignments().filter_map(|(p, q)| names.get(&p).map(|n| (n.clone(), q))).collect()
+    let mut out = Vec::new();
+    for (p, _) in st.vmq.assignments() {
+        let Some(name) = names.get(&p) else { continue };
+        match st.vmq.queues_of(p) {
+            [] => out.push((name.clone(), None)),
+            queues => out.extend(queues.iter().map(|q| (name.clone(), Some(*q)))),
+        }
+    }
+    out
 }
 
 /// Why a port has no VM queue, or None if it has one (or no port has that name).
@@ -179,8 +187,8 @@ pub(crate) fn queue_stats(st: &ControlState) -> Vec<QueueStats> {
                     queue: Some(queue),
                     port: st
                         .vmq
-                        .assignments()
-                        .find(|(p, q)| *q == Some(queue) && st.uplink_of(*p) == Some(uplink))
+                        .queue_assignments()
+                        .find(|(p, q)| *q == queue && st.uplink_of(*p) == Some(uplink))
                         .map(|(p, _)| name(p)),
                     rx_queue: t.nic_rx_queue,
                     rx_packets,
@@ -218,7 +226,7 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
         out.push(PortInfo {
             config: rec.config.clone(),
             up: sw.is_up(id),
-            caps: lock(&rec.sink).caps(),
+            caps: lock(rec.sinks.first()).caps(),
             queue,
             worker,
             rx_rate: st.rates.get(&id).copied().unwrap_or(0),

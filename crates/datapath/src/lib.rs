@@ -436,7 +436,8 @@ impl Datapath {
         info::stats(&self.lock(), name)
     }
 
-    /// VM queue assignments: (port name, queue; None = default queue).
+    /// VM queue assignments: (port name, queue; None = default queue), a row per queue held (a
+    /// multiqueue port may hold several, VMMQ).
     pub fn queue_assignments(&self) -> Vec<(String, Option<QueueId>)> {
         info::queue_assignments(&self.lock())
     }

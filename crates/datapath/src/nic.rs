@@ -24,7 +24,8 @@ pub fn udp_frame(dst: vmq_wire::MacAddr, src: vmq_wire::MacAddr, tag: Option<u16
         f.extend_from_slice(&vmq_wire::ethernet::ETHERTYPE_VLAN.to_be_bytes());
         f.extend_from_slice(&t.to_be_bytes());
     }
-    let l3 = f.len();
+    // The IP header starts after the EtherType.
+    let l3 = f.len() + 2;
     let ip_len = len.saturating_sub(l3).max(28);
     let b = etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(1000 + flow, 5201);
     let payload = vec![0x5a; ip_len - 28];
@@ -33,7 +34,7 @@ pub fn udp_frame(dst: vmq_wire::MacAddr, src: vmq_wire::MacAddr, tag: Option<u16
     if b.write(&mut ip, &payload).is_ok() {
         f.extend_from_slice(&ip);
     }
-    f.truncate(len.max(l3 + 2));
+    f.truncate(len.max(l3));
     f
 }
 
@@ -86,6 +87,10 @@ impl NicSteering for StandInNic {
         };
         self.shared.generation.fetch_add(1, Ordering::Release);
     }
+
+    fn spreads_flows(&self) -> bool {
+        true
+    }
 }
 
 /// One RX queue of a [`StandInNic`].
@@ -117,7 +122,16 @@ impl StandInQueue {
         } else if let Some(key) = filters.get(&self.queue)
             && let Some((_, fs)) = self.shared.flows.iter().find(|(k, _)| k == key)
         {
-            self.frames.extend(fs.iter().cloned());
+            // Queues sharing a filter share its flows (VMQ with several queues per VM, as a
+            // NIC's RSS within a VMMQ vPort): each flow on one of them, by its hash.
+            let mut members: Vec<QueueId> = filters.iter().filter(|(_, k)| *k == key).map(|(q, _)| *q).collect();
+            members.sort_unstable();
+            let me = members.iter().position(|q| *q == self.queue).unwrap_or(0);
+            self.frames.extend(
+                fs.iter()
+                    .filter(|f| spread_index(f.get(VnetHdr::LEN..).unwrap_or_default(), members.len()) == me)
+                    .cloned(),
+            );
         }
     }
 }
@@ -138,6 +152,15 @@ impl FrameSource for StandInQueue {
             n += 1;
         }
         n
+    }
+}
+
+/// Which of `members` queues sharing a filter gets `frame` (Ethernet): the pick of an
+/// AF_PACKET uplink's fanout program ([`vmq_sys::steering::flow_index`]).
+pub fn spread_index(frame: &[u8], members: usize) -> usize {
+    match vmq_wire::ethernet::parse_l2(frame) {
+        Ok(l2) => vmq_sys::steering::flow_index(frame.get(l2.header_len..).unwrap_or_default(), l2.ethertype, members),
+        Err(_) => 0,
     }
 }
 
@@ -203,5 +226,31 @@ impl FrameSink for WireSink {
 
     fn caps(&self) -> OffloadCaps {
         self.caps
+    }
+}
+
+#[cfg(test)]
+mod spread_tests {
+    use super::*;
+
+    #[test]
+    fn queues_sharing_a_filter_share_its_flows() {
+        let mac = vmq_wire::MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+        let src = vmq_wire::MacAddr([2, 0, 0, 0, 0, 9]);
+        let frames: Vec<Vec<u8>> = (0..64).map(|f| udp_frame(mac, src, Some(10), 60, f)).collect();
+        let key = FilterKey { mac, vlan: 10 };
+        let nic = StandInNic::new(vec![(key, frames)]);
+        let mut steering = nic.steering();
+        for q in 1..=3 {
+            steering.set_filter(QueueId(q), Some(key));
+        }
+        let mut got = Vec::new();
+        for q in 0..=3 {
+            let mut queue = nic.queue(QueueId(q));
+            let mut scratch = Scratch::new();
+            got.push(queue.recv(&mut scratch, 16, &mut Vec::new()));
+        }
+        assert_eq!(got[0], 0, "nothing unfiltered");
+        assert!(got[1..].iter().all(|&n| n > 0), "each queue sharing the filter gets flows: {got:?}");
     }
 }

@@ -155,6 +155,72 @@ pub trait FrameSink: Send {
     }
 }
 
+/// Which of `lanes` live lanes (guest RX queues) of a multiqueue port `frame` (Ethernet) goes
+/// to: the uplink's own flow pick ([`vmq_sys::steering::flow_index`], what its fanout program
+/// and the NIC stand-in compute). A VM holding as many VM queues as it has live RX queues thus
+/// gets each VM queue's frames on one RX queue, written by one worker; every other path (the
+/// switch, other VMs, TAPs) picks alike, so a flow keeps its RX queue whichever way it comes.
+#[inline]
+pub fn lane_pick(frame: &[u8], lanes: usize) -> usize {
+    match vmq_wire::ethernet::parse_l2(frame) {
+        Ok(l2) => vmq_sys::steering::flow_index(frame.get(l2.header_len..).unwrap_or_default(), l2.ethertype, lanes),
+        Err(_) => 0,
+    }
+}
+
+/// A sink any worker may feed, under its lock (taken once per batch).
+pub type SharedSink = Arc<std::sync::Mutex<Box<dyn FrameSink>>>;
+
+/// Which lanes of a multiqueue port may take frames now: bit `i` set = lane `i` (the guest's
+/// RX queue `i`) is live. Read once per batch and destination, so it must be cheap.
+pub trait LiveLanes: Send + Sync {
+    fn live(&self) -> u32;
+}
+
+/// The ways into a port: one sink, or one per guest RX queue ("lanes") of a multiqueue VM
+/// port. Each lane has its own lock, so workers delivering to different RX queues of one VM
+/// run side by side (receive scales within a VM, as with Hyper-V's VMMQ). Which lane a frame
+/// takes is a flow pick over the live lanes ([`lane_pick`]): one flow, one
+/// guest RX queue, in order.
+#[derive(Clone)]
+pub struct PortSinks {
+    lanes: Arc<[SharedSink]>,
+    live: Option<Arc<dyn LiveLanes>>,
+}
+
+impl PortSinks {
+    pub fn one(sink: Box<dyn FrameSink>) -> PortSinks {
+        PortSinks { lanes: Arc::from(vec![Arc::new(std::sync::Mutex::new(sink))]), live: None }
+    }
+
+    /// Lane `i` is `sinks[i]`; `live` says which may take frames (None: all of them).
+    pub fn lanes(sinks: Vec<Box<dyn FrameSink>>, live: Option<Arc<dyn LiveLanes>>) -> PortSinks {
+        let lanes: Vec<SharedSink> = sinks.into_iter().map(|s| Arc::new(std::sync::Mutex::new(s))).collect();
+        assert!(!lanes.is_empty() && lanes.len() <= 32, "a port has 1..=32 lanes");
+        PortSinks { lanes: Arc::from(lanes), live }
+    }
+
+    /// Lane 0: the only one of a single-queue port (its offload caps stand for all lanes).
+    pub fn first(&self) -> &SharedSink {
+        &self.lanes[0]
+    }
+
+    pub fn lane(&self, i: usize) -> Option<&SharedSink> {
+        self.lanes.get(i)
+    }
+
+    pub fn count(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// The live lanes' indices, ascending, into `out` (cleared first).
+    pub fn live_lanes(&self, out: &mut Vec<u8>) {
+        out.clear();
+        let mask = self.live.as_ref().map_or(u32::MAX, |l| l.live());
+        out.extend((0..self.lanes.len() as u8).filter(|&i| mask & (1 << i) != 0));
+    }
+}
+
 /// A writer that drops every frame for one reason (a receiver that can't take any now).
 pub struct Refuse(pub DropReason);
 
@@ -386,4 +452,9 @@ impl Scratch {
 pub trait NicSteering: Send {
     /// Points `queue` at `filter`, or clears it (its traffic goes to the default queue).
     fn set_filter(&mut self, queue: vmq_core::vmq::QueueId, filter: Option<vmq_core::vmq::FilterKey>);
+
+    /// Can several queues share one filter, the NIC spreading its flows over them (VMMQ)?
+    fn spreads_flows(&self) -> bool {
+        false
+    }
 }

@@ -5,8 +5,8 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use vmq_core::fdb::MixMap;
 use vmq_core::stats::PortStats;
@@ -18,13 +18,13 @@ use crate::attach::{Attachment, Backends, PortControl};
 use crate::config::DatapathConfig;
 use crate::engine::{PortEntry, PortTable, Shared, Task, TaskKind, local_key, lock};
 use crate::error::DatapathError;
-use crate::port::{FrameSink, NicSteering};
+use crate::port::{NicSteering, PortSinks};
 
 /// A port as the control plane keeps it.
 pub(crate) struct PortRecord {
     pub config: PortConfig,
     pub stats: Arc<PortStats>,
-    pub sink: Arc<Mutex<Box<dyn FrameSink>>>,
+    pub sinks: PortSinks,
     pub tasks: Vec<Arc<Task>>,
     pub steering: Option<Box<dyn NicSteering>>,
     /// Uplinks: VM queues the NIC has (the budget can't exceed it).
@@ -107,7 +107,7 @@ impl ControlState {
                 Arc::new(PortEntry {
                     spec: r.config.spec.clone(),
                     stats: r.stats.clone(),
-                    sink: r.sink.clone(),
+                    sinks: r.sinks.clone(),
                     uplink: self.uplink_of(id),
                     rx_filter: r.rx_filter.clone(),
                 })
@@ -222,7 +222,11 @@ impl ControlState {
         let record = PortRecord {
             config: config.clone(),
             stats,
-            sink: Arc::new(Mutex::new(att.sink)),
+            sinks: if att.more_sinks.is_empty() {
+                PortSinks::one(att.sink)
+            } else {
+                PortSinks::lanes(std::iter::once(att.sink).chain(att.more_sinks).collect(), att.live_lanes)
+            },
             tasks: tasks.clone(),
             steering: att.steering,
             nic_queue_count,
@@ -249,17 +253,19 @@ impl ControlState {
         let mut changes = Vec::new();
         if self.mode == Mode::Vmq
             && let Some(key) = ControlState::filter_key(&config.spec)
-            && let Some(queue) = self.vmq.add_port(id, key)
         {
-            changes.push(QueueChange::Assigned { port: id, queue });
+            let lanes = self.vm_queue_lanes(id);
+            changes.extend(
+                self.vmq
+                    .add_port_lanes(id, key, lanes)
+                    .into_iter()
+                    .map(|queue| QueueChange::Assigned { port: id, queue }),
+            );
         }
         if config.spec.kind == PortKind::Uplink {
             // A new uplink: program the filters of queues already held by ports using it.
-            let held: Vec<QueueChange> = self
-                .vmq
-                .assignments()
-                .filter_map(|(p, q)| q.map(|queue| QueueChange::Assigned { port: p, queue }))
-                .collect();
+            let held: Vec<QueueChange> =
+                self.vmq.queue_assignments().map(|(port, queue)| QueueChange::Assigned { port, queue }).collect();
             changes.extend(held.into_iter().filter(|c| match c {
                 QueueChange::Assigned { port, .. } => self.uplink_of(*port) == Some(id),
                 QueueChange::Revoked { .. } => false,
@@ -330,14 +336,32 @@ impl ControlState {
         }
         if self.mode == Mode::Vmq && old_key != new_key {
             let mut changes = self.vmq.remove_port(id);
-            if let Some(k) = new_key
-                && let Some(queue) = self.vmq.add_port(id, k)
-            {
-                changes.push(QueueChange::Assigned { port: id, queue });
+            if let Some(k) = new_key {
+                let lanes = self.vm_queue_lanes(id);
+                changes.extend(
+                    self.vmq
+                        .add_port_lanes(id, k, lanes)
+                        .into_iter()
+                        .map(|queue| QueueChange::Assigned { port: id, queue }),
+                );
             }
             self.apply_queue_changes(&changes);
         }
         shared.publish(self.port_table());
+    }
+
+    /// How many VM queues a port may hold at once (VMMQ): one per lane (guest RX queue) where
+    /// its uplink spreads a filter's flows over several queues, else one. An uplink not yet
+    /// known counts as spreading (the AF_XDP program, which cannot, sends a key to its lowest
+    /// queue: the further ones stay idle).
+    fn vm_queue_lanes(&self, id: PortId) -> u16 {
+        let Some(rec) = self.record(id) else { return 1 };
+        let spreads = self
+            .uplink_of(id)
+            .and_then(|u| self.record(u))
+            .and_then(|u| u.steering.as_ref())
+            .is_none_or(|st| st.spreads_flows());
+        if spreads { rec.sinks.count() as u16 } else { 1 }
     }
 
     /// The most VM queues the budget may grant: the fewest any steered uplink has, else

@@ -209,6 +209,8 @@ impl UplinkSteering {
         &self.group
     }
 
+    /// The steering rules, in ascending queue order: queues with the same filter key form one
+    /// group (its members in queue order) that shares the key's flows.
     fn rules(&self) -> Vec<SteeringRule> {
         self.filters
             .iter()
@@ -232,12 +234,17 @@ impl NicSteering for UplinkSteering {
             Some(f) => self.filters.insert(queue, f),
             None => self.filters.remove(&queue),
         };
-        // Lower queues win when two filters name the same MAC and VLAN (a transient state
-        // while a filter moves between queues).
+        // Queues that share a MAC and VLAN (one multiqueue VM, VMMQ) share that key's flows:
+        // each flow stays on one of them.
         self.last_error = self.group.steer(&self.rules()).err();
         if let Some(e) = &self.last_error {
             tracing::warn!("uplink steering not updated: {e}");
         }
+    }
+
+    /// The fanout program splits a key's flows over the queues sharing it (`fanout_program`).
+    fn spreads_flows(&self) -> bool {
+        true
     }
 }
 

@@ -411,13 +411,16 @@ impl VhostService {
         let mut att = if pairs == 1 {
             Attachment::new(Box::new(VhostRxSink::new(device.clone())), Some(Box::new(VhostTxSource::new(device))))
         } else {
-            // Multiqueue: one sink over every RX ring, one task per TX ring (vhost_mq.rs).
+            // Multiqueue: one sink (lane) per RX ring, one task per TX ring (vhost_mq.rs).
+            use crate::vhost_mq::{VhostLiveLanes, VhostMqRxSink};
             let counters = crate::attach::QueueCounters::new(pairs);
-            let sink = crate::vhost_mq::VhostMqRxSink::new(device.clone(), counters.clone());
+            let sink = VhostMqRxSink::lane(device.clone(), counters.clone(), 0);
             let mut att = Attachment::new(Box::new(sink), Some(Box::new(VhostTxSource::new(device.clone()))));
             for pair in 1..pairs {
                 att.more_sources.push(Box::new(VhostTxSource::for_pair(device.clone(), pair)));
+                att.more_sinks.push(Box::new(VhostMqRxSink::lane(device.clone(), counters.clone(), pair)));
             }
+            att.live_lanes = Some(Arc::new(VhostLiveLanes::new(device.clone())));
             att.queue_counters = Some(counters);
             att
         };

@@ -3,10 +3,12 @@
 //! A port with `queues = N` has N queue pairs. Each pair's TX ring is a
 //! [`crate::vhost::VhostTxSource`] of its own, i.e. a task of its own that the workers share out
 //! (the TX rings of one VM are served by different workers). Frames *to* the VM go through one
-//! sink, [`VhostMqRxSink`], which opens every live RX ring once per batch and writes each frame
-//! into the ring its flow hashes to ([`vmq_wire::flow::pick_ring`], a symmetric 5-tuple hash):
-//! all frames of one flow land on one guest RX queue, in order. Rings the guest has not enabled
-//! (fewer combined channels than pairs, `ethtool -L`) are left out of the pick.
+//! sink per RX ring, a lane of the port ([`crate::port::PortSinks`]) with a lock of its own: the
+//! worker picks the lane a frame's flow hashes to ([`crate::port::lane_pick`], the uplink's
+//! flow pick) among the live ones ([`VhostLiveLanes`]), so all frames of one flow land on one
+//! guest RX queue, in order, and two workers fill two RX queues of one VM side by side. Rings
+//! the guest has not enabled (fewer combined channels than pairs, `ethtool -L`) are left out of
+//! the pick. [`VhostMqRxSink::new`] (every ring in one sink, hashing itself) stays for tests.
 //!
 //! One-pair ports keep [`crate::vhost::VhostRxSink`] unchanged.
 
@@ -36,14 +38,59 @@ pub struct VhostMqRxSink {
 
 impl VhostMqRxSink {
     pub fn new(device: Arc<NetDevice>, counters: Arc<QueueCounters>) -> VhostMqRxSink {
-        let rings = (0..device.queue_pairs()).map(|p| DeviceRing::new(RX_QUEUE + 2 * usize::from(p))).collect();
+        let pairs: Vec<u16> = (0..device.queue_pairs()).collect();
+        VhostMqRxSink::for_pairs(device, counters, &pairs)
+    }
+
+    /// The sink of pair `pair`'s RX ring alone: one lane of the port.
+    pub fn lane(device: Arc<NetDevice>, counters: Arc<QueueCounters>, pair: u16) -> VhostMqRxSink {
+        VhostMqRxSink::for_pairs(device, counters, &[pair])
+    }
+
+    fn for_pairs(device: Arc<NetDevice>, counters: Arc<QueueCounters>, pairs: &[u16]) -> VhostMqRxSink {
+        let rings = pairs.iter().map(|&p| DeviceRing::new(RX_QUEUE + 2 * usize::from(p))).collect();
         VhostMqRxSink { device, rings, writer: RxWriter::new(false), counters }
+    }
+}
+
+/// Which RX rings of a multiqueue device are live, as a lane mask: re-read from the device
+/// (one ring lock each) only when its ring layout changed, else two atomic loads.
+pub struct VhostLiveLanes {
+    device: Arc<NetDevice>,
+    /// The ring layout the mask was read at, plus one (0: never read).
+    seen: std::sync::atomic::AtomicU64,
+    mask: std::sync::atomic::AtomicU32,
+}
+
+impl VhostLiveLanes {
+    pub fn new(device: Arc<NetDevice>) -> VhostLiveLanes {
+        VhostLiveLanes { device, seen: Default::default(), mask: Default::default() }
+    }
+}
+
+impl crate::port::LiveLanes for VhostLiveLanes {
+    fn live(&self) -> u32 {
+        let layout = self.device.ring_layout().wrapping_add(1);
+        if self.seen.load(Ordering::Acquire) == layout {
+            return self.mask.load(Ordering::Relaxed);
+        }
+        let rings = self.device.live_rings();
+        // RX ring of pair p is ring 2p.
+        let mask = (0..u32::from(self.device.queue_pairs()))
+            .filter(|p| rings & (1 << (2 * p + RX_QUEUE as u32)) != 0)
+            .fold(0u32, |m, p| m | (1 << p));
+        self.mask.store(mask, Ordering::Relaxed);
+        self.seen.store(layout, Ordering::Release);
+        mask
     }
 }
 
 /// One RX ring opened for the batch.
 struct OpenRing<'r, 'm> {
+    /// Index into the sink's rings.
     pair: usize,
+    /// The queue pair the ring belongs to.
+    queue_pair: usize,
     ring: Ring<'r, 'm>,
     log: Option<Arc<DirtyLog>>,
     used: bool,
@@ -81,7 +128,7 @@ impl GuestRxWriter for MqBatch<'_, '_, '_> {
     fn push(&mut self, hdr: &VnetHdr, parts: &[&[u8]], tail: Option<&GuestTail>) -> Result<(), DropReason> {
         let mut buf = [0u8; 128];
         let head = frame_head(parts, &mut buf);
-        let k = vmq_wire::flow::pick_ring(head, self.choices).ok_or(DropReason::PortDown)?;
+        let k = *self.choices.get(crate::port::lane_pick(head, self.choices.len())).ok_or(DropReason::PortDown)?;
         let open = self.rings.get_mut(k).ok_or(DropReason::PortDown)?;
         let result = push_logged(self.writer, &mut open.ring, open.log.as_deref(), &mut open.used, (hdr, parts, tail));
         if result.is_ok() {
@@ -126,19 +173,24 @@ impl FrameSink for VhostMqRxSink {
                 any_broken = true;
                 continue;
             }
-            live.push((pair, vring, state));
+            live.push((pair, dr.index / 2, vring, state));
         }
         let mut signal = Vec::new();
         {
             let mut open = Vec::with_capacity(live.len());
-            for (pair, vring, state) in live.iter_mut() {
+            for (pair, queue_pair, vring, state) in live.iter_mut() {
                 let log = vring.dirty_log.clone();
                 match Ring::open(&mem, state) {
-                    Ok(ring) => open.push(OpenRing { pair: *pair, ring, log, used: false, frames: 0 }),
+                    Ok(ring) => {
+                        open.push(OpenRing { pair: *pair, queue_pair: *queue_pair, ring, log, used: false, frames: 0 })
+                    }
                     Err(RingError::Broken) => any_broken = true,
                     Err(_) => {
                         any_broken = true;
-                        tracing::warn!(queue = *pair * 2, "guest broke an RX ring; not served until it resets it");
+                        tracing::warn!(
+                            queue = *queue_pair * 2,
+                            "guest broke an RX ring; not served until it resets it"
+                        );
                     }
                 }
             }
@@ -155,14 +207,14 @@ impl FrameSink for VhostMqRxSink {
                         signal.push(o.pair);
                     }
                     if o.frames > 0
-                        && let Some(c) = self.counters.rx_frames.get(o.pair)
+                        && let Some(c) = self.counters.rx_frames.get(o.queue_pair)
                     {
                         c.fetch_add(o.frames, Ordering::Relaxed);
                     }
                 }
             }
         }
-        for (_, vring, state) in live.iter_mut() {
+        for (_, _, vring, state) in live.iter_mut() {
             if let Some(log) = &vring.dirty_log {
                 // The whole used ring, as the single-queue sink does.
                 for (addr, len) in state.device_written_areas() {
@@ -242,14 +294,14 @@ mod tests {
         for sport in 1000..1032u16 {
             let frame = udp_frame(sport);
             assert_eq!(sink.send(&VnetHdr::default(), &[&frame]), Ok(()));
-            expected[vmq_wire::flow::pick_ring(&frame, &[0usize, 1]).unwrap()] += 1;
+            expected[crate::port::lane_pick(&frame, 2)] += 1;
         }
         assert!(expected[0] > 0 && expected[1] > 0, "32 flows all hash to one ring: {expected:?}");
         assert_eq!(ring_of_each(&mut drivers, &mem), expected.to_vec(), "frames not on their flow's ring");
         assert_eq!(counters.rx(), vec![expected[0] as u64, expected[1] as u64]);
         // One flow, many frames, in one batch: all on its ring.
         let frame = udp_frame(1000);
-        let ring = vmq_wire::flow::pick_ring(&frame, &[0usize, 1]).unwrap();
+        let ring = crate::port::lane_pick(&frame, 2);
         sink.batch(&mut |w| {
             for _ in 0..10 {
                 w.send(&VnetHdr::default(), &[&frame[..20], &frame[20..]]).unwrap();

@@ -15,7 +15,7 @@ use common::*;
 use vmq_sys::link::{LinkCtl, LinkError};
 use vmq_sys::netns::{Netns, NetnsError};
 use vmq_sys::packet::{FanoutGroup, PacketError, PacketSocket, RingConfig, RxFrame};
-use vmq_sys::steering::SteeringRule;
+use vmq_sys::steering::{SteeringRule, flow_index};
 use vmq_wire::VnetHdr;
 use vmq_wire::vnet::{FLAG_NEEDS_CSUM, GsoType};
 
@@ -458,4 +458,94 @@ fn open_errors_are_clear() {
     let tiny = RingConfig { block_size: 4096, ..small_ring() };
     let e = PacketSocket::open_rx(UPLINK, Some(topo.sw.name()), tiny).unwrap_err();
     assert!(matches!(e, PacketError::BadRing { .. }), "{e:?}");
+}
+
+/// VMMQ: queues sharing a MAC split its flows by the program's flow hash, in the kernel as
+/// `flow_index` computes it; a key of one queue on the same program keeps all its flows.
+#[test]
+fn shared_key_spreads_udp_flows_over_its_members() {
+    if !can_run() {
+        return;
+    }
+    let host = Netns::create(&unique("grh")).expect("host netns");
+    let sw = Netns::create(&unique("grs")).expect("sw netns");
+    ip_in(host.name(), &["link", "add", "vqs-h0", "type", "veth", "peer", "name", "vqs-u0", "netns", sw.name()]);
+    ip_in(host.name(), &["link", "set", "vqs-h0", "up"]);
+    ip_in(sw.name(), &["link", "set", "vqs-u0", "up"]);
+    let inject = PacketSocket::open_tx("vqs-h0", Some(host.name())).expect("inject");
+    let ring = RingConfig { block_size: 128 * 1024, block_count: 8, retire_timeout_ms: 2 };
+    let (group, mut sockets) = FanoutGroup::open("vqs-u0", Some(sw.name()), 5, ring).expect("fanout");
+    let vm = [0x52, 0x54, 0, 0x79, 0, 11];
+    let single = [0x52, 0x54, 0, 0x79, 0, 12];
+    let rules = [
+        SteeringRule { mac: vm, vlan: None, index: 3 },
+        SteeringRule { mac: single, vlan: None, index: 4 },
+        SteeringRule { mac: vm, vlan: None, index: 1 },
+        SteeringRule { mac: vm, vlan: None, index: 2 },
+    ];
+    group.steer(&rules).expect("kernel takes the program");
+    let flows = 48u16;
+    let mut want = HashMap::new();
+    for sp in 0..flows {
+        for dst in [vm, single] {
+            let f = udp_frame([2, 0, 0, 0, 0, 1], dst, [10, 9, 0, 1], [10, 9, 0, 2], 30000 + sp, 7000, b"flow");
+            let exp = if dst == vm { [1u32, 2, 3][flow_index(&f[14..], 0x0800, 3)] } else { 4 };
+            want.insert((dst, 30000 + sp), exp as usize);
+            for _ in 0..2 {
+                inject.send(&VnetHdr::default().to_bytes(), &[&f]).expect("inject");
+            }
+        }
+    }
+    let mut got: HashMap<([u8; 6], u16), Vec<usize>> = HashMap::new();
+    let end = deadline(5);
+    let mut seen = 0;
+    while seen < 4 * flows as usize {
+        assert!(std::time::Instant::now() < end, "timed out: {seen}");
+        let mut n = 0;
+        for (i, s) in sockets.iter_mut().enumerate() {
+            n += s.recv_batch(64, |f| {
+                let d = f.data;
+                if d.len() >= 42 && d[12..14] == [8, 0] && d[23] == 17 && u16::from_be_bytes([d[36], d[37]]) == 7000 {
+                    let dst: [u8; 6] = d[..6].try_into().unwrap();
+                    got.entry((dst, u16::from_be_bytes([d[34], d[35]]))).or_default().push(i);
+                    seen += 1;
+                }
+            });
+        }
+        if n == 0 {
+            vmq_sys::wait_readable(&sockets[0], Duration::from_millis(5)).expect("poll");
+        }
+    }
+    let mut per_socket = [0usize; 5];
+    for (k, v) in &got {
+        assert_eq!(v.len(), 2);
+        assert!(v.iter().all(|&i| i == want[k]), "{k:?}: {v:?} want {}", want[k]);
+        per_socket[v[0]] += 1;
+    }
+    println!("flows per socket: {per_socket:?}");
+    assert_eq!(per_socket[0], 0);
+    assert_eq!(per_socket[4], flows as usize);
+    assert!(per_socket[1] > 0 && per_socket[2] > 0 && per_socket[3] > 0);
+}
+
+/// The kernel's verifier takes the largest programs `fanout_program` builds: pairs of queues per
+/// key up to `MAX_FILTERS`, and groups of 16.
+#[test]
+fn kernel_takes_programs_at_the_maximum_size() {
+    if !can_run() {
+        return;
+    }
+    let sw = Netns::create(&unique("grm")).expect("sw netns");
+    ip_in(sw.name(), &["link", "add", "vqs-d0", "type", "veth", "peer", "name", "vqs-d1"]);
+    ip_in(sw.name(), &["link", "set", "vqs-d0", "up"]);
+    let ring = RingConfig { block_size: 128 * 1024, block_count: 2, retire_timeout_ms: 2 };
+    let (group, _s) = FanoutGroup::open("vqs-d0", Some(sw.name()), 17, ring).expect("fanout");
+    let mac = |i: usize| [0x52, 0x54, 0, 0x12, (i >> 8) as u8, i as u8];
+    let pairs: Vec<_> = (0..vmq_sys::steering::MAX_FILTERS)
+        .map(|i| SteeringRule { mac: mac(i / 2), vlan: None, index: (i % 2 + 1) as u32 })
+        .collect();
+    group.steer(&pairs).expect("pairs");
+    let big: Vec<_> =
+        (0..99 * 16).map(|i| SteeringRule { mac: mac(i / 16), vlan: Some(7), index: (i % 16 + 1) as u32 }).collect();
+    group.steer(&big).expect("groups of 16");
 }

@@ -9,7 +9,9 @@ use serde::Serialize;
 use vmq_core::Mode;
 use vmq_core::vmq::QueuePolicy;
 
-use harness::{BenchOptions, BenchPath, BenchResult, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench};
+use harness::{
+    BenchOptions, BenchPath, BenchResult, MqDirection, TcpBenchResult, memcpy_gbps, run_bench, run_tcp_bench,
+};
 
 use crate::exit;
 
@@ -55,13 +57,18 @@ pub struct BenchArgs {
     mac_flood: bool,
     /// Instead: the multiqueue measurement. One VM transmits to the uplink as fast as it can
     /// over one queue pair, then over `--mq-pairs` pairs (each TX ring a task of its own, spread
-    /// over `--workers`); prints both rates and their ratio (median of 3 alternating rounds of
+    /// over `--workers`); then receives from the uplink the same way (a VM queue and an RX ring
+    /// per pair); prints the rates and their ratio (median of 3 alternating rounds of
     /// `--seconds` each, per frame length; default 64 and 1518 bytes).
     #[arg(long, conflicts_with_all = ["mode", "path", "no_tcp", "mac_flood"])]
     mq: bool,
     /// Queue pairs of the multiqueue measurement's VM.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=16))]
     mq_pairs: u16,
+    /// Which way the multiqueue measurement's frames go: `send` (the VM to the uplink),
+    /// `receive` (the uplink to the VM, a VM queue per pair) or both.
+    #[arg(long, default_value = "both", value_parser = ["send", "receive", "both"])]
+    mq_direction: String,
 }
 
 fn mq(args: &BenchArgs) -> ExitCode {
@@ -70,19 +77,27 @@ fn mq(args: &BenchArgs) -> ExitCode {
     let workers = args.workers as usize;
     let machine = Machine::this();
     eprintln!("vmq bench --mq: on {} ({} CPUs), Linux {}", machine.cpu, machine.cpus, machine.kernel);
-    let results = match harness::run_mq_bench(args.seconds, workers, args.mq_pairs, &lens, 3) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("vmq bench: {e}");
-            return ExitCode::from(exit::RUNTIME);
-        }
+    let mut results = Vec::new();
+    let directions = match args.mq_direction.as_str() {
+        "send" => vec![MqDirection::Send],
+        "receive" => vec![MqDirection::Receive],
+        _ => vec![MqDirection::Send, MqDirection::Receive],
     };
+    for direction in directions {
+        match harness::run_mq_bench(direction, args.seconds, workers, args.mq_pairs, &lens, 3) {
+            Ok(r) => results.extend(r),
+            Err(e) => {
+                eprintln!("vmq bench: {e}");
+                return ExitCode::from(exit::RUNTIME);
+            }
+        }
+    }
     if args.json {
         let rows: Vec<serde_json::Value> = results
             .iter()
             .map(|r| {
                 serde_json::json!({
-                    "frame_len": r.frame_len, "pairs": r.pairs, "workers": r.workers,
+                    "direction": r.direction.name(), "frame_len": r.frame_len, "pairs": r.pairs, "workers": r.workers,
                     "workers_used": r.workers_used, "mpps": finite(r.mpps),
                     "cpu_ns_per_frame": finite(r.cpu_ns_per_frame), "cores_used": finite(r.cores_used),
                 })
@@ -91,10 +106,10 @@ fn mq(args: &BenchArgs) -> ExitCode {
         println!("{}", serde_json::json!({ "machine": machine, "mq": rows }));
         return ExitCode::SUCCESS;
     }
-    println!("VM -> uplink, one VM, {workers} workers (median of 3 rounds of {:.2} s)", args.seconds);
+    println!("one VM, {workers} workers (median of 3 rounds of {:.2} s)", args.seconds);
     println!(
-        "{:>9}  {:>11}  {:>12}  {:>8}  {:>6}  {:>10}  {:>10}",
-        "frame", "queue pairs", "workers used", "Mpps", "ratio", "cores got", "CPU ns/fr"
+        "{:>12}  {:>9}  {:>11}  {:>12}  {:>8}  {:>6}  {:>10}  {:>10}",
+        "direction", "frame", "queue pairs", "workers used", "Mpps", "ratio", "cores got", "CPU ns/fr"
     );
     for pair in results.chunks(2) {
         let [one, many] = pair else { continue };
@@ -102,8 +117,15 @@ fn mq(args: &BenchArgs) -> ExitCode {
         for (r, ratio) in [(one, None), (many, Some(ratio))] {
             let ratio = ratio.map_or(String::new(), |x| format!("{x:.2}x"));
             println!(
-                "{:>9}  {:>11}  {:>12}  {:>8.3}  {:>6}  {:>10.2}  {:>10.1}",
-                r.frame_len, r.pairs, r.workers_used, r.mpps, ratio, r.cores_used, r.cpu_ns_per_frame
+                "{:>12}  {:>9}  {:>11}  {:>12}  {:>8.3}  {:>6}  {:>10.2}  {:>10.1}",
+                r.direction.name(),
+                r.frame_len,
+                r.pairs,
+                r.workers_used,
+                r.mpps,
+                ratio,
+                r.cores_used,
+                r.cpu_ns_per_frame
             );
         }
     }

@@ -1,10 +1,9 @@
-//! Which guest RX queue a frame goes to when a VM port has several queue pairs
-//! (VIRTIO_NET_F_MQ): a hash of the 5-tuple (IPv4/IPv6 addresses, TCP/UDP ports, protocol) that
-//! is *symmetric* (both directions of a connection hash alike, so a guest that pins a flow to a
-//! CPU sees its replies where its requests went) and fixed (no per-process seed: a flow keeps
-//! its queue across a vmq restart). Frames without a TCP/UDP header vmq can read (ARP, ICMP,
-//! IP fragments, other protocols) go to the first enabled ring: they are rare and keeping them on
-//! one ring keeps the fragments of one datagram in order.
+//! A symmetric, fixed 5-tuple flow hash and a pick among rings by it. It chose a multiqueue VM
+//! port's guest RX queue until VM ports got a VM queue per queue pair (VMMQ, docs/design.md);
+//! the data path now picks with the uplink's flow hash (`vmq_sys::steering::flow_index`), so
+//! that the queue a flow takes on the uplink and in the guest agree. The hash here is
+//! *symmetric* (both directions of a connection hash alike) and fixed (no per-process seed).
+//! Frames without a TCP/UDP header it can read (ARP, ICMP, IP fragments) get the first ring.
 
 use crate::ip::{PROTO_TCP, PROTO_UDP, locate};
 

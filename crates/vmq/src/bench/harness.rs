@@ -229,7 +229,10 @@ fn run_one(mode: Mode, path: BenchPath, frame_len: usize, opts: &BenchOptions) -
     let elapsed = t0.elapsed().as_secs_f64();
     let (q1, busy1, cpu1) = (default_frames(&dp), busy(&dp), worker_cpu_ns());
     let (d1, s1) = totals(&dp);
-    let vms_with_queue = dp.queue_assignments().iter().filter(|(_, q)| q.is_some()).count();
+    let mut with_queue: Vec<String> =
+        dp.queue_assignments().into_iter().filter(|(_, q)| q.is_some()).map(|(n, _)| n).collect();
+    with_queue.dedup();
+    let vms_with_queue = with_queue.len();
     dp.shutdown();
     let delivered_total = received(&guests);
     let delivered = r1 - r0;
@@ -655,16 +658,37 @@ mod tests {
     }
 }
 
+/// Which way the multiqueue measurement's frames go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqDirection {
+    /// The VM transmits on every TX queue (each a task of its own) to the uplink.
+    Send,
+    /// The uplink's NIC stand-in sends 512 UDP flows to the VM, which holds one VM queue per
+    /// queue pair (VMMQ): each NIC queue a task, each guest RX queue a lane of its own.
+    Receive,
+}
+
+impl MqDirection {
+    pub fn name(self) -> &'static str {
+        match self {
+            MqDirection::Send => "VM -> uplink",
+            MqDirection::Receive => "uplink -> VM",
+        }
+    }
+}
+
 /// One multiqueue measurement: a VM transmitting as fast as it can over `pairs` TX queues
-/// (each a task of its own) to the uplink, with `workers` workers.
+/// (each a task of its own) to the uplink, or receiving over `pairs` RX queues from it, with
+/// `workers` workers.
 #[derive(Debug, Clone)]
 pub struct MqBenchResult {
+    pub direction: MqDirection,
     pub pairs: u16,
     pub workers: usize,
     pub frame_len: usize,
-    /// Frames per second the uplink got from the VM.
+    /// Frames per second the uplink got from the VM (send), or the VM from the uplink.
     pub mpps: f64,
-    /// Workers serving the VM's TX queues at the end of the run.
+    /// Workers serving the VM's TX queues (send) or its VM queues (receive) at the end.
     pub workers_used: usize,
     /// Worker CPU time per frame sent, ns (from the kernel's per-thread accounting): what the
     /// rate would be bounded by with the cores to themselves.
@@ -678,6 +702,7 @@ pub struct MqBenchResult {
 /// length. Each queue pair is an in-process virtio ring pair replaying frames (as a guest that
 /// transmits as fast as it can on every queue).
 pub fn run_mq_bench(
+    direction: MqDirection,
     seconds: f64,
     workers: usize,
     max_pairs: u16,
@@ -690,7 +715,11 @@ pub fn run_mq_bench(
         for round in 0..rounds.max(1) {
             // Alternate which goes first, so neither always meets a warmer machine.
             for (slot, pairs) in rotated(&[(0usize, 1u16), (1, max_pairs)], round) {
-                runs[slot].push(run_mq_one(seconds, workers, pairs, len)?);
+                let one = match direction {
+                    MqDirection::Send => run_mq_one(seconds, workers, pairs, len)?,
+                    MqDirection::Receive => run_mq_receive(seconds, workers, pairs, len)?,
+                };
+                runs[slot].push(one);
             }
         }
         for mut r in runs {
@@ -747,12 +776,71 @@ fn run_mq_one(seconds: f64, workers: usize, pairs: u16, frame_len: usize) -> Res
         .unwrap_or(0);
     dp.shutdown();
     Ok(MqBenchResult {
+        direction: MqDirection::Send,
         pairs,
         workers,
         frame_len,
         mpps: (s1 - s0) as f64 / elapsed / 1e6,
         workers_used: if pairs == 1 { 1 } else { workers_used },
         cpu_ns_per_frame: if s1 > s0 { cpu / (s1 - s0) as f64 } else { f64::INFINITY },
+        cores_used: cpu / 1e9 / elapsed,
+    })
+}
+
+/// `uplink -> VM` with `pairs` queue pairs: the VM takes one VM queue per pair (the budget is
+/// [`DEFAULT_QUEUES`]); the NIC stand-in spreads the VM's 512 flows over its queues, each queue
+/// a task the workers share out, each guest RX queue a lane.
+fn run_mq_receive(seconds: f64, workers: usize, pairs: u16, frame_len: usize) -> Result<MqBenchResult, DatapathError> {
+    let mut b = DatapathBuilder::new(config(Mode::Vmq, 1, workers.max(1), DEFAULT_QUEUES, QueuePolicy::Static))?;
+    b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None)?;
+    let mut guests = Vec::new();
+    for pair in 0..pairs {
+        let (guest, source, sink) = mem_port(OffloadCaps::ALL, false);
+        if pair == 0 {
+            b.attach("vm0", Box::new(sink), Some(Box::new(source)))?;
+        } else {
+            b.attach_more_source("vm0", Box::new(source))?;
+            b.attach_more_sink("vm0", Box::new(sink))?;
+        }
+        guests.push(guest);
+    }
+    let wire_len = frame_len.saturating_sub(4).max(64);
+    let frames = (0..NIC_RING).map(|f| udp_frame(vm_mac(0), EXTERNAL_MAC, Some(VLAN), wire_len, f as u16)).collect();
+    let nic = StandInNic::new(vec![(FilterKey { mac: vm_mac(0), vlan: VLAN }, frames)]);
+    b.attach_nic_queue_id("up0", QueueId::DEFAULT, Box::new(nic.queue(QueueId::DEFAULT)))?;
+    for q in 1..=DEFAULT_QUEUES {
+        b.attach_nic_queue_id("up0", QueueId(q), Box::new(nic.queue(QueueId(q))))?;
+    }
+    b.attach_steering("up0", Box::new(nic.steering()))?;
+    let dp = b.start()?;
+    let received = |gs: &[MemGuest]| gs.iter().map(|g| g.received().0).sum::<u64>();
+    std::thread::sleep(Duration::from_secs_f64((seconds * 0.1).min(0.2)));
+    let (r0, cpu0) = (received(&guests), worker_cpu_ns());
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (r1, cpu1) = (received(&guests), worker_cpu_ns());
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu1.saturating_sub(cpu0) as f64;
+    let per_guest: Vec<u64> = guests.iter().map(|g| g.received().0).collect();
+    let queues_held = dp.queue_assignments().iter().filter(|(n, q)| n == "vm0" && q.is_some()).count();
+    let vm_queues: Vec<String> = dp
+        .queue_assignments()
+        .into_iter()
+        .filter_map(|(n, q)| q.filter(|_| n == "vm0").map(|q| format!("up0 queue {}", q.0)))
+        .collect();
+    let workers_used = dp.workers().iter().filter(|w| w.tasks.iter().any(|t| vm_queues.contains(t))).count();
+    dp.shutdown();
+    if pairs > 1 && (queues_held != usize::from(pairs) || per_guest.contains(&0)) {
+        tracing::warn!(queues_held, ?per_guest, "uplink -> VM: not every RX queue was fed");
+    }
+    Ok(MqBenchResult {
+        direction: MqDirection::Receive,
+        pairs,
+        workers,
+        frame_len,
+        mpps: (r1 - r0) as f64 / elapsed / 1e6,
+        workers_used,
+        cpu_ns_per_frame: if r1 > r0 { cpu / (r1 - r0) as f64 } else { f64::INFINITY },
         cores_used: cpu / 1e9 / elapsed,
     })
 }
