@@ -25,6 +25,11 @@
 #       AF_XDP/AF_PACKET frames per vmq CPU-second (goal 1.5x) and vmq/switch mode CPU per
 #       frame (goal <= 0.7x). Needs dpdk-testpmd (Debian package dpdk-dev).
 #
+#       With PERF_DIR=DIR in the environment, each run's measurement window is sampled with
+#       `perf record -g -p VMQ` into DIR/perf-c-MODE-64.data (perf report shows where vmq's CPU
+#       time goes in each mode; the window is the same length, so the figures stay comparable);
+#       in part (a), vmq's runs into DIR/perf-a-vmq-MTU-OFFLOADS-STREAMS.data.
+#
 #       --xdp-mode generic runs the AF_XDP uplink in generic XDP (on the skb) instead of the
 #       veth's native XDP; part (c) only (in part (b) the peer's GSO frames would not fit a
 #       UMEM chunk in generic mode).
@@ -604,7 +609,13 @@ measure_frames() { # mode driver: one run, appended to $FRAMES
     start_generator
     sleep 1   # warm-up: rings and caches filled, the rebalancer has seen the rates
     a=$(frames_snapshot)
-    sleep "$SECONDS_PER_RUN"   # the measurement window
+    if [ -n "${PERF_DIR:-}" ]; then
+        # The measurement window, sampled: where vmq's own CPU time goes in this mode.
+        perf record -q -F 999 -g -p "$VMQ_PID" -o "$PERF_DIR/perf-${key//[:+]/-}.data" -- sleep "$SECONDS_PER_RUN" \
+            >/dev/null 2>&1 || log "  perf record failed (profile of $key missing)"
+    else
+        sleep "$SECONDS_PER_RUN"   # the measurement window
+    fi
     b=$(frames_snapshot)
     stop_generator
     stop_vmq
@@ -650,7 +661,14 @@ for round in $(seq 1 "$ROUNDS"); do
                     tag=$(mtu_tag "$mtu")
                     s=$(case "$sys" in vmq) echo v ;; bridge) echo b ;; ovs) echo o ;; esac)
                     for st in $STREAMS; do
+                        perf_pid=""
+                        if [ -n "${PERF_DIR:-}" ] && [ "$sys" = vmq ] && [ -n "$VMQ_PID" ]; then
+                            perf record -q -F 999 -g -p "$VMQ_PID" -o "$PERF_DIR/perf-a-vmq-$mtu-$offl-$st.data" \
+                                -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
+                            perf_pid=$!
+                        fi
                         v=$(one_stream "${P}$s${tag}2" "${P}$s${tag}1" "10.77.$(subnet_of "$mtu").2" 5201 "$st")
+                        [ -z "$perf_pid" ] || wait "$perf_pid" || log "  perf record failed"
                         record "a:$sys:$mtu:$offl:$st" "$v"
                     done
                 done

@@ -34,8 +34,11 @@ pub struct PortInfo {
     pub up: bool,
     /// What the attached receiver accepts (negotiated offloads).
     pub caps: vmq_core::OffloadCaps,
-    /// Its VM queue (None: the default queue).
+    /// Its VM queue (None: the default queue); the first of them for a multiqueue port.
     pub queue: Option<QueueId>,
+    /// Every VM queue it holds (several for a multiqueue port, VMMQ), each with the worker
+    /// serving it.
+    pub vm_queues: Vec<(QueueId, Option<usize>)>,
     /// The worker serving its traffic into vmq (its own TX, or its VM queue on the NIC).
     pub worker: Option<usize>,
     /// Frames per second delivered to it at the last measurement.
@@ -217,17 +220,20 @@ pub(crate) fn ports(st: &ControlState, shared: &Shared) -> Vec<PortInfo> {
         let Some(rec) = rec else { continue };
         let id = PortId(i as u16);
         let queue = st.vmq.queue_of(id);
-        // The worker that brings its traffic in: its VM queue's, else its own TX task's.
-        let queue_task = queue.and_then(|q| {
+        let task_of = |q: QueueId| {
             let uplink = st.uplink_of(id)?;
             st.record(uplink)?.tasks.iter().find(|t| t.kind == TaskKind::VmQueue { uplink, queue: q }).cloned()
-        });
+        };
+        let vm_queues = st.vmq.queues_of(id).iter().map(|&q| (q, task_of(q).and_then(|t| worker_of(&t)))).collect();
+        // The worker that brings its traffic in: its VM queue's, else its own TX task's.
+        let queue_task = queue.and_then(task_of);
         let worker = queue_task.or_else(|| rec.tasks.first().cloned()).and_then(|t| worker_of(&t));
         out.push(PortInfo {
             config: rec.config.clone(),
             up: sw.is_up(id),
             caps: lock(rec.sinks.first()).caps(),
             queue,
+            vm_queues,
             worker,
             rx_rate: st.rates.get(&id).copied().unwrap_or(0),
             rx_byte_rate: st.byte_rates.get(&id).copied().unwrap_or(0),

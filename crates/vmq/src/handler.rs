@@ -165,13 +165,14 @@ impl DatapathHandler {
             let name = p.config.spec.name.clone();
             let (rx_pps, rx_bits_per_sec) = (p.rx_rate, p.rx_byte_rate.saturating_mul(8));
             match p.queue {
-                Some(q) => assigned.push(QueueAssignment {
-                    port: name,
+                // A multiqueue port holds several (VMMQ): a row each; its rates are the port's.
+                Some(_) => assigned.extend(p.vm_queues.iter().map(|&(q, worker)| QueueAssignment {
+                    port: name.clone(),
                     queue: u32::from(q.0),
-                    worker: p.worker.unwrap_or(0) as u32,
+                    worker: worker.or(p.worker).unwrap_or(0) as u32,
                     rx_pps,
                     rx_bits_per_sec,
-                }),
+                })),
                 None => {
                     let reason = match self.dp.no_queue_reason(&name) {
                         Some(NoQueueReason::SwitchMode) => SharedReason::SwitchMode,
