@@ -933,3 +933,95 @@ fn interleaved_destinations_in_one_batch_each_reach_their_own() {
     assert_eq!(r.dp.stats("vm1").unwrap().drops(DropReason::Vlan), 8);
     assert_accounted(&r.dp, 48);
 }
+
+/// VMMQ: a VM port with two RX lanes (two guest RX rings) takes a VM queue per lane; the NIC
+/// spreads its flows over both queues, each flow on one, and every frame of a queue lands on
+/// the RX ring of the same rank (the lane pick is the NIC's pick): no RX ring is written by
+/// both queues' workers. A one-lane VM beside it keeps one queue.
+#[test]
+fn a_two_lane_vm_holds_two_vm_queues_and_each_feeds_its_own_rx_ring() {
+    use std::collections::HashMap;
+    use vmq_core::vmq::{FilterKey, QueueId};
+    use vmq_datapath::nic::{StandInNic, spread_index};
+    use vmq_datapath::port::lane_pick;
+    let mut ports = vec![PortConfig {
+        spec: PortSpec {
+            name: "up0".into(),
+            kind: PortKind::Uplink,
+            mac: None,
+            mtu: 9000,
+            vlan: VlanMode::Trunk { allowed: vec![10], native: None },
+            allow_mac_spoofing: false,
+            max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+            guest: Default::default(),
+            offloads: OffloadCaps::NONE,
+        },
+        backend: PortBackend::Mem,
+        uplink: None,
+    }];
+    ports.push(mem_port_config("vm1", 1, 10));
+    ports.push(mem_port_config("vm2", 2, 10));
+    let cfg = DatapathConfig {
+        mode: Mode::Vmq,
+        workers: 2,
+        vmq: VmqConfig { queues: 4, policy: QueuePolicy::Static, workers: 2, hysteresis: 1.5 },
+        switch: SwitchConfig::default(),
+        ports,
+        rebalance_interval_ms: 1000,
+    };
+    let mut b = DatapathBuilder::new(cfg).unwrap();
+    b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None).unwrap();
+    let (lane0, source0, sink0) = mem_port(OffloadCaps::NONE, true);
+    let (lane1, source1, sink1) = mem_port(OffloadCaps::NONE, true);
+    b.attach("vm1", Box::new(sink0), Some(Box::new(source0))).unwrap();
+    b.attach_more_source("vm1", Box::new(source1)).unwrap();
+    b.attach_more_sink("vm1", Box::new(sink1)).unwrap();
+    let (single, source, sink) = mem_port(OffloadCaps::NONE, true);
+    b.attach("vm2", Box::new(sink), Some(Box::new(source))).unwrap();
+    // 64 flows to vm1, 8 to vm2; the stand-in replays them endlessly.
+    let vm1_frames: Vec<Vec<u8>> = (0..64u16).map(|f| udp_frame(mac(1), EXT, Some(10), 200, f)).collect();
+    let vm2_frames: Vec<Vec<u8>> = (0..8u16).map(|f| udp_frame(mac(2), EXT, Some(10), 200, f)).collect();
+    let nic = StandInNic::new(vec![
+        (FilterKey { mac: mac(1), vlan: 10 }, vm1_frames.clone()),
+        (FilterKey { mac: mac(2), vlan: 10 }, vm2_frames),
+    ]);
+    b.attach_nic_queue_id("up0", QueueId::DEFAULT, Box::new(nic.queue(QueueId::DEFAULT))).unwrap();
+    for q in 1..=4 {
+        b.attach_nic_queue_id("up0", QueueId(q), Box::new(nic.queue(QueueId(q)))).unwrap();
+    }
+    b.attach_steering("up0", Box::new(nic.steering())).unwrap();
+    let dp = b.start().unwrap();
+
+    let held = |name: &str| -> Vec<QueueId> {
+        dp.queue_assignments().into_iter().filter(|(n, _)| n == name).filter_map(|(_, q)| q).collect()
+    };
+    assert_eq!(held("vm1"), vec![QueueId(1), QueueId(2)], "a VM queue per lane, first come");
+    assert_eq!(held("vm2"), vec![QueueId(3)]);
+    let (mut got0, mut got1) = (Vec::new(), Vec::new());
+    assert!(wait_until(|| {
+        got0.extend(lane0.take_received());
+        got1.extend(lane1.take_received());
+        got0.len() >= 500 && got1.len() >= 500
+    }));
+    // Each frame on the RX ring its flow picks, which is the rank of the NIC queue it came on.
+    let mut lane_of_flow: HashMap<Vec<u8>, usize> = HashMap::new();
+    for (lane, frames) in [(0usize, &got0), (1, &got1)] {
+        for f in frames {
+            // Frames reach the VM untagged; the NIC saw them tagged (the pick ignores the tag).
+            assert_eq!(lane_pick(&f.frame, 2), lane, "a frame on the wrong RX ring");
+            let flow = f.frame[34..36].to_vec(); // UDP source port
+            assert_eq!(*lane_of_flow.entry(flow).or_insert(lane), lane, "a flow on two RX rings");
+        }
+    }
+    for f in &vm1_frames {
+        let queue_rank = spread_index(f, 2);
+        let mut untagged = f[..12].to_vec();
+        untagged.extend_from_slice(&f[16..]);
+        assert_eq!(lane_pick(&untagged, 2), queue_rank, "NIC queue rank and RX ring differ");
+    }
+    let per_queue =
+        |q: u16| dp.queue_stats().iter().filter(|s| s.queue == Some(QueueId(q))).map(|s| s.rx_packets).sum::<u64>();
+    assert!(per_queue(1) > 0 && per_queue(2) > 0, "both of vm1's queues carry flows: {:?}", dp.queue_stats());
+    assert!(wait_until(|| single.received().0 > 0), "vm2 gets its frames");
+    assert_eq!(per_queue(4), 0, "the free queue has no filter");
+}

@@ -152,7 +152,7 @@ impl DatapathHandler {
             mode: switch_mode(self.dp.mode()),
             workers: self.dp.worker_count() as u32,
             queue_budget: u32::from(self.dp.queue_config().queues),
-            queues_in_use: ports.iter().filter(|p| p.queue.is_some()).count() as u32,
+            queues_in_use: ports.iter().map(|p| p.vm_queues.len()).sum::<usize>() as u32,
             policy: self.policy(),
             ports: ports.iter().map(info).collect(),
         }

@@ -140,9 +140,18 @@ fn a_two_queue_guest_holds_a_vm_queue_per_pair_on_the_uplink_and_flows_use_both(
     let vm = &mut vms[0];
     wait_link_up(vm);
 
-    // Two VM queues for one port (the budget is 8).
+    // Two VM queues for one port (the budget is 8), each listed by `vmq ctl queues` and counted
+    // by `show`.
     let queues = vm_queue_frames(&vmq, "vm1");
     assert_eq!(queues.len(), 2, "vm1 should hold a VM queue per queue pair: {queues:?}");
+    match vmq.try_ctl(&["queues"]) {
+        Ok(Response::Queues(report)) => {
+            let rows: Vec<u32> = report.assigned.iter().filter(|a| a.port == "vm1").map(|a| a.queue).collect();
+            assert_eq!(rows, queues.iter().map(|(q, _)| *q).collect::<Vec<_>>(), "{report:?}");
+        }
+        other => panic!("vmq ctl queues: {other:?}"),
+    }
+    assert_eq!(vmq.show().queues_in_use, 2);
 
     assert_ping(vm, "10.127.0.100", 2);
     start_iperf3_server(vm);
