@@ -53,12 +53,16 @@ pub struct UplinkQueue {
     queue: QueueId,
     /// When the kernel's counters are read next (a syscall; they reset on each read).
     next_stats: Instant,
+    /// Calls of `kernel_counters` so far.
+    calls: u32,
     /// Corrupt blocks already reported.
     corrupt_reported: u64,
 }
 
 /// How often a queue reads its socket's kernel counters.
 const KERNEL_STATS_INTERVAL: Duration = Duration::from_millis(100);
+/// Every how many batches a queue checks whether [`KERNEL_STATS_INTERVAL`] has passed.
+const KERNEL_STATS_CALLS: u32 = 16;
 
 impl UplinkQueue {
     /// A lone receive socket as the default queue: the fallback when the kernel refuses fanout
@@ -68,7 +72,7 @@ impl UplinkQueue {
     }
 
     fn new(socket: PacketSocket, queue: QueueId) -> UplinkQueue {
-        UplinkQueue { socket, queue, next_stats: Instant::now(), corrupt_reported: 0 }
+        UplinkQueue { socket, queue, next_stats: Instant::now(), corrupt_reported: 0, calls: 0 }
     }
 
     pub fn queue(&self) -> QueueId {
@@ -113,6 +117,11 @@ impl FrameSource for UplinkQueue {
     }
 
     fn kernel_counters(&mut self) -> KernelCounters {
+        // Asked after every batch: look at the clock only every few calls.
+        self.calls = self.calls.wrapping_add(1);
+        if !self.calls.is_multiple_of(KERNEL_STATS_CALLS) {
+            return KernelCounters::default();
+        }
         let now = Instant::now();
         if now < self.next_stats {
             return KernelCounters::default();
