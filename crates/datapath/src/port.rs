@@ -428,6 +428,7 @@ impl Scratch {
     }
 
     /// The part of frame `i` still in guest memory.
+    #[inline]
     pub fn tail(&self, i: usize) -> Option<&GuestTail> {
         match &self.slots[i] {
             Slot::Split { tail, .. } => self.tails.get(*tail),
@@ -441,6 +442,7 @@ impl Scratch {
     }
 
     /// Whole length of frame `i` (virtio-net header included).
+    #[inline]
     pub fn frame_len(&self, i: usize) -> usize {
         self.get(i).len() + self.tail(i).map_or(0, GuestTail::len)
     }
