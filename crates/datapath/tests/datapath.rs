@@ -373,21 +373,7 @@ fn hostile_tx_descriptors_are_counted_and_the_port_keeps_working() {
 fn dynamic_policy_moves_the_queue_to_the_busy_vm_and_reprograms_the_nic() {
     use vmq_core::vmq::{FilterKey, QueueId};
     use vmq_datapath::nic::StandInNic;
-    let mut ports = vec![PortConfig {
-        spec: PortSpec {
-            name: "up0".into(),
-            kind: PortKind::Uplink,
-            mac: None,
-            mtu: 9000,
-            vlan: VlanMode::Trunk { allowed: vec![10], native: None },
-            allow_mac_spoofing: false,
-            max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
-            guest: Default::default(),
-            offloads: OffloadCaps::NONE,
-        },
-        backend: PortBackend::Mem,
-        uplink: None,
-    }];
+    let mut ports = vec![uplink_config(vec![10])];
     for i in 1..=2u8 {
         ports.push(PortConfig {
             spec: PortSpec {
@@ -446,6 +432,25 @@ fn dynamic_policy_moves_the_queue_to_the_busy_vm_and_reprograms_the_nic() {
     let drops: u64 = dp.port_stats().iter().map(|(_, s)| s.total_drops()).sum();
     let vm2_no_buffer = dp.stats("vm2").unwrap().drops(DropReason::NoBuffer);
     assert_eq!(drops, vm2_no_buffer, "only RX-ring-full drops under overload");
+}
+
+/// Uplink `up0`, a trunk of `allowed` VLANs.
+fn uplink_config(allowed: Vec<u16>) -> PortConfig {
+    PortConfig {
+        spec: PortSpec {
+            name: "up0".into(),
+            kind: PortKind::Uplink,
+            mac: None,
+            mtu: 9000,
+            vlan: VlanMode::Trunk { allowed, native: None },
+            allow_mac_spoofing: false,
+            max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
+            guest: Default::default(),
+            offloads: OffloadCaps::NONE,
+        },
+        backend: PortBackend::Mem,
+        uplink: None,
+    }
 }
 
 fn mem_port_config(name: &str, n: u8, vlan: u16) -> PortConfig {
@@ -944,21 +949,7 @@ fn a_two_lane_vm_holds_two_vm_queues_and_each_feeds_its_own_rx_ring() {
     use vmq_core::vmq::{FilterKey, QueueId};
     use vmq_datapath::nic::{StandInNic, spread_index};
     use vmq_datapath::port::lane_pick;
-    let mut ports = vec![PortConfig {
-        spec: PortSpec {
-            name: "up0".into(),
-            kind: PortKind::Uplink,
-            mac: None,
-            mtu: 9000,
-            vlan: VlanMode::Trunk { allowed: vec![10], native: None },
-            allow_mac_spoofing: false,
-            max_learned_macs: vmq_core::fdb::DEFAULT_MAX_LEARNED_MACS,
-            guest: Default::default(),
-            offloads: OffloadCaps::NONE,
-        },
-        backend: PortBackend::Mem,
-        uplink: None,
-    }];
+    let mut ports = vec![uplink_config(vec![10])];
     ports.push(mem_port_config("vm1", 1, 10));
     ports.push(mem_port_config("vm2", 2, 10));
     let cfg = DatapathConfig {

@@ -739,16 +739,7 @@ fn run_mq_one(seconds: f64, workers: usize, pairs: u16, frame_len: usize) -> Res
     let frames: Vec<(VnetHdr, Vec<u8>)> = (0..vmq_datapath::mem::QUEUE_SIZE)
         .map(|f| (VnetHdr::default(), udp_frame(EXTERNAL_MAC, vm_mac(0), None, vm_len, f)))
         .collect();
-    let mut guests = Vec::new();
-    for pair in 0..pairs {
-        let (guest, source, sink) = mem_port(OffloadCaps::ALL, false);
-        if pair == 0 {
-            b.attach("vm0", Box::new(sink), Some(Box::new(source)))?;
-        } else {
-            b.attach_more_source("vm0", Box::new(source))?;
-        }
-        guests.push(guest);
-    }
+    let guests = attach_mq_vm(&mut b, pairs, false)?;
     for g in &guests {
         g.start_replay(&frames);
     }
@@ -787,12 +778,9 @@ fn run_mq_one(seconds: f64, workers: usize, pairs: u16, frame_len: usize) -> Res
     })
 }
 
-/// `uplink -> VM` with `pairs` queue pairs: the VM takes one VM queue per pair (the budget is
-/// [`DEFAULT_QUEUES`]); the NIC stand-in spreads the VM's 512 flows over its queues, each queue
-/// a task the workers share out, each guest RX queue a lane.
-fn run_mq_receive(seconds: f64, workers: usize, pairs: u16, frame_len: usize) -> Result<MqBenchResult, DatapathError> {
-    let mut b = DatapathBuilder::new(config(Mode::Vmq, 1, workers.max(1), DEFAULT_QUEUES, QueuePolicy::Static))?;
-    b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None)?;
+/// Attaches VM `vm0` with `pairs` in-process queue pairs: a TX task each, and with `rx_lanes`
+/// an RX lane each (else only the first pair's RX ring receives).
+fn attach_mq_vm(b: &mut DatapathBuilder, pairs: u16, rx_lanes: bool) -> Result<Vec<MemGuest>, DatapathError> {
     let mut guests = Vec::new();
     for pair in 0..pairs {
         let (guest, source, sink) = mem_port(OffloadCaps::ALL, false);
@@ -800,10 +788,22 @@ fn run_mq_receive(seconds: f64, workers: usize, pairs: u16, frame_len: usize) ->
             b.attach("vm0", Box::new(sink), Some(Box::new(source)))?;
         } else {
             b.attach_more_source("vm0", Box::new(source))?;
-            b.attach_more_sink("vm0", Box::new(sink))?;
+            if rx_lanes {
+                b.attach_more_sink("vm0", Box::new(sink))?;
+            }
         }
         guests.push(guest);
     }
+    Ok(guests)
+}
+
+/// `uplink -> VM` with `pairs` queue pairs: the VM takes one VM queue per pair (the budget is
+/// [`DEFAULT_QUEUES`]); the NIC stand-in spreads the VM's 512 flows over its queues, each queue
+/// a task the workers share out, each guest RX queue a lane.
+fn run_mq_receive(seconds: f64, workers: usize, pairs: u16, frame_len: usize) -> Result<MqBenchResult, DatapathError> {
+    let mut b = DatapathBuilder::new(config(Mode::Vmq, 1, workers.max(1), DEFAULT_QUEUES, QueuePolicy::Static))?;
+    b.attach("up0", Box::new(WireSink::discard(OffloadCaps::NONE)), None)?;
+    let guests = attach_mq_vm(&mut b, pairs, true)?;
     let wire_len = frame_len.saturating_sub(4).max(64);
     let frames = (0..NIC_RING).map(|f| udp_frame(vm_mac(0), EXTERNAL_MAC, Some(VLAN), wire_len, f as u16)).collect();
     let nic = StandInNic::new(vec![(FilterKey { mac: vm_mac(0), vlan: VLAN }, frames)]);
