@@ -100,6 +100,7 @@ fn mq(args: &BenchArgs) -> ExitCode {
                     "direction": r.direction.name(), "frame_len": r.frame_len, "pairs": r.pairs, "workers": r.workers,
                     "workers_used": r.workers_used, "mpps": finite(r.mpps),
                     "cpu_ns_per_frame": finite(r.cpu_ns_per_frame), "cores_used": finite(r.cores_used),
+                    "vm_queues": r.vm_queues, "rx_rings_fed": r.rx_rings_fed,
                 })
             })
             .collect();
