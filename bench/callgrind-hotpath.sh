@@ -6,7 +6,7 @@
 # inline there); its total is divided by the frames the guests received over the whole run.
 #
 # Usage: bench/callgrind-hotpath.sh [--frame-len N] [--seconds S] [--top N]
-#            [--vms N] [--queues N] [--path vm-to-vm|uplink-to-vm] [--cache-sim]
+#            [--vms N] [--queues N] [--path vm-to-vm|uplink-to-vm] [--mode vmq|switch] [--cache-sim]
 # --cache-sim adds callgrind's cache simulation (L1 and last-level data misses per frame, of a
 # simulated cache, so independent of the host's load): what the footprint of many VMs costs.
 # The simulated caches are this host's per-core ones: 48 KiB L1 data, 4 MiB L2 as the last level
@@ -21,6 +21,7 @@ top=25
 vms=2
 queues=8
 path=vm-to-vm
+mode=vmq
 cache_sim=no
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
         --vms) vms=$2; shift 2 ;;
         --queues) queues=$2; shift 2 ;;
         --path) path=$2; shift 2 ;;
+        --mode) mode=$2; shift 2 ;;
         --cache-sim) cache_sim=yes; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -42,7 +44,7 @@ out=${OUT:-$(mktemp /tmp/callgrind-hotpath.XXXXXX)}
 json=$(valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no --separate-threads=yes \
     --cache-sim="$cache_sim" --D1=49152,12,64 --LL=4194304,16,64 \
     "$VMQ" bench --seconds "$seconds" --vms "$vms" --queues "$queues" --workers 1 --frame-len "$len" \
-    --mode vmq --path "$path" --no-tcp --json 2>/dev/null)
+    --mode "$mode" --path "$path" --no-tcp --json 2>/dev/null)
 frames=$(printf '%s' "$json" | python3 -c 'import json,sys; r=json.load(sys.stdin)["results"][0]; print(r["delivered_total"])')
 python3 - "$out" "$frames" "$top" <<'PY'
 import glob, re, subprocess, sys

@@ -913,6 +913,7 @@ impl Worker {
         let Worker { scratch, hdrs, egress, coalescer, rsc_buf, deliveries, .. } = self;
         let out = OutPort { caps, spec: &entry.spec };
         let mut tally = EgressTally::default();
+        sink.expect_frames(run.len());
         sink.batch(&mut |writer| {
             let mut send = |h: &VnetHdr, f: &[u8], tail: Option<&GuestTail>, edit: TagEdit| {
                 if let Err(r) = deliver(writer, &out, h, f, tail, edit, egress, &mut tally) {

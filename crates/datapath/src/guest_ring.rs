@@ -134,6 +134,19 @@ impl DeviceRing {
         result
     }
 
+    /// Has the guest made chains available that were not taken yet? Cheap (the ring lock and
+    /// one load of the avail index), for the poll of an idle TX ring. "Yes" whenever the ring
+    /// is not in the state the last batch saw (not live, restarted, reconnected): the full
+    /// open then sets it up again and decides.
+    pub(crate) fn avail_pending(&self, device: &NetDevice) -> bool {
+        let vring = device.vring(self.index);
+        if !vring.is_live() || vring.stops != self.stops || device.generation() != self.generation {
+            return true;
+        }
+        let Some(state) = self.state.as_ref() else { return true };
+        state.avail_pending(&device.mem.memory())
+    }
+
     pub(crate) fn is_broken(&self) -> bool {
         self.state.as_ref().is_some_and(RingState::is_broken)
     }

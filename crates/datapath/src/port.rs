@@ -146,6 +146,10 @@ pub trait FrameSink: Send {
     /// What the receiver accepts in the virtio-net header (negotiated).
     fn caps(&self) -> OffloadCaps;
 
+    /// The next [`FrameSink::batch`] carries about `frames` frames: a ring sink reads no more
+    /// of the guest's buffers ahead than that (see [`crate::ring::Ring::expect_chains`]).
+    fn expect_frames(&mut self, _frames: usize) {}
+
     /// One batch toward this sink: `write` sends its frames through the writer it is given,
     /// then the receiver is notified once. Sinks that can keep their ring open (and locked)
     /// for a whole batch override this; by default every frame goes through [`FrameSink::send`].

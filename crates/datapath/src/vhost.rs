@@ -83,6 +83,9 @@ impl FrameSource for VhostTxSource {
             }
         }
         let max = max.saturating_sub(announced);
+        if announced == 0 && !self.ring.avail_pending(&self.device) {
+            return 0;
+        }
         let result = self.ring.with_memory(&self.device, |ring, mem, _| {
             let mut n = 0;
             let mut used = false;
@@ -210,11 +213,13 @@ pub struct VhostRxSink {
     device: Arc<NetDevice>,
     ring: DeviceRing,
     writer: RxWriter,
+    /// Frames the next batch carries (see [`FrameSink::expect_frames`]).
+    batch_frames: usize,
 }
 
 impl VhostRxSink {
     pub fn new(device: Arc<NetDevice>) -> VhostRxSink {
-        VhostRxSink { device, ring: DeviceRing::new(RX_QUEUE), writer: RxWriter::new(false) }
+        VhostRxSink { device, ring: DeviceRing::new(RX_QUEUE), writer: RxWriter::new(false), batch_frames: 1 }
     }
 }
 
@@ -237,18 +242,25 @@ impl GuestRxWriter for VhostRxBatch<'_, '_, '_> {
 impl FrameSink for VhostRxSink {
     fn send(&mut self, hdr: &VnetHdr, parts: &[&[u8]]) -> Result<(), DropReason> {
         let mut result = Err(DropReason::PortDown);
+        self.batch_frames = 1;
         self.batch(&mut |w| result = w.send(hdr, parts));
         result
     }
 
     fn flush(&mut self) {}
 
+    fn expect_frames(&mut self, frames: usize) {
+        self.batch_frames = frames;
+    }
+
     /// The guest's RX ring stays open and locked for the whole batch; one interrupt at most.
     fn batch(&mut self, write: &mut dyn FnMut(&mut dyn FrameWriter)) {
         self.writer.mrg_rxbuf = has(self.device.acked_features(), VIRTIO_NET_F_MRG_RXBUF);
         let writer = &mut self.writer;
         let was_broken = self.ring.is_broken();
+        let frames = std::mem::replace(&mut self.batch_frames, 1);
         let notify = self.ring.with_memory(&self.device, |ring, _, log| {
+            ring.expect_chains(frames);
             let mut batch = VhostRxBatch { ring, writer, log, used: false };
             write(&mut batch);
             let used = batch.used;

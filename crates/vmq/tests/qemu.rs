@@ -184,7 +184,13 @@ fn vm_reaches_a_tap_host_and_an_external_host_through_the_uplink() {
     let after = vmq.stats();
     for port in ["vm1", "tap1", "up0"] {
         let d = Delta::between(&before, &after, port);
-        assert!(d.drops.is_empty(), "drops on {port}: {d:?}");
+        // A TCG guest on a busy host can let its RX ring run empty for a moment: vmq then drops
+        // and counts (`no_buffer`), as a NIC would, and TCP recovers. A handful of those is the
+        // guest's pace; any other drop, or more than one frame in a thousand, is vmq's fault.
+        let no_buffer = d.drops.get("no_buffer").copied().unwrap_or(0);
+        let others: Vec<_> = d.drops.iter().filter(|(reason, _)| reason.as_str() != "no_buffer").collect();
+        assert!(others.is_empty(), "drops on {port}: {d:?}");
+        assert!(no_buffer * 1000 <= d.tx_packets, "{port}: guest ring empty too often: {d:?}");
         assert!(d.rx_packets > 1000 && d.tx_packets > 1000, "{port} carried the transfers: {d:?}");
     }
 }
