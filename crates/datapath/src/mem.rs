@@ -140,6 +140,7 @@ pub fn mem_port(caps: OffloadCaps, capture: bool) -> (MemGuest, MemTxSource, Mem
         segments: Vec::new(),
         deferred: Vec::new(),
         shared: shared.clone(),
+        was_idle: false,
     };
     let sink =
         MemRxSink { ring: RingState::from_queue(&rx_queue), writer: RxWriter::new(true), shared, batch_frames: 1 };
@@ -324,6 +325,8 @@ pub struct MemTxSource {
     /// Chains whose frames are still being delivered from guest memory.
     deferred: Vec<u16>,
     shared: Arc<MemShared>,
+    /// The last poll took nothing (see the vhost-user source's `was_idle`).
+    was_idle: bool,
 }
 
 impl FrameSource for MemTxSource {
@@ -336,7 +339,7 @@ impl FrameSource for MemTxSource {
             self.deferred.clear();
         }
         // An idle ring costs one load (as the vhost-user source's).
-        if !self.ring.avail_pending(mem) {
+        if self.was_idle && !self.ring.avail_pending(mem) {
             return 0;
         }
         let mut ring = match Ring::open(mem, &mut self.ring) {
@@ -372,6 +375,7 @@ impl FrameSource for MemTxSource {
         drop(ring);
         // The guest recycles what was consumed (inline; see the module comment).
         lock(&self.shared.tx).reclaim(mem);
+        self.was_idle = n == 0;
         n
     }
 

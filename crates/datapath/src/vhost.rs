@@ -42,6 +42,9 @@ pub struct VhostTxSource {
     kick: Option<File>,
     /// The device generation and ring layout the kick fd was taken at.
     kick_generation: (u64, u64),
+    /// The last poll took nothing: the next one first checks cheaply (a busy ring skips the
+    /// check, which would only add a ring lock).
+    was_idle: bool,
 }
 
 impl VhostTxSource {
@@ -61,6 +64,7 @@ impl VhostTxSource {
             deferred_stops: 0,
             kick: None,
             kick_generation: (u64::MAX, u64::MAX),
+            was_idle: false,
         }
     }
 }
@@ -83,7 +87,7 @@ impl FrameSource for VhostTxSource {
             }
         }
         let max = max.saturating_sub(announced);
-        if announced == 0 && !self.ring.avail_pending(&self.device) {
+        if announced == 0 && self.was_idle && !self.ring.avail_pending(&self.device) {
             return 0;
         }
         let result = self.ring.with_memory(&self.device, |ring, mem, _| {
@@ -135,7 +139,10 @@ impl FrameSource for VhostTxSource {
         // Read under the ring lock of the batch that took the chains.
         self.deferred_stops = self.ring.stops;
         let (n, notify) = match result {
-            Ok(r) => r,
+            Ok(r) => {
+                self.was_idle = r.0 == 0;
+                r
+            }
             Err(Unserved::Broken { now: true }) => {
                 errors.push(RecvError::RingBroken);
                 return announced;

@@ -35,11 +35,23 @@ impl NotifySocket {
         NotifySocket { socket, name: format!("@{name}") }
     }
 
-    /// The next datagram, within [`WAIT`].
+    /// The next datagram, within [`WAIT`]. A signal to this thread (another test's child
+    /// exiting) interrupts the wait; it is taken up again for the time left.
     fn next(&self) -> String {
         let mut buf = [0u8; 4096];
-        let n = self.socket.recv(&mut buf).unwrap_or_else(|e| panic!("no notification within {WAIT:?}: {e}"));
-        String::from_utf8_lossy(&buf[..n]).to_string()
+        let deadline = std::time::Instant::now() + WAIT;
+        self.socket.set_read_timeout(Some(WAIT)).unwrap();
+        loop {
+            match self.socket.recv(&mut buf) {
+                Ok(n) => return String::from_utf8_lossy(&buf[..n]).to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    assert!(!left.is_zero(), "no notification within {WAIT:?}: {e}");
+                    self.socket.set_read_timeout(Some(left)).unwrap();
+                }
+                Err(e) => panic!("no notification within {WAIT:?}: {e}"),
+            }
+        }
     }
 }
 
